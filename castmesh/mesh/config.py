@@ -1,0 +1,82 @@
+"""The one configuration loader: every setting is a command-line flag with a CASTMESH_* environment
+variable behind it (flag beats environment beats default), the 12-factor way containers expect.
+
+Services declare their settings as Option rows; the CLI adds them to its parsers, so `--help` lists each
+one with its variable and default, and a bad value from either source is a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    flag: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] = str
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return "CASTMESH_" + self.dest.upper()
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{value} is not a TCP port")
+    return value
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"{value} is not positive")
+    return value
+
+
+def flag(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not a boolean")
+
+
+def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> None:
+    for opt in options:
+        if opt.type is flag:
+            parser.add_argument(opt.flag, dest=opt.dest, action="store_const", const=True, default=None,
+                                help=f"{opt.help} (env {opt.env})")
+        else:
+            parser.add_argument(opt.flag, dest=opt.dest, default=None, type=opt.type, metavar=opt.dest.upper(),
+                                help=f"{opt.help} (env {opt.env}, default {opt.default})")
+
+
+def resolve(args: argparse.Namespace, options: Iterable[Option],
+            environ: dict[str, str] | None = None) -> dict[str, Any]:
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for opt in options:
+        value = getattr(args, opt.dest, None)
+        if value is None and opt.env in env:
+            try:
+                value = opt.type(env[opt.env])
+            except ValueError as exc:
+                raise ConfigError(f"{opt.env}={env[opt.env]!r}: {exc}") from exc
+        values[opt.dest] = opt.default if value is None else value
+    return values

@@ -1,0 +1,50 @@
+"""gRPC channels and servers with the options every castmesh hop needs.
+
+A frame batch can hold a large keyframe, so the 4 MB default receive limit is raised on both sides.
+Keepalive lets a relay notice a vanished peer (half-open TCP) within seconds, not hours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+MAX_MESSAGE = 64 << 20
+OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS = [*OPTIONS, ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
+
+
+def channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=OPTIONS)
+
+
+def server() -> grpc.aio.Server:
+    return grpc.aio.server(options=SERVER_OPTIONS)
+
+
+def add_health(srv: grpc.aio.Server) -> health.aio.HealthServicer:
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, srv)
+    return servicer
+
+
+async def mark_serving(servicer: health.aio.HealthServicer, *services: str) -> None:
+    for name in ("", *services):
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def wait_ready(chan: grpc.aio.Channel, target: str, timeout: float) -> None:
+    """Raise ConnectionError naming the target if the channel cannot connect in time."""
+    try:
+        await asyncio.wait_for(chan.channel_ready(), timeout)
+    except TimeoutError as exc:
+        raise ConnectionError(f"cannot reach {target} (no answer within {timeout:g}s)") from exc

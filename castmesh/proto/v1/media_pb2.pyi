@@ -1,0 +1,67 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FrameKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FRAME_KIND_UNSPECIFIED: _ClassVar[FrameKind]
+    FRAME_KIND_AUDIO: _ClassVar[FrameKind]
+    FRAME_KIND_VIDEO: _ClassVar[FrameKind]
+    FRAME_KIND_DATA: _ClassVar[FrameKind]
+FRAME_KIND_UNSPECIFIED: FrameKind
+FRAME_KIND_AUDIO: FrameKind
+FRAME_KIND_VIDEO: FrameKind
+FRAME_KIND_DATA: FrameKind
+
+class StreamKey(_message.Message):
+    __slots__ = ("vhost", "app", "name")
+    VHOST_FIELD_NUMBER: _ClassVar[int]
+    APP_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    vhost: str
+    app: str
+    name: str
+    def __init__(self, vhost: _Optional[str] = ..., app: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("kind", "timestamp", "keyframe", "sequence_header", "ingest_time_us", "payload")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    KEYFRAME_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_HEADER_FIELD_NUMBER: _ClassVar[int]
+    INGEST_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    kind: FrameKind
+    timestamp: int
+    keyframe: bool
+    sequence_header: bool
+    ingest_time_us: int
+    payload: bytes
+    def __init__(self, kind: _Optional[_Union[FrameKind, str]] = ..., timestamp: _Optional[int] = ..., keyframe: _Optional[bool] = ..., sequence_header: _Optional[bool] = ..., ingest_time_us: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class FrameBatch(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[Frame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ...) -> None: ...
+
+class StreamHeader(_message.Message):
+    __slots__ = ("stream", "metadata", "video_config", "audio_config", "has_audio", "has_video")
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    HAS_AUDIO_FIELD_NUMBER: _ClassVar[int]
+    HAS_VIDEO_FIELD_NUMBER: _ClassVar[int]
+    stream: StreamKey
+    metadata: Frame
+    video_config: Frame
+    audio_config: Frame
+    has_audio: bool
+    has_video: bool
+    def __init__(self, stream: _Optional[_Union[StreamKey, _Mapping]] = ..., metadata: _Optional[_Union[Frame, _Mapping]] = ..., video_config: _Optional[_Union[Frame, _Mapping]] = ..., audio_config: _Optional[_Union[Frame, _Mapping]] = ..., has_audio: _Optional[bool] = ..., has_video: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,108 @@
+from castmesh.proto.v1 import media_pb2 as _media_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PublishOpen(_message.Message):
+    __slots__ = ("stream", "session_id", "client_addr")
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ADDR_FIELD_NUMBER: _ClassVar[int]
+    stream: _media_pb2.StreamKey
+    session_id: str
+    client_addr: str
+    def __init__(self, stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., client_addr: _Optional[str] = ...) -> None: ...
+
+class PublishRequest(_message.Message):
+    __slots__ = ("open", "batch")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    open: PublishOpen
+    batch: _media_pb2.FrameBatch
+    def __init__(self, open: _Optional[_Union[PublishOpen, _Mapping]] = ..., batch: _Optional[_Union[_media_pb2.FrameBatch, _Mapping]] = ...) -> None: ...
+
+class PublishAccepted(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PublishRejected(_message.Message):
+    __slots__ = ("reason", "detail")
+    class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        REASON_UNSPECIFIED: _ClassVar[PublishRejected.Reason]
+        REASON_ALREADY_PUBLISHED: _ClassVar[PublishRejected.Reason]
+        REASON_BAD_REQUEST: _ClassVar[PublishRejected.Reason]
+    REASON_UNSPECIFIED: PublishRejected.Reason
+    REASON_ALREADY_PUBLISHED: PublishRejected.Reason
+    REASON_BAD_REQUEST: PublishRejected.Reason
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    reason: PublishRejected.Reason
+    detail: str
+    def __init__(self, reason: _Optional[_Union[PublishRejected.Reason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class PublishResponse(_message.Message):
+    __slots__ = ("accepted", "rejected")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: PublishAccepted
+    rejected: PublishRejected
+    def __init__(self, accepted: _Optional[_Union[PublishAccepted, _Mapping]] = ..., rejected: _Optional[_Union[PublishRejected, _Mapping]] = ...) -> None: ...
+
+class SubscribeOpen(_message.Message):
+    __slots__ = ("stream", "start", "subscriber_id")
+    class Start(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        START_UNSPECIFIED: _ClassVar[SubscribeOpen.Start]
+        START_GOP_CACHE: _ClassVar[SubscribeOpen.Start]
+        START_LIVE: _ClassVar[SubscribeOpen.Start]
+    START_UNSPECIFIED: SubscribeOpen.Start
+    START_GOP_CACHE: SubscribeOpen.Start
+    START_LIVE: SubscribeOpen.Start
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBER_ID_FIELD_NUMBER: _ClassVar[int]
+    stream: _media_pb2.StreamKey
+    start: SubscribeOpen.Start
+    subscriber_id: str
+    def __init__(self, stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., start: _Optional[_Union[SubscribeOpen.Start, str]] = ..., subscriber_id: _Optional[str] = ...) -> None: ...
+
+class SubscribeRequest(_message.Message):
+    __slots__ = ("open",)
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    open: SubscribeOpen
+    def __init__(self, open: _Optional[_Union[SubscribeOpen, _Mapping]] = ...) -> None: ...
+
+class StreamEnd(_message.Message):
+    __slots__ = ("reason", "detail")
+    class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        REASON_UNSPECIFIED: _ClassVar[StreamEnd.Reason]
+        REASON_NOT_FOUND: _ClassVar[StreamEnd.Reason]
+        REASON_UNPUBLISHED: _ClassVar[StreamEnd.Reason]
+        REASON_TOO_SLOW: _ClassVar[StreamEnd.Reason]
+        REASON_SHUTDOWN: _ClassVar[StreamEnd.Reason]
+    REASON_UNSPECIFIED: StreamEnd.Reason
+    REASON_NOT_FOUND: StreamEnd.Reason
+    REASON_UNPUBLISHED: StreamEnd.Reason
+    REASON_TOO_SLOW: StreamEnd.Reason
+    REASON_SHUTDOWN: StreamEnd.Reason
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    reason: StreamEnd.Reason
+    detail: str
+    def __init__(self, reason: _Optional[_Union[StreamEnd.Reason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class SubscribeResponse(_message.Message):
+    __slots__ = ("header", "batch", "end")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    header: _media_pb2.StreamHeader
+    batch: _media_pb2.FrameBatch
+    end: StreamEnd
+    def __init__(self, header: _Optional[_Union[_media_pb2.StreamHeader, _Mapping]] = ..., batch: _Optional[_Union[_media_pb2.FrameBatch, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,225 @@
+"""The ingest's RTMP listener: a thin asyncio adapter around castmesh.rtmp.ServerConnection.
+
+It only moves bytes between the socket and the state machine, decides publishes (by asking the relay,
+which knows whether the stream is already live), and forwards frames with RelayPublish. A protocol error
+closes that one connection with a log line that says why; nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import cast
+
+from prometheus_client import Counter, Gauge
+
+from castmesh.media.frames import make_frame, stream_key
+from castmesh.mesh.logs import event
+from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+from castmesh.rtmp.connection import (
+    Connected,
+    Event,
+    MediaReceived,
+    PlayRequested,
+    PublishFinished,
+    PublishRequested,
+    RtmpLimits,
+    ServerConnection,
+)
+from castmesh.rtmp.errors import RtmpError
+from services.ingest.forward import RelayPublish
+
+log = logging.getLogger("castmesh.ingest")
+
+CONNECTIONS = Gauge("castmesh_ingest_connections", "Open RTMP connections")
+PUBLISHES = Gauge("castmesh_ingest_publishing", "RTMP publishes being forwarded")
+PROTOCOL_ERRORS = Counter("castmesh_ingest_protocol_errors", "RTMP connections closed for a protocol error")
+BYTES_IN = Counter("castmesh_ingest_bytes_in", "Bytes received from RTMP publishers")
+
+HANDSHAKE_TIMEOUT = 10.0
+MAX_EARLY_FRAMES = 256  # media a client sends before its publish is answered
+
+_session_ids = itertools.count(1)
+
+
+class Ingest:
+    def __init__(self, relay: RelayStub, batch_ms: float = 10.0, limits: RtmpLimits | None = None) -> None:
+        self.relay = relay
+        self.batch_ms = batch_ms
+        self.limits = limits or RtmpLimits()
+        self.sessions: set[RtmpSession] = set()
+
+    async def listen(self, host: str, port: int) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.create_server(lambda: RtmpSession(self), host, port, reuse_address=True)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port} (RTMP): {exc.strerror or exc}") from exc
+
+
+class RtmpSession(asyncio.Protocol):
+    def __init__(self, ingest: Ingest) -> None:
+        self.ingest = ingest
+        self.conn = ServerConnection(ingest.limits)
+        self.id = f"rtmp-{next(_session_ids)}"
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.app = ""
+        self.publish: RelayPublish | None = None
+        self.publish_stream_id = 0
+        self.early: list[MediaReceived] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.handshake_timer: asyncio.TimerHandle | None = None
+        self.closed = False
+
+    # asyncio.Protocol -----------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.ingest.sessions.add(self)
+        CONNECTIONS.inc()
+        self.handshake_timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        BYTES_IN.inc(len(data))
+        try:
+            events = self.conn.receive_data(data)
+        except RtmpError as exc:
+            PROTOCOL_ERRORS.inc()
+            self.close(f"protocol error: {type(exc).__name__}: {exc}", level=logging.WARNING)
+            return
+        out = self.conn.data_to_send()
+        if out and self.transport is not None:
+            self.transport.write(out)
+        if self.handshake_timer is not None and self.conn.handshake.done:
+            self.handshake_timer.cancel()
+            self.handshake_timer = None
+        for ev in events:
+            self._handle(ev)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.close("client disconnected" if exc is None else f"connection lost: {exc}")
+
+    # Events ---------------------------------------------------------------------------------------------
+
+    def _handle(self, ev: Event) -> None:
+        if isinstance(ev, MediaReceived):
+            if self.publish is not None and ev.stream_id == self.publish_stream_id:
+                self.publish.push(make_frame(ev.kind, ev.timestamp, ev.payload, time.time_ns() // 1000))
+            elif len(self.early) < MAX_EARLY_FRAMES:
+                self.early.append(ev)
+        elif isinstance(ev, Connected):
+            self.app = ev.app
+            event(log, "rtmp.connect", session=self.id, peer=self.peer, app=ev.app, tc_url=ev.tc_url,
+                  handshake="digest" if self.conn.handshake.digest_used else "plain")
+        elif isinstance(ev, PublishRequested):
+            self._spawn(self._start_publish(ev))
+        elif isinstance(ev, PublishFinished):
+            if ev.stream_id == self.publish_stream_id and self.publish is not None:
+                self._spawn(self._stop_publish("publisher unpublished"))
+        elif isinstance(ev, PlayRequested):
+            self.conn.reject_play(ev.stream_id, "this is the RTMP ingest; play from the playback service")
+            self._send()
+
+    async def _start_publish(self, ev: PublishRequested) -> None:
+        if self.publish is not None:
+            self.conn.reject_publish(ev.stream_id, "this connection is already publishing")
+            self._send()
+            return
+        if not self.app:
+            self.conn.reject_publish(ev.stream_id, "connect named no application (rtmp://host/APP/stream)")
+            self._send()
+            self.close("publish without an application name")
+            return
+        key = stream_key(self.app, ev.name)
+        path = f"{self.app}/{ev.name}"
+        forward = RelayPublish(self.ingest.relay, key, self.id, self.peer, self.ingest.batch_ms, self._pause)
+        try:
+            answer = await forward.open()
+        except Exception as exc:
+            forward.abort()
+            event(log, "publish.failed", level=logging.WARNING, session=self.id, stream=path,
+                  reason=f"relay unreachable: {exc}")
+            self.conn.reject_publish(ev.stream_id, "relay unavailable", code="NetStream.Publish.Failed")
+            self._send()
+            self.close("relay unavailable")
+            return
+        if self.closed:
+            forward.abort()
+            return
+        if answer.HasField("rejected"):
+            forward.abort()
+            event(log, "publish.rejected", session=self.id, peer=self.peer, stream=path,
+                  reason=answer.rejected.detail)
+            self.conn.reject_publish(ev.stream_id, f"{path}: {answer.rejected.detail}")
+            self._send()
+            self.close(f"publish rejected: {answer.rejected.detail}")
+            return
+        self.publish = forward
+        self.publish_stream_id = ev.stream_id
+        PUBLISHES.inc()
+        self.conn.accept_publish(ev.stream_id)
+        self._send()
+        event(log, "publish.start", session=self.id, peer=self.peer, stream=path)
+        for early in self.early:
+            if early.stream_id == ev.stream_id:
+                forward.push(make_frame(early.kind, early.timestamp, early.payload))
+        self.early.clear()
+        self._spawn(self._watch_relay(forward))
+
+    async def _watch_relay(self, forward: RelayPublish) -> None:
+        reason = await forward.wait_closed()
+        if self.publish is forward and not forward.closed:
+            self.close(reason, level=logging.WARNING)
+
+    async def _stop_publish(self, reason: str) -> None:
+        forward, self.publish = self.publish, None
+        if forward is not None:
+            PUBLISHES.dec()
+            await forward.close()
+            event(log, "publish.stop", session=self.id, peer=self.peer,
+                  stream=f"{self.app}/{forward.key.name}", reason=reason)
+
+    # Plumbing -------------------------------------------------------------------------------------------
+
+    def _send(self) -> None:
+        out = self.conn.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def _pause(self, paused: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _handshake_timeout(self) -> None:
+        self.close(f"no complete handshake within {HANDSHAKE_TIMEOUT:g}s", level=logging.WARNING)
+
+    def close(self, reason: str, level: int = logging.INFO) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
+        if self.transport is not None:
+            self.transport.close()
+        self.ingest.sessions.discard(self)
+        CONNECTIONS.dec()
+        event(log, "rtmp.close", level=level, session=self.id, peer=self.peer, reason=reason)
+        if self.publish is not None:
+            self._spawn(self._stop_publish(reason))

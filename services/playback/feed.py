@@ -1,0 +1,261 @@
+"""One stream on one playback node: a single upstream Relay.Subscribe, shared by all of its viewers.
+
+Serialize once, write many: frames from upstream are gathered for merge_ms, turned into FLV tags and
+HTTP chunk framing once, and the same bytes object is written to every viewer's socket (SRS's merged
+writes). The feed keeps its own GOP cache, filled at flush time so that it always matches what viewers
+have been sent: a viewer joining between flushes gets the cache, then the next flush, with no duplicate.
+
+Each viewer's backlog is measured in time: the age of the oldest byte still in its transport buffer.
+Past max_lag the viewer stops receiving, and once its buffer drains it resumes at the next keyframe
+(a skip). If it does not drain within another max_lag it is disconnected. So a stuck viewer holds at most
+about max_lag of data and costs the others nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+import grpc
+from prometheus_client import Counter, Gauge
+
+from castmesh.media import flv
+from castmesh.media.frames import stream_path
+from castmesh.media.gop import GopCache, header_frames, is_resume_point
+from castmesh.mesh.logs import event
+from castmesh.proto.v1.media_pb2 import Frame, StreamKey
+from castmesh.proto.v1.relay_pb2 import StreamEnd, SubscribeOpen, SubscribeRequest
+from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+
+log = logging.getLogger("castmesh.playback")
+
+VIEWERS = Gauge("castmesh_playback_viewers", "HTTP-FLV viewers")
+FEEDS = Gauge("castmesh_playback_streams", "Streams with an upstream subscription on this node")
+BYTES_OUT = Counter("castmesh_playback_bytes_out", "Media bytes written to viewers")
+SKIPS = Counter("castmesh_playback_viewer_skips", "Times a lagging viewer skipped to a keyframe")
+DROPS = Counter("castmesh_playback_viewer_drops", "Viewers disconnected for staying behind")
+
+IDLE_LINGER = 5.0  # keep an upstream subscription this long after its last viewer leaves
+
+
+def http_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class ViewerSink(Protocol):
+    """What a feed needs from a viewer's connection (the HTTP-FLV session implements it)."""
+
+    transport: asyncio.Transport
+
+    def start(self, body: bytes) -> None: ...
+    def refuse(self, status: int, reason: str) -> None: ...
+    def finish(self, reason: str) -> None: ...
+
+
+class ViewerState:
+    """Per-viewer delivery bookkeeping: how far behind the socket is, and whether it is skipping."""
+
+    __slots__ = ("behind_since", "marks", "sink", "skipping", "skips", "written")
+
+    def __init__(self, sink: ViewerSink) -> None:
+        self.sink = sink
+        self.written = 0
+        self.marks: deque[tuple[float, int]] = deque()  # (when, total bytes written after that write)
+        self.skipping = False
+        self.behind_since = 0.0
+        self.skips = 0
+
+    def lag(self, now: float) -> float:
+        """Age of the oldest byte not yet handed to the kernel."""
+        unsent = self.sink.transport.get_write_buffer_size()
+        if unsent == 0:
+            self.marks.clear()
+            return 0.0
+        oldest = self.written - unsent
+        marks = self.marks
+        while len(marks) > 1 and marks[0][1] <= oldest:
+            marks.popleft()
+        return now - marks[0][0] if marks else 0.0
+
+    def write(self, data: bytes, now: float) -> None:
+        self.sink.transport.write(data)
+        self.written += len(data)
+        if self.sink.transport.get_write_buffer_size():
+            self.marks.append((now, self.written))
+
+
+class StreamFeed:
+    def __init__(self, relay: RelayStub, key: StreamKey, merge_ms: float, max_lag: float,
+                 on_closed: Callable[[StreamFeed], None]) -> None:
+        self.relay = relay
+        self.key = key
+        self.path = stream_path(key)
+        self.merge = merge_ms / 1000
+        self.max_lag = max_lag
+        self.on_closed = on_closed
+        self.cache = GopCache(key)
+        self.live = False
+        self.closed = False
+        self.viewers: dict[ViewerSink, ViewerState] = {}
+        self.waiting: list[ViewerSink] = []
+        self.pending: list[Frame] = []
+        self.flush_handle: asyncio.TimerHandle | None = None
+        self.last_flush = 0.0
+        self.idle_handle: asyncio.TimerHandle | None = None
+        self.call: grpc.aio.StreamStreamCall | None = None
+        self.task = asyncio.get_running_loop().create_task(self._run())
+        FEEDS.inc()
+
+    # Viewers --------------------------------------------------------------------------------------------
+
+    def add(self, sink: ViewerSink) -> None:
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+            self.idle_handle = None
+        if self.live:
+            self._start(sink)
+        else:
+            self.waiting.append(sink)
+
+    def remove(self, sink: ViewerSink) -> None:
+        if self.viewers.pop(sink, None) is not None:
+            VIEWERS.dec()
+        if sink in self.waiting:
+            self.waiting.remove(sink)
+        if not self.viewers and not self.waiting and not self.closed and self.idle_handle is None:
+            self.idle_handle = asyncio.get_running_loop().call_later(
+                IDLE_LINGER, self.close, "no viewers left")
+
+    def _start(self, sink: ViewerSink) -> None:
+        cache = self.cache
+        has_audio, has_video = cache.has_audio, cache.has_video
+        if not has_audio and not has_video:
+            has_audio = has_video = True  # nothing known yet: announce both, as SRS does
+        start_ts = cache.frames[0].timestamp if cache.frames else cache.last_timestamp
+        head = [flv.file_header(has_audio, has_video)]
+        head += [flv.tag(f.kind, start_ts, f.payload) for f in header_frames(cache.header())]
+        head.append(flv.tags(cache.frames))
+        sink.start(http_chunk(b"".join(head)))
+        self.viewers[sink] = ViewerState(sink)
+        VIEWERS.inc()
+
+    # Upstream -------------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        reason, status = "upstream ended", 0
+        try:
+            self.call = call = self.relay.Subscribe()
+            await call.write(SubscribeRequest(open=SubscribeOpen(
+                stream=self.key, start=SubscribeOpen.START_GOP_CACHE, subscriber_id=f"playback:{self.path}")))
+            async for response in call:
+                if response.HasField("batch"):
+                    self._on_frames(response.batch.frames)
+                elif response.HasField("header"):
+                    self.cache.apply_header(response.header)
+                    self.live = True
+                    waiting, self.waiting = self.waiting, []
+                    for sink in waiting:
+                        self._start(sink)
+                    event(log, "feed.start", stream=self.path, viewers=len(self.viewers))
+                elif response.HasField("end"):
+                    end = response.end
+                    reason = end.detail or StreamEnd.Reason.Name(end.reason)
+                    if end.reason == StreamEnd.REASON_NOT_FOUND:
+                        status = 404
+                    break
+        except grpc.aio.AioRpcError as exc:
+            reason, status = f"relay unavailable: {exc.code().name}", 502
+        except asyncio.CancelledError:
+            reason = reason if self.closed else "cancelled"
+        finally:
+            self._finish(reason, status)
+
+    def _on_frames(self, frames: list[Frame]) -> None:
+        self.pending.extend(frames)
+        if self.flush_handle is None:
+            delay = self.last_flush + self.merge - time.monotonic()
+            if delay <= 0:
+                self.flush()
+            else:
+                self.flush_handle = asyncio.get_running_loop().call_later(delay, self.flush)
+
+    def flush(self) -> None:
+        self.flush_handle = None
+        frames, self.pending = self.pending, []
+        if not frames:
+            return
+        now = time.monotonic()
+        self.last_flush = now
+        self.cache.add_all(frames)
+        data = flv.tags(frames)
+        chunk = http_chunk(data)
+        resume: bytes | None = None
+        delivered = 0
+        for state in list(self.viewers.values()):
+            if state.skipping:
+                if state.sink.transport.get_write_buffer_size():
+                    if now - state.behind_since > self.max_lag:
+                        DROPS.inc()
+                        self._drop(state, f"stayed more than {2 * self.max_lag:g}s behind")
+                    continue
+                if resume is None:
+                    resume = self._resume_chunk(frames)
+                if resume:
+                    state.skipping = False
+                    state.write(resume, now)
+                    delivered += len(resume)
+                continue
+            if state.lag(now) > self.max_lag:
+                state.skipping = True
+                state.behind_since = now
+                state.skips += 1
+                SKIPS.inc()
+                continue
+            state.write(chunk, now)
+            delivered += len(chunk)
+        BYTES_OUT.inc(delivered)
+
+    def _resume_chunk(self, frames: list[Frame]) -> bytes:
+        has_video = self.cache.has_video
+        for i, frame in enumerate(frames):
+            if is_resume_point(frame, has_video):
+                return http_chunk(flv.tags(frames[i:]))
+        return b""
+
+    def _drop(self, state: ViewerState, reason: str) -> None:
+        self.viewers.pop(state.sink, None)
+        VIEWERS.dec()
+        event(log, "viewer.drop", stream=self.path, reason=reason, skips=state.skips)
+        state.sink.transport.abort()
+
+    # Ending ---------------------------------------------------------------------------------------------
+
+    def close(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.call is not None:
+                self.call.cancel()
+            self.task.cancel()
+
+    def _finish(self, reason: str, status: int) -> None:
+        self.closed = True
+        if self.flush_handle is not None:
+            self.flush_handle.cancel()
+        if self.pending:
+            self.flush()
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        for sink in self.waiting:
+            sink.refuse(status or 404, reason)
+        for sink in list(self.viewers):
+            sink.finish(reason)
+        VIEWERS.dec(len(self.viewers))
+        self.viewers.clear()
+        self.waiting.clear()
+        FEEDS.dec()
+        event(log, "feed.stop", stream=self.path, reason=reason)
+        self.on_closed(self)

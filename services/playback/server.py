@@ -1,0 +1,49 @@
+"""The playback service: HTTP-FLV viewers, served from one shared StreamFeed per stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+from castmesh.media.frames import stream_key, stream_path
+from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+from services.playback.feed import StreamFeed
+from services.playback.http import HttpSession
+
+
+class Playback:
+    def __init__(self, relay: RelayStub, merge_ms: float = 30.0, max_lag: float = 3.0) -> None:
+        self.relay = relay
+        self.merge_ms = merge_ms
+        self.max_lag = max_lag
+        self.feeds: dict[str, StreamFeed] = {}
+        self.sessions: dict[HttpSession, StreamFeed | None] = {}
+
+    async def listen(self, host: str, port: int) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.create_server(self._session, host, port, reuse_address=True)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port} (HTTP): {exc.strerror or exc}") from exc
+
+    def _session(self) -> HttpSession:
+        session = HttpSession(self._open_stream, self._gone)
+        self.sessions[session] = None
+        return session
+
+    def _open_stream(self, app: str, name: str, session: HttpSession) -> None:
+        key = stream_key(app, name)
+        path = stream_path(key)
+        feed = self.feeds.get(path)
+        if feed is None or feed.closed:
+            feed = self.feeds[path] = StreamFeed(self.relay, key, self.merge_ms, self.max_lag, self._feed_closed)
+        self.sessions[session] = feed
+        feed.add(session)
+
+    def _gone(self, session: HttpSession) -> None:
+        feed = self.sessions.pop(session, None)
+        if feed is not None:
+            feed.remove(session)
+
+    def _feed_closed(self, feed: StreamFeed) -> None:
+        if self.feeds.get(feed.path) is feed:
+            del self.feeds[feed.path]
