@@ -17,7 +17,7 @@ from typing import Any
 # The demo publisher and the bench spawn ffmpeg; gRPC's fork handlers are for children that use gRPC.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-import grpc  # noqa: E402
+import grpc
 
 from castmesh.mesh import config, grpcutil, logs, runtime
 from castmesh.mesh.config import ConfigError, Option

@@ -150,7 +150,7 @@ class _Decoder:
 def decode(data: bytes, limits: AmfLimits = DEFAULT_LIMITS) -> list[Any]:
     """Decode every value in data (a command or data message body)."""
     decoder = _Decoder(bytes(data), limits)
-    values = []
+    values: list[Any] = []
     while decoder.pos < len(decoder.data):
         if len(values) >= limits.max_entries:
             raise AmfError(f"more than {limits.max_entries} AMF0 values in one message")

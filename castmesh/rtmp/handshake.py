@@ -34,7 +34,7 @@ def _hmac(key: bytes, data: bytes) -> bytes:
     return hmac.new(key, data, hashlib.sha256).digest()
 
 
-def digest_offset(block: bytes, schema: int) -> int:
+def digest_offset(block: bytes | bytearray, schema: int) -> int:
     """Where the 32-byte digest sits in a C1/S1: schema 0 puts the key block first, schema 1 the digest."""
     base = 8 if schema == 1 else 772
     return sum(block[base : base + 4]) % 728 + base + 4

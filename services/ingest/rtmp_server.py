@@ -11,7 +11,8 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import cast
+from collections.abc import Coroutine
+from typing import Any, cast
 
 from prometheus_client import Counter, Gauge
 
@@ -202,8 +203,8 @@ class RtmpSession(asyncio.Protocol):
         else:
             self.transport.resume_reading()
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

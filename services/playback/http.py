@@ -32,6 +32,9 @@ CORS = [
     ("Access-Control-Expose-Headers", "*"),
 ]
 SERVER = ("Server", "castmesh")
+REASONS = {200: b"OK", 204: b"No Content", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+           408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
+           502: b"Bad Gateway"}
 
 OpenStream = Callable[[str, str, "HttpSession"], None]
 
@@ -114,7 +117,7 @@ class HttpSession(asyncio.Protocol):
             head.append(("Content-Type", "text/plain; charset=utf-8"))
         head += headers or []
         try:
-            out = self.http.send(h11.Response(status_code=status, headers=head))
+            out = self.http.send(h11.Response(status_code=status, headers=head, reason=REASONS.get(status, b"")))
         except h11.LocalProtocolError:
             out = b""
         if out:
@@ -129,7 +132,7 @@ class HttpSession(asyncio.Protocol):
     def start(self, body: bytes) -> None:
         if self.done:
             return
-        head = self.http.send(h11.Response(status_code=200, headers=[
+        head = self.http.send(h11.Response(status_code=200, reason=b"OK", headers=[
             SERVER, *CORS, ("Content-Type", "video/x-flv"), ("Cache-Control", "no-cache"),
             ("Connection", "close"), ("Transfer-Encoding", "chunked")]))
         self.streaming = True

@@ -34,7 +34,7 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         self.table = StreamTable()
         self.max_lag = max_lag
 
-    async def Publish(  # noqa: N802 - gRPC method name
+    async def Publish(
         self, request_iterator: AsyncIterator[PublishRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[PublishResponse]:
         first = await anext(request_iterator, None)
@@ -65,7 +65,7 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             event(log, "publish.stop", stream=stream.path, session=opening.session_id, reason=reason,
                   subscribers=len(stream.subscribers))
 
-    async def Subscribe(  # noqa: N802 - gRPC method name
+    async def Subscribe(
         self, request_iterator: AsyncIterator[SubscribeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[SubscribeResponse]:
         first = await anext(request_iterator, None)

@@ -1,0 +1,70 @@
+from castmesh.media import amf0, flv
+from castmesh.media.frames import AUDIO, DATA, VIDEO, audio_is_config, make_frame, stream_key, video_flags
+from castmesh.media.gop import GopCache, is_resume_point, metadata_tracks
+
+
+def test_video_flags_legacy_and_enhanced():
+    assert video_flags(b"\x17\x00\x00\x00\x00") == (False, True)  # AVC sequence header
+    assert video_flags(b"\x17\x01\x00\x00\x00") == (True, False)  # AVC keyframe
+    assert video_flags(b"\x27\x01\x00\x00\x00") == (False, False)  # AVC inter frame
+    assert video_flags(b"\x17\x02\x00\x00\x00") == (False, False)  # end of sequence
+    assert video_flags(b"\x90hvc1") == (False, True)  # enhanced: keyframe, SequenceStart
+    assert video_flags(b"\x91hvc1\x00\x00\x00") == (True, False)  # keyframe, CodedFrames
+    assert video_flags(b"\x93av01") == (True, False)  # keyframe, CodedFramesX
+    assert video_flags(b"\xa1vp09\x00\x00\x00") == (False, False)  # inter frame
+    assert video_flags(b"") == (False, False)
+
+
+def test_audio_config():
+    assert audio_is_config(b"\xaf\x00\x12\x10")
+    assert not audio_is_config(b"\xaf\x01abc")
+    assert not audio_is_config(b"\x2f")  # MP3 has no config
+
+
+def test_flv_tags_parse_back():
+    frames = [make_frame(VIDEO, 0x01020304, b"\x17\x01abc"), make_frame(AUDIO, 7, b"\xaf\x01zz")]
+    data = flv.file_header(True, True) + flv.tags(frames)
+    assert data[:5] == b"FLV\x01\x05"
+    tags = flv.FlvReader().feed(data)
+    assert [(t.kind, t.timestamp, t.payload) for t in tags] == [(9, 0x01020304, b"\x17\x01abc"), (8, 7, b"\xaf\x01zz")]
+    # previous-tag-size fields are right
+    assert int.from_bytes(data[13 + 11 + 5 : 13 + 11 + 5 + 4], "big") == 11 + 5
+
+
+def test_gop_cache_starts_at_the_latest_keyframe():
+    cache = GopCache(stream_key("live", "x"))
+    seq = make_frame(VIDEO, 0, b"\x17\x00cfg")
+    for frame in [seq, make_frame(AUDIO, 0, b"\xaf\x00\x12\x10"), make_frame(VIDEO, 0, b"\x27\x01p"),
+                  make_frame(VIDEO, 40, b"\x17\x01k1"), make_frame(AUDIO, 50, b"\xaf\x01a"),
+                  make_frame(VIDEO, 80, b"\x27\x01p"), make_frame(VIDEO, 120, b"\x17\x01k2"),
+                  make_frame(AUDIO, 130, b"\xaf\x01b")]:
+        cache.add(frame)
+    assert [f.payload for f in cache.frames] == [b"\x17\x01k2", b"\xaf\x01b"]
+    header = cache.header()
+    assert header.video_config.payload == b"\x17\x00cfg" and header.audio_config.payload == b"\xaf\x00\x12\x10"
+    assert header.has_audio and header.has_video
+
+
+def test_audio_only_cache_keeps_about_a_second():
+    cache = GopCache(stream_key("live", "a"))
+    for ts in range(0, 5000, 23):
+        cache.add(make_frame(AUDIO, ts, b"\xaf\x01x"))
+    assert not cache.has_video
+    assert cache.frames[-1].timestamp - cache.frames[0].timestamp <= 1000
+    assert is_resume_point(cache.frames[0], has_video=False)
+
+
+def test_gop_cache_is_bounded():
+    cache = GopCache(stream_key("live", "b"), max_bytes=1000)
+    cache.add(make_frame(VIDEO, 0, b"\x17\x01" + b"k" * 100))
+    for ts in range(1, 50):
+        cache.add(make_frame(VIDEO, ts, b"\x27\x01" + b"p" * 100))
+    assert cache.size <= 1000
+
+
+def test_metadata_declares_tracks():
+    meta = amf0.encode("onMetaData", amf0.EcmaArray({"audiocodecid": 10.0, "audiosamplerate": 44100.0}))
+    assert metadata_tracks(meta) == (True, False)
+    cache = GopCache(stream_key("live", "c"))
+    cache.add(make_frame(DATA, 0, meta))
+    assert (cache.has_audio, cache.has_video) == (True, False)
