@@ -53,6 +53,7 @@ class HttpSession(asyncio.Protocol):
         self.target = ""
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
+        self.head_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
@@ -63,6 +64,11 @@ class HttpSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.done or self.target:
             return  # a viewer has nothing more to say; what it sends is dropped, never buffered
+        self.head_bytes += len(data)
+        if self.head_bytes > MAX_REQUEST_HEAD:
+            # h11's own cap only applies while the head is incomplete; a big head in one read passes it.
+            self._simple(431, f"request head over {MAX_REQUEST_HEAD} bytes\n")
+            return
         try:
             self.http.receive_data(data)
             ev = self.http.next_event()
