@@ -55,7 +55,7 @@ class Ingest:
     async def listen(self, host: str, port: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.create_server(lambda: RtmpSession(self), host, port, reuse_address=True)
+            return await loop.create_server(lambda: RtmpSession(self), host, port, reuse_address=True, backlog=1024)
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port} (RTMP): {exc.strerror or exc}") from exc
 

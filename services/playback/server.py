@@ -21,7 +21,7 @@ class Playback:
     async def listen(self, host: str, port: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.create_server(self._session, host, port, reuse_address=True)
+            return await loop.create_server(self._session, host, port, reuse_address=True, backlog=1024)
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port} (HTTP): {exc.strerror or exc}") from exc
 
