@@ -58,10 +58,13 @@ def run(args: argparse.Namespace) -> int:
 # The clip ------------------------------------------------------------------------------------------------
 
 def make_clip(out: Path, seconds: float) -> Path:
+    """A cached clip at least `seconds` long (60 s unless more is needed)."""
     out.mkdir(parents=True, exist_ok=True)
-    clip = out / f"clip-720p30-2mbps-{int(seconds)}s.flv"
-    if clip.exists():
-        return clip
+    for existing in sorted(out.glob("clip-720p30-2mbps-*s.flv")):
+        if int(existing.stem.rsplit("-", 1)[1][:-1]) >= seconds:
+            return existing
+    seconds = max(60, int(seconds) + 1)
+    clip = out / f"clip-720p30-2mbps-{seconds}s.flv"
     print(f"encoding a {int(seconds)} s 720p30 2 Mbps clip to {clip} (once)...", file=sys.stderr, flush=True)
     subprocess.run([
         imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",

@@ -40,24 +40,44 @@ PROTOCOL_ERRORS = Counter("castmesh_ingest_protocol_errors", "RTMP connections c
 BYTES_IN = Counter("castmesh_ingest_bytes_in", "Bytes received from RTMP publishers")
 
 HANDSHAKE_TIMEOUT = 10.0
+IDLE_TIMEOUT = 30.0  # a publisher sends media many times a second; silence this long is a dead peer
+SWEEP_EVERY = 2.0
 MAX_EARLY_FRAMES = 256  # media a client sends before its publish is answered
 
 _session_ids = itertools.count(1)
 
 
 class Ingest:
-    def __init__(self, relay: RelayStub, batch_ms: float = 10.0, limits: RtmpLimits | None = None) -> None:
+    def __init__(self, relay: RelayStub, batch_ms: float = 10.0, limits: RtmpLimits | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.relay = relay
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
         self.batch_ms = batch_ms
         self.limits = limits or RtmpLimits()
         self.sessions: set[RtmpSession] = set()
+        self.sweeper: asyncio.Task[None] | None = None
 
     async def listen(self, host: str, port: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.create_server(lambda: RtmpSession(self), host, port, reuse_address=True, backlog=1024)
+            server = await loop.create_server(lambda: RtmpSession(self), host, port, reuse_address=True,
+                                              backlog=1024)
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port} (RTMP): {exc.strerror or exc}") from exc
+        self.sweeper = loop.create_task(self._sweep())
+        return server
+
+    async def _sweep(self) -> None:
+        """Close connections that never finish the handshake or go silent (half-open, stuck)."""
+        while True:
+            await asyncio.sleep(min(SWEEP_EVERY, self.handshake_timeout / 2))
+            now = time.monotonic()
+            for session in list(self.sessions):
+                if not session.conn.handshake.done and now - session.opened > self.handshake_timeout:
+                    session.close(f"no complete handshake within {self.handshake_timeout:g}s", level=logging.WARNING)
+                elif now - session.last_data > self.idle_timeout:
+                    session.close(f"no data for {self.idle_timeout:g}s", level=logging.WARNING)
 
 
 class RtmpSession(asyncio.Protocol):
@@ -72,7 +92,7 @@ class RtmpSession(asyncio.Protocol):
         self.publish_stream_id = 0
         self.early: list[MediaReceived] = []
         self.tasks: set[asyncio.Task[None]] = set()
-        self.handshake_timer: asyncio.TimerHandle | None = None
+        self.opened = self.last_data = time.monotonic()
         self.closed = False
 
     # asyncio.Protocol -----------------------------------------------------------------------------------
@@ -83,12 +103,12 @@ class RtmpSession(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.ingest.sessions.add(self)
         CONNECTIONS.inc()
-        self.handshake_timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
         BYTES_IN.inc(len(data))
+        self.last_data = time.monotonic()
         try:
             events = self.conn.receive_data(data)
         except RtmpError as exc:
@@ -98,9 +118,6 @@ class RtmpSession(asyncio.Protocol):
         out = self.conn.data_to_send()
         if out and self.transport is not None:
             self.transport.write(out)
-        if self.handshake_timer is not None and self.conn.handshake.done:
-            self.handshake_timer.cancel()
-            self.handshake_timer = None
         for ev in events:
             self._handle(ev)
 
@@ -208,15 +225,10 @@ class RtmpSession(asyncio.Protocol):
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _handshake_timeout(self) -> None:
-        self.close(f"no complete handshake within {HANDSHAKE_TIMEOUT:g}s", level=logging.WARNING)
-
     def close(self, reason: str, level: int = logging.INFO) -> None:
         if self.closed:
             return
         self.closed = True
-        if self.handshake_timer is not None:
-            self.handshake_timer.cancel()
         if self.transport is not None:
             self.transport.close()
         self.ingest.sessions.discard(self)

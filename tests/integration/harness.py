@@ -32,7 +32,7 @@ class Castmesh:
     def __init__(self, args: list[str], log_path: Path, ready: str) -> None:
         self.log_path = log_path
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.log_file = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.log_file = open(log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=self.log_file)
         assert self.proc.stdout is not None
