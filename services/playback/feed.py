@@ -51,7 +51,7 @@ class ViewerSink(Protocol):
 
     transport: asyncio.Transport
 
-    def start(self, body: bytes) -> None: ...
+    def start(self, body: bytes) -> bool: ...
     def refuse(self, status: int, reason: str) -> None: ...
     def finish(self, reason: str) -> None: ...
 
@@ -139,9 +139,9 @@ class StreamFeed:
         head = [flv.file_header(has_audio, has_video)]
         head += [flv.tag(f.kind, start_ts, f.payload) for f in header_frames(cache.header())]
         head.append(flv.tags(cache.frames))
-        sink.start(http_chunk(b"".join(head)))
-        self.viewers[sink] = ViewerState(sink)
-        VIEWERS.inc()
+        if sink.start(http_chunk(b"".join(head))):
+            self.viewers[sink] = ViewerState(sink)
+            VIEWERS.inc()
 
     # Upstream -------------------------------------------------------------------------------------------
 

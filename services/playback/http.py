@@ -135,9 +135,10 @@ class HttpSession(asyncio.Protocol):
 
     # ViewerSink: called by the stream's feed ------------------------------------------------------------
 
-    def start(self, body: bytes) -> None:
+    def start(self, body: bytes) -> bool:
+        """Send the response head and the stream's start; False if this sink will not take frames."""
         if self.done:
-            return
+            return False
         head = self.http.send(h11.Response(status_code=200, reason=b"OK", headers=[
             SERVER, *CORS, ("Content-Type", "video/x-flv"), ("Cache-Control", "no-cache"),
             ("Connection", "close"), ("Transfer-Encoding", "chunked")]))
@@ -146,9 +147,10 @@ class HttpSession(asyncio.Protocol):
         if self.head_only:
             self.done = True
             self.transport.close()
-            return
+            return False
         self.transport.write(body)
         event(log, "viewer.start", peer=self.peer, path=self.target)
+        return True
 
     def refuse(self, status: int, reason: str) -> None:
         self._simple(status, f"{reason}\n")

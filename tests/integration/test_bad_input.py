@@ -67,7 +67,9 @@ def test_garbage_on_other_connections_leaves_a_playing_stream_untouched(suite: U
         sock.sendall(b"GET /live/steady.flv HTTP/1.1\r\nHost: x\r\n")  # never finishes its head
 
     failures = []
-    for _ in range(5):
+    rounds = 0
+    while rounds < 5 or time.monotonic() - attack_start < 4.0:  # long enough to span ~120 deliveries
+        rounds += 1
         for name, (payload, _reason) in rtmp_attacks().items():
             if not closed_by_server(suite.rtmp_port, payload):
                 failures.append(name)
@@ -79,6 +81,7 @@ def test_garbage_on_other_connections_leaves_a_playing_stream_untouched(suite: U
 
     assert publisher.wait(30) == 0
     viewer.join(30)
+    assert attack_end - attack_start >= 4.0
     for sock in idle:
         sock.close()
     assert failures == []
@@ -94,4 +97,4 @@ def test_garbage_on_other_connections_leaves_a_playing_stream_untouched(suite: U
     assert len(video) >= 0.95 * 9 * 30 - 60  # it joined a moment after the publisher
     during = [at for at in seen.arrivals if attack_start <= at <= attack_end]
     gaps = [b - a for a, b in itertools.pairwise(during)]
-    assert during and max(gaps) < 1.0, f"viewer stalled {max(gaps):.2f}s while garbage arrived"
+    assert len(during) > 50 and max(gaps) < 1.0, f"viewer stalled {max(gaps):.2f}s while garbage arrived"

@@ -111,3 +111,27 @@ def test_hevc_over_enhanced_rtmp_plays_back(suite: Up) -> None:
     assert abs(counts.get(0, 0) - 150) <= 150 * 0.05, counts
     seen_header = watch(suite.flv("hevc"), 0.1)
     assert seen_header.status == 404  # the stream has ended
+
+
+def test_http_edges_head_preflight_unknown_path_and_method(suite: Up) -> None:
+    import http.client
+
+    publisher = publish(suite.rtmp("edges"), 4)
+    wait_live(suite.flv("edges"))
+
+    def ask(method: str, path: str) -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection("127.0.0.1", suite.http_port, timeout=5)
+        conn.request(method, path)
+        return conn.getresponse()
+
+    head = ask("HEAD", "/live/edges.flv")
+    assert head.status == 200 and head.getheader("Content-Type") == "video/x-flv" and head.read() == b""
+    preflight = ask("OPTIONS", "/live/edges.flv")
+    assert preflight.status == 204 and preflight.getheader("Access-Control-Allow-Origin") == "*"
+    assert "GET" in (preflight.getheader("Access-Control-Allow-Methods") or "")
+    assert ask("GET", "/live/nobody.flv").status == 404
+    assert ask("GET", "/nothing/here").status == 404
+    assert ask("POST", "/live/edges.flv").status == 405
+    # The stream itself still plays for a real viewer after all that.
+    assert len(watch(suite.flv("edges"), 1.0).video()) > 10
+    assert publisher.wait(20) == 0
