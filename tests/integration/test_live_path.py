@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from tests.integration.harness import Up, Viewing, decode, publish, wait_live, watch
 
 
@@ -80,24 +82,18 @@ def test_viewers_response_ends_cleanly_when_the_publisher_leaves(suite: Up) -> N
     assert len(seen.video()) > 30
 
 
-def test_audio_only_stream(suite: Up) -> None:
-    publisher = publish(suite.rtmp("audio"), 5, video=None)
-    wait_live(suite.flv("audio"))
-    seen = watch(suite.flv("audio"), 10)
+@pytest.mark.parametrize(("name", "video", "audio", "flags"), [
+    ("audio", None, True, 0x04),  # FLV header flags: audio only
+    ("video", "libx264", False, 0x01),  # video only
+])
+def test_single_track_streams(suite: Up, name: str, video: str | None, audio: bool, flags: int) -> None:
+    publisher = publish(suite.rtmp(name), 5, video=video, audio=audio)
+    wait_live(suite.flv(name))
+    seen = watch(suite.flv(name), 10)
     publisher.wait(20)
-    assert seen.header[4] == 0x04  # FLV flags: audio only
-    assert not seen.video() and len(seen.audio()) > 100
-    counts, errors = decode_bytes(seen)
-    assert errors == "" and counts.get(0, 0) > 100 and 1 not in counts
-
-
-def test_video_only_stream(suite: Up) -> None:
-    publisher = publish(suite.rtmp("video"), 5, audio=False)
-    wait_live(suite.flv("video"))
-    seen = watch(suite.flv("video"), 10)
-    publisher.wait(20)
-    assert seen.header[4] == 0x01  # FLV flags: video only
-    assert not seen.audio() and len(seen.video()) > 100
+    assert seen.header[4] == flags
+    present, absent = (seen.audio(), seen.video()) if audio else (seen.video(), seen.audio())
+    assert not absent and len(present) > 100
     counts, errors = decode_bytes(seen)
     assert errors == "" and counts.get(0, 0) > 100 and 1 not in counts
 
