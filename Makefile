@@ -4,9 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+BROWSER_STAMP := tests/browser/node_modules/.installed-stamp
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
 
-.PHONY: install up test lint proto bench clean
+.PHONY: install browser up test lint proto bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +18,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Browser tests: Debian's chromium, driven by playwright-core; mpegts.js is the player under test.
+$(BROWSER_STAMP): tests/browser/package.json tests/browser/package-lock.json
+	@command -v chromium >/dev/null || { \
+		echo "installing Debian's chromium for the browser tests"; \
+		$(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	cd tests/browser && npm ci --no-audit --no-fund
+	touch $@
+
+browser: $(BROWSER_STAMP)
+
 up: $(STAMP)
 	$(VENV)/bin/castmesh up $(ARGS)
 
@@ -23,7 +35,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check castmesh services tests tools
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint browser
 	$(VENV)/bin/pytest
 
 proto: $(STAMP)
