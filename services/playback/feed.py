@@ -107,6 +107,7 @@ class StreamFeed:
         self.last_flush = 0.0
         self.idle_handle: asyncio.TimerHandle | None = None
         self.call: grpc.aio.StreamStreamCall | None = None
+        self.close_reason = ""
         self.task = asyncio.get_running_loop().create_task(self._run())
         FEEDS.inc()
 
@@ -170,9 +171,9 @@ class StreamFeed:
         except grpc.aio.AioRpcError as exc:
             reason, status = f"relay unavailable: {exc.code().name}", 502
         except asyncio.CancelledError:
-            reason = reason if self.closed else "cancelled"
+            reason = "cancelled"
         finally:
-            self._finish(reason, status)
+            self._finish(self.close_reason or reason, status)
 
     def _on_frames(self, frames: list[Frame]) -> None:
         self.pending.extend(frames)
@@ -237,6 +238,7 @@ class StreamFeed:
     def close(self, reason: str) -> None:
         if not self.closed:
             self.closed = True
+            self.close_reason = reason
             if self.call is not None:
                 self.call.cancel()
             self.task.cancel()
