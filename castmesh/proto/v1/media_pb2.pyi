@@ -51,17 +51,19 @@ class FrameBatch(_message.Message):
     def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ...) -> None: ...
 
 class StreamHeader(_message.Message):
-    __slots__ = ("stream", "metadata", "video_config", "audio_config", "has_audio", "has_video")
+    __slots__ = ("stream", "metadata", "video_config", "audio_config", "has_audio", "has_video", "session_id")
     STREAM_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     VIDEO_CONFIG_FIELD_NUMBER: _ClassVar[int]
     AUDIO_CONFIG_FIELD_NUMBER: _ClassVar[int]
     HAS_AUDIO_FIELD_NUMBER: _ClassVar[int]
     HAS_VIDEO_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     stream: StreamKey
     metadata: Frame
     video_config: Frame
     audio_config: Frame
     has_audio: bool
     has_video: bool
-    def __init__(self, stream: _Optional[_Union[StreamKey, _Mapping]] = ..., metadata: _Optional[_Union[Frame, _Mapping]] = ..., video_config: _Optional[_Union[Frame, _Mapping]] = ..., audio_config: _Optional[_Union[Frame, _Mapping]] = ..., has_audio: _Optional[bool] = ..., has_video: _Optional[bool] = ...) -> None: ...
+    session_id: str
+    def __init__(self, stream: _Optional[_Union[StreamKey, _Mapping]] = ..., metadata: _Optional[_Union[Frame, _Mapping]] = ..., video_config: _Optional[_Union[Frame, _Mapping]] = ..., audio_config: _Optional[_Union[Frame, _Mapping]] = ..., has_audio: _Optional[bool] = ..., has_video: _Optional[bool] = ..., session_id: _Optional[str] = ...) -> None: ...

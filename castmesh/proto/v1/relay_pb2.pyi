@@ -17,13 +17,21 @@ class PublishOpen(_message.Message):
     client_addr: str
     def __init__(self, stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., client_addr: _Optional[str] = ...) -> None: ...
 
+class PublishEnd(_message.Message):
+    __slots__ = ("clean",)
+    CLEAN_FIELD_NUMBER: _ClassVar[int]
+    clean: bool
+    def __init__(self, clean: _Optional[bool] = ...) -> None: ...
+
 class PublishRequest(_message.Message):
-    __slots__ = ("open", "batch")
+    __slots__ = ("open", "batch", "end")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     open: PublishOpen
     batch: _media_pb2.FrameBatch
-    def __init__(self, open: _Optional[_Union[PublishOpen, _Mapping]] = ..., batch: _Optional[_Union[_media_pb2.FrameBatch, _Mapping]] = ...) -> None: ...
+    end: PublishEnd
+    def __init__(self, open: _Optional[_Union[PublishOpen, _Mapping]] = ..., batch: _Optional[_Union[_media_pb2.FrameBatch, _Mapping]] = ..., end: _Optional[_Union[PublishEnd, _Mapping]] = ...) -> None: ...
 
 class PublishAccepted(_message.Message):
     __slots__ = ()
