@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 # The demo publisher and the bench spawn ffmpeg; gRPC's fork handlers are for children that use gRPC.
@@ -21,11 +22,27 @@ import grpc
 
 from castmesh.mesh import config, grpcutil, logs, runtime
 from castmesh.mesh.config import ConfigError, Option
-from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+from castmesh.mesh.registry import DispatchRegistry
+from castmesh.mesh.subscription import Locate, dispatch_upstream, fixed_upstream
+from castmesh.proto.v1.dispatch_pb2 import (
+    NODE_ROLE_EDGE,
+    NODE_ROLE_INGEST,
+    NODE_ROLE_ORIGIN,
+    NODE_ROLE_PLAYBACK,
+    ListNodesRequest,
+    Node,
+    NodeLoad,
+)
+from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
+from castmesh.proto.v1.media_pb2 import StreamKey
 from services.demo import run_demo
+from services.dispatch import service as dispatch_service
+from services.dispatch.directory import InMemoryDirectory
+from services.ingest.lease import DispatchLease, FixedLease, Lease
 from services.ingest.rtmp_server import Ingest
 from services.playback.server import Playback
 from services.relay import service as relay_service
+from services.relay.service import RelayService
 
 log = logging.getLogger("castmesh")
 
@@ -33,12 +50,21 @@ HOST = Option("--host", "0.0.0.0", "address the public ports listen on")
 RTMP_PORT = Option("--rtmp-port", 1935, "RTMP port for publishers", config.port)
 HTTP_PORT = Option("--http-port", 8080, "HTTP port for HTTP-FLV viewers and /metrics", config.port)
 GRPC_PORT = Option("--grpc-port", 50051, "gRPC port of the relay", config.port)
-RELAY = Option("--relay", "127.0.0.1:50051", "address (host:port) of the relay to publish to / play from")
+DISPATCH_PORT = Option("--grpc-port", 50050, "gRPC port of dispatch", config.port)
+DISPATCH = Option("--dispatch", "", "address (host:port) of dispatch; with it, placement and failover are "
+                  "cluster-wide")
+RELAY = Option("--relay", "127.0.0.1:50051", "without --dispatch: the one relay to publish to / play from")
+ROLE = Option("--role", "origin", "origin (takes publishes) or edge (pulls from an origin or --upstream)")
+UPSTREAM = Option("--upstream", "", "edge only: pull from this relay instead of asking dispatch (chains of edges)")
+ZONE = Option("--zone", "", "region/zone label: playback nodes use an edge of their own zone")
+ADVERTISE = Option("--advertise", "", "address others reach this relay at (default: 127.0.0.1:PORT when "
+                   "listening on all interfaces)")
 BATCH_MS = Option("--batch-ms", 10, "how long ingest gathers frames into one batch (ms)", config.positive)
-MERGE_MS = Option("--merge-ms", 30, "how long playback gathers frames into one socket write (ms)",
-                  config.positive)
+MERGE_MS = Option("--merge-ms", 30, "how long playback gathers frames into one socket write (ms)", config.positive)
 MAX_LAG_MS = Option("--max-lag-ms", 3000, "how far a viewer or subscriber may fall behind before it skips "
                     "to a keyframe (ms)", config.positive)
+GRACE_MS = Option("--grace-ms", 10000, "how long a stream waits for a publisher that vanished to come back "
+                  "(ms; 0: end at once)", int)
 METRICS_PORT = Option("--metrics-port", 0, "port for /metrics (0: off; playback serves it on its HTTP port)",
                       config.port)
 LOG_LEVEL = Option("--log-level", "info", "debug, info, warning or error")
@@ -47,13 +73,15 @@ UP_GRPC_PORT = Option("--grpc-port", 0, "gRPC port of the in-process relay on 12
                       config.port)
 
 COMMON = [LOG_LEVEL]
-UP = [HOST, RTMP_PORT, HTTP_PORT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, NO_DEMO, *COMMON]
+UP = [HOST, RTMP_PORT, HTTP_PORT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, GRACE_MS, NO_DEMO, *COMMON]
 SERVE = {
-    "relay": [HOST, GRPC_PORT, MAX_LAG_MS, METRICS_PORT, *COMMON],
-    "ingest": [HOST, RTMP_PORT, RELAY, BATCH_MS, METRICS_PORT, *COMMON],
-    "playback": [HOST, HTTP_PORT, RELAY, MERGE_MS, MAX_LAG_MS, *COMMON],
+    "dispatch": [HOST, DISPATCH_PORT, GRACE_MS, METRICS_PORT, *COMMON],
+    "relay": [HOST, GRPC_PORT, ROLE, DISPATCH, UPSTREAM, ZONE, ADVERTISE, MAX_LAG_MS, GRACE_MS, METRICS_PORT,
+              *COMMON],
+    "ingest": [HOST, RTMP_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT, *COMMON],
+    "playback": [HOST, HTTP_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *COMMON],
 }
-RELAY_WAIT = 5.0
+WAIT_FOR_PEER = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,11 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up = commands.add_parser(
         "up", help="run every service in one process (no Consul), with a demo stream",
-        description="Run ingest, relay and playback in one process, talking gRPC over loopback. Publish to "
-                    "rtmp://HOST:RTMP_PORT/{app}/{stream}; play http://HOST:HTTP_PORT/{app}/{stream}.flv.")
+        description="Run dispatch, relay, ingest and playback in one process, talking gRPC over loopback. Publish "
+                    "to rtmp://HOST:RTMP_PORT/{app}/{stream}; play http://HOST:HTTP_PORT/{app}/{stream}.flv.")
     config.add_options(up, UP)
     serve = commands.add_parser("serve", help="run one service alone",
-                                description="Run one service alone; ingest and playback need --relay.")
+                                description="Run one service alone. Nodes find each other through --dispatch "
+                                            "(or, for a single relay, --relay).")
     services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
     for name, options in SERVE.items():
         config.add_options(services.add_parser(name, help=f"run the {name} service"), options)
@@ -78,45 +107,95 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _relay_stub(target: str) -> tuple[grpc.aio.Channel, RelayStub]:
+async def _connect(target: str, what: str) -> grpc.aio.Channel:
     chan = grpcutil.channel(target)
     try:
-        await grpcutil.wait_ready(chan, f"the relay at {target}", RELAY_WAIT)
+        await grpcutil.wait_ready(chan, f"the {what} at {target}", WAIT_FOR_PEER)
     except ConnectionError:
         await chan.close()
         raise
-    return chan, RelayStub(chan)
+    return chan
 
 
-def _banner(cfg: dict[str, Any], relay_port: int) -> str:
+def _advertise(cfg: dict[str, Any], port: int) -> str:
+    if cfg.get("advertise"):
+        return str(cfg["advertise"])
+    host = cfg["host"]
+    return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+
+
+class Wiring:
+    """How this process reaches the rest of the cluster: through dispatch, or one fixed relay."""
+
+    def __init__(self, dispatch: DispatchStub | None, relay: str, zone: str = "") -> None:
+        self.dispatch = dispatch
+        self.relay = relay
+        self.zone = zone
+        self.registry = DispatchRegistry(dispatch) if dispatch is not None else None
+
+    def leases(self, key: StreamKey, holder: str, client: str) -> Lease:
+        if self.dispatch is None:
+            return FixedLease(self.relay)
+        return DispatchLease(self.dispatch, key, holder, client)
+
+    def upstream(self, origin_only: bool = False) -> Locate:
+        if self.dispatch is None:
+            return fixed_upstream(self.relay)
+        return dispatch_upstream(self.dispatch, self.zone, origin_only)
+
+    def register(self, node: Node, load: Callable[[], NodeLoad]) -> None:
+        if self.registry is not None:
+            self.registry.register(node, load)
+
+
+def _relay_load(service: RelayService) -> Callable[[], NodeLoad]:
+    def load() -> NodeLoad:
+        streams = service.table.streams.values()
+        return NodeLoad(streams=len(streams), subscribers=sum(len(s.subscribers) for s in streams))
+
+    return load
+
+
+def _banner(cfg: dict[str, Any], relay_port: int, dispatch_port: int) -> str:
     host = "127.0.0.1" if cfg["host"] in ("0.0.0.0", "::", "") else cfg["host"]
     rtmp, http = cfg["rtmp_port"], cfg["http_port"]
     lines = [
-        "castmesh is up: ingest, relay and playback in one process (no Consul)",
+        "castmesh is up: dispatch, relay, ingest and playback in one process (no Consul)",
         f"  publish  rtmp://{host}:{rtmp}/live/STREAM   (OBS: server rtmp://{host}:{rtmp}/live, key STREAM)",
         f"  play     http://{host}:{http}/live/STREAM.flv",
     ]
     if not cfg["no_demo"]:
         lines.append(f"  demo     ffplay http://{host}:{http}/live/demo.flv")
-    lines += [f"  metrics  http://{host}:{http}/metrics", f"  relay    127.0.0.1:{relay_port} (gRPC)",
+    lines += [f"  metrics  http://{host}:{http}/metrics",
+              f"  relay    127.0.0.1:{relay_port} (gRPC)   dispatch 127.0.0.1:{dispatch_port} (gRPC)",
               "Ctrl-C stops."]
     return "\n".join(lines)
 
 
 async def up(cfg: dict[str, Any]) -> int:
     stop = runtime.stop_event()
-    max_lag = cfg["max_lag_ms"] / 1000
-    relay_server, relay_port, _ = await relay_service.start("127.0.0.1", cfg["grpc_port"], max_lag)
-    channels: list[grpc.aio.Channel] = []
-    servers: list[asyncio.Server] = []
+    max_lag, grace = cfg["max_lag_ms"] / 1000, cfg["grace_ms"] / 1000
+    closers: list[Callable[[], Awaitable[None]]] = []
     try:
-        ingest_chan, ingest_stub = await _relay_stub(f"127.0.0.1:{relay_port}")
-        playback_chan, playback_stub = await _relay_stub(f"127.0.0.1:{relay_port}")
-        channels += [ingest_chan, playback_chan]
-        servers.append(await Ingest(ingest_stub, cfg["batch_ms"]).listen(cfg["host"], cfg["rtmp_port"]))
-        playback = Playback(playback_stub, cfg["merge_ms"], max_lag)
-        servers.append(await playback.listen(cfg["host"], cfg["http_port"]))
-        print(_banner(cfg, relay_port), flush=True)
+        dispatch_server, dispatch_port = await dispatch_service.start("127.0.0.1", 0, InMemoryDirectory(grace))
+        closers.append(lambda: dispatch_server.stop(grace=1))
+        chan = await _connect(f"127.0.0.1:{dispatch_port}", "dispatch")
+        closers.append(chan.close)
+        wiring = Wiring(DispatchStub(chan), "")
+        # The public ports first: if one is taken, fail before anything registers or logs.
+        ingest = Ingest(wiring.leases, cfg["batch_ms"])
+        closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
+        playback = Playback(wiring.upstream(), cfg["merge_ms"], max_lag)
+        closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
+        assert wiring.registry is not None
+        closers.append(wiring.registry.close)
+        relay = RelayService(max_lag=max_lag, grace=grace, node_id="relay-origin")
+        relay_server, relay_port = await relay_service.start("127.0.0.1", cfg["grpc_port"], relay)
+        closers.append(lambda: relay_server.stop(grace=1))
+        wiring.register(Node(id="relay-origin", role=NODE_ROLE_ORIGIN, address=f"127.0.0.1:{relay_port}"),
+                        _relay_load(relay))
+        await _wait_registered(wiring)
+        print(_banner(cfg, relay_port, dispatch_port), flush=True)
         demo = None
         if not cfg["no_demo"]:
             url = f"rtmp://127.0.0.1:{cfg['rtmp_port']}/live/demo"
@@ -125,18 +204,25 @@ async def up(cfg: dict[str, Any]) -> int:
         if demo is not None:
             await demo
     finally:
-        await _shutdown(servers, channels, relay_server)
+        for close in reversed(closers):
+            await close()
     return 0
 
 
-async def _shutdown(servers: list[asyncio.Server], channels: list[grpc.aio.Channel],
-                    relay_server: grpc.aio.Server | None) -> None:
-    for srv in servers:
-        srv.close()
-    for chan in channels:
-        await chan.close()
-    if relay_server is not None:
-        await relay_server.stop(grace=1)
+async def _wait_registered(wiring: Wiring) -> None:
+    """`up` starts taking publishes only once its relay is in the directory."""
+    assert wiring.dispatch is not None
+    for _ in range(100):
+        if (await wiring.dispatch.ListNodes(ListNodesRequest())).nodes:
+            return
+        await asyncio.sleep(0.02)
+
+
+def _closing(server: asyncio.Server) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        server.close()
+
+    return close
 
 
 async def serve(service: str, cfg: dict[str, Any]) -> int:
@@ -145,28 +231,77 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(cfg["metrics_port"], addr=cfg["host"])
-    if service == "relay":
-        server, port, _ = await relay_service.start(cfg["host"], cfg["grpc_port"], cfg["max_lag_ms"] / 1000)
-        print(f"castmesh relay listening on {cfg['host']}:{port} (gRPC)", flush=True)
-        await stop.wait()
-        await server.stop(grace=1)
-        return 0
-    chan, stub = await _relay_stub(cfg["relay"])
-    servers: list[asyncio.Server] = []
+    closers: list[Callable[[], Awaitable[None]]] = []
     try:
-        if service == "ingest":
-            servers.append(await Ingest(stub, cfg["batch_ms"]).listen(cfg["host"], cfg["rtmp_port"]))
-            print(f"castmesh ingest listening on {cfg['host']}:{cfg['rtmp_port']} (RTMP), relay {cfg['relay']}",
-                  flush=True)
+        if service == "dispatch":
+            server, port = await dispatch_service.start(cfg["host"], cfg["grpc_port"],
+                                                        InMemoryDirectory(cfg["grace_ms"] / 1000))
+            closers.append(lambda: server.stop(grace=1))
+            print(f"castmesh dispatch listening on {cfg['host']}:{port} (gRPC)", flush=True)
+            await stop.wait()
+            return 0
+        dispatch = None
+        if cfg.get("dispatch"):
+            chan = await _connect(cfg["dispatch"], "dispatch")
+            closers.append(chan.close)
+            dispatch = DispatchStub(chan)
+        elif service != "relay":
+            closers.append((await _connect(cfg["relay"], "relay")).close)  # fail early, with a clear message
+        wiring = Wiring(dispatch, cfg.get("relay", ""), cfg.get("zone", ""))
+        if wiring.registry is not None:
+            closers.append(wiring.registry.close)
+        if service == "relay":
+            await _serve_relay(cfg, wiring, closers)
+        elif service == "ingest":
+            ingest = Ingest(wiring.leases, cfg["batch_ms"], node_id=f"ingest-{cfg['rtmp_port']}")
+            closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
+            wiring.register(Node(id=ingest.node_id, role=NODE_ROLE_INGEST,
+                                 address=_advertise(cfg, cfg["rtmp_port"]), meta={"rtmp": str(cfg["rtmp_port"])}),
+                            lambda: NodeLoad(streams=len(ingest.sessions)))
+            print(f"castmesh ingest listening on {cfg['host']}:{cfg['rtmp_port']} (RTMP), "
+                  f"{_peer_text(cfg)}", flush=True)
         else:
-            playback = Playback(stub, cfg["merge_ms"], cfg["max_lag_ms"] / 1000)
-            servers.append(await playback.listen(cfg["host"], cfg["http_port"]))
+            node_id = f"playback-{cfg['http_port']}"
+            playback = Playback(wiring.upstream(), cfg["merge_ms"], cfg["max_lag_ms"] / 1000, node_id=node_id)
+            closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
+            wiring.register(Node(id=node_id, role=NODE_ROLE_PLAYBACK, address=_advertise(cfg, cfg["http_port"]),
+                                 zone=cfg["zone"], meta={"http": str(cfg["http_port"])}),
+                            lambda: NodeLoad(streams=len(playback.feeds), subscribers=len(playback.sessions)))
             print(f"castmesh playback listening on {cfg['host']}:{cfg['http_port']} (HTTP-FLV), "
-                  f"relay {cfg['relay']}", flush=True)
+                  f"{_peer_text(cfg)}", flush=True)
         await stop.wait()
     finally:
-        await _shutdown(servers, [chan], None)
+        for close in reversed(closers):
+            await close()
     return 0
+
+
+def _peer_text(cfg: dict[str, Any]) -> str:
+    return f"dispatch {cfg['dispatch']}" if cfg.get("dispatch") else f"relay {cfg['relay']}"
+
+
+async def _serve_relay(cfg: dict[str, Any], wiring: Wiring, closers: list[Callable[[], Awaitable[None]]]) -> None:
+    role = cfg["role"]
+    if role not in ("origin", "edge"):
+        raise ConfigError(f"--role must be origin or edge, not {role!r}")
+    locate = None
+    if role == "edge":
+        if cfg["upstream"]:
+            locate = fixed_upstream(cfg["upstream"])
+        elif wiring.dispatch is not None:
+            locate = wiring.upstream(origin_only=True)
+        else:
+            raise ConfigError("an edge relay needs --upstream or --dispatch")
+    node_id = f"relay-{role}-{cfg['grpc_port']}"
+    relay = RelayService(max_lag=cfg["max_lag_ms"] / 1000, grace=cfg["grace_ms"] / 1000, role=role, locate=locate,
+                         node_id=node_id)
+    server, port = await relay_service.start(cfg["host"], cfg["grpc_port"], relay)
+    closers.append(lambda: server.stop(grace=1))
+    closers.append(relay.channels.close)
+    wiring.register(Node(id=node_id, role=NODE_ROLE_ORIGIN if role == "origin" else NODE_ROLE_EDGE,
+                         address=_advertise(cfg, port), zone=cfg["zone"]), _relay_load(relay))
+    print(f"castmesh relay ({role}) listening on {cfg['host']}:{port} (gRPC)"
+          + (f", dispatch {cfg['dispatch']}" if cfg["dispatch"] else ""), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,3 +48,32 @@ async def wait_ready(chan: grpc.aio.Channel, target: str, timeout: float) -> Non
         await asyncio.wait_for(chan.channel_ready(), timeout)
     except TimeoutError as exc:
         raise ConnectionError(f"cannot reach {target} (no answer within {timeout:g}s)") from exc
+
+
+def bind(srv: grpc.aio.Server, host: str, port: int, what: str) -> int:
+    """Listen on host:port; the port actually bound (port 0 picks one). A one-line OSError if it cannot."""
+    try:
+        bound = srv.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port} ({what}): address in use or not available")
+    return bound
+
+
+class ChannelPool:
+    """One channel per peer address, shared by every call to that peer."""
+
+    def __init__(self) -> None:
+        self.channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, target: str) -> grpc.aio.Channel:
+        chan = self.channels.get(target)
+        if chan is None:
+            chan = self.channels[target] = channel(target)
+        return chan
+
+    async def close(self) -> None:
+        for chan in self.channels.values():
+            await chan.close()
+        self.channels.clear()

@@ -1,68 +1,102 @@
-"""Forwarding one RTMP publish to a relay over Relay.Publish.
+"""Forwarding one RTMP publish to its origin relay over Relay.Publish, across origin failures.
 
 Frames are gathered for batch_ms and sent as one FrameBatch, so a stream costs tens of gRPC messages a
-second. When the relay falls behind, the queue of batches grows past max_queued and the owner is told to
-pause reading the publisher's socket: TCP then slows the publisher instead of ingest buffering without end.
+second. When the relay falls behind, the queue grows past max_queued and the owner is told to pause reading
+the publisher's socket: TCP then slows the publisher instead of ingest buffering without end.
+
+Ingest keeps the stream's header and GOP cache. When the origin dies, the lease names another origin and
+the publish continues there under the same session id: first the header and the GOP cache, then live
+frames. Downstream nodes see the same session and drop what they already have (castmesh.media.timeline).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 
 import grpc
 
+from castmesh.media.gop import GopCache, header_frames
+from castmesh.mesh.grpcutil import ChannelPool
+from castmesh.mesh.logs import event
 from castmesh.proto.v1.media_pb2 import Frame, FrameBatch, StreamKey
-from castmesh.proto.v1.relay_pb2 import PublishOpen, PublishRequest, PublishResponse
+from castmesh.proto.v1.relay_pb2 import PublishEnd, PublishOpen, PublishRequest
 from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+from services.ingest.lease import Lease, LeaseRefused
+
+log = logging.getLogger("castmesh.ingest")
 
 MAX_BATCH_BYTES = 1 << 20
+FAILOVER_ATTEMPTS = 20
+FAILOVER_PAUSE = 0.1
+
+
+class PublishRefused(Exception):
+    pass
 
 
 class RelayPublish:
-    def __init__(self, stub: RelayStub, key: StreamKey, session_id: str, client_addr: str,
-                 batch_ms: float, on_pause: Callable[[bool], None], max_queued: int = 64) -> None:
-        self.stub = stub
+    def __init__(self, channels: ChannelPool, lease: Lease, key: StreamKey, session_id: str, client_addr: str,
+                 batch_ms: float, on_pause: Callable[[bool], None], on_lost: Callable[[str], None],
+                 max_queued: int = 64) -> None:
+        self.channels = channels
+        self.lease = lease
         self.key = key
         self.session_id = session_id
         self.client_addr = client_addr
         self.batch_delay = batch_ms / 1000
         self.on_pause = on_pause
+        self.on_lost = on_lost
         self.max_queued = max_queued
+        self.cache = GopCache(key)
         self.pending: list[Frame] = []
         self.pending_bytes = 0
         self.flush_handle: asyncio.TimerHandle | None = None
         self.queue: asyncio.Queue[PublishRequest | None] = asyncio.Queue()
         self.paused = False
+        self.origin = ""
         self.call: grpc.aio.StreamStreamCall | None = None
         self.writer: asyncio.Task[None] | None = None
         self.closed = False
+        self.clean_end = False
+        self.failovers = 0
+        self.switched = asyncio.Event()  # set when a new origin call is in place (or on close)
 
-    async def open(self) -> PublishResponse:
-        """Open the call and wait for the relay's verdict (accepted or rejected)."""
-        self.call = self.stub.Publish()
-        await self.call.write(PublishRequest(open=PublishOpen(
-            stream=self.key, session_id=self.session_id, client_addr=self.client_addr)))
-        answer = await self.call.read()
-        if answer is grpc.aio.EOF:
-            raise ConnectionError("relay closed the publish call without answering")
-        if answer.HasField("accepted"):
-            self.writer = asyncio.get_running_loop().create_task(self._write_loop())
-        return answer
-
-    async def wait_closed(self) -> str:
-        """Wait until the relay ends the call; return why."""
-        assert self.call is not None
+    async def open(self) -> None:
+        """Get the lease and the origin's acceptance; PublishRefused (with the reason) if either says no."""
         try:
-            while (await self.call.read()) is not grpc.aio.EOF:
-                pass
-            return "relay ended the publish"
+            self.origin = await self.lease.acquire()
+        except LeaseRefused as exc:
+            raise PublishRefused(str(exc)) from exc
+        await self._connect(replay=False)
+        self.writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    async def _connect(self, replay: bool) -> None:
+        call = RelayStub(self.channels.get(self.origin)).Publish()
+        try:
+            await call.write(PublishRequest(open=PublishOpen(
+                stream=self.key, session_id=self.session_id, client_addr=self.client_addr)))
+            answer = await call.read()
         except grpc.aio.AioRpcError as exc:
-            return f"relay call failed: {exc.code().name} {exc.details() or ''}".strip()
+            call.cancel()
+            raise ConnectionError(f"origin {self.origin}: {exc.code().name}") from exc
+        if answer is grpc.aio.EOF or not answer.HasField("accepted"):
+            call.cancel()
+            detail = "closed the call" if answer is grpc.aio.EOF else answer.rejected.detail
+            raise PublishRefused(f"origin {self.origin}: {detail}")
+        if replay:
+            frames = [*header_frames(self.cache.header()), *self.cache.frames]
+            if frames:
+                await call.write(PublishRequest(batch=FrameBatch(frames=frames)))
+        self.call = call
+        self.switched.set()
 
     def push(self, frame: Frame) -> None:
         if self.closed:
             return
+        self.cache.add(frame)
         self.pending.append(frame)
         self.pending_bytes += len(frame.payload)
         if self.pending_bytes >= MAX_BATCH_BYTES:
@@ -84,43 +118,99 @@ class RelayPublish:
             self.on_pause(True)
 
     async def _write_loop(self) -> None:
-        assert self.call is not None
         while True:
             request = await self.queue.get()
-            if request is None:
-                await self.call.done_writing()
-                return
-            await self.call.write(request)
+            try:
+                assert self.call is not None
+                await self.call.write(request if request is not None else
+                                      PublishRequest(end=PublishEnd(clean=self.clean_end)))
+                if request is None:
+                    await self.call.done_writing()
+                    return
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                if request is None:
+                    return
+                if not await self._failover(exc):
+                    return
             if self.paused and self.queue.qsize() <= self.max_queued // 2:
                 self.paused = False
                 self.on_pause(False)
 
-    async def close(self) -> None:
-        """Send what is pending, then end the call (the relay then ends the stream for its viewers)."""
+    async def _failover(self, exc: BaseException) -> bool:
+        """The origin failed: publish into another one. False if there is none (the publish is lost)."""
+        failed, started = self.origin, time.monotonic()
+        if self.call is not None:
+            self.call.cancel()
+        for _ in range(FAILOVER_ATTEMPTS):
+            try:
+                self.origin = await self.lease.relocate(failed)
+                # What was queued is in the GOP cache, which the new origin gets first.
+                while not self.queue.empty():
+                    if self.queue.get_nowait() is None:
+                        self.queue.put_nowait(None)
+                        break
+                await self._connect(replay=True)
+            except (LeaseRefused, PublishRefused, ConnectionError) as error:
+                event(log, "publish.failover_retry", level=logging.WARNING, stream=self.key.name,
+                      failed=failed, error=str(error))
+                await asyncio.sleep(FAILOVER_PAUSE)
+                continue
+            self.failovers += 1
+            event(log, "publish.failover", stream=f"{self.key.app}/{self.key.name}", session=self.session_id,
+                  failed=failed, origin=self.origin, took_ms=round((time.monotonic() - started) * 1000),
+                  cause=type(exc).__name__)
+            return True
+        self.on_lost(f"origin {failed} failed and no other origin took the stream")
+        return False
+
+    async def watch(self) -> None:
+        """Notice an origin that dies while nothing is being written (a quiet stream)."""
+        while not self.closed and self.call is not None:
+            call = self.call
+            try:
+                while (await call.read()) is not grpc.aio.EOF:
+                    pass
+            except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                pass
+            if self.call is call and not self.closed:
+                self.switched.clear()
+                self.queue.put_nowait(PublishRequest(batch=FrameBatch()))  # the writer fails over on it
+                await self.switched.wait()
+
+    async def close(self, clean: bool) -> None:
+        """Send what is pending, then end the publish (clean: the publisher unpublished)."""
         if self.closed:
             return
         self.closed = True
+        self.switched.set()
+        self.clean_end = clean
         self.flush()
-        if self.writer is None:
-            if self.call is not None:
-                self.call.cancel()
-            return
-        self.queue.put_nowait(None)
-        try:
-            # Half-close, then let the relay finish reading before the call goes away.
-            await asyncio.wait_for(self.writer, timeout=5)
-            await asyncio.wait_for(self.wait_closed(), timeout=5)
-        except (TimeoutError, grpc.aio.AioRpcError):
+        if self.writer is not None:
+            self.queue.put_nowait(None)
+            try:
+                await asyncio.wait_for(self.writer, timeout=5)
+            except (TimeoutError, grpc.aio.AioRpcError):
+                pass
+        if self.call is not None:
+            try:
+                await asyncio.wait_for(self._drain(self.call), timeout=2)
+            except (TimeoutError, grpc.aio.AioRpcError):
+                pass
+            self.call.cancel()
+        self.lease.release()
+
+    @staticmethod
+    async def _drain(call: grpc.aio.StreamStreamCall) -> None:
+        while (await call.read()) is not grpc.aio.EOF:
             pass
-        finally:
-            if self.call is not None:
-                self.call.cancel()
 
     def abort(self) -> None:
         self.closed = True
+        self.switched.set()
         if self.flush_handle is not None:
             self.flush_handle.cancel()
         if self.writer is not None:
             self.writer.cancel()
         if self.call is not None:
             self.call.cancel()
+        self.lease.release()

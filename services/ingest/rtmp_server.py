@@ -11,14 +11,15 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, cast
 
 from prometheus_client import Counter, Gauge
 
 from castmesh.media.frames import make_frame, stream_key
+from castmesh.mesh.grpcutil import ChannelPool
 from castmesh.mesh.logs import event
-from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+from castmesh.proto.v1.media_pb2 import StreamKey
 from castmesh.rtmp.connection import (
     Connected,
     Event,
@@ -30,7 +31,8 @@ from castmesh.rtmp.connection import (
     ServerConnection,
 )
 from castmesh.rtmp.errors import RtmpError
-from services.ingest.forward import RelayPublish
+from services.ingest.forward import PublishRefused, RelayPublish
+from services.ingest.lease import Lease
 
 log = logging.getLogger("castmesh.ingest")
 
@@ -46,11 +48,16 @@ MAX_EARLY_FRAMES = 256  # media a client sends before its publish is answered
 
 _session_ids = itertools.count(1)
 
+LeaseFactory = Callable[[StreamKey, str, str], Lease]  # (stream, holder, client address) -> lease
+
 
 class Ingest:
-    def __init__(self, relay: RelayStub, batch_ms: float = 10.0, limits: RtmpLimits | None = None,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT) -> None:
-        self.relay = relay
+    def __init__(self, leases: LeaseFactory, batch_ms: float = 10.0, limits: RtmpLimits | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
+                 node_id: str = "ingest") -> None:
+        self.leases = leases
+        self.channels = ChannelPool()
+        self.node_id = node_id
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.batch_ms = batch_ms
@@ -84,7 +91,7 @@ class RtmpSession(asyncio.Protocol):
     def __init__(self, ingest: Ingest) -> None:
         self.ingest = ingest
         self.conn = ServerConnection(ingest.limits)
-        self.id = f"rtmp-{next(_session_ids)}"
+        self.id = f"{ingest.node_id}/rtmp-{next(_session_ids)}"
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.app = ""
@@ -141,7 +148,7 @@ class RtmpSession(asyncio.Protocol):
             self._spawn(self._start_publish(ev))
         elif isinstance(ev, PublishFinished):
             if ev.stream_id == self.publish_stream_id and self.publish is not None:
-                self._spawn(self._stop_publish("publisher unpublished"))
+                self._spawn(self._stop_publish("publisher unpublished", clean=True))
         elif isinstance(ev, PlayRequested):
             self.conn.reject_play(ev.stream_id, "this is the RTMP ingest; play from the playback service")
             self._send()
@@ -158,10 +165,19 @@ class RtmpSession(asyncio.Protocol):
             return
         key = stream_key(self.app, ev.name)
         path = f"{self.app}/{ev.name}"
-        forward = RelayPublish(self.ingest.relay, key, self.id, self.peer, self.ingest.batch_ms, self._pause)
+        lease = self.ingest.leases(key, self.id, self.peer)
+        forward = RelayPublish(self.ingest.channels, lease, key, self.id, self.peer, self.ingest.batch_ms,
+                               self._pause, self._relay_lost)
         try:
-            answer = await forward.open()
-        except Exception as exc:
+            await forward.open()
+        except PublishRefused as exc:
+            forward.abort()
+            event(log, "publish.rejected", session=self.id, peer=self.peer, stream=path, reason=str(exc))
+            self.conn.reject_publish(ev.stream_id, f"{path}: {exc}")
+            self._send()
+            self.close(f"publish rejected: {exc}")
+            return
+        except ConnectionError as exc:
             forward.abort()
             event(log, "publish.failed", level=logging.WARNING, session=self.id, stream=path,
                   reason=f"relay unreachable: {exc}")
@@ -172,38 +188,28 @@ class RtmpSession(asyncio.Protocol):
         if self.closed:
             forward.abort()
             return
-        if answer.HasField("rejected"):
-            forward.abort()
-            event(log, "publish.rejected", session=self.id, peer=self.peer, stream=path,
-                  reason=answer.rejected.detail)
-            self.conn.reject_publish(ev.stream_id, f"{path}: {answer.rejected.detail}")
-            self._send()
-            self.close(f"publish rejected: {answer.rejected.detail}")
-            return
         self.publish = forward
         self.publish_stream_id = ev.stream_id
         PUBLISHES.inc()
         self.conn.accept_publish(ev.stream_id)
         self._send()
-        event(log, "publish.start", session=self.id, peer=self.peer, stream=path)
+        event(log, "publish.start", session=self.id, peer=self.peer, stream=path, origin=forward.origin)
         for early in self.early:
             if early.stream_id == ev.stream_id:
                 forward.push(make_frame(early.kind, early.timestamp, early.payload))
         self.early.clear()
-        self._spawn(self._watch_relay(forward))
+        self._spawn(forward.watch())
 
-    async def _watch_relay(self, forward: RelayPublish) -> None:
-        reason = await forward.wait_closed()
-        if self.publish is forward and not forward.closed:
-            self.close(reason, level=logging.WARNING)
+    def _relay_lost(self, reason: str) -> None:
+        self.close(reason, level=logging.WARNING)
 
-    async def _stop_publish(self, reason: str) -> None:
+    async def _stop_publish(self, reason: str, clean: bool) -> None:
         forward, self.publish = self.publish, None
         if forward is not None:
             PUBLISHES.dec()
-            await forward.close()
+            await forward.close(clean)
             event(log, "publish.stop", session=self.id, peer=self.peer,
-                  stream=f"{self.app}/{forward.key.name}", reason=reason)
+                  stream=f"{self.app}/{forward.key.name}", reason=reason, clean=clean, failovers=forward.failovers)
 
     # Plumbing -------------------------------------------------------------------------------------------
 
@@ -235,4 +241,4 @@ class RtmpSession(asyncio.Protocol):
         CONNECTIONS.dec()
         event(log, "rtmp.close", level=level, session=self.id, peer=self.peer, reason=reason)
         if self.publish is not None:
-            self._spawn(self._stop_publish(reason))
+            self._spawn(self._stop_publish(reason, clean=False))

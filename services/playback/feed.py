@@ -20,16 +20,17 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-import grpc
 from prometheus_client import Counter, Gauge
 
 from castmesh.media import flv
 from castmesh.media.frames import stream_path
 from castmesh.media.gop import GopCache, header_frames, is_resume_point
+from castmesh.media.timeline import Jitter
+from castmesh.mesh.grpcutil import ChannelPool
 from castmesh.mesh.logs import event
-from castmesh.proto.v1.media_pb2 import Frame, StreamKey
-from castmesh.proto.v1.relay_pb2 import StreamEnd, SubscribeOpen, SubscribeRequest
-from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+from castmesh.mesh.subscription import Locate, UpstreamSubscription
+from castmesh.proto.v1.media_pb2 import Frame, StreamHeader, StreamKey
+from castmesh.proto.v1.relay_pb2 import StreamEnd
 
 log = logging.getLogger("castmesh.playback")
 
@@ -38,6 +39,7 @@ FEEDS = Gauge("castmesh_playback_streams", "Streams with an upstream subscriptio
 BYTES_OUT = Counter("castmesh_playback_bytes_out", "Media bytes written to viewers")
 SKIPS = Counter("castmesh_playback_viewer_skips", "Times a lagging viewer skipped to a keyframe")
 DROPS = Counter("castmesh_playback_viewer_drops", "Viewers disconnected for staying behind")
+JITTER = Counter("castmesh_playback_timestamp_corrections", "Timestamps normalised (backwards or jumping)")
 
 IDLE_LINGER = 5.0  # keep an upstream subscription this long after its last viewer leaves
 
@@ -89,9 +91,8 @@ class ViewerState:
 
 
 class StreamFeed:
-    def __init__(self, relay: RelayStub, key: StreamKey, merge_ms: float, max_lag: float,
-                 on_closed: Callable[[StreamFeed], None]) -> None:
-        self.relay = relay
+    def __init__(self, locate: Locate, channels: ChannelPool, key: StreamKey, merge_ms: float, max_lag: float,
+                 on_closed: Callable[[StreamFeed], None], node_id: str = "playback") -> None:
         self.key = key
         self.path = stream_path(key)
         self.merge = merge_ms / 1000
@@ -106,8 +107,10 @@ class StreamFeed:
         self.flush_handle: asyncio.TimerHandle | None = None
         self.last_flush = 0.0
         self.idle_handle: asyncio.TimerHandle | None = None
-        self.call: grpc.aio.StreamStreamCall | None = None
         self.close_reason = ""
+        self.jitter = Jitter()
+        self.subscription = UpstreamSubscription(key, locate, channels, f"{node_id}:{self.path}",
+                                                 self._on_header, self._on_frames)
         self.task = asyncio.get_running_loop().create_task(self._run())
         FEEDS.inc()
 
@@ -149,33 +152,31 @@ class StreamFeed:
     async def _run(self) -> None:
         reason, status = "upstream ended", 0
         try:
-            self.call = call = self.relay.Subscribe()
-            await call.write(SubscribeRequest(open=SubscribeOpen(
-                stream=self.key, start=SubscribeOpen.START_GOP_CACHE, subscriber_id=f"playback:{self.path}")))
-            async for response in call:
-                if response.HasField("batch"):
-                    self._on_frames(response.batch.frames)
-                elif response.HasField("header"):
-                    self.cache.apply_header(response.header)
-                    self.live = True
-                    waiting, self.waiting = self.waiting, []
-                    for sink in waiting:
-                        self._start(sink)
-                    event(log, "feed.start", stream=self.path, viewers=len(self.viewers))
-                elif response.HasField("end"):
-                    end = response.end
-                    reason = end.detail or StreamEnd.Reason.Name(end.reason)
-                    if end.reason == StreamEnd.REASON_NOT_FOUND:
-                        status = 404
-                    break
-        except grpc.aio.AioRpcError as exc:
-            reason, status = f"relay unavailable: {exc.code().name}", 502
+            end = await self.subscription.run()
+            reason = end.detail or StreamEnd.Reason.Name(end.reason)
+            status = 404 if end.reason == StreamEnd.REASON_NOT_FOUND else 0
         except asyncio.CancelledError:
             reason = "cancelled"
         finally:
             self._finish(self.close_reason or reason, status)
 
+    def _on_header(self, header: StreamHeader, new_timeline: bool) -> None:
+        self.cache.apply_header(header)
+        if not self.live:
+            self.live = True
+            waiting, self.waiting = self.waiting, []
+            for sink in waiting:
+                self._start(sink)
+            event(log, "feed.start", stream=self.path, viewers=len(self.viewers))
+        elif new_timeline:
+            event(log, "feed.new_timeline", stream=self.path, session=header.session_id)
+
     def _on_frames(self, frames: list[Frame]) -> None:
+        before = self.jitter.corrections
+        for frame in frames:
+            self.jitter.apply(frame)
+        if self.jitter.corrections != before:
+            JITTER.inc(self.jitter.corrections - before)
         self.pending.extend(frames)
         if self.flush_handle is None:
             delay = self.last_flush + self.merge - time.monotonic()
@@ -239,8 +240,6 @@ class StreamFeed:
         if not self.closed:
             self.closed = True
             self.close_reason = reason
-            if self.call is not None:
-                self.call.cancel()
             self.task.cancel()
 
     def _finish(self, reason: str, status: int) -> None:

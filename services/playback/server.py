@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 
 from castmesh.media.frames import stream_key, stream_path
-from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+from castmesh.mesh.grpcutil import ChannelPool
+from castmesh.mesh.subscription import Locate
 from services.playback.feed import StreamFeed
 from services.playback.http import HttpSession
 
 
 class Playback:
-    def __init__(self, relay: RelayStub, merge_ms: float = 30.0, max_lag: float = 3.0) -> None:
-        self.relay = relay
+    def __init__(self, locate: Locate, merge_ms: float = 30.0, max_lag: float = 3.0,
+                 node_id: str = "playback") -> None:
+        self.locate = locate
+        self.channels = ChannelPool()
+        self.node_id = node_id
         self.merge_ms = merge_ms
         self.max_lag = max_lag
         self.feeds: dict[str, StreamFeed] = {}
@@ -35,7 +39,8 @@ class Playback:
         path = stream_path(key)
         feed = self.feeds.get(path)
         if feed is None or feed.closed:
-            feed = self.feeds[path] = StreamFeed(self.relay, key, self.merge_ms, self.max_lag, self._feed_closed)
+            feed = self.feeds[path] = StreamFeed(self.locate, self.channels, key, self.merge_ms, self.max_lag,
+                                                 self._feed_closed, self.node_id)
         self.sessions[session] = feed
         feed.add(session)
 

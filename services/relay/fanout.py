@@ -1,11 +1,14 @@
-"""The relay's streams: one publisher in, many subscribers out, each subscriber behind its own queue.
+"""The relay's streams: one source in (a publisher, or for an edge the upstream relay), many subscribers
+out, each subscriber behind its own queue.
 
 Invariants:
-- One publisher per stream in this relay; a second publish of a live stream is refused.
-- A subscriber's queue is bounded in time (max_lag): when its oldest batch is older than that, the queue
-  is dropped and the subscriber resumes at the next keyframe (counted as a skip). A subscriber that has not
-  taken anything since its last skip when the bound is hit again is ended with REASON_TOO_SLOW.
-- The publisher never waits for a subscriber: offering a batch is a few list operations per subscriber.
+- One publisher per stream in this relay. When a publisher vanishes without unpublishing, the stream
+  waits `grace` seconds for a publisher of the same stream; its subscribers stay and continue with the new
+  publish session, announced in-band with a new header.
+- A subscriber's queue is bounded in time (max_lag): when its oldest item is older than that, the queued
+  frames are dropped and the subscriber resumes at the next keyframe (a skip, counted). A subscriber that
+  has taken nothing since its last skip when the bound is hit again is ended with REASON_TOO_SLOW.
+- The source never waits for a subscriber: offering a batch is a few list operations per subscriber.
 """
 
 from __future__ import annotations
@@ -13,31 +16,39 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge
 
 from castmesh.media.frames import stream_path
 from castmesh.media.gop import GopCache, is_resume_point
-from castmesh.proto.v1.media_pb2 import FrameBatch, StreamKey
-from castmesh.proto.v1.relay_pb2 import StreamEnd
+from castmesh.proto.v1.media_pb2 import FrameBatch, StreamHeader, StreamKey
+from castmesh.proto.v1.relay_pb2 import StreamEnd, StreamStats
 
-STREAMS = Gauge("castmesh_relay_streams", "Streams being published into this relay")
+STREAMS = Gauge("castmesh_relay_streams", "Streams in this relay (published, pulled or in grace)")
 SUBSCRIBERS = Gauge("castmesh_relay_subscribers", "Open Relay.Subscribe calls")
-FRAMES_IN = Counter("castmesh_relay_frames_in", "Frames received from publishers")
+FRAMES_IN = Counter("castmesh_relay_frames_in", "Frames received from publishers or upstream")
 SKIPS = Counter("castmesh_relay_subscriber_skips", "Times a lagging subscriber skipped to a keyframe")
 SLOW_DROPS = Counter("castmesh_relay_subscriber_drops", "Subscribers ended for staying behind")
+
+Item = FrameBatch | StreamHeader
 
 
 class Subscriber:
     def __init__(self, subscriber_id: str, max_lag: float) -> None:
         self.id = subscriber_id
         self.max_lag = max_lag
-        self.queue: deque[tuple[float, FrameBatch]] = deque()
+        self.queue: deque[tuple[float, Item]] = deque()
         self.wake = asyncio.Event()
         self.end: StreamEnd | None = None
         self.skipping = False
         self.took_since_skip = True
         self.skips = 0
+
+    def offer_header(self, header: StreamHeader) -> None:
+        if self.end is None:
+            self.queue.append((time.monotonic(), header))
+            self.wake.set()
 
     def offer(self, batch: FrameBatch, has_video: bool) -> None:
         if self.end is not None:
@@ -49,7 +60,9 @@ class Subscriber:
                 self.finish(StreamEnd(reason=StreamEnd.REASON_TOO_SLOW,
                                       detail=f"stayed more than {self.max_lag:g}s behind after skipping"))
                 return
+            headers = [item for item in self.queue if isinstance(item[1], StreamHeader)]
             self.queue.clear()
+            self.queue.extend(headers[-1:])  # a session change must still reach the subscriber
             self.skipping = True
             self.took_since_skip = False
             self.skips += 1
@@ -69,32 +82,65 @@ class Subscriber:
             self.end = end
             self.wake.set()
 
-    async def next(self) -> FrameBatch | StreamEnd:
-        """Everything queued, merged into one batch; or the end once the queue is drained."""
+    async def next(self) -> Item | StreamEnd:
+        """The next header, or every batch queued up to the next header merged into one; the end once the
+        queue is drained."""
         while not self.queue:
             if self.end is not None:
                 return self.end
             self.wake.clear()
             await self.wake.wait()
         self.took_since_skip = True
-        if len(self.queue) == 1:
-            return self.queue.popleft()[1]
-        merged = FrameBatch()
-        while self.queue:
+        first = self.queue.popleft()[1]
+        if isinstance(first, StreamHeader) or not self.queue or isinstance(self.queue[0][1], StreamHeader):
+            return first
+        merged = FrameBatch(frames=first.frames)
+        while self.queue and isinstance(self.queue[0][1], FrameBatch):
             merged.frames.extend(self.queue.popleft()[1].frames)
         return merged
 
 
 class RelayStream:
-    def __init__(self, key: StreamKey, session_id: str) -> None:
+    def __init__(self, key: StreamKey, session_id: str, pulled: bool = False) -> None:
         self.key = key
         self.path = stream_path(key)
         self.session_id = session_id
+        self.pulled = pulled
+        self.publishing = True
         self.cache = GopCache(key)
         self.subscribers: set[Subscriber] = set()
+        self.frames_in = 0
+        self.grace_handle: asyncio.TimerHandle | None = None
+        self.ready = asyncio.Event()  # set once the stream has a header (at once unless pulled)
+        if not pulled:
+            self.ready.set()
+
+    def header(self) -> StreamHeader:
+        header = self.cache.header()
+        header.session_id = self.session_id
+        return header
+
+    def new_session(self, session_id: str, header: StreamHeader | None = None) -> None:
+        """A new publish session (a reconnected publisher), or for a pulled stream a header from upstream:
+        start the caches afresh and tell every subscriber in-band."""
+        if session_id != self.session_id or header is not None:
+            if session_id != self.session_id:
+                self.cache = GopCache(self.key)
+            self.session_id = session_id
+            if header is not None:
+                self.cache.apply_header(header)
+            announced = self.header()
+            for sub in self.subscribers:
+                sub.offer_header(announced)
+        self.publishing = True
+        self.ready.set()
+        if self.grace_handle is not None:
+            self.grace_handle.cancel()
+            self.grace_handle = None
 
     def publish(self, batch: FrameBatch) -> None:
         self.cache.add_all(batch.frames)
+        self.frames_in += len(batch.frames)
         FRAMES_IN.inc(len(batch.frames))
         has_video = self.cache.has_video
         for sub in self.subscribers:
@@ -114,21 +160,42 @@ class RelayStream:
             SUBSCRIBERS.dec()
 
     def end(self, end: StreamEnd) -> None:
+        if self.grace_handle is not None:
+            self.grace_handle.cancel()
+            self.grace_handle = None
+        self.ready.set()
         for sub in self.subscribers:
             sub.finish(end)
+
+    def stats(self) -> StreamStats:
+        return StreamStats(stream=self.key, session_id=self.session_id, publishing=self.publishing,
+                           pulled=self.pulled, subscribers=sorted(s.id for s in self.subscribers),
+                           frames_in=self.frames_in, skips=sum(s.skips for s in self.subscribers))
 
 
 class StreamTable:
     """The streams of one relay, by vhost/app/name."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace: float = 10.0) -> None:
+        self.grace = grace
         self.streams: dict[str, RelayStream] = {}
 
     def claim(self, key: StreamKey, session_id: str) -> RelayStream | None:
+        """The stream for a new publish; None if someone is publishing it. A stream waiting in grace for
+        its publisher is taken over, and its subscribers carry on."""
         path = stream_path(key)
-        if path in self.streams:
-            return None
+        stream = self.streams.get(path)
+        if stream is not None:
+            if stream.publishing or stream.pulled:
+                return None
+            stream.new_session(session_id)
+            return stream
         stream = self.streams[path] = RelayStream(key, session_id)
+        STREAMS.inc()
+        return stream
+
+    def add_pulled(self, key: StreamKey) -> RelayStream:
+        stream = self.streams[stream_path(key)] = RelayStream(key, "", pulled=True)
         STREAMS.inc()
         return stream
 
@@ -137,6 +204,14 @@ class StreamTable:
             del self.streams[stream.path]
             STREAMS.dec()
         stream.end(end)
+
+    def hold(self, stream: RelayStream, on_expiry: Callable[[], None]) -> None:
+        """The publisher vanished: keep the stream and its subscribers for `grace` seconds."""
+        stream.publishing = False
+        if self.grace <= 0:
+            on_expiry()
+            return
+        stream.grace_handle = asyncio.get_running_loop().call_later(self.grace, on_expiry)
 
     def get(self, key: StreamKey) -> RelayStream | None:
         return self.streams.get(stream_path(key))

@@ -1,11 +1,15 @@
-"""The Relay gRPC service: Relay.Publish feeds a stream, Relay.Subscribe reads one.
+"""The Relay gRPC service: Relay.Publish feeds a stream, Relay.Subscribe reads one, Relay.Stats reports.
 
-Both handlers are async generators (grpc's route_guide style); the OpenTelemetry server interceptor
-breaks handlers that call `await context.write()` (opentelemetry-python-contrib #3066).
+An origin accepts publishes. An edge accepts none: on the first Subscribe for a stream it starts one
+UpstreamPull, and every later subscriber shares it.
+
+Both streaming handlers are async generators (grpc's route_guide style); the OpenTelemetry server
+interceptor breaks handlers that call `await context.write()` (opentelemetry-python-contrib #3066).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -14,25 +18,38 @@ import grpc
 from castmesh.mesh import grpcutil
 from castmesh.mesh.logs import event
 from castmesh.proto.v1 import relay_pb2_grpc
+from castmesh.proto.v1.media_pb2 import StreamHeader
 from castmesh.proto.v1.relay_pb2 import (
     PublishAccepted,
     PublishRejected,
     PublishRequest,
     PublishResponse,
+    StatsReply,
+    StatsRequest,
     StreamEnd,
     SubscribeOpen,
     SubscribeRequest,
     SubscribeResponse,
 )
-from services.relay.fanout import StreamTable
+from services.relay.fanout import RelayStream, StreamTable
+from services.relay.upstream import Locate, UpstreamPull
 
 log = logging.getLogger("castmesh.relay")
 
+READY_TIMEOUT = 10.0
+PULL_LINGER = 5.0
+
 
 class RelayService(relay_pb2_grpc.RelayServicer):
-    def __init__(self, max_lag: float = 3.0) -> None:
-        self.table = StreamTable()
+    def __init__(self, max_lag: float = 3.0, grace: float = 10.0, role: str = "origin",
+                 locate: Locate | None = None, node_id: str = "relay") -> None:
+        self.table = StreamTable(grace=grace)
         self.max_lag = max_lag
+        self.role = role
+        self.locate = locate
+        self.node_id = node_id
+        self.channels = grpcutil.ChannelPool()
+        self.pulls: dict[str, UpstreamPull] = {}
 
     async def Publish(
         self, request_iterator: AsyncIterator[PublishRequest], context: grpc.aio.ServicerContext
@@ -42,6 +59,10 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             yield PublishResponse(rejected=PublishRejected(
                 reason=PublishRejected.REASON_BAD_REQUEST, detail="the first message must open a named stream"))
             return
+        if self.role != "origin":
+            yield PublishResponse(rejected=PublishRejected(
+                reason=PublishRejected.REASON_BAD_REQUEST, detail="this relay is an edge; publish to an origin"))
+            return
         opening = first.open
         stream = self.table.claim(opening.stream, opening.session_id)
         if stream is None:
@@ -50,20 +71,43 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             yield PublishResponse(rejected=PublishRejected(
                 reason=PublishRejected.REASON_ALREADY_PUBLISHED, detail="stream is already being published"))
             return
-        event(log, "publish.start", stream=stream.path, session=opening.session_id, client=opening.client_addr)
-        reason, end = "publisher closed", StreamEnd.REASON_UNPUBLISHED
+        event(log, "publish.start", stream=stream.path, session=opening.session_id, client=opening.client_addr,
+              subscribers=len(stream.subscribers))
+        clean, reason = False, "publish call ended without an end"
         try:
             yield PublishResponse(accepted=PublishAccepted())
             async for request in request_iterator:
                 if request.HasField("batch"):
-                    stream.publish(request.batch)
+                    if request.batch.frames:
+                        stream.publish(request.batch)
+                elif request.HasField("end"):
+                    clean = request.end.clean
+                    reason = "publisher unpublished" if clean else "publisher vanished"
+                    break
         except BaseException as exc:  # cancelled by a vanished ingest, or shutdown
             reason = f"publish call ended: {type(exc).__name__}"
             raise
         finally:
-            self.table.release(stream, StreamEnd(reason=end, detail=reason))
-            event(log, "publish.stop", stream=stream.path, session=opening.session_id, reason=reason,
-                  subscribers=len(stream.subscribers))
+            self._unpublished(stream, opening.session_id, clean, reason)
+
+    def _unpublished(self, stream: RelayStream, session_id: str, clean: bool, reason: str) -> None:
+        if stream.session_id != session_id:
+            return  # a newer publish session already took the stream over
+        end = StreamEnd(reason=StreamEnd.REASON_UNPUBLISHED, detail=reason)
+        if clean:
+            self.table.release(stream, end)
+            event(log, "publish.stop", stream=stream.path, session=session_id, reason=reason)
+            return
+
+        def expire() -> None:
+            if not stream.publishing and stream.session_id == session_id:
+                self.table.release(stream, StreamEnd(reason=StreamEnd.REASON_UNPUBLISHED,
+                                                     detail=f"{reason}; no publisher came back"))
+                event(log, "publish.expired", stream=stream.path, session=session_id)
+
+        self.table.hold(stream, expire)
+        event(log, "publish.lost", stream=stream.path, session=session_id, reason=reason,
+              grace_s=self.table.grace, subscribers=len(stream.subscribers))
 
     async def Subscribe(
         self, request_iterator: AsyncIterator[SubscribeRequest], context: grpc.aio.ServicerContext
@@ -75,6 +119,8 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             return
         opening = first.open
         stream = self.table.get(opening.stream)
+        if stream is None and self.locate is not None:
+            stream = self._pull(opening)
         if stream is None:
             yield SubscribeResponse(end=StreamEnd(reason=StreamEnd.REASON_NOT_FOUND,
                                                   detail="nobody is publishing this stream"))
@@ -84,31 +130,49 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         event(log, "subscribe.start", stream=stream.path, subscriber=sub.id)
         outcome = "cancelled"
         try:
-            yield SubscribeResponse(header=stream.cache.header())
+            if not stream.ready.is_set():
+                await asyncio.wait_for(stream.ready.wait(), READY_TIMEOUT)
+            if sub.end is None and not (sub.queue and stream.pulled):
+                yield SubscribeResponse(header=stream.header())  # a pulled stream announces it in-band
             while True:
                 item = await sub.next()
                 if isinstance(item, StreamEnd):
                     outcome = StreamEnd.Reason.Name(item.reason)
                     yield SubscribeResponse(end=item)
                     return
-                yield SubscribeResponse(batch=item)
+                if isinstance(item, StreamHeader):
+                    yield SubscribeResponse(header=item)
+                else:
+                    yield SubscribeResponse(batch=item)
         finally:
             stream.unsubscribe(sub)
+            if stream.pulled and not stream.subscribers:
+                asyncio.get_running_loop().call_later(PULL_LINGER, self._maybe_stop_pull, stream)
             event(log, "subscribe.stop", stream=stream.path, subscriber=sub.id, outcome=outcome, skips=sub.skips)
 
+    def _pull(self, opening: SubscribeOpen) -> RelayStream:
+        assert self.locate is not None
+        stream = self.table.add_pulled(opening.stream)
+        self.pulls[stream.path] = UpstreamPull(self.table, stream, self.locate, self.channels,
+                                               subscriber_id=f"{self.node_id}")
+        self.pulls[stream.path].task.add_done_callback(lambda _: self.pulls.pop(stream.path, None))
+        return stream
 
-async def start(host: str, port: int, max_lag: float) -> tuple[grpc.aio.Server, int, RelayService]:
-    """Start a relay gRPC server; return it, the port it listens on, and the service."""
+    def _maybe_stop_pull(self, stream: RelayStream) -> None:
+        pull = self.pulls.get(stream.path)
+        if pull is not None and pull.stream is stream and not stream.subscribers:
+            pull.task.cancel()
+
+    async def Stats(self, request: StatsRequest, context: grpc.aio.ServicerContext) -> StatsReply:
+        return StatsReply(role=self.role, streams=[s.stats() for s in self.table.streams.values()])
+
+
+async def start(host: str, port: int, service: RelayService) -> tuple[grpc.aio.Server, int]:
+    """Start a relay gRPC server for `service`; return it and the port it listens on."""
     server = grpcutil.server()
-    service = RelayService(max_lag=max_lag)
     relay_pb2_grpc.add_RelayServicer_to_server(service, server)
     health = grpcutil.add_health(server)
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:
-        bound = 0
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port} (relay gRPC): address in use or not available")
+    bound = grpcutil.bind(server, host, port, "relay gRPC")
     await server.start()
     await grpcutil.mark_serving(health, "castmesh.v1.Relay")
-    return server, bound, service
+    return server, bound

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+from services.ingest.lease import FixedLease
 from services.ingest.rtmp_server import Ingest
 from tests.integration.harness import Castmesh, Up, Viewing, free_port, http_get, publish, wait_live, watch
 from tests.rtmp_client import ClientMessages, handshake
@@ -75,7 +76,7 @@ async def _closed_within(port: int, payload: bytes, seconds: float) -> float | N
 
 def test_ingest_closes_half_open_and_silent_connections() -> None:
     async def scenario() -> tuple[float | None, float | None, float | None]:
-        ingest = Ingest(relay=None, handshake_timeout=0.5, idle_timeout=1.0)  # type: ignore[arg-type]
+        ingest = Ingest(leases=lambda *_: FixedLease("127.0.0.1:1"), handshake_timeout=0.5, idle_timeout=1.0)
         server = await ingest.listen("127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:

@@ -1,11 +1,42 @@
 from castmesh.proto.v1 import media_pb2 as _media_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StreamStats(_message.Message):
+    __slots__ = ("stream", "session_id", "publishing", "pulled", "subscribers", "frames_in", "skips")
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHING_FIELD_NUMBER: _ClassVar[int]
+    PULLED_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBERS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_IN_FIELD_NUMBER: _ClassVar[int]
+    SKIPS_FIELD_NUMBER: _ClassVar[int]
+    stream: _media_pb2.StreamKey
+    session_id: str
+    publishing: bool
+    pulled: bool
+    subscribers: _containers.RepeatedScalarFieldContainer[str]
+    frames_in: int
+    skips: int
+    def __init__(self, stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., publishing: _Optional[bool] = ..., pulled: _Optional[bool] = ..., subscribers: _Optional[_Iterable[str]] = ..., frames_in: _Optional[int] = ..., skips: _Optional[int] = ...) -> None: ...
+
+class StatsReply(_message.Message):
+    __slots__ = ("role", "streams")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    streams: _containers.RepeatedCompositeFieldContainer[StreamStats]
+    def __init__(self, role: _Optional[str] = ..., streams: _Optional[_Iterable[_Union[StreamStats, _Mapping]]] = ...) -> None: ...
 
 class PublishOpen(_message.Message):
     __slots__ = ("stream", "session_id", "client_addr")

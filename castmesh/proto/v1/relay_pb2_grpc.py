@@ -44,6 +44,11 @@ class RelayStub:
                 request_serializer=castmesh_dot_v1_dot_relay__pb2.SubscribeRequest.SerializeToString,
                 response_deserializer=castmesh_dot_v1_dot_relay__pb2.SubscribeResponse.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/castmesh.v1.Relay/Stats',
+                request_serializer=castmesh_dot_v1_dot_relay__pb2.StatsRequest.SerializeToString,
+                response_deserializer=castmesh_dot_v1_dot_relay__pb2.StatsReply.FromString,
+                _registered_method=True)
 
 
 class RelayServicer:
@@ -64,6 +69,13 @@ class RelayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """What this relay carries now: for operators, dispatch and tests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RelayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +88,11 @@ def add_RelayServicer_to_server(servicer, server):
                     servicer.Subscribe,
                     request_deserializer=castmesh_dot_v1_dot_relay__pb2.SubscribeRequest.FromString,
                     response_serializer=castmesh_dot_v1_dot_relay__pb2.SubscribeResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=castmesh_dot_v1_dot_relay__pb2.StatsRequest.FromString,
+                    response_serializer=castmesh_dot_v1_dot_relay__pb2.StatsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +149,33 @@ class Relay:
             '/castmesh.v1.Relay/Subscribe',
             castmesh_dot_v1_dot_relay__pb2.SubscribeRequest.SerializeToString,
             castmesh_dot_v1_dot_relay__pb2.SubscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/castmesh.v1.Relay/Stats',
+            castmesh_dot_v1_dot_relay__pb2.StatsRequest.SerializeToString,
+            castmesh_dot_v1_dot_relay__pb2.StatsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,131 @@
+"""Following a stream from upstream across failures: the loop shared by edge relays and playback nodes.
+
+`locate(key, avoid)` names the relay to pull from (dispatch, or a fixed address). The subscription
+subscribes there; if that relay fails it locates again, avoiding it, and re-subscribes. Continuity drops
+what a new upstream's GOP cache repeats within the same publish session and waits for a keyframe when
+the session changes, so consumers see one unbroken stream.
+
+It ends (run() returns the StreamEnd) when the publisher unpublished, when nobody has the stream at the
+first attempt (NOT_FOUND, so a viewer gets its 404 at once), or when no upstream has had it for
+`retry_for` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from castmesh.media.frames import stream_path
+from castmesh.media.timeline import Continuity
+from castmesh.mesh.grpcutil import ChannelPool
+from castmesh.mesh.logs import event
+from castmesh.proto.v1.dispatch_pb2 import LocateRequest
+from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
+from castmesh.proto.v1.media_pb2 import Frame, StreamHeader, StreamKey
+from castmesh.proto.v1.relay_pb2 import StreamEnd, SubscribeOpen, SubscribeRequest
+from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+
+log = logging.getLogger("castmesh.subscription")
+
+Locate = Callable[[StreamKey, set[str]], Awaitable[str | None]]
+RETRY_EVERY = 0.1
+
+
+def fixed_upstream(address: str) -> Locate:
+    """Always the same relay (a single-relay setup, or a chain of edges configured by hand)."""
+
+    async def locate(key: StreamKey, avoid: set[str]) -> str | None:
+        return address
+
+    return locate
+
+
+def dispatch_upstream(dispatch: DispatchStub, zone: str = "", origin_only: bool = False) -> Locate:
+    """Ask dispatch: the zone's edge for this stream if there is one, else its origin."""
+
+    async def locate(key: StreamKey, avoid: set[str]) -> str | None:
+        try:
+            reply = await dispatch.Locate(LocateRequest(stream=key, zone=zone, avoid=sorted(avoid),
+                                                        origin_only=origin_only), timeout=2)
+        except grpc.aio.AioRpcError as exc:
+            event(log, "locate.failed", level=logging.WARNING, error=exc.code().name)
+            return None
+        if not reply.found:
+            return None
+        return next((a for a in (reply.edge, reply.origin) if a and a not in avoid), None)
+
+    return locate
+
+
+class UpstreamSubscription:
+    def __init__(self, key: StreamKey, locate: Locate, channels: ChannelPool, subscriber_id: str,
+                 on_header: Callable[[StreamHeader, bool], None], on_frames: Callable[[list[Frame]], None],
+                 retry_for: float = 10.0) -> None:
+        self.key = key
+        self.path = stream_path(key)
+        self.locate = locate
+        self.channels = channels
+        self.subscriber_id = subscriber_id
+        self.on_header = on_header
+        self.on_frames = on_frames
+        self.retry_for = retry_for
+        self.continuity = Continuity()
+        self.switches = 0
+        self.live = False  # has had the stream from some upstream
+        self.lost_since = 0.0
+
+    async def run(self) -> StreamEnd:
+        avoid: set[str] = set()
+        self.lost_since = time.monotonic()
+        while time.monotonic() - self.lost_since < self.retry_for:
+            address = await self.locate(self.key, avoid)
+            if address is None:
+                if not self.live:
+                    return StreamEnd(reason=StreamEnd.REASON_NOT_FOUND, detail="nobody is publishing this stream")
+                await asyncio.sleep(RETRY_EVERY)
+                continue
+            outcome = await self._follow(address)
+            if outcome is None or outcome.reason == StreamEnd.REASON_SHUTDOWN:
+                avoid.add(address)  # that relay failed or is going away
+                self.switches += 1
+            elif outcome.reason == StreamEnd.REASON_NOT_FOUND:
+                if not self.live:
+                    return outcome
+                avoid.add(address)  # mid-failover: this relay does not have the stream (yet)
+            elif outcome.reason != StreamEnd.REASON_TOO_SLOW:
+                return outcome  # the publisher unpublished
+            await asyncio.sleep(RETRY_EVERY)
+        return StreamEnd(reason=StreamEnd.REASON_UNPUBLISHED, detail=f"no upstream had it for {self.retry_for:g}s")
+
+    async def _follow(self, address: str) -> StreamEnd | None:
+        """Subscribe to one upstream; its end message, or None if the upstream failed."""
+        call = RelayStub(self.channels.get(address)).Subscribe()
+        try:
+            await call.write(SubscribeRequest(open=SubscribeOpen(
+                stream=self.key, start=SubscribeOpen.START_GOP_CACHE, subscriber_id=self.subscriber_id)))
+            async for response in call:
+                if response.HasField("batch"):
+                    frames = self.continuity.admit(list(response.batch.frames))
+                    if frames:
+                        self.on_frames(frames)
+                elif response.HasField("header"):
+                    header = response.header
+                    new_timeline = self.continuity.on_header(header.session_id, header.has_video)
+                    self.live = True
+                    self.lost_since = time.monotonic()
+                    self.on_header(header, new_timeline)
+                    event(log, "upstream.header", stream=self.path, upstream=address, session=header.session_id,
+                          new_timeline=new_timeline)
+                elif response.HasField("end"):
+                    return response.end
+            return None
+        except grpc.aio.AioRpcError as exc:
+            event(log, "upstream.lost", level=logging.WARNING, stream=self.path, upstream=address,
+                  error=exc.code().name)
+            return None
+        finally:
+            call.cancel()

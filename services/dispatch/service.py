@@ -1,0 +1,132 @@
+"""The Dispatch gRPC service: node registration, publish leases, locating streams, listings.
+
+Leases and registrations are held by open calls, so they die with their holder: a node or an ingest that
+is killed drops its TCP connection, gRPC ends the call, and the finally blocks below clean up at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from castmesh.media.frames import stream_path
+from castmesh.mesh import grpcutil
+from castmesh.mesh.logs import event
+from castmesh.proto.v1 import dispatch_pb2_grpc
+from castmesh.proto.v1.dispatch_pb2 import (
+    LeaseReply,
+    LeaseRequest,
+    ListNodesReply,
+    ListNodesRequest,
+    ListStreamsReply,
+    ListStreamsRequest,
+    LocateReply,
+    LocateRequest,
+    NodeReport,
+    NodeRole,
+    RegisterReply,
+    StreamChange,
+)
+from services.dispatch.directory import Directory, InMemoryDirectory
+from services.dispatch.placement import pick_edge, pick_origin
+
+log = logging.getLogger("castmesh.dispatch")
+
+
+class DispatchService(dispatch_pb2_grpc.DispatchServicer):
+    def __init__(self, directory: Directory) -> None:
+        self.directory = directory
+
+    async def Register(
+        self, request_iterator: AsyncIterator[NodeReport], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[RegisterReply]:
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("hello") or not first.hello.id:
+            yield RegisterReply(accepted=False, detail="the first message must be a hello naming the node")
+            return
+        node = first.hello
+        await self.directory.add_node(node)
+        event(log, "node.up", node=node.id, role=NodeRole.Name(node.role), address=node.address, zone=node.zone)
+        try:
+            yield RegisterReply(accepted=True)
+            async for report in request_iterator:
+                if report.HasField("load"):
+                    await self.directory.update_load(node.id, report.load)
+        finally:
+            await self.directory.remove_node(node.id)
+            event(log, "node.down", node=node.id, role=NodeRole.Name(node.role), address=node.address)
+
+    async def Lease(
+        self, request_iterator: AsyncIterator[LeaseRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[LeaseReply]:
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("claim") or not first.claim.stream.name:
+            yield LeaseReply(rejected=LeaseReply.Rejected(detail="the first message must claim a named stream"))
+            return
+        claim = first.claim
+        key, holder = claim.stream, claim.holder
+        path = stream_path(key)
+        granted, info = await self.directory.claim(key, holder, claim.client_addr)
+        if not granted:
+            event(log, "lease.rejected", stream=path, holder=holder, by=info.holder)
+            yield LeaseReply(rejected=LeaseReply.Rejected(detail="stream is already being published",
+                                                          holder=info.holder))
+            return
+        try:
+            avoid: set[str] = set()
+            request: LeaseRequest | None = first
+            while request is not None:
+                if request.HasField("relocate"):
+                    avoid.add(request.relocate.failed_origin)
+                origin = pick_origin(await self.directory.nodes(), avoid,
+                                     prefer=await self.directory.recent_origin(key))
+                if origin is None:
+                    yield LeaseReply(rejected=LeaseReply.Rejected(detail="no live origin relay"))
+                    return
+                await self.directory.set_origin(key, holder, origin.address)
+                event(log, "lease.granted", stream=path, holder=holder, origin=origin.address,
+                      relocated=request.HasField("relocate"))
+                yield LeaseReply(granted=LeaseReply.Granted(origin=origin.address, origin_id=origin.id))
+                request = await anext(request_iterator, None)
+        finally:
+            await self.directory.release(key, holder)
+            event(log, "lease.released", stream=path, holder=holder)
+
+    async def Locate(self, request: LocateRequest, context: grpc.aio.ServicerContext) -> LocateReply:
+        info = await self.directory.get(request.stream)
+        avoid = set(request.avoid)
+        if info is None or not info.origin or info.origin in avoid:
+            return LocateReply(found=False)
+        reply = LocateReply(found=True, origin=info.origin, holder=info.holder)
+        if not request.origin_only:
+            edge = pick_edge(await self.directory.nodes(), request.zone, stream_path(request.stream), avoid)
+            if edge is not None:
+                reply.edge = edge.address
+        return reply
+
+    async def ListStreams(
+        self, request: ListStreamsRequest, context: grpc.aio.ServicerContext
+    ) -> ListStreamsReply:
+        return ListStreamsReply(streams=await self.directory.streams())
+
+    async def WatchStreams(
+        self, request: ListStreamsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[StreamChange]:
+        async for change in self.directory.watch():
+            yield change
+
+    async def ListNodes(self, request: ListNodesRequest, context: grpc.aio.ServicerContext) -> ListNodesReply:
+        return ListNodesReply(nodes=[ListNodesReply.Entry(node=n, load=load)
+                                     for n, load in await self.directory.nodes()])
+
+
+async def start(host: str, port: int, directory: Directory | None = None) -> tuple[grpc.aio.Server, int]:
+    server = grpcutil.server()
+    dispatch_pb2_grpc.add_DispatchServicer_to_server(DispatchService(directory or InMemoryDirectory()), server)
+    health = grpcutil.add_health(server)
+    bound = grpcutil.bind(server, host, port, "dispatch gRPC")
+    await server.start()
+    await grpcutil.mark_serving(health, "castmesh.v1.Dispatch")
+    return server, bound
