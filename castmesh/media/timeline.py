@@ -1,9 +1,10 @@
 """Keeping a viewer's timeline whole when what feeds it changes.
 
 Continuity: a node that re-subscribes (its upstream relay died) gets the new upstream's GOP cache, which
-repeats frames it already forwarded. Within one publish session, frames at or before the last forwarded
-timestamp of their track are dropped, so the output continues exactly where it stopped. When the session
-changes (the publisher reconnected), the old timeline is over: output waits for a keyframe of the new one.
+repeats frames it already forwarded. Within one publish session, frames whose sequence number (given by
+ingest) is not past the last one forwarded are dropped, so the output continues exactly where it stopped.
+When the session changes (the publisher reconnected), the old timeline is over: output waits for a
+keyframe of the new one.
 
 Jitter: what viewers get must never go backwards or jump, as SRS's time_jitter guarantees. Per track, a
 step that goes backwards or is larger than max_jump_ms is replaced with the track's usual step, and the
@@ -12,7 +13,7 @@ correction is counted. A new timeline after a reconnect is just such a jump, so 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from castmesh.media.frames import AUDIO, VIDEO
 from castmesh.proto.v1.media_pb2 import Frame
@@ -23,7 +24,7 @@ DEFAULT_STEP_MS = {VIDEO: 33, AUDIO: 23}
 @dataclass(slots=True)
 class Continuity:
     session_id: str = ""
-    last: dict[int, int] = field(default_factory=dict)
+    last_sequence: int = 0
     waiting_keyframe: bool = False
     has_video: bool = True
     dropped: int = 0
@@ -36,7 +37,7 @@ class Continuity:
         new_timeline = bool(self.session_id)
         self.session_id = session_id
         if new_timeline:
-            self.last.clear()
+            self.last_sequence = 0
             self.waiting_keyframe = has_video
         return new_timeline
 
@@ -50,12 +51,11 @@ class Continuity:
                     continue
                 if kind == VIDEO and frame.keyframe:
                     self.waiting_keyframe = False
-            if kind in (AUDIO, VIDEO) and not frame.sequence_header:
-                last = self.last.get(kind)
-                if last is not None and _signed(frame.timestamp - last) <= 0:
+            if frame.sequence:
+                if frame.sequence <= self.last_sequence:
                     self.dropped += 1
                     continue
-                self.last[kind] = frame.timestamp
+                self.last_sequence = frame.sequence
             out.append(frame)
         return out
 

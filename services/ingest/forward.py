@@ -62,6 +62,7 @@ class RelayPublish:
         self.closed = False
         self.clean_end = False
         self.failovers = 0
+        self.sequence = 0
         self.switched = asyncio.Event()  # set when a new origin call is in place (or on close)
 
     async def open(self) -> None:
@@ -96,6 +97,8 @@ class RelayPublish:
     def push(self, frame: Frame) -> None:
         if self.closed:
             return
+        self.sequence += 1
+        frame.sequence = self.sequence
         self.cache.add(frame)
         self.pending.append(frame)
         self.pending_bytes += len(frame.payload)

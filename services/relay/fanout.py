@@ -44,6 +44,9 @@ class Subscriber:
         self.skipping = False
         self.took_since_skip = True
         self.skips = 0
+        # How to end the call when the subscriber is dropped: it may be parked in a flow-controlled write
+        # that never returns, so telling it through the queue is not enough.
+        self.on_drop: Callable[[], object] | None = None
 
     def offer_header(self, header: StreamHeader) -> None:
         if self.end is None:
@@ -59,6 +62,9 @@ class Subscriber:
                 SLOW_DROPS.inc()
                 self.finish(StreamEnd(reason=StreamEnd.REASON_TOO_SLOW,
                                       detail=f"stayed more than {self.max_lag:g}s behind after skipping"))
+                self.queue.clear()
+                if self.on_drop is not None:
+                    self.on_drop()
                 return
             headers = [item for item in self.queue if isinstance(item[1], StreamHeader)]
             self.queue.clear()

@@ -127,6 +127,9 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             return
         sub = stream.subscribe(opening.subscriber_id, self.max_lag,
                                from_gop=opening.start != SubscribeOpen.START_LIVE)
+        task = asyncio.current_task()
+        if task is not None:
+            sub.on_drop = task.cancel
         event(log, "subscribe.start", stream=stream.path, subscriber=sub.id)
         outcome = "cancelled"
         try:
@@ -145,6 +148,8 @@ class RelayService(relay_pb2_grpc.RelayServicer):
                 else:
                     yield SubscribeResponse(batch=item)
         finally:
+            if sub.end is not None:
+                outcome = StreamEnd.Reason.Name(sub.end.reason)
             stream.unsubscribe(sub)
             if stream.pulled and not stream.subscribers:
                 asyncio.get_running_loop().call_later(PULL_LINGER, self._maybe_stop_pull, stream)

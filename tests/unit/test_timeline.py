@@ -6,24 +6,41 @@ from hypothesis import strategies as st
 from castmesh.media.frames import AUDIO, VIDEO, make_frame
 from castmesh.media.timeline import Continuity, Jitter
 
-
-def v(ts: int, key: bool = False):
-    return make_frame(VIDEO, ts, b"\x17\x01k" if key else b"\x27\x01p")
+SEQ = iter(range(1, 1 << 30))
 
 
-def a(ts: int):
-    return make_frame(AUDIO, ts, b"\xaf\x01a")
+def v(ts: int, key: bool = False, seq: int | None = None):
+    frame = make_frame(VIDEO, ts, b"\x17\x01k" if key else b"\x27\x01p")
+    frame.sequence = seq if seq is not None else next(SEQ)
+    return frame
+
+
+def a(ts: int, seq: int | None = None):
+    frame = make_frame(AUDIO, ts, b"\xaf\x01a")
+    frame.sequence = seq if seq is not None else next(SEQ)
+    return frame
 
 
 def test_same_session_replay_continues_exactly_where_it_stopped():
     c = Continuity()
     c.on_header("s1", has_video=True)
-    first = c.admit([v(0, True), a(10), v(40), a(33), v(80)])
-    assert [f.timestamp for f in first] == [0, 10, 40, 33, 80]
+    sent = [v(0, True, seq=1), a(10, seq=2), v(40, seq=3), a(33, seq=4), v(80, seq=5)]
+    assert c.admit(sent) == sent
     # the new upstream replays its GOP from the keyframe at 0, then goes on
     assert not c.on_header("s1", has_video=True)
-    again = c.admit([v(0, True), a(10), v(40), a(33), v(80), a(56), v(120)])
-    assert [f.timestamp for f in again] == [56, 120]
+    replay = [v(0, True, seq=1), a(10, seq=2), v(40, seq=3), a(33, seq=4), v(80, seq=5), a(56, seq=6), v(120, seq=7)]
+    assert [f.sequence for f in c.admit(replay)] == [6, 7]
+
+
+def test_frames_with_equal_timestamps_are_not_taken_for_repeats():
+    # ffmpeg sends an HEVC metadata packet (enhanced RTMP PacketType 4) and then the keyframe, both at 0.
+    c = Continuity()
+    c.on_header("s1", has_video=True)
+    meta = make_frame(VIDEO, 0, b"\x94hvc1")
+    meta.sequence = 1
+    key = make_frame(VIDEO, 0, b"\x91hvc1\x00\x00\x00")
+    key.sequence = 2
+    assert c.admit([meta, key]) == [meta, key]
 
 
 def test_new_session_waits_for_a_keyframe():

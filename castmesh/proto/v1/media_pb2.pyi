@@ -29,20 +29,22 @@ class StreamKey(_message.Message):
     def __init__(self, vhost: _Optional[str] = ..., app: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("kind", "timestamp", "keyframe", "sequence_header", "ingest_time_us", "payload")
+    __slots__ = ("kind", "timestamp", "keyframe", "sequence_header", "ingest_time_us", "payload", "sequence")
     KIND_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     KEYFRAME_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_HEADER_FIELD_NUMBER: _ClassVar[int]
     INGEST_TIME_US_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     kind: FrameKind
     timestamp: int
     keyframe: bool
     sequence_header: bool
     ingest_time_us: int
     payload: bytes
-    def __init__(self, kind: _Optional[_Union[FrameKind, str]] = ..., timestamp: _Optional[int] = ..., keyframe: _Optional[bool] = ..., sequence_header: _Optional[bool] = ..., ingest_time_us: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    sequence: int
+    def __init__(self, kind: _Optional[_Union[FrameKind, str]] = ..., timestamp: _Optional[int] = ..., keyframe: _Optional[bool] = ..., sequence_header: _Optional[bool] = ..., ingest_time_us: _Optional[int] = ..., payload: _Optional[bytes] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class FrameBatch(_message.Message):
     __slots__ = ("frames",)

@@ -1,0 +1,82 @@
+"""Clusters of real castmesh processes on loopback, found through a dispatch process."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from castmesh.proto.v1.dispatch_pb2 import ListStreamsRequest
+from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
+from castmesh.proto.v1.relay_pb2 import StatsReply, StatsRequest
+from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+from tests.integration.harness import Castmesh, free_port
+
+
+@dataclass
+class Cluster:
+    tmp: Path
+    nodes: dict[str, Castmesh] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.dispatch_port = free_port()
+        self.start("dispatch", ["serve", "dispatch", "--host", "127.0.0.1", "--grpc-port", str(self.dispatch_port)])
+
+    @property
+    def dispatch(self) -> str:
+        return f"127.0.0.1:{self.dispatch_port}"
+
+    def start(self, name: str, args: list[str], port: int | None = None) -> Castmesh:
+        node = Castmesh([*args, "--log-level", "info"], self.tmp / f"{name}.log", "listening")
+        self.nodes[name] = node
+        if port is not None:
+            self.ports[name] = port
+        return node
+
+    def relay(self, name: str, role: str = "origin", zone: str = "", extra: list[str] | None = None) -> str:
+        port = free_port()
+        self.start(name, ["serve", "relay", "--host", "127.0.0.1", "--grpc-port", str(port), "--role", role,
+                          "--dispatch", self.dispatch, "--zone", zone, *(extra or [])], port)
+        return f"127.0.0.1:{port}"
+
+    def ingest(self, name: str = "ingest") -> int:
+        port = free_port()
+        self.start(name, ["serve", "ingest", "--host", "127.0.0.1", "--rtmp-port", str(port),
+                          "--dispatch", self.dispatch], port)
+        return port
+
+    def playback(self, name: str = "playback", zone: str = "", extra: list[str] | None = None) -> int:
+        port = free_port()
+        self.start(name, ["serve", "playback", "--host", "127.0.0.1", "--http-port", str(port),
+                          "--dispatch", self.dispatch, "--zone", zone, *(extra or [])], port)
+        return port
+
+    def kill9(self, name: str) -> None:
+        node = self.nodes[name]
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait(10)
+
+    def stats(self, name: str) -> StatsReply:
+        with grpc.insecure_channel(f"127.0.0.1:{self.ports[name]}") as chan:
+            return RelayStub(chan).Stats(StatsRequest(), timeout=5)
+
+    def origin_of(self, stream: str) -> str:
+        with grpc.insecure_channel(self.dispatch) as chan:
+            for info in DispatchStub(chan).ListStreams(ListStreamsRequest(), timeout=5).streams:
+                if info.stream.name == stream:
+                    return info.origin
+        return ""
+
+    def name_at(self, address: str) -> str:
+        port = int(address.rsplit(":", 1)[1])
+        return next(name for name, p in self.ports.items() if p == port)
+
+    def logs(self) -> str:
+        return "\n".join(f"== {name}\n{node.log()}" for name, node in self.nodes.items())
+
+    def stop(self) -> None:
+        for node in reversed(list(self.nodes.values())):
+            node.stop()

@@ -1,0 +1,109 @@
+"""Failures that viewers must not notice: an origin killed with -9, a publisher that reconnects."""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from castmesh.media.flv import Tag
+from tests.cluster.harness import Cluster
+from tests.integration.harness import Viewing, decode, publish, wait_live, watch
+
+
+def decode_seen(seen: Viewing) -> tuple[dict[int, int], str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "seen.flv"
+        path.write_bytes(seen.flv_bytes())
+        return decode(str(path))
+
+
+def assert_monotonic(tags: list[Tag]) -> None:
+    for kind in (8, 9):
+        ts = [t.timestamp for t in tags if t.kind == kind]
+        backwards = [(a, b) for a, b in itertools.pairwise(ts) if b < a]
+        assert not backwards, f"kind {kind} went backwards: {backwards[:3]}"
+
+
+def test_origin_killed_while_publishing_and_viewing(cluster: Cluster) -> None:
+    cluster.relay("origin-1", "origin")
+    cluster.relay("origin-2", "origin")
+    rtmp = cluster.ingest()
+    http = cluster.playback()
+    time.sleep(1.0)
+    publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/survivor", 14, fps=30, gop=30)
+    url = f"http://127.0.0.1:{http}/live/survivor.flv"
+    wait_live(url)
+    seen = Viewing()
+    viewer = threading.Thread(target=watch, args=(url, 30, seen))
+    viewer.start()
+    time.sleep(4)
+    victim = cluster.name_at(cluster.origin_of("survivor"))
+    cluster.kill9(victim)
+    killed_at = time.monotonic()
+    time.sleep(2)
+    survivor_origin = cluster.origin_of("survivor")
+    assert publisher.wait(30) == 0, publisher.stderr.read() if publisher.stderr else ""
+    viewer.join(30)
+
+    assert survivor_origin and cluster.name_at(survivor_origin) != victim
+    assert seen.error == "" and seen.ended_cleanly  # the viewer's connection stayed open throughout
+    keyframes_after = [at for t, at in zip(seen.tags, seen.arrivals, strict=True)
+                       if t.kind == 9 and t.payload[:2] == b"\x17\x01" and at > killed_at]
+    assert keyframes_after and keyframes_after[0] - killed_at < 3.0
+    assert_monotonic(seen.tags)
+    counts, errors = decode_seen(seen)
+    assert errors == "", errors
+    assert counts.get(0, 0) > 300  # ~14 s at 30 fps minus the join
+    assert "publish.failover" in cluster.nodes["ingest"].log()
+
+
+def test_publisher_reconnects_within_the_grace_period(cluster: Cluster) -> None:
+    cluster.relay("origin", "origin")
+    rtmp = cluster.ingest()
+    http = cluster.playback()
+    time.sleep(1.0)
+    rtmp_url, url = f"rtmp://127.0.0.1:{rtmp}/live/phoenix", f"http://127.0.0.1:{http}/live/phoenix.flv"
+    first = publish(rtmp_url, 30, fps=25, gop=25)
+    wait_live(url)
+    seen = Viewing()
+    viewer = threading.Thread(target=watch, args=(url, 40, seen))
+    viewer.start()
+    time.sleep(4)
+    first.kill()  # no unpublish: the publisher just vanishes
+    first.wait()
+    killed_at = time.monotonic()
+    time.sleep(2)
+    second = publish(rtmp_url, 5, fps=25, gop=25)
+    assert second.wait(30) == 0, second.stderr.read() if second.stderr else ""
+    viewer.join(30)
+
+    assert seen.error == "" and seen.ended_cleanly
+    before = [t for t, at in zip(seen.tags, seen.arrivals, strict=True) if t.kind == 9 and at < killed_at]
+    after = [t for t, at in zip(seen.tags, seen.arrivals, strict=True) if t.kind == 9 and at > killed_at + 1]
+    assert len(before) > 60 and len(after) > 100  # both publishers' pictures reached the same viewer
+    assert_monotonic(seen.tags)
+    counts, errors = decode_seen(seen)
+    assert errors == "", errors
+    assert counts.get(0, 0) >= len(before) + len(after) - 5
+    assert "publish.lost" in cluster.nodes["origin"].log()
+
+
+def test_duplicate_publish_through_two_ingests_is_rejected(cluster: Cluster) -> None:
+    cluster.relay("origin", "origin")
+    rtmp_a, rtmp_b = cluster.ingest("ingest-a"), cluster.ingest("ingest-b")
+    http = cluster.playback()
+    time.sleep(1.0)
+    first = publish(f"rtmp://127.0.0.1:{rtmp_a}/live/only", 6)
+    wait_live(f"http://127.0.0.1:{http}/live/only.flv")
+    second = publish(f"rtmp://127.0.0.1:{rtmp_b}/live/only", 4)
+    assert second.wait(20) != 0
+    stderr = second.stderr.read().decode() if second.stderr else ""
+    assert "BadName" in stderr or "already" in stderr, stderr
+    assert first.poll() is None  # the first publisher is still going
+    assert first.wait(20) == 0
+    assert "lease.rejected" in cluster.nodes["dispatch"].log()
+
+
