@@ -28,6 +28,7 @@ from castmesh.media.gop import GopCache, header_frames, is_resume_point
 from castmesh.media.timeline import Jitter
 from castmesh.mesh.grpcutil import ChannelPool
 from castmesh.mesh.logs import event
+from castmesh.mesh.metrics import frame_age_histogram, observe_age
 from castmesh.mesh.subscription import Locate, UpstreamSubscription
 from castmesh.proto.v1.media_pb2 import Frame, StreamHeader, StreamKey
 from castmesh.proto.v1.relay_pb2 import StreamEnd
@@ -39,6 +40,7 @@ FEEDS = Gauge("castmesh_playback_streams", "Streams with an upstream subscriptio
 BYTES_OUT = Counter("castmesh_playback_bytes_out", "Media bytes written to viewers")
 SKIPS = Counter("castmesh_playback_viewer_skips", "Times a lagging viewer skipped to a keyframe")
 DROPS = Counter("castmesh_playback_viewer_drops", "Viewers disconnected for staying behind")
+FRAME_AGE = frame_age_histogram("castmesh_playback_frame_age_seconds", "this playback node")
 JITTER = Counter("castmesh_playback_timestamp_corrections", "Timestamps normalised (backwards or jumping)")
 
 IDLE_LINGER = 5.0  # keep an upstream subscription this long after its last viewer leaves
@@ -172,6 +174,7 @@ class StreamFeed:
             event(log, "feed.new_timeline", stream=self.path, session=header.session_id)
 
     def _on_frames(self, frames: list[Frame]) -> None:
+        observe_age(FRAME_AGE, frames)
         before = self.jitter.corrections
         for frame in frames:
             self.jitter.apply(frame)

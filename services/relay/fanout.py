@@ -22,6 +22,7 @@ from prometheus_client import Counter, Gauge
 
 from castmesh.media.frames import stream_path
 from castmesh.media.gop import GopCache, is_resume_point
+from castmesh.mesh.metrics import frame_age_histogram, observe_age
 from castmesh.proto.v1.media_pb2 import FrameBatch, StreamHeader, StreamKey
 from castmesh.proto.v1.relay_pb2 import StreamEnd, StreamStats
 
@@ -30,6 +31,7 @@ SUBSCRIBERS = Gauge("castmesh_relay_subscribers", "Open Relay.Subscribe calls")
 FRAMES_IN = Counter("castmesh_relay_frames_in", "Frames received from publishers or upstream")
 SKIPS = Counter("castmesh_relay_subscriber_skips", "Times a lagging subscriber skipped to a keyframe")
 SLOW_DROPS = Counter("castmesh_relay_subscriber_drops", "Subscribers ended for staying behind")
+FRAME_AGE = frame_age_histogram("castmesh_relay_frame_age_seconds", "this relay")
 
 Item = FrameBatch | StreamHeader
 
@@ -145,6 +147,7 @@ class RelayStream:
             self.grace_handle = None
 
     def publish(self, batch: FrameBatch) -> None:
+        observe_age(FRAME_AGE, batch.frames)
         self.cache.add_all(batch.frames)
         self.frames_in += len(batch.frames)
         FRAMES_IN.inc(len(batch.frames))

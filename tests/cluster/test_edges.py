@@ -45,3 +45,61 @@ def test_viewers_on_two_playback_nodes_through_two_edges(cluster: Cluster) -> No
         (pulled,) = edge.streams
         assert pulled.pulled and len(pulled.subscribers) == 1
         assert pulled.subscribers[0].startswith(f"playback-{http[zone]}:")
+
+
+def test_playback_moves_to_another_edge_when_its_edge_dies(cluster: Cluster) -> None:
+    from tests.cluster.test_failover import assert_monotonic, decode_seen
+    from tests.integration.harness import Viewing, watch
+
+    cluster.relay("origin", "origin")
+    cluster.relay("edge-1", "edge", zone="a")
+    cluster.relay("edge-2", "edge", zone="a")
+    rtmp = cluster.ingest()
+    http = cluster.playback(zone="a")
+    time.sleep(1.0)
+    publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/hop", 12, fps=30, gop=30)
+    url = f"http://127.0.0.1:{http}/live/hop.flv"
+    wait_live(url)
+    seen = Viewing()
+    viewer = threading.Thread(target=watch, args=(url, 30, seen))
+    viewer.start()
+    time.sleep(3)
+    serving = [name for name in ("edge-1", "edge-2") if cluster.stats(name).streams]
+    assert len(serving) == 1  # the zone's playback pulls the stream through one edge only
+    cluster.kill9(serving[0])
+    killed_at = time.monotonic()
+    time.sleep(2)
+    other = "edge-2" if serving[0] == "edge-1" else "edge-1"
+    assert cluster.stats(other).streams, "the other edge did not take over"
+    assert publisher.wait(30) == 0
+    viewer.join(30)
+    assert seen.error == "" and seen.ended_cleanly
+    after = [at for t, at in zip(seen.tags, seen.arrivals, strict=True) if t.kind == 9 and at > killed_at]
+    assert after and after[0] - killed_at < 2.0
+    assert_monotonic(seen.tags)
+    counts, errors = decode_seen(seen)
+    assert errors == "" and counts.get(0, 0) > 250
+
+
+def test_a_chain_of_edges_two_levels_deep(cluster: Cluster) -> None:
+    cluster.relay("origin", "origin")
+    first = cluster.relay("edge-1", "edge", zone="x")
+    cluster.relay("edge-2", "edge", zone="y", extra=["--upstream", first])
+    rtmp = cluster.ingest()
+    http = cluster.playback(zone="y")
+    time.sleep(1.0)
+    publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/deep", 5, fps=25, gop=125)
+    url = f"http://127.0.0.1:{http}/live/deep.flv"
+    wait_live(url)
+    result: list[tuple[dict[int, int], str]] = []
+    viewer = threading.Thread(target=lambda: result.append(decode(url)))
+    viewer.start()
+    time.sleep(2)
+    origin, edge1, edge2 = cluster.stats("origin"), cluster.stats("edge-1"), cluster.stats("edge-2")
+    viewer.join(30)
+    assert publisher.wait(20) == 0
+    counts, errors = result[0]
+    assert errors == "" and abs(counts.get(0, 0) - 125) <= 7
+    assert [s.subscribers for s in origin.streams] == [[f"relay-edge-{cluster.ports['edge-1']}"]]
+    assert [s.subscribers for s in edge1.streams] == [[f"relay-edge-{cluster.ports['edge-2']}"]]
+    assert edge2.streams[0].pulled and edge2.streams[0].subscribers[0].startswith(f"playback-{http}:")
