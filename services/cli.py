@@ -100,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
     for name, options in SERVE.items():
         config.add_options(services.add_parser(name, help=f"run the {name} service"), options)
-    from castmesh.bench import fanout
+    import castmesh.bench
 
-    fanout.add_parser(commands.add_parser("bench", help="benchmarks on loopback").add_subparsers(
+    castmesh.bench.add_parsers(commands.add_parser("bench", help="benchmarks on loopback").add_subparsers(
         dest="bench", required=True, metavar="BENCH"))
     return parser
 
@@ -309,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "bench":
-            from castmesh.bench import fanout
+            import castmesh.bench
 
-            return fanout.run(args)
+            return castmesh.bench.run(args)
         options = UP if args.command == "up" else SERVE[args.service]
         cfg = config.resolve(args, options)
         logs.setup(cfg["log_level"])

@@ -1,0 +1,27 @@
+"""castmesh's benchmarks (`castmesh bench ...`): load on 127.0.0.1 only, bounded in count and time."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from castmesh.mesh import runtime
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    from castmesh.bench import cluster, fanout, relay
+
+    fanout.add_parser(commands)
+    relay.add_parsers(commands)
+    cluster.add_parsers(commands)
+
+
+def run(args: argparse.Namespace) -> int:
+    from castmesh.bench import cluster, fanout, relay
+
+    if args.bench == "fanout":
+        return fanout.run(args)
+    runners: dict[str, Any] = {"relay": relay.relay, "latency": cluster.latency, "failover": cluster.failover}
+    result = runtime.run(runners[args.bench](args))
+    cluster.report(result, args.json)
+    return 0

@@ -1,0 +1,196 @@
+"""What the benchmarks share: the cached clip, castmesh processes pinned to a CPU, their CPU time and
+memory, and HTTP-FLV viewers that count bytes (and, when sampled, parse FLV to time each video frame)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import h11
+import imageio_ffmpeg
+
+from castmesh.media.flv import FlvReader
+
+STALL = 1.0
+
+
+# The clip ------------------------------------------------------------------------------------------------
+
+def make_clip(out: Path, seconds: float) -> Path:
+    """A cached clip at least `seconds` long (60 s unless more is needed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for existing in sorted(out.glob("clip-720p30-2mbps-*s.flv")):
+        if int(existing.stem.rsplit("-", 1)[1][:-1]) >= seconds:
+            return existing
+    seconds = max(60, int(seconds) + 1)
+    clip = out / f"clip-720p30-2mbps-{seconds}s.flv"
+    print(f"encoding a {int(seconds)} s 720p30 2 Mbps clip to {clip} (once)...", file=sys.stderr, flush=True)
+    subprocess.run([
+        imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
+        "-f", "lavfi", "-i", f"testsrc2=size=1280x720:rate=30:duration={seconds}",
+        "-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=44100:duration={seconds}",
+        "-c:v", "libx264", "-preset", "veryfast", "-b:v", "1900k", "-maxrate", "2000k", "-bufsize", "2000k",
+        "-g", "60", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k", "-f", "flv", str(clip) + ".tmp",
+    ], check=True)
+    os.replace(str(clip) + ".tmp", clip)
+    return clip
+
+
+# Processes ------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(args: list[str], cpus: set[int] | None = None, ready: bytes = b"listening") -> subprocess.Popen[bytes]:
+    """A castmesh process, started once it prints `ready`, optionally pinned to `cpus`."""
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args, "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    seen = b""
+    while ready not in seen:
+        line = proc.stdout.readline()
+        if not line:
+            proc.kill()
+            raise RuntimeError(f"castmesh {' '.join(args[:2])} did not start: {seen!r}")
+        seen += line
+    if cpus:
+        os.sched_setaffinity(proc.pid, cpus)
+    return proc
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# Viewers --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Clock:
+    measuring: bool = False
+
+
+class Viewer(asyncio.Protocol):
+    def __init__(self, request: bytes, clock: Clock, sampled: bool) -> None:
+        self.request = request
+        self.clock = clock
+        self.started = time.monotonic()
+        self.first_byte = 0.0
+        self.first_video = 0.0
+        self.last = 0.0
+        self.max_gap = 0.0
+        self.bytes = 0
+        self.closed = False
+        self.http = h11.Connection(h11.CLIENT) if sampled else None
+        self.flv = FlvReader() if sampled else None
+        self.video: list[tuple[int, float, bool]] = []  # (timestamp, arrival, keyframe)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        if not self.first_byte:
+            self.first_byte = now
+        elif self.clock.measuring and now - self.last > self.max_gap:
+            self.max_gap = now - self.last
+        self.last = now
+        self.bytes += len(data)
+        if self.http is None or self.flv is None:
+            return
+        self.http.receive_data(data)
+        while True:
+            ev = self.http.next_event()
+            if ev is h11.NEED_DATA or ev is h11.PAUSED or isinstance(ev, h11.EndOfMessage):
+                break
+            if isinstance(ev, h11.Data):
+                for tag in self.flv.feed(bytes(ev.data)):
+                    if tag.kind == 9:
+                        if not self.first_video:
+                            self.first_video = now
+                        self.video.append((tag.timestamp, now, tag.payload[:1] in (b"\x17", b"\x91", b"\x93")))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def wait_live(host: str, port: int, path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            status = await reader.readline()
+            writer.close()
+            if b" 200 " in status:
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"stream {path} did not go live")
+
+
+
+
+async def open_viewers(host: str, port: int, path: str, count: int, clock: Clock, sampled: int,
+                       ramp: float = 200) -> list[Viewer]:
+    loop = asyncio.get_running_loop()
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    every = max(1, count // max(1, sampled)) if sampled else 0
+    viewers = []
+    for i in range(count):
+        viewer = Viewer(request, clock, sampled=bool(every) and i % every == 0)
+        await loop.create_connection(lambda v=viewer: v, host, port)  # type: ignore[misc]
+        viewers.append(viewer)
+        await asyncio.sleep(1 / ramp)
+    return viewers
+
+
+def close_viewers(viewers: list[Viewer]) -> None:
+    for viewer in viewers:
+        if viewer.transport is not None:
+            viewer.transport.abort()
+
+
+def lags_ms(viewers: list[Viewer], sent: dict[int, float], since: float, until: float) -> list[float]:
+    """Arrival minus publish time of the same video frame, for frames that arrived in [since, until]."""
+    return [(arrival - sent[ts]) * 1000 for v in viewers for ts, arrival, _ in v.video
+            if ts in sent and since <= arrival <= until]
+
+
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

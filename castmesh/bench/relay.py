@@ -1,0 +1,129 @@
+"""`castmesh bench relay`: what one relay process costs per 2 Mbps stream, and the latency it adds.
+
+One relay process (an origin) pinned to CPU 0. On the other CPU, this process publishes N copies of the
+2 Mbps clip over Relay.Publish (frames batched by 10 ms of media time, as ingest does, paced in real time,
+each stamped with its send time) and reads each back over one Relay.Subscribe. Reported: the relay's CPU%
+and RSS, CPU% per stream and the streams one core would carry at that rate (a linear extrapolation; the
+load generator cannot drive a full core of relay work from the other core), and the relay hop's latency
+(arrival at the subscriber minus the send time of the batch's newest frame).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from castmesh.bench.common import cpu_seconds, free_port, make_clip, pct, rss_mb, spawn, stop_all
+from castmesh.media.flv import FlvReader
+from castmesh.media.frames import make_frame, stream_key
+from castmesh.mesh import grpcutil
+from castmesh.proto.v1.media_pb2 import Frame, FrameBatch
+from castmesh.proto.v1.relay_pb2 import PublishOpen, PublishRequest, SubscribeOpen, SubscribeRequest
+from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+
+HOST = "127.0.0.1"
+BATCH_MS = 10
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("relay", help="2 Mbps streams through one relay: CPU per stream, hop latency")
+    p.add_argument("--streams", type=int, default=40, help="streams published and subscribed (default 40)")
+    p.add_argument("--seconds", type=float, default=15, help="measured seconds (default 15)")
+    p.add_argument("--out", default="bench-out")
+    p.add_argument("--json", action="store_true")
+
+
+def clip_batches(clip: Path, seconds: float) -> list[tuple[int, list[Frame]]]:
+    """The clip as (media time ms, frames) batches of BATCH_MS of media each, as ingest would send them."""
+    reader = FlvReader()
+    frames = [make_frame(t.kind, t.timestamp, t.payload) for t in reader.feed(clip.read_bytes())]
+    batches: list[tuple[int, list[Frame]]] = []
+    for frame in frames:
+        if frame.timestamp > seconds * 1000:
+            break
+        if batches and frame.timestamp - batches[-1][0] < BATCH_MS:
+            batches[-1][1].append(frame)
+        else:
+            batches.append((frame.timestamp, [frame]))
+    return batches
+
+
+async def _publish(stub: RelayStub, name: str, batches: list[tuple[int, list[Frame]]], start: float) -> None:
+    call = stub.Publish()
+    await call.write(PublishRequest(open=PublishOpen(stream=stream_key("bench", name), session_id=name)))
+    await call.read()
+    for media_ms, frames in batches:
+        delay = start + media_ms / 1000 - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        frames[-1].ingest_time_us = time.time_ns() // 1000
+        await call.write(PublishRequest(batch=FrameBatch(frames=frames)))
+    await call.done_writing()
+
+
+async def _subscribe(stub: RelayStub, name: str, lags: list[float], window: list[float]) -> None:
+    call = stub.Subscribe()
+    await call.write(SubscribeRequest(open=SubscribeOpen(stream=stream_key("bench", name), subscriber_id=name)))
+    async for response in call:
+        if response.HasField("batch") and response.batch.frames:
+            now = time.time()
+            if window[0] <= time.monotonic() <= window[1]:
+                lags.append((now - response.batch.frames[-1].ingest_time_us / 1e6) * 1000)
+        elif response.HasField("end"):
+            return
+
+
+async def relay(args: argparse.Namespace) -> dict[str, Any]:
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = len(cpus) >= 2
+    if pin:
+        os.sched_setaffinity(0, set(cpus[1:]))
+    total = args.seconds + 6
+    batches = clip_batches(make_clip(Path(args.out), total + 5), total)
+    port = free_port()
+    proc = spawn(["serve", "relay", "--host", HOST, "--grpc-port", str(port)], {cpus[0]} if pin else None)
+    chan = grpcutil.channel(f"{HOST}:{port}")
+    stub = RelayStub(chan)
+    lags: list[float] = []
+    window = [float("inf"), float("inf")]
+    try:
+        start = time.monotonic() + 1
+        tasks = []
+        for i in range(args.streams):
+            offset = start + i * 0.037 % 1  # stagger the streams' batches over a second
+            tasks.append(asyncio.create_task(_publish(stub, f"s{i}", batches, offset)))
+        await asyncio.sleep(0.5)
+        tasks += [asyncio.create_task(_subscribe(stub, f"s{i}", lags, window)) for i in range(args.streams)]
+        await asyncio.sleep(start + 3 - time.monotonic())
+        cpu0, wall0, load0 = cpu_seconds(proc.pid), time.monotonic(), time.process_time()
+        window[:] = [wall0, wall0 + args.seconds]
+        await asyncio.sleep(args.seconds)
+        cpu1, wall1, load1 = cpu_seconds(proc.pid), time.monotonic(), time.process_time()
+        rss = rss_mb(proc.pid)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await chan.close()
+        stop_all([proc])
+    cpu_pct = (cpu1 - cpu0) / (wall1 - wall0) * 100
+    per_stream = cpu_pct / args.streams
+    return {
+        "streams": args.streams,
+        "relay_cpu_pct": round(cpu_pct, 1),
+        "relay_rss_mb": round(rss, 1),
+        "cpu_pct_per_stream": round(per_stream, 3),
+        "streams_per_core_extrapolated": round(100 / per_stream) if per_stream else None,
+        "hop_ms_p50": round(pct(lags, 0.5), 2),
+        "hop_ms_p95": round(pct(lags, 0.95), 2),
+        "samples": len(lags),
+        "load_generator_cpu_pct": round((load1 - load0) / (wall1 - wall0) * 100, 1),
+        "pinned": pin,
+        "grpc": grpc.__version__,
+    }
