@@ -28,26 +28,26 @@ from castmesh.proto.v1.relay_pb2 import PublishOpen, PublishRequest, SubscribeOp
 from castmesh.proto.v1.relay_pb2_grpc import RelayStub
 
 HOST = "127.0.0.1"
-BATCH_MS = 10
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("relay", help="2 Mbps streams through one relay: CPU per stream, hop latency")
     p.add_argument("--streams", type=int, default=40, help="streams published and subscribed (default 40)")
     p.add_argument("--seconds", type=float, default=15, help="measured seconds (default 15)")
+    p.add_argument("--batch-ms", type=int, default=10, help="media time per batch, as ingest's --batch-ms (default 10)")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--json", action="store_true")
 
 
-def clip_batches(clip: Path, seconds: float) -> list[tuple[int, list[Frame]]]:
-    """The clip as (media time ms, frames) batches of BATCH_MS of media each, as ingest would send them."""
+def clip_batches(clip: Path, seconds: float, batch_ms: int) -> list[tuple[int, list[Frame]]]:
+    """The clip as (media time ms, frames) batches of batch_ms of media each, as ingest would send them."""
     reader = FlvReader()
     frames = [make_frame(t.kind, t.timestamp, t.payload) for t in reader.feed(clip.read_bytes())]
     batches: list[tuple[int, list[Frame]]] = []
     for frame in frames:
         if frame.timestamp > seconds * 1000:
             break
-        if batches and frame.timestamp - batches[-1][0] < BATCH_MS:
+        if batches and frame.timestamp - batches[-1][0] < batch_ms:
             batches[-1][1].append(frame)
         else:
             batches.append((frame.timestamp, [frame]))
@@ -85,7 +85,7 @@ async def relay(args: argparse.Namespace) -> dict[str, Any]:
     if pin:
         os.sched_setaffinity(0, set(cpus[1:]))
     total = args.seconds + 6
-    batches = clip_batches(make_clip(Path(args.out), total + 5), total)
+    batches = clip_batches(make_clip(Path(args.out), total + 5), total, args.batch_ms)
     port = free_port()
     proc = spawn(["serve", "relay", "--host", HOST, "--grpc-port", str(port)], {cpus[0]} if pin else None)
     chan = grpcutil.channel(f"{HOST}:{port}")
@@ -124,6 +124,7 @@ async def relay(args: argparse.Namespace) -> dict[str, Any]:
         "hop_ms_p95": round(pct(lags, 0.95), 2),
         "samples": len(lags),
         "load_generator_cpu_pct": round((load1 - load0) / (wall1 - wall0) * 100, 1),
+        "batch_ms": args.batch_ms,
         "pinned": pin,
         "grpc": grpc.__version__,
     }
