@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from castmesh.media.frames import stream_key
 from castmesh.proto.v1.relay_pb2 import SubscribeOpen, SubscribeRequest
 from castmesh.proto.v1.relay_pb2_grpc import RelayStub
 from tests.cluster.harness import Cluster
-from tests.integration.harness import Viewing, publish, wait_live, watch
+from tests.integration.harness import publish, wait_live, watch_in_background
 
 
 def rss_mb(pid: int) -> float:
@@ -33,9 +32,7 @@ def test_stuck_subscriber_is_skipped_then_dropped_and_costs_bounded_memory(clust
         "-preset", "ultrafast"])
     url = f"http://127.0.0.1:{http}/live/heavy.flv"
     wait_live(url)
-    seen = Viewing()
-    viewer = threading.Thread(target=watch, args=(url, 30, seen))
-    viewer.start()
+    seen, viewer = watch_in_background(url, 30)
 
     # A subscriber that opens the stream and then never reads a message.
     channel = grpc.insecure_channel(origin, options=[("grpc.max_receive_message_length", 64 << 20)])

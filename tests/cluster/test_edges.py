@@ -6,7 +6,7 @@ import threading
 import time
 
 from tests.cluster.harness import Cluster
-from tests.integration.harness import decode, publish, wait_live
+from tests.integration.harness import decode, publish, wait_live, watch_in_background
 
 
 def test_viewers_on_two_playback_nodes_through_two_edges(cluster: Cluster) -> None:
@@ -49,7 +49,6 @@ def test_viewers_on_two_playback_nodes_through_two_edges(cluster: Cluster) -> No
 
 def test_playback_moves_to_another_edge_when_its_edge_dies(cluster: Cluster) -> None:
     from tests.cluster.test_failover import assert_monotonic, decode_seen
-    from tests.integration.harness import Viewing, watch
 
     cluster.relay("origin", "origin")
     cluster.relay("edge-1", "edge", zone="a")
@@ -60,9 +59,7 @@ def test_playback_moves_to_another_edge_when_its_edge_dies(cluster: Cluster) -> 
     publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/hop", 12, fps=30, gop=30)
     url = f"http://127.0.0.1:{http}/live/hop.flv"
     wait_live(url)
-    seen = Viewing()
-    viewer = threading.Thread(target=watch, args=(url, 30, seen))
-    viewer.start()
+    seen, viewer = watch_in_background(url, 30)
     time.sleep(3)
     serving = [name for name in ("edge-1", "edge-2") if cluster.stats(name).streams]
     assert len(serving) == 1  # the zone's playback pulls the stream through one edge only

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import itertools
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from castmesh.media.flv import Tag
 from tests.cluster.harness import Cluster
-from tests.integration.harness import Viewing, decode, publish, wait_live, watch
+from tests.integration.harness import Viewing, decode, publish, wait_live, watch_in_background
 
 
 def decode_seen(seen: Viewing) -> tuple[dict[int, int], str]:
@@ -36,9 +35,7 @@ def test_origin_killed_while_publishing_and_viewing(cluster: Cluster) -> None:
     publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/survivor", 14, fps=30, gop=30)
     url = f"http://127.0.0.1:{http}/live/survivor.flv"
     wait_live(url)
-    seen = Viewing()
-    viewer = threading.Thread(target=watch, args=(url, 30, seen))
-    viewer.start()
+    seen, viewer = watch_in_background(url, 30)
     time.sleep(4)
     victim = cluster.name_at(cluster.origin_of("survivor"))
     cluster.kill9(victim)
@@ -68,9 +65,7 @@ def test_publisher_reconnects_within_the_grace_period(cluster: Cluster) -> None:
     rtmp_url, url = f"rtmp://127.0.0.1:{rtmp}/live/phoenix", f"http://127.0.0.1:{http}/live/phoenix.flv"
     first = publish(rtmp_url, 30, fps=25, gop=25)
     wait_live(url)
-    seen = Viewing()
-    viewer = threading.Thread(target=watch, args=(url, 40, seen))
-    viewer.start()
+    seen, viewer = watch_in_background(url, 40)
     time.sleep(4)
     first.kill()  # no unpublish: the publisher just vanishes
     first.wait()

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,14 @@ def watch(url: str, seconds: float, viewing: Viewing | None = None) -> Viewing:
     except (OSError, http.client.HTTPException) as exc:
         seen.error = f"{type(exc).__name__}: {exc}"
     return seen
+
+
+def watch_in_background(url: str, seconds: float) -> tuple[Viewing, threading.Thread]:
+    """Start watching url on a thread; join the thread, then read the Viewing."""
+    seen = Viewing()
+    thread = threading.Thread(target=watch, args=(url, seconds, seen))
+    thread.start()
+    return seen, thread
 
 
 def decode(source: str, timeout: float = 60.0) -> tuple[dict[int, int], str]:

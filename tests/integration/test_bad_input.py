@@ -6,11 +6,10 @@ import itertools
 import os
 import socket
 import struct
-import threading
 import time
 
 from castmesh.rtmp import chunks
-from tests.integration.harness import Up, Viewing, publish, wait_live, watch
+from tests.integration.harness import Up, publish, wait_live, watch_in_background
 from tests.rtmp_client import ClientMessages, handshake
 
 
@@ -54,9 +53,7 @@ def rtmp_attacks() -> dict[str, tuple[bytes, str]]:
 def test_garbage_on_other_connections_leaves_a_playing_stream_untouched(suite: Up) -> None:
     publisher = publish(suite.rtmp("steady"), 9, fps=30, gop=60)
     wait_live(suite.flv("steady"))
-    seen = Viewing()
-    viewer = threading.Thread(target=watch, args=(suite.flv("steady"), 20, seen))
-    viewer.start()
+    seen, viewer = watch_in_background(suite.flv("steady"), 20)
     time.sleep(1.5)
     attack_start = time.monotonic()
 

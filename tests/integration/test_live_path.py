@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
-from tests.integration.harness import Up, Viewing, decode, publish, wait_live, watch
+from tests.integration.harness import Up, Viewing, decode, publish, wait_live, watch, watch_in_background
 
 
 def test_ten_seconds_of_h264_aac_decode_cleanly_with_every_frame(suite: Up) -> None:
@@ -55,9 +54,7 @@ def decode_bytes(seen: Viewing) -> tuple[dict[int, int], str]:
 def test_second_publisher_is_rejected_and_the_first_keeps_going(suite: Up) -> None:
     first = publish(suite.rtmp("dup"), 8)
     wait_live(suite.flv("dup"))
-    seen = Viewing()
-    viewer = threading.Thread(target=watch, args=(suite.flv("dup"), 12, seen))
-    viewer.start()
+    seen, viewer = watch_in_background(suite.flv("dup"), 12)
     time.sleep(1)
     second = publish(suite.rtmp("dup"), 5)
     assert second.wait(20) != 0  # ffmpeg gives up on NetStream.Publish.BadName

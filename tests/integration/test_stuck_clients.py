@@ -5,13 +5,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
-import threading
 import time
 from pathlib import Path
 
 from services.ingest.lease import FixedLease
 from services.ingest.rtmp_server import Ingest
-from tests.integration.harness import Castmesh, Up, Viewing, free_port, http_get, publish, wait_live, watch
+from tests.integration.harness import (
+    Castmesh,
+    Up,
+    free_port,
+    http_get,
+    publish,
+    wait_live,
+    watch_in_background,
+)
 from tests.rtmp_client import ClientMessages, handshake
 
 
@@ -30,9 +37,7 @@ def test_a_viewer_that_stops_reading_is_skipped_then_dropped_and_others_see_noth
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stuck.connect(("127.0.0.1", http))
         stuck.sendall(b"GET /live/fat.flv HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads again
-        seen = Viewing()
-        viewer = threading.Thread(target=watch, args=(up.flv("fat"), 25, seen))
-        viewer.start()
+        seen, viewer = watch_in_background(up.flv("fat"), 25)
         deadline = time.monotonic() + 13
         while "viewer.drop" not in process.log() and time.monotonic() < deadline:
             time.sleep(0.2)
