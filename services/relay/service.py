@@ -134,7 +134,12 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         outcome = "cancelled"
         try:
             if not stream.ready.is_set():
-                await asyncio.wait_for(stream.ready.wait(), READY_TIMEOUT)
+                try:
+                    await asyncio.wait_for(stream.ready.wait(), READY_TIMEOUT)
+                except TimeoutError:
+                    yield SubscribeResponse(end=StreamEnd(reason=StreamEnd.REASON_NOT_FOUND,
+                                                          detail=f"upstream gave nothing in {READY_TIMEOUT:g}s"))
+                    return
             if sub.end is None and not (sub.queue and stream.pulled):
                 yield SubscribeResponse(header=stream.header())  # a pulled stream announces it in-band
             while True:
