@@ -80,8 +80,8 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             while request is not None:
                 if request.HasField("relocate"):
                     avoid.add(request.relocate.failed_origin)
-                origin = pick_origin(await self.directory.nodes(), avoid,
-                                     prefer=await self.directory.recent_origin(key))
+                prefer = claim.origin_hint or await self.directory.recent_origin(key)
+                origin = pick_origin(await self.directory.nodes(), avoid, prefer=prefer)
                 if origin is None:
                     yield LeaseReply(rejected=LeaseReply.Rejected(detail="no live origin relay"))
                     return

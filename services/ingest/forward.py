@@ -31,6 +31,7 @@ log = logging.getLogger("castmesh.ingest")
 MAX_BATCH_BYTES = 1 << 20
 FAILOVER_ATTEMPTS = 20
 FAILOVER_PAUSE = 0.1
+RECLAIM_PAUSE = 0.5
 
 
 class PublishRefused(Exception):
@@ -59,6 +60,7 @@ class RelayPublish:
         self.origin = ""
         self.call: grpc.aio.StreamStreamCall | None = None
         self.writer: asyncio.Task[None] | None = None
+        self.keeper: asyncio.Task[None] | None = None
         self.closed = False
         self.clean_end = False
         self.failovers = 0
@@ -72,7 +74,9 @@ class RelayPublish:
         except LeaseRefused as exc:
             raise PublishRefused(str(exc)) from exc
         await self._connect(replay=False)
-        self.writer = asyncio.get_running_loop().create_task(self._write_loop())
+        loop = asyncio.get_running_loop()
+        self.writer = loop.create_task(self._write_loop())
+        self.keeper = loop.create_task(self._keep_lease())
 
     async def _connect(self, replay: bool) -> None:
         call = RelayStub(self.channels.get(self.origin)).Publish()
@@ -166,6 +170,24 @@ class RelayPublish:
         self.on_lost(f"origin {failed} failed and no other origin took the stream")
         return False
 
+    async def _keep_lease(self) -> None:
+        """If dispatch forgets the lease (it restarted), claim it again where the stream runs now."""
+        while not self.closed:
+            await self.lease.lost.wait()
+            if self.closed:
+                return
+            await asyncio.sleep(RECLAIM_PAUSE)  # give relays a moment to register with the new dispatch
+            try:
+                origin = await self.lease.reclaim(self.origin)
+            except LeaseRefused as exc:
+                event(log, "lease.reclaim_retry", level=logging.WARNING, stream=self.key.name, error=str(exc))
+                continue
+            if origin != self.origin:
+                # Dispatch does not know our origin (yet): do not let the directory point elsewhere.
+                self.lease.lost.set()
+                continue
+            event(log, "lease.reclaimed", stream=f"{self.key.app}/{self.key.name}", origin=origin)
+
     async def watch(self) -> None:
         """Notice an origin that dies while nothing is being written (a quiet stream)."""
         while not self.closed and self.call is not None:
@@ -186,6 +208,8 @@ class RelayPublish:
             return
         self.closed = True
         self.switched.set()
+        if self.keeper is not None:
+            self.keeper.cancel()
         self.clean_end = clean
         self.flush()
         if self.writer is not None:
@@ -210,6 +234,8 @@ class RelayPublish:
     def abort(self) -> None:
         self.closed = True
         self.switched.set()
+        if self.keeper is not None:
+            self.keeper.cancel()
         if self.flush_handle is not None:
             self.flush_handle.cancel()
         if self.writer is not None:

@@ -1,12 +1,15 @@
 """Publish leases as ingest sees them: permission to publish a stream, and the origin to publish into.
 
 DispatchLease holds a Dispatch.Lease call: one publisher per stream cluster-wide, released when the call
-ends (so it dies with this process). FixedLease is for a single relay given by --relay: that relay alone
-decides whether the stream is taken.
+ends (so it dies with this process). If the call breaks on dispatch's side (dispatch restarted), `lost`
+is set and the owner re-claims with `reclaim(origin_hint)`, so the stream is listed again where it runs.
+FixedLease is for a single relay given by --relay: that relay alone decides whether the stream is taken.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Protocol
 
 import grpc
@@ -21,11 +24,16 @@ class LeaseRefused(Exception):
 
 
 class Lease(Protocol):
+    lost: asyncio.Event
+
     async def acquire(self) -> str:
         """The origin to publish into; LeaseRefused if the stream is taken or no origin is alive."""
 
     async def relocate(self, failed_origin: str) -> str:
         """A new origin after `failed_origin` died; LeaseRefused if there is none."""
+
+    async def reclaim(self, origin_hint: str) -> str:
+        """Claim again after the lease was lost; the origin granted (the hint, if it is alive)."""
 
     def release(self) -> None: ...
 
@@ -33,6 +41,7 @@ class Lease(Protocol):
 class FixedLease:
     def __init__(self, relay: str) -> None:
         self.relay = relay
+        self.lost = asyncio.Event()  # never set: there is no lease to lose
 
     async def acquire(self) -> str:
         return self.relay
@@ -40,34 +49,73 @@ class FixedLease:
     async def relocate(self, failed_origin: str) -> str:
         return self.relay  # nowhere else to go: try the same relay again
 
+    async def reclaim(self, origin_hint: str) -> str:
+        return self.relay
+
     def release(self) -> None:
         pass
 
 
 class DispatchLease:
     def __init__(self, dispatch: DispatchStub, key: StreamKey, holder: str, client_addr: str) -> None:
-        self.call = dispatch.Lease()
-        self.claim = LeaseRequest(claim=LeaseRequest.Claim(stream=key, holder=holder, client_addr=client_addr))
+        self.dispatch = dispatch
+        self.claim = LeaseRequest.Claim(stream=key, holder=holder, client_addr=client_addr)
+        self.lost = asyncio.Event()
+        self.call: grpc.aio.StreamStreamCall | None = None
+        self.replies: asyncio.Queue[LeaseReply | None] = asyncio.Queue()
+        self.reader: asyncio.Task[None] | None = None
+        self.released = False
 
-    async def _answer(self, request: LeaseRequest) -> str:
+    def _open(self) -> grpc.aio.StreamStreamCall:
+        if self.reader is not None:
+            self.reader.cancel()
+        if self.call is not None:
+            self.call.cancel()
+        self.lost.clear()
+        self.replies = asyncio.Queue()
+        self.call = self.dispatch.Lease()
+        self.reader = asyncio.get_running_loop().create_task(self._read(self.call, self.replies))
+        return self.call
+
+    async def _read(self, call: grpc.aio.StreamStreamCall, replies: asyncio.Queue[LeaseReply | None]) -> None:
+        """The one reader of the call: replies go to the queue; the call's end sets `lost`."""
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            while (reply := await call.read()) is not grpc.aio.EOF:
+                replies.put_nowait(reply)
+        replies.put_nowait(None)
+        if call is self.call and not self.released:
+            self.lost.set()
+
+    async def _answer(self, call: grpc.aio.StreamStreamCall, request: LeaseRequest) -> str:
         try:
-            await self.call.write(request)
-            reply = await self.call.read()
-        except grpc.aio.AioRpcError as exc:
-            raise LeaseRefused(f"dispatch unavailable: {exc.code().name}") from exc
-        if reply is grpc.aio.EOF:
-            raise LeaseRefused("dispatch ended the lease")
-        assert isinstance(reply, LeaseReply)
+            await call.write(request)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            raise LeaseRefused(f"dispatch unavailable: {exc}") from exc
+        reply = await self.replies.get()
+        if reply is None:
+            raise LeaseRefused("dispatch unavailable or ended the lease")
         if reply.HasField("rejected"):
             holder = f" (held by {reply.rejected.holder})" if reply.rejected.holder else ""
             raise LeaseRefused(reply.rejected.detail + holder)
         return reply.granted.origin
 
     async def acquire(self) -> str:
-        return await self._answer(self.claim)
+        return await self._answer(self._open(), LeaseRequest(claim=self.claim))
 
     async def relocate(self, failed_origin: str) -> str:
-        return await self._answer(LeaseRequest(relocate=LeaseRequest.Relocate(failed_origin=failed_origin)))
+        assert self.call is not None
+        request = LeaseRequest(relocate=LeaseRequest.Relocate(failed_origin=failed_origin))
+        return await self._answer(self.call, request)
+
+    async def reclaim(self, origin_hint: str) -> str:
+        claim = LeaseRequest.Claim()
+        claim.CopyFrom(self.claim)
+        claim.origin_hint = origin_hint
+        return await self._answer(self._open(), LeaseRequest(claim=claim))
 
     def release(self) -> None:
-        self.call.cancel()
+        self.released = True
+        if self.call is not None:
+            self.call.cancel()
+        if self.reader is not None:
+            self.reader.cancel()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from castmesh.media.flv import Tag
 from tests.cluster.harness import Cluster
-from tests.integration.harness import Viewing, decode, publish, wait_live, watch_in_background
+from tests.integration.harness import Viewing, decode, publish, wait_live, watch, watch_in_background
 
 
 def decode_seen(seen: Viewing) -> tuple[dict[int, int], str]:
@@ -102,3 +102,29 @@ def test_duplicate_publish_through_two_ingests_is_rejected(cluster: Cluster) -> 
     assert "lease.rejected" in cluster.nodes["dispatch"].log()
 
 
+
+
+def test_dispatch_restart_forgets_nothing_viewers_need(cluster: Cluster) -> None:
+    cluster.relay("origin", "origin")
+    rtmp = cluster.ingest()
+    http = cluster.playback()
+    time.sleep(1.0)
+    publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/steadfast", 14, fps=25, gop=25)
+    url = f"http://127.0.0.1:{http}/live/steadfast.flv"
+    wait_live(url)
+    seen, viewer = watch_in_background(url, 30)
+    time.sleep(2)
+    cluster.kill9("dispatch")
+    cluster.start("dispatch-again", ["serve", "dispatch", "--host", "127.0.0.1",
+                                     "--grpc-port", str(cluster.dispatch_port)])
+    # Relays re-register and ingest claims its stream again, at the origin where it runs.
+    deadline = time.monotonic() + 8
+    while cluster.origin_of("steadfast") == "" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cluster.name_at(cluster.origin_of("steadfast")) == "origin"
+    newcomer = watch(url, 2.0)
+    assert newcomer.status == 200 and len(newcomer.video()) > 20
+    assert publisher.wait(30) == 0
+    viewer.join(30)
+    assert seen.error == "" and seen.ended_cleanly  # the first viewer never noticed
+    assert "lease.reclaimed" in cluster.nodes["ingest"].log()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from castmesh.proto.v1 import media_pb2 as castmesh_dot_v1_dot_media__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61stmesh/v1/dispatch.proto\x12\x0b\x63\x61stmesh.v1\x1a\x17\x63\x61stmesh/v1/media.proto\"\xae\x01\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.castmesh.v1.NodeRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12)\n\x04meta\x18\x05 \x03(\x0b\x32\x1b.castmesh.v1.Node.MetaEntry\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x08NodeLoad\x12\x0f\n\x07streams\x18\x01 \x01(\r\x12\x13\n\x0bsubscribers\x18\x02 \x01(\r\x12\x0b\n\x03\x63pu\x18\x03 \x01(\x01\"_\n\nNodeReport\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.castmesh.v1.NodeH\x00\x12%\n\x04load\x18\x02 \x01(\x0b\x32\x15.castmesh.v1.NodeLoadH\x00\x42\x06\n\x04\x62ody\"1\n\rRegisterReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\xf9\x01\n\x0cLeaseRequest\x12\x30\n\x05\x63laim\x18\x01 \x01(\x0b\x32\x1f.castmesh.v1.LeaseRequest.ClaimH\x00\x12\x36\n\x08relocate\x18\x02 \x01(\x0b\x32\".castmesh.v1.LeaseRequest.RelocateH\x00\x1aT\n\x05\x43laim\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_addr\x18\x03 \x01(\t\x1a!\n\x08Relocate\x12\x15\n\rfailed_origin\x18\x01 \x01(\tB\x06\n\x04\x62ody\"\xd8\x01\n\nLeaseReply\x12\x32\n\x07granted\x18\x01 \x01(\x0b\x32\x1f.castmesh.v1.LeaseReply.GrantedH\x00\x12\x34\n\x08rejected\x18\x02 \x01(\x0b\x32 .castmesh.v1.LeaseReply.RejectedH\x00\x1a,\n\x07Granted\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x11\n\torigin_id\x18\x02 \x01(\t\x1a*\n\x08Rejected\x12\x0e\n\x06\x64\x65tail\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\tB\x06\n\x04\x62ody\"i\n\rLocateRequest\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\r\n\x05\x61void\x18\x03 \x03(\t\x12\x13\n\x0borigin_only\x18\x04 \x01(\x08\"J\n\x0bLocateReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0c\n\x04\x65\x64ge\x18\x03 \x01(\t\x12\x0e\n\x06holder\x18\x04 \x01(\t\"{\n\nStreamInfo\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0e\n\x06holder\x18\x03 \x01(\t\x12\x13\n\x0b\x63lient_addr\x18\x04 \x01(\t\x12\x10\n\x08since_us\x18\x05 \x01(\x03\"\x14\n\x12ListStreamsRequest\"<\n\x10ListStreamsReply\x12(\n\x07streams\x18\x01 \x03(\x0b\x32\x17.castmesh.v1.StreamInfo\"\xbd\x01\n\x0cStreamChange\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.castmesh.v1.StreamChange.Kind\x12\'\n\x06stream\x18\x02 \x01(\x0b\x32\x17.castmesh.v1.StreamInfo\"V\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eKIND_PUBLISHED\x10\x01\x12\x14\n\x10KIND_UNPUBLISHED\x10\x02\x12\x0e\n\nKIND_MOVED\x10\x03\"\x12\n\x10ListNodesRequest\"\x91\x01\n\x0eListNodesReply\x12\x30\n\x05nodes\x18\x01 \x03(\x0b\x32!.castmesh.v1.ListNodesReply.Entry\x1aM\n\x05\x45ntry\x12\x1f\n\x04node\x18\x01 \x01(\x0b\x32\x11.castmesh.v1.Node\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.castmesh.v1.NodeLoad*}\n\x08NodeRole\x12\x19\n\x15NODE_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_ROLE_ORIGIN\x10\x01\x12\x12\n\x0eNODE_ROLE_EDGE\x10\x02\x12\x14\n\x10NODE_ROLE_INGEST\x10\x03\x12\x16\n\x12NODE_ROLE_PLAYBACK\x10\x04\x32\xb6\x03\n\x08\x44ispatch\x12\x43\n\x08Register\x12\x17.castmesh.v1.NodeReport\x1a\x1a.castmesh.v1.RegisterReply(\x01\x30\x01\x12?\n\x05Lease\x12\x19.castmesh.v1.LeaseRequest\x1a\x17.castmesh.v1.LeaseReply(\x01\x30\x01\x12>\n\x06Locate\x12\x1a.castmesh.v1.LocateRequest\x1a\x18.castmesh.v1.LocateReply\x12M\n\x0bListStreams\x12\x1f.castmesh.v1.ListStreamsRequest\x1a\x1d.castmesh.v1.ListStreamsReply\x12L\n\x0cWatchStreams\x12\x1f.castmesh.v1.ListStreamsRequest\x1a\x19.castmesh.v1.StreamChange0\x01\x12G\n\tListNodes\x12\x1d.castmesh.v1.ListNodesRequest\x1a\x1b.castmesh.v1.ListNodesReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61stmesh/v1/dispatch.proto\x12\x0b\x63\x61stmesh.v1\x1a\x17\x63\x61stmesh/v1/media.proto\"\xae\x01\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x04role\x18\x02 \x01(\x0e\x32\x15.castmesh.v1.NodeRole\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12)\n\x04meta\x18\x05 \x03(\x0b\x32\x1b.castmesh.v1.Node.MetaEntry\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"=\n\x08NodeLoad\x12\x0f\n\x07streams\x18\x01 \x01(\r\x12\x13\n\x0bsubscribers\x18\x02 \x01(\r\x12\x0b\n\x03\x63pu\x18\x03 \x01(\x01\"_\n\nNodeReport\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.castmesh.v1.NodeH\x00\x12%\n\x04load\x18\x02 \x01(\x0b\x32\x15.castmesh.v1.NodeLoadH\x00\x42\x06\n\x04\x62ody\"1\n\rRegisterReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\x8e\x02\n\x0cLeaseRequest\x12\x30\n\x05\x63laim\x18\x01 \x01(\x0b\x32\x1f.castmesh.v1.LeaseRequest.ClaimH\x00\x12\x36\n\x08relocate\x18\x02 \x01(\x0b\x32\".castmesh.v1.LeaseRequest.RelocateH\x00\x1ai\n\x05\x43laim\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_addr\x18\x03 \x01(\t\x12\x13\n\x0borigin_hint\x18\x04 \x01(\t\x1a!\n\x08Relocate\x12\x15\n\rfailed_origin\x18\x01 \x01(\tB\x06\n\x04\x62ody\"\xd8\x01\n\nLeaseReply\x12\x32\n\x07granted\x18\x01 \x01(\x0b\x32\x1f.castmesh.v1.LeaseReply.GrantedH\x00\x12\x34\n\x08rejected\x18\x02 \x01(\x0b\x32 .castmesh.v1.LeaseReply.RejectedH\x00\x1a,\n\x07Granted\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x11\n\torigin_id\x18\x02 \x01(\t\x1a*\n\x08Rejected\x12\x0e\n\x06\x64\x65tail\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\tB\x06\n\x04\x62ody\"i\n\rLocateRequest\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12\r\n\x05\x61void\x18\x03 \x03(\t\x12\x13\n\x0borigin_only\x18\x04 \x01(\x08\"J\n\x0bLocateReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0c\n\x04\x65\x64ge\x18\x03 \x01(\t\x12\x0e\n\x06holder\x18\x04 \x01(\t\"{\n\nStreamInfo\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x0e\n\x06holder\x18\x03 \x01(\t\x12\x13\n\x0b\x63lient_addr\x18\x04 \x01(\t\x12\x10\n\x08since_us\x18\x05 \x01(\x03\"\x14\n\x12ListStreamsRequest\"<\n\x10ListStreamsReply\x12(\n\x07streams\x18\x01 \x03(\x0b\x32\x17.castmesh.v1.StreamInfo\"\xbd\x01\n\x0cStreamChange\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.castmesh.v1.StreamChange.Kind\x12\'\n\x06stream\x18\x02 \x01(\x0b\x32\x17.castmesh.v1.StreamInfo\"V\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eKIND_PUBLISHED\x10\x01\x12\x14\n\x10KIND_UNPUBLISHED\x10\x02\x12\x0e\n\nKIND_MOVED\x10\x03\"\x12\n\x10ListNodesRequest\"\x91\x01\n\x0eListNodesReply\x12\x30\n\x05nodes\x18\x01 \x03(\x0b\x32!.castmesh.v1.ListNodesReply.Entry\x1aM\n\x05\x45ntry\x12\x1f\n\x04node\x18\x01 \x01(\x0b\x32\x11.castmesh.v1.Node\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.castmesh.v1.NodeLoad*}\n\x08NodeRole\x12\x19\n\x15NODE_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10NODE_ROLE_ORIGIN\x10\x01\x12\x12\n\x0eNODE_ROLE_EDGE\x10\x02\x12\x14\n\x10NODE_ROLE_INGEST\x10\x03\x12\x16\n\x12NODE_ROLE_PLAYBACK\x10\x04\x32\xb6\x03\n\x08\x44ispatch\x12\x43\n\x08Register\x12\x17.castmesh.v1.NodeReport\x1a\x1a.castmesh.v1.RegisterReply(\x01\x30\x01\x12?\n\x05Lease\x12\x19.castmesh.v1.LeaseRequest\x1a\x17.castmesh.v1.LeaseReply(\x01\x30\x01\x12>\n\x06Locate\x12\x1a.castmesh.v1.LocateRequest\x1a\x18.castmesh.v1.LocateReply\x12M\n\x0bListStreams\x12\x1f.castmesh.v1.ListStreamsRequest\x1a\x1d.castmesh.v1.ListStreamsReply\x12L\n\x0cWatchStreams\x12\x1f.castmesh.v1.ListStreamsRequest\x1a\x19.castmesh.v1.StreamChange0\x01\x12G\n\tListNodes\x12\x1d.castmesh.v1.ListNodesRequest\x1a\x1b.castmesh.v1.ListNodesReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODE_METAENTRY']._loaded_options = None
   _globals['_NODE_METAENTRY']._serialized_options = b'8\001'
-  _globals['_NODEROLE']._serialized_start=1679
-  _globals['_NODEROLE']._serialized_end=1804
+  _globals['_NODEROLE']._serialized_start=1700
+  _globals['_NODEROLE']._serialized_end=1825
   _globals['_NODE']._serialized_start=69
   _globals['_NODE']._serialized_end=243
   _globals['_NODE_METAENTRY']._serialized_start=200
@@ -47,37 +47,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREPLY']._serialized_start=405
   _globals['_REGISTERREPLY']._serialized_end=454
   _globals['_LEASEREQUEST']._serialized_start=457
-  _globals['_LEASEREQUEST']._serialized_end=706
+  _globals['_LEASEREQUEST']._serialized_end=727
   _globals['_LEASEREQUEST_CLAIM']._serialized_start=579
-  _globals['_LEASEREQUEST_CLAIM']._serialized_end=663
-  _globals['_LEASEREQUEST_RELOCATE']._serialized_start=665
-  _globals['_LEASEREQUEST_RELOCATE']._serialized_end=698
-  _globals['_LEASEREPLY']._serialized_start=709
-  _globals['_LEASEREPLY']._serialized_end=925
-  _globals['_LEASEREPLY_GRANTED']._serialized_start=829
-  _globals['_LEASEREPLY_GRANTED']._serialized_end=873
-  _globals['_LEASEREPLY_REJECTED']._serialized_start=875
-  _globals['_LEASEREPLY_REJECTED']._serialized_end=917
-  _globals['_LOCATEREQUEST']._serialized_start=927
-  _globals['_LOCATEREQUEST']._serialized_end=1032
-  _globals['_LOCATEREPLY']._serialized_start=1034
-  _globals['_LOCATEREPLY']._serialized_end=1108
-  _globals['_STREAMINFO']._serialized_start=1110
-  _globals['_STREAMINFO']._serialized_end=1233
-  _globals['_LISTSTREAMSREQUEST']._serialized_start=1235
-  _globals['_LISTSTREAMSREQUEST']._serialized_end=1255
-  _globals['_LISTSTREAMSREPLY']._serialized_start=1257
-  _globals['_LISTSTREAMSREPLY']._serialized_end=1317
-  _globals['_STREAMCHANGE']._serialized_start=1320
-  _globals['_STREAMCHANGE']._serialized_end=1509
-  _globals['_STREAMCHANGE_KIND']._serialized_start=1423
-  _globals['_STREAMCHANGE_KIND']._serialized_end=1509
-  _globals['_LISTNODESREQUEST']._serialized_start=1511
-  _globals['_LISTNODESREQUEST']._serialized_end=1529
-  _globals['_LISTNODESREPLY']._serialized_start=1532
-  _globals['_LISTNODESREPLY']._serialized_end=1677
-  _globals['_LISTNODESREPLY_ENTRY']._serialized_start=1600
-  _globals['_LISTNODESREPLY_ENTRY']._serialized_end=1677
-  _globals['_DISPATCH']._serialized_start=1807
-  _globals['_DISPATCH']._serialized_end=2245
+  _globals['_LEASEREQUEST_CLAIM']._serialized_end=684
+  _globals['_LEASEREQUEST_RELOCATE']._serialized_start=686
+  _globals['_LEASEREQUEST_RELOCATE']._serialized_end=719
+  _globals['_LEASEREPLY']._serialized_start=730
+  _globals['_LEASEREPLY']._serialized_end=946
+  _globals['_LEASEREPLY_GRANTED']._serialized_start=850
+  _globals['_LEASEREPLY_GRANTED']._serialized_end=894
+  _globals['_LEASEREPLY_REJECTED']._serialized_start=896
+  _globals['_LEASEREPLY_REJECTED']._serialized_end=938
+  _globals['_LOCATEREQUEST']._serialized_start=948
+  _globals['_LOCATEREQUEST']._serialized_end=1053
+  _globals['_LOCATEREPLY']._serialized_start=1055
+  _globals['_LOCATEREPLY']._serialized_end=1129
+  _globals['_STREAMINFO']._serialized_start=1131
+  _globals['_STREAMINFO']._serialized_end=1254
+  _globals['_LISTSTREAMSREQUEST']._serialized_start=1256
+  _globals['_LISTSTREAMSREQUEST']._serialized_end=1276
+  _globals['_LISTSTREAMSREPLY']._serialized_start=1278
+  _globals['_LISTSTREAMSREPLY']._serialized_end=1338
+  _globals['_STREAMCHANGE']._serialized_start=1341
+  _globals['_STREAMCHANGE']._serialized_end=1530
+  _globals['_STREAMCHANGE_KIND']._serialized_start=1444
+  _globals['_STREAMCHANGE_KIND']._serialized_end=1530
+  _globals['_LISTNODESREQUEST']._serialized_start=1532
+  _globals['_LISTNODESREQUEST']._serialized_end=1550
+  _globals['_LISTNODESREPLY']._serialized_start=1553
+  _globals['_LISTNODESREPLY']._serialized_end=1698
+  _globals['_LISTNODESREPLY_ENTRY']._serialized_start=1621
+  _globals['_LISTNODESREPLY_ENTRY']._serialized_end=1698
+  _globals['_DISPATCH']._serialized_start=1828
+  _globals['_DISPATCH']._serialized_end=2266
 # @@protoc_insertion_point(module_scope)

@@ -71,14 +71,16 @@ class RegisterReply(_message.Message):
 class LeaseRequest(_message.Message):
     __slots__ = ("claim", "relocate")
     class Claim(_message.Message):
-        __slots__ = ("stream", "holder", "client_addr")
+        __slots__ = ("stream", "holder", "client_addr", "origin_hint")
         STREAM_FIELD_NUMBER: _ClassVar[int]
         HOLDER_FIELD_NUMBER: _ClassVar[int]
         CLIENT_ADDR_FIELD_NUMBER: _ClassVar[int]
+        ORIGIN_HINT_FIELD_NUMBER: _ClassVar[int]
         stream: _media_pb2.StreamKey
         holder: str
         client_addr: str
-        def __init__(self, stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., holder: _Optional[str] = ..., client_addr: _Optional[str] = ...) -> None: ...
+        origin_hint: str
+        def __init__(self, stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., holder: _Optional[str] = ..., client_addr: _Optional[str] = ..., origin_hint: _Optional[str] = ...) -> None: ...
     class Relocate(_message.Message):
         __slots__ = ("failed_origin",)
         FAILED_ORIGIN_FIELD_NUMBER: _ClassVar[int]
