@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
-from castmesh.proto.v1.dispatch_pb2 import ListStreamsRequest
+from castmesh.proto.v1.dispatch_pb2 import ListNodesRequest, ListStreamsRequest
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from castmesh.proto.v1.relay_pb2 import StatsReply, StatsRequest
 from castmesh.proto.v1.relay_pb2_grpc import RelayStub
@@ -53,6 +54,19 @@ class Cluster:
         self.start(name, ["serve", "playback", "--host", "127.0.0.1", "--http-port", str(port),
                           "--dispatch", self.dispatch, "--zone", zone, *(extra or [])], port)
         return port
+
+    def wait_registered(self, timeout: float = 10.0) -> None:
+        """Until every node started so far is listed by dispatch (instead of sleeping and hoping)."""
+        expected = len([n for n in self.nodes if not n.startswith("dispatch")])
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.dispatch) as chan:
+            while True:
+                listed = len(DispatchStub(chan).ListNodes(ListNodesRequest(), timeout=5).nodes)
+                if listed >= expected:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{listed} of {expected} nodes registered with dispatch")
+                time.sleep(0.05)
 
     def kill9(self, name: str) -> None:
         node = self.nodes[name]

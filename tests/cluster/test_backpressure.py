@@ -26,7 +26,7 @@ def test_stuck_subscriber_is_skipped_then_dropped_and_costs_bounded_memory(clust
     origin = cluster.relay("origin", "origin", extra=["--max-lag-ms", "1000"])
     rtmp = cluster.ingest()
     http = cluster.playback()
-    time.sleep(1.0)
+    cluster.wait_registered()
     publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/heavy", 16, fps=30, gop=30, extra=[
         "-b:v", "8M", "-minrate", "8M", "-maxrate", "8M", "-bufsize", "1M", "-x264-params", "nal-hrd=cbr",
         "-preset", "ultrafast"])

@@ -15,7 +15,7 @@ def test_viewers_on_two_playback_nodes_through_two_edges(cluster: Cluster) -> No
     cluster.relay("edge-b", "edge", zone="b")
     rtmp = cluster.ingest()
     http = {"a": cluster.playback("playback-a", zone="a"), "b": cluster.playback("playback-b", zone="b")}
-    time.sleep(1.0)  # registrations reach dispatch
+    cluster.wait_registered()
     publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/wide", 8, fps=25, gop=250)
     urls = [f"http://127.0.0.1:{http[z]}/live/wide.flv" for z in ("a", "a", "b", "b")]
     wait_live(urls[0])
@@ -55,7 +55,7 @@ def test_playback_moves_to_another_edge_when_its_edge_dies(cluster: Cluster) -> 
     cluster.relay("edge-2", "edge", zone="a")
     rtmp = cluster.ingest()
     http = cluster.playback(zone="a")
-    time.sleep(1.0)
+    cluster.wait_registered()
     publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/hop", 12, fps=30, gop=30)
     url = f"http://127.0.0.1:{http}/live/hop.flv"
     wait_live(url)
@@ -84,7 +84,7 @@ def test_a_chain_of_edges_two_levels_deep(cluster: Cluster) -> None:
     cluster.relay("edge-2", "edge", zone="y", extra=["--upstream", first])
     rtmp = cluster.ingest()
     http = cluster.playback(zone="y")
-    time.sleep(1.0)
+    cluster.wait_registered()
     publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/deep", 5, fps=25, gop=125)
     url = f"http://127.0.0.1:{http}/live/deep.flv"
     wait_live(url)

@@ -31,7 +31,7 @@ def test_origin_killed_while_publishing_and_viewing(cluster: Cluster) -> None:
     cluster.relay("origin-2", "origin")
     rtmp = cluster.ingest()
     http = cluster.playback()
-    time.sleep(1.0)
+    cluster.wait_registered()
     publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/survivor", 14, fps=30, gop=30)
     url = f"http://127.0.0.1:{http}/live/survivor.flv"
     wait_live(url)
@@ -61,7 +61,7 @@ def test_publisher_reconnects_within_the_grace_period(cluster: Cluster) -> None:
     cluster.relay("origin", "origin")
     rtmp = cluster.ingest()
     http = cluster.playback()
-    time.sleep(1.0)
+    cluster.wait_registered()
     rtmp_url, url = f"rtmp://127.0.0.1:{rtmp}/live/phoenix", f"http://127.0.0.1:{http}/live/phoenix.flv"
     first = publish(rtmp_url, 30, fps=25, gop=25)
     wait_live(url)
@@ -90,7 +90,7 @@ def test_duplicate_publish_through_two_ingests_is_rejected(cluster: Cluster) -> 
     cluster.relay("origin", "origin")
     rtmp_a, rtmp_b = cluster.ingest("ingest-a"), cluster.ingest("ingest-b")
     http = cluster.playback()
-    time.sleep(1.0)
+    cluster.wait_registered()
     first = publish(f"rtmp://127.0.0.1:{rtmp_a}/live/only", 6)
     wait_live(f"http://127.0.0.1:{http}/live/only.flv")
     second = publish(f"rtmp://127.0.0.1:{rtmp_b}/live/only", 4)
@@ -108,7 +108,7 @@ def test_dispatch_restart_forgets_nothing_viewers_need(cluster: Cluster) -> None
     cluster.relay("origin", "origin")
     rtmp = cluster.ingest()
     http = cluster.playback()
-    time.sleep(1.0)
+    cluster.wait_registered()
     publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/steadfast", 14, fps=25, gop=25)
     url = f"http://127.0.0.1:{http}/live/steadfast.flv"
     wait_live(url)
