@@ -38,7 +38,7 @@ from castmesh.bench.common import (
     wait_live,
 )
 from castmesh.bench.rtmp_publisher import run_in_process
-from castmesh.proto.v1.dispatch_pb2 import ListStreamsRequest
+from castmesh.proto.v1.dispatch_pb2 import ListNodesRequest, ListStreamsRequest
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 
 HOST = "127.0.0.1"
@@ -91,8 +91,16 @@ class Setup:
         self.start("ingest", ["serve", "ingest", *common, "--rtmp-port", str(self.rtmp_port)], self.rtmp_port)
         self.start("playback", ["serve", "playback", *common, "--http-port", str(self.http_port), "--zone", "z"],
                    self.http_port)
-        time.sleep(1.5)  # registrations reach dispatch
+        self._wait_registered(len(self.procs) - 1)
         return self
+
+    def _wait_registered(self, expected: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.dispatch) as chan:
+            while len(DispatchStub(chan).ListNodes(ListNodesRequest(), timeout=5).nodes) < expected:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the cluster's nodes did not register with dispatch")
+                time.sleep(0.05)
 
     def stop(self) -> None:
         stop_all(list(self.procs.values()))
