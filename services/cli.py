@@ -22,7 +22,7 @@ import grpc
 
 from castmesh.mesh import config, grpcutil, logs, runtime
 from castmesh.mesh.config import ConfigError, Option
-from castmesh.mesh.registry import DispatchRegistry
+from castmesh.mesh.registry import DispatchRegistry, Registry
 from castmesh.mesh.subscription import Locate, dispatch_upstream, fixed_upstream
 from castmesh.proto.v1.dispatch_pb2 import (
     NODE_ROLE_EDGE,
@@ -131,7 +131,7 @@ class Wiring:
         self.dispatch = dispatch
         self.relay = relay
         self.zone = zone
-        self.registry = DispatchRegistry(dispatch) if dispatch is not None else None
+        self.registry: Registry | None = DispatchRegistry(dispatch) if dispatch is not None else None
 
     def leases(self, key: StreamKey, holder: str, client: str) -> Lease:
         if self.dispatch is None:

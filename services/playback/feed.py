@@ -261,5 +261,6 @@ class StreamFeed:
         self.viewers.clear()
         self.waiting.clear()
         FEEDS.dec()
-        event(log, "feed.stop", stream=self.path, reason=reason)
+        event(log, "feed.stop", stream=self.path, reason=reason, switches=self.subscription.switches,
+              repeats_dropped=self.subscription.continuity.dropped, timestamp_fixes=self.jitter.corrections)
         self.on_closed(self)

@@ -163,10 +163,15 @@ class RelayService(relay_pb2_grpc.RelayServicer):
     def _pull(self, opening: SubscribeOpen) -> RelayStream:
         assert self.locate is not None
         stream = self.table.add_pulled(opening.stream)
-        self.pulls[stream.path] = UpstreamPull(self.table, stream, self.locate, self.channels,
-                                               subscriber_id=f"{self.node_id}")
-        self.pulls[stream.path].task.add_done_callback(lambda _: self.pulls.pop(stream.path, None))
+        pull = self.pulls[stream.path] = UpstreamPull(self.table, stream, self.locate, self.channels,
+                                                      subscriber_id=self.node_id)
+        pull.task.add_done_callback(lambda _: self._forget_pull(pull))
         return stream
+
+    def _forget_pull(self, pull: UpstreamPull) -> None:
+        # Only this pull: a newer one for the same stream may have started since this one's stream ended.
+        if self.pulls.get(pull.stream.path) is pull:
+            del self.pulls[pull.stream.path]
 
     def _maybe_stop_pull(self, stream: RelayStream) -> None:
         pull = self.pulls.get(stream.path)

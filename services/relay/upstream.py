@@ -39,4 +39,4 @@ class UpstreamPull:
         finally:
             self.table.release(self.stream, end)
             event(log, "pull.stop", stream=self.stream.path, reason=end.detail or StreamEnd.Reason.Name(end.reason),
-                  switches=self.subscription.switches)
+                  switches=self.subscription.switches, repeats_dropped=self.subscription.continuity.dropped)
