@@ -184,8 +184,10 @@ async def up(cfg: dict[str, Any]) -> int:
         wiring = Wiring(DispatchStub(chan), "")
         # The public ports first: if one is taken, fail before anything registers or logs.
         ingest = Ingest(wiring.leases, cfg["batch_ms"])
+        closers.append(ingest.links.close)
         closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
         playback = Playback(wiring.upstream(), cfg["merge_ms"], max_lag)
+        closers.append(playback.links.close)
         closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
         assert wiring.registry is not None
         closers.append(wiring.registry.close)
@@ -254,6 +256,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             await _serve_relay(cfg, wiring, closers)
         elif service == "ingest":
             ingest = Ingest(wiring.leases, cfg["batch_ms"], node_id=f"ingest-{cfg['rtmp_port']}")
+            closers.append(ingest.links.close)
             closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
             wiring.register(Node(id=ingest.node_id, role=NODE_ROLE_INGEST,
                                  address=_advertise(cfg, cfg["rtmp_port"]), meta={"rtmp": str(cfg["rtmp_port"])}),
@@ -263,6 +266,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
         else:
             node_id = f"playback-{cfg['http_port']}"
             playback = Playback(wiring.upstream(), cfg["merge_ms"], cfg["max_lag_ms"] / 1000, node_id=node_id)
+            closers.append(playback.links.close)
             closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
             wiring.register(Node(id=node_id, role=NODE_ROLE_PLAYBACK, address=_advertise(cfg, cfg["http_port"]),
                                  zone=cfg["zone"], meta={"http": str(cfg["http_port"])}),
@@ -297,7 +301,7 @@ async def _serve_relay(cfg: dict[str, Any], wiring: Wiring, closers: list[Callab
                          node_id=node_id)
     server, port = await relay_service.start(cfg["host"], cfg["grpc_port"], relay)
     closers.append(lambda: server.stop(grace=1))
-    closers.append(relay.channels.close)
+    closers.append(relay.links.close)
     wiring.register(Node(id=node_id, role=NODE_ROLE_ORIGIN if role == "origin" else NODE_ROLE_EDGE,
                          address=_advertise(cfg, port), zone=cfg["zone"]), _relay_load(relay))
     print(f"castmesh relay ({role}) listening on {cfg['host']}:{port} (gRPC)"

@@ -1,17 +1,18 @@
 """`castmesh bench relay`: what one relay process costs per 2 Mbps stream, and the latency it adds.
 
 One relay process (an origin) pinned to CPU 0. On the other CPU, this process publishes N copies of the
-2 Mbps clip over Relay.Publish (frames batched by 10 ms of media time, as ingest does, paced in real time,
-each stamped with its send time) and reads each back over one Relay.Subscribe. Reported: the relay's CPU%
-and RSS, CPU% per stream and the streams one core would carry at that rate (a linear extrapolation; the
-load generator cannot drive a full core of relay work from the other core), and the relay hop's latency
-(arrival at the subscriber minus the send time of the batch's newest frame).
+2 Mbps clip over one Relay.Publish call, as an ingest does (frames batched by 10 ms of media time, paced
+in real time, each batch stamped with its send time), and reads each back on one Relay.Subscribe call, as
+an edge or playback node does. Reported: the relay's CPU% and RSS, CPU% per stream and the streams one
+core would carry at that rate (a linear extrapolation, which the fixed per-call costs make pessimistic),
+and the relay hop's latency (arrival at the subscriber minus the send time of the batch's newest frame).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import time
 from pathlib import Path
@@ -23,16 +24,23 @@ from castmesh.bench.common import cpu_seconds, free_port, make_clip, pct, rss_mb
 from castmesh.media.flv import FlvReader
 from castmesh.media.frames import make_frame, stream_key
 from castmesh.mesh import grpcutil
+from castmesh.mesh.link import RelayLinks
 from castmesh.proto.v1.media_pb2 import Frame, FrameBatch
-from castmesh.proto.v1.relay_pb2 import PublishOpen, PublishRequest, SubscribeOpen, SubscribeRequest
-from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+from castmesh.proto.v1.relay_pb2 import (
+    PublishItem,
+    PublishOpen,
+    PublishReply,
+    SubscribeEvent,
+    SubscribeItem,
+    SubscribeOpen,
+)
 
 HOST = "127.0.0.1"
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("relay", help="2 Mbps streams through one relay: CPU per stream, hop latency")
-    p.add_argument("--streams", type=int, default=40, help="streams published and subscribed (default 40)")
+    p.add_argument("--streams", type=int, default=200, help="streams published and subscribed (default 200)")
     p.add_argument("--seconds", type=float, default=15, help="measured seconds (default 15)")
     p.add_argument("--batch-ms", type=int, default=10, help="media time per batch, as ingest's --batch-ms (default 10)")
     p.add_argument("--out", default="bench-out")
@@ -54,29 +62,47 @@ def clip_batches(clip: Path, seconds: float, batch_ms: int) -> list[tuple[int, l
     return batches
 
 
-async def _publish(stub: RelayStub, name: str, batches: list[tuple[int, list[Frame]]], start: float) -> None:
-    call = stub.Publish()
-    await call.write(PublishRequest(open=PublishOpen(stream=stream_key("bench", name), session_id=name)))
-    await call.read()
-    for media_ms, frames in batches:
-        delay = start + media_ms / 1000 - time.monotonic()
-        if delay > 0:
+def _answer(answer: asyncio.Future[PublishReply], reply: PublishReply) -> None:
+    if not answer.done():
+        answer.set_result(reply)
+
+
+async def _publish(links: RelayLinks, address: str, count: int, batches: list[tuple[int, list[Frame]]],
+                   start: float) -> None:
+    """Publish `count` copies of the clip on one link, staggered over a second, paced in real time."""
+    link = links.publish(address)
+    accepted: list[asyncio.Future[PublishReply]] = []
+    channels = []
+    for i in range(count):
+        answer: asyncio.Future[PublishReply] = asyncio.get_running_loop().create_future()
+        channel = link.open(functools.partial(_answer, answer))
+        channel.send(PublishItem(open=PublishOpen(stream=stream_key("bench", f"s{i}"), session_id=f"s{i}")))
+        channels.append(channel)
+        accepted.append(answer)
+    await asyncio.gather(*accepted)
+    schedule = sorted((start + (i * 0.037) % 1 + media_ms / 1000, i, n)
+                      for i in range(count) for n, (media_ms, _) in enumerate(batches))
+    for due, i, n in schedule:
+        delay = due - time.monotonic()
+        if delay > 0.001:
             await asyncio.sleep(delay)
-        frames[-1].ingest_time_us = time.time_ns() // 1000
-        await call.write(PublishRequest(batch=FrameBatch(frames=frames)))
-    await call.done_writing()
+        frames = batches[n][1]
+        item = PublishItem(batch=FrameBatch(frames=frames))
+        item.batch.frames[-1].ingest_time_us = time.time_ns() // 1000
+        channels[i].send(item, sum(len(f.payload) for f in frames))
 
 
-async def _subscribe(stub: RelayStub, name: str, lags: list[float], window: list[float]) -> None:
-    call = stub.Subscribe()
-    await call.write(SubscribeRequest(open=SubscribeOpen(stream=stream_key("bench", name), subscriber_id=name)))
-    async for response in call:
-        if response.HasField("batch") and response.batch.frames:
-            now = time.time()
+def _subscribe(links: RelayLinks, address: str, count: int, lags: list[float], window: list[float]) -> None:
+    link = links.subscribe(address)
+
+    def on_event(ev: SubscribeEvent) -> None:
+        if ev.HasField("batch") and ev.batch.frames:
             if window[0] <= time.monotonic() <= window[1]:
-                lags.append((now - response.batch.frames[-1].ingest_time_us / 1e6) * 1000)
-        elif response.HasField("end"):
-            return
+                lags.append((time.time() - ev.batch.frames[-1].ingest_time_us / 1e6) * 1000)
+
+    for i in range(count):
+        link.open(on_event).send(SubscribeItem(open=SubscribeOpen(stream=stream_key("bench", f"s{i}"),
+                                                                  subscriber_id=f"s{i}")))
 
 
 async def relay(args: argparse.Namespace) -> dict[str, Any]:
@@ -88,18 +114,16 @@ async def relay(args: argparse.Namespace) -> dict[str, Any]:
     batches = clip_batches(make_clip(Path(args.out), total + 5), total, args.batch_ms)
     port = free_port()
     proc = spawn(["serve", "relay", "--host", HOST, "--grpc-port", str(port)], {cpus[0]} if pin else None)
-    chan = grpcutil.channel(f"{HOST}:{port}")
-    stub = RelayStub(chan)
+    address = f"{HOST}:{port}"
+    links = RelayLinks()
     lags: list[float] = []
     window = [float("inf"), float("inf")]
     try:
+        await grpcutil.wait_ready(links.channels.get(address), address, 10)
         start = time.monotonic() + 1
-        tasks = []
-        for i in range(args.streams):
-            offset = start + i * 0.037 % 1  # stagger the streams' batches over a second
-            tasks.append(asyncio.create_task(_publish(stub, f"s{i}", batches, offset)))
+        tasks = [asyncio.create_task(_publish(links, address, args.streams, batches, start))]
         await asyncio.sleep(0.5)
-        tasks += [asyncio.create_task(_subscribe(stub, f"s{i}", lags, window)) for i in range(args.streams)]
+        _subscribe(links, address, args.streams, lags, window)
         await asyncio.sleep(start + 3 - time.monotonic())
         cpu0, wall0, load0 = cpu_seconds(proc.pid), time.monotonic(), time.process_time()
         window[:] = [wall0, wall0 + args.seconds]
@@ -109,8 +133,10 @@ async def relay(args: argparse.Namespace) -> dict[str, Any]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        messages = {"publish_messages": links.publishes[address].messages_out,
+                    "subscribe_messages_in": links.subscribes[address].messages_in}
     finally:
-        await chan.close()
+        await links.close()
         stop_all([proc])
     cpu_pct = (cpu1 - cpu0) / (wall1 - wall0) * 100
     per_stream = cpu_pct / args.streams
@@ -123,6 +149,7 @@ async def relay(args: argparse.Namespace) -> dict[str, Any]:
         "hop_ms_p50": round(pct(lags, 0.5), 2),
         "hop_ms_p95": round(pct(lags, 0.95), 2),
         "samples": len(lags),
+        **messages,
         "load_generator_cpu_pct": round((load1 - load0) / (wall1 - wall0) * 100, 1),
         "batch_ms": args.batch_ms,
         "pinned": pin,

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import time
 
-from castmesh.proto.v1.media_pb2 import FRAME_KIND_AUDIO, FRAME_KIND_DATA, FRAME_KIND_VIDEO, Frame, StreamKey
+from castmesh.proto.v1.media_pb2 import (
+    FRAME_KIND_AUDIO,
+    FRAME_KIND_DATA,
+    FRAME_KIND_VIDEO,
+    Frame,
+    FrameBatch,
+    StreamKey,
+)
 
 AUDIO, VIDEO, DATA = FRAME_KIND_AUDIO, FRAME_KIND_VIDEO, FRAME_KIND_DATA
 DEFAULT_VHOST = "__defaultVhost__"
@@ -71,6 +78,15 @@ def make_frame(kind: int, timestamp: int, payload: bytes, received_us: int | Non
         ingest_time_us=received_us if received_us is not None else time.time_ns() // 1000,
         payload=payload,
     )
+
+
+def detached(batch: FrameBatch) -> FrameBatch:
+    """A copy of `batch` with memory of its own. A message received over gRPC keeps all of itself alive
+    while any part is referenced; a batch taken from a call that carries many streams would otherwise tie
+    every stream's frames to the longest-lived GOP cache among them."""
+    copy = FrameBatch()
+    copy.CopyFrom(batch)
+    return copy
 
 
 def stream_key(app: str, name: str, vhost: str = "") -> StreamKey:

@@ -19,15 +19,14 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from castmesh.media.frames import stream_path
+from castmesh.media.frames import detached, stream_path
 from castmesh.media.timeline import Continuity
-from castmesh.mesh.grpcutil import ChannelPool
+from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.dispatch_pb2 import LocateRequest
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from castmesh.proto.v1.media_pb2 import Frame, StreamHeader, StreamKey
-from castmesh.proto.v1.relay_pb2 import StreamEnd, SubscribeOpen, SubscribeRequest
-from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+from castmesh.proto.v1.relay_pb2 import StreamEnd, SubscribeClose, SubscribeEvent, SubscribeItem, SubscribeOpen
 
 log = logging.getLogger("castmesh.subscription")
 
@@ -62,13 +61,13 @@ def dispatch_upstream(dispatch: DispatchStub, zone: str = "", origin_only: bool 
 
 
 class UpstreamSubscription:
-    def __init__(self, key: StreamKey, locate: Locate, channels: ChannelPool, subscriber_id: str,
+    def __init__(self, key: StreamKey, locate: Locate, links: RelayLinks, subscriber_id: str,
                  on_header: Callable[[StreamHeader, bool], None], on_frames: Callable[[list[Frame]], None],
                  retry_for: float = 10.0) -> None:
         self.key = key
         self.path = stream_path(key)
         self.locate = locate
-        self.channels = channels
+        self.links = links
         self.subscriber_id = subscriber_id
         self.on_header = on_header
         self.on_frames = on_frames
@@ -103,29 +102,36 @@ class UpstreamSubscription:
 
     async def _follow(self, address: str) -> StreamEnd | None:
         """Subscribe to one upstream; its end message, or None if the upstream failed."""
-        call = RelayStub(self.channels.get(address)).Subscribe()
+        ended: list[StreamEnd] = []
+
+        def on_event(ev: SubscribeEvent) -> None:
+            body = ev.WhichOneof("body")
+            if body == "batch":
+                frames = self.continuity.admit(list(detached(ev.batch).frames))
+                if frames:
+                    self.on_frames(frames)
+            elif body == "header":
+                header = ev.header
+                new_timeline = self.continuity.on_header(header.session_id, header.has_video)
+                self.live = True
+                self.lost_since = time.monotonic()
+                self.on_header(header, new_timeline)
+                event(log, "upstream.header", stream=self.path, upstream=address, session=header.session_id,
+                      new_timeline=new_timeline)
+            elif body == "end":
+                ended.append(ev.end)
+                channel.close()
+
+        channel = self.links.subscribe(address).open(on_event)
+        channel.send(SubscribeItem(open=SubscribeOpen(
+            stream=self.key, start=SubscribeOpen.START_GOP_CACHE, subscriber_id=self.subscriber_id)))
         try:
-            await call.write(SubscribeRequest(open=SubscribeOpen(
-                stream=self.key, start=SubscribeOpen.START_GOP_CACHE, subscriber_id=self.subscriber_id)))
-            async for response in call:
-                if response.HasField("batch"):
-                    frames = self.continuity.admit(list(response.batch.frames))
-                    if frames:
-                        self.on_frames(frames)
-                elif response.HasField("header"):
-                    header = response.header
-                    new_timeline = self.continuity.on_header(header.session_id, header.has_video)
-                    self.live = True
-                    self.lost_since = time.monotonic()
-                    self.on_header(header, new_timeline)
-                    event(log, "upstream.header", stream=self.path, upstream=address, session=header.session_id,
-                          new_timeline=new_timeline)
-                elif response.HasField("end"):
-                    return response.end
-            return None
-        except grpc.aio.AioRpcError as exc:
-            event(log, "upstream.lost", level=logging.WARNING, stream=self.path, upstream=address,
-                  error=exc.code().name)
-            return None
+            await channel.done.wait()
         finally:
-            call.cancel()
+            if not channel.done.is_set():  # cancelled: tell the relay
+                channel.send(SubscribeItem(close=SubscribeClose()))
+                channel.close()
+        if channel.lost:
+            event(log, "upstream.lost", level=logging.WARNING, stream=self.path, upstream=address, error=channel.lost)
+            return None
+        return ended[0] if ended else None

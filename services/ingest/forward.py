@@ -1,8 +1,9 @@
 """Forwarding one RTMP publish to its origin relay over Relay.Publish, across origin failures.
 
-Frames are gathered for batch_ms and sent as one FrameBatch, so a stream costs tens of gRPC messages a
-second. When the relay falls behind, the queue grows past max_queued and the owner is told to pause reading
-the publisher's socket: TCP then slows the publisher instead of ingest buffering without end.
+Frames are gathered for batch_ms and sent as one FrameBatch on this stream's channel of the link to the
+origin (castmesh.mesh.link), which carries every stream this ingest sends there. When the relay falls
+behind, the queue grows past max_queued and the owner is told to pause reading the publisher's socket: TCP
+then slows the publisher instead of ingest buffering without end.
 
 Ingest keeps the stream's header and GOP cache. When the origin dies, the lease names another origin and
 the publish continues there under the same session id: first the header and the GOP cache, then live
@@ -16,14 +17,11 @@ import logging
 import time
 from collections.abc import Callable
 
-import grpc
-
 from castmesh.media.gop import GopCache, header_frames
-from castmesh.mesh.grpcutil import ChannelPool
+from castmesh.mesh.link import LinkChannel, RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.media_pb2 import Frame, FrameBatch, StreamKey
-from castmesh.proto.v1.relay_pb2 import PublishEnd, PublishOpen, PublishRequest
-from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+from castmesh.proto.v1.relay_pb2 import PublishEnd, PublishItem, PublishOpen, PublishReply
 from services.ingest.lease import Lease, LeaseRefused
 
 log = logging.getLogger("castmesh.ingest")
@@ -32,6 +30,9 @@ MAX_BATCH_BYTES = 1 << 20
 FAILOVER_ATTEMPTS = 20
 FAILOVER_PAUSE = 0.1
 RECLAIM_PAUSE = 0.5
+ANSWER_TIMEOUT = 5.0
+
+PublishChannel = LinkChannel[PublishItem, PublishReply]
 
 
 class PublishRefused(Exception):
@@ -39,10 +40,10 @@ class PublishRefused(Exception):
 
 
 class RelayPublish:
-    def __init__(self, channels: ChannelPool, lease: Lease, key: StreamKey, session_id: str, client_addr: str,
+    def __init__(self, links: RelayLinks, lease: Lease, key: StreamKey, session_id: str, client_addr: str,
                  batch_ms: float, on_pause: Callable[[bool], None], on_lost: Callable[[str], None],
                  max_queued: int = 64) -> None:
-        self.channels = channels
+        self.links = links
         self.lease = lease
         self.key = key
         self.session_id = session_id
@@ -55,17 +56,18 @@ class RelayPublish:
         self.pending: list[Frame] = []
         self.pending_bytes = 0
         self.flush_handle: asyncio.TimerHandle | None = None
-        self.queue: asyncio.Queue[PublishRequest | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[FrameBatch, int] | None] = asyncio.Queue()  # None: the end
         self.paused = False
         self.origin = ""
-        self.call: grpc.aio.StreamStreamCall | None = None
+        self.channel: PublishChannel | None = None
+        self.answer: asyncio.Future[PublishReply] | None = None
         self.writer: asyncio.Task[None] | None = None
         self.keeper: asyncio.Task[None] | None = None
         self.closed = False
         self.clean_end = False
         self.failovers = 0
         self.sequence = 0
-        self.switched = asyncio.Event()  # set when a new origin call is in place (or on close)
+        self.switched = asyncio.Event()  # set when a new origin channel is in place (or on close)
 
     async def open(self) -> None:
         """Get the lease and the origin's acceptance; PublishRefused (with the reason) if either says no."""
@@ -78,24 +80,35 @@ class RelayPublish:
         self.writer = loop.create_task(self._write_loop())
         self.keeper = loop.create_task(self._keep_lease())
 
-    async def _connect(self, replay: bool) -> None:
-        call = RelayStub(self.channels.get(self.origin)).Publish()
+    def _on_reply(self, reply: PublishReply) -> None:
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_result(reply)
+
+    async def _ask(self, channel: PublishChannel, item: PublishItem, size: int = 0) -> PublishReply | None:
+        """Send `item` and wait for the relay's answer; None if the link broke or no answer came."""
+        self.answer = answer = asyncio.get_running_loop().create_future()
+        channel.send(item, size)
+        lost = asyncio.ensure_future(channel.done.wait())
         try:
-            await call.write(PublishRequest(open=PublishOpen(
-                stream=self.key, session_id=self.session_id, client_addr=self.client_addr)))
-            answer = await call.read()
-        except grpc.aio.AioRpcError as exc:
-            call.cancel()
-            raise ConnectionError(f"origin {self.origin}: {exc.code().name}") from exc
-        if answer is grpc.aio.EOF or not answer.HasField("accepted"):
-            call.cancel()
-            detail = "closed the call" if answer is grpc.aio.EOF else answer.rejected.detail
-            raise PublishRefused(f"origin {self.origin}: {detail}")
+            await asyncio.wait({answer, lost}, timeout=ANSWER_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        return answer.result() if answer.done() else None
+
+    async def _connect(self, replay: bool) -> None:
+        channel = self.links.publish(self.origin).open(self._on_reply)
+        answer = await self._ask(channel, PublishItem(open=PublishOpen(
+            stream=self.key, session_id=self.session_id, client_addr=self.client_addr)))
+        if answer is None or not answer.HasField("accepted"):
+            channel.close()
+            if answer is None:
+                raise ConnectionError(f"origin {self.origin}: {channel.lost or 'no answer'}")
+            raise PublishRefused(f"origin {self.origin}: {answer.rejected.detail}")
         if replay:
             frames = [*header_frames(self.cache.header()), *self.cache.frames]
             if frames:
-                await call.write(PublishRequest(batch=FrameBatch(frames=frames)))
-        self.call = call
+                channel.send(PublishItem(batch=FrameBatch(frames=frames)), self.cache.size)
+        self.channel = channel
         self.switched.set()
 
     def push(self, frame: Frame) -> None:
@@ -117,7 +130,7 @@ class RelayPublish:
             self.flush_handle = None
         if not self.pending:
             return
-        self.queue.put_nowait(PublishRequest(batch=FrameBatch(frames=self.pending)))
+        self.queue.put_nowait((FrameBatch(frames=self.pending), self.pending_bytes))
         self.pending = []
         self.pending_bytes = 0
         if not self.paused and self.queue.qsize() > self.max_queued:
@@ -126,28 +139,26 @@ class RelayPublish:
 
     async def _write_loop(self) -> None:
         while True:
-            request = await self.queue.get()
-            try:
-                assert self.call is not None
-                await self.call.write(request if request is not None else
-                                      PublishRequest(end=PublishEnd(clean=self.clean_end)))
-                if request is None:
-                    await self.call.done_writing()
-                    return
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-                if request is None:
-                    return
-                if not await self._failover(exc):
+            queued = await self.queue.get()
+            assert self.channel is not None
+            if queued is None:
+                # Wait until the relay has processed the end, so the stream is free when the lease is.
+                await self._ask(self.channel, PublishItem(end=PublishEnd(clean=self.clean_end)))
+                self.channel.close()
+                return
+            batch, size = queued
+            if not await self.channel.send(PublishItem(batch=batch), size):
+                if not await self._failover(self.channel.lost):
                     return
             if self.paused and self.queue.qsize() <= self.max_queued // 2:
                 self.paused = False
                 self.on_pause(False)
 
-    async def _failover(self, exc: BaseException) -> bool:
+    async def _failover(self, cause: str) -> bool:
         """The origin failed: publish into another one. False if there is none (the publish is lost)."""
         failed, started = self.origin, time.monotonic()
-        if self.call is not None:
-            self.call.cancel()
+        if self.channel is not None:
+            self.channel.close()
         for _ in range(FAILOVER_ATTEMPTS):
             try:
                 self.origin = await self.lease.relocate(failed)
@@ -165,7 +176,7 @@ class RelayPublish:
             self.failovers += 1
             event(log, "publish.failover", stream=f"{self.key.app}/{self.key.name}", session=self.session_id,
                   failed=failed, origin=self.origin, took_ms=round((time.monotonic() - started) * 1000),
-                  cause=type(exc).__name__)
+                  cause=cause)
             return True
         self.on_lost(f"origin {failed} failed and no other origin took the stream")
         return False
@@ -190,16 +201,12 @@ class RelayPublish:
 
     async def watch(self) -> None:
         """Notice an origin that dies while nothing is being written (a quiet stream)."""
-        while not self.closed and self.call is not None:
-            call = self.call
-            try:
-                while (await call.read()) is not grpc.aio.EOF:
-                    pass
-            except (grpc.aio.AioRpcError, asyncio.CancelledError):
-                pass
-            if self.call is call and not self.closed:
+        while not self.closed and self.channel is not None:
+            channel = self.channel
+            await channel.done.wait()
+            if self.channel is channel and not self.closed:
                 self.switched.clear()
-                self.queue.put_nowait(PublishRequest(batch=FrameBatch()))  # the writer fails over on it
+                self.queue.put_nowait((FrameBatch(), 0))  # the writer finds the link broken and fails over
                 await self.switched.wait()
 
     async def close(self, clean: bool) -> None:
@@ -216,20 +223,11 @@ class RelayPublish:
             self.queue.put_nowait(None)
             try:
                 await asyncio.wait_for(self.writer, timeout=5)
-            except (TimeoutError, grpc.aio.AioRpcError):
+            except TimeoutError:
                 pass
-        if self.call is not None:
-            try:
-                await asyncio.wait_for(self._drain(self.call), timeout=2)
-            except (TimeoutError, grpc.aio.AioRpcError):
-                pass
-            self.call.cancel()
+        if self.channel is not None:
+            self.channel.close()
         self.lease.release()
-
-    @staticmethod
-    async def _drain(call: grpc.aio.StreamStreamCall) -> None:
-        while (await call.read()) is not grpc.aio.EOF:
-            pass
 
     def abort(self) -> None:
         self.closed = True
@@ -240,6 +238,7 @@ class RelayPublish:
             self.flush_handle.cancel()
         if self.writer is not None:
             self.writer.cancel()
-        if self.call is not None:
-            self.call.cancel()
+        if self.channel is not None and not self.channel.done.is_set():
+            self.channel.send(PublishItem(end=PublishEnd(clean=False)))
+            self.channel.close()
         self.lease.release()

@@ -17,7 +17,7 @@ from typing import Any, cast
 from prometheus_client import Counter, Gauge
 
 from castmesh.media.frames import make_frame, stream_key
-from castmesh.mesh.grpcutil import ChannelPool
+from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.media_pb2 import StreamKey
 from castmesh.rtmp.connection import (
@@ -56,7 +56,7 @@ class Ingest:
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
                  node_id: str = "ingest") -> None:
         self.leases = leases
-        self.channels = ChannelPool()
+        self.links = RelayLinks()
         self.node_id = node_id
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
@@ -166,7 +166,7 @@ class RtmpSession(asyncio.Protocol):
         key = stream_key(self.app, ev.name)
         path = f"{self.app}/{ev.name}"
         lease = self.ingest.leases(key, self.id, self.peer)
-        forward = RelayPublish(self.ingest.channels, lease, key, self.id, self.peer, self.ingest.batch_ms,
+        forward = RelayPublish(self.ingest.links, lease, key, self.id, self.peer, self.ingest.batch_ms,
                                self._pause, self._relay_lost)
         try:
             await forward.open()

@@ -26,7 +26,7 @@ from castmesh.media import flv
 from castmesh.media.frames import stream_path
 from castmesh.media.gop import GopCache, header_frames, is_resume_point
 from castmesh.media.timeline import Jitter
-from castmesh.mesh.grpcutil import ChannelPool
+from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.mesh.metrics import frame_age_histogram, observe_age
 from castmesh.mesh.subscription import Locate, UpstreamSubscription
@@ -93,7 +93,7 @@ class ViewerState:
 
 
 class StreamFeed:
-    def __init__(self, locate: Locate, channels: ChannelPool, key: StreamKey, merge_ms: float, max_lag: float,
+    def __init__(self, locate: Locate, links: RelayLinks, key: StreamKey, merge_ms: float, max_lag: float,
                  on_closed: Callable[[StreamFeed], None], node_id: str = "playback") -> None:
         self.key = key
         self.path = stream_path(key)
@@ -111,7 +111,7 @@ class StreamFeed:
         self.idle_handle: asyncio.TimerHandle | None = None
         self.close_reason = ""
         self.jitter = Jitter()
-        self.subscription = UpstreamSubscription(key, locate, channels, f"{node_id}:{self.path}",
+        self.subscription = UpstreamSubscription(key, locate, links, f"{node_id}:{self.path}",
                                                  self._on_header, self._on_frames)
         self.task = asyncio.get_running_loop().create_task(self._run())
         FEEDS.inc()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from castmesh.media.frames import stream_key, stream_path
-from castmesh.mesh.grpcutil import ChannelPool
+from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.subscription import Locate
 from services.playback.feed import StreamFeed
 from services.playback.http import HttpSession
@@ -15,7 +15,7 @@ class Playback:
     def __init__(self, locate: Locate, merge_ms: float = 30.0, max_lag: float = 3.0,
                  node_id: str = "playback") -> None:
         self.locate = locate
-        self.channels = ChannelPool()
+        self.links = RelayLinks()
         self.node_id = node_id
         self.merge_ms = merge_ms
         self.max_lag = max_lag
@@ -39,7 +39,7 @@ class Playback:
         path = stream_path(key)
         feed = self.feeds.get(path)
         if feed is None or feed.closed:
-            feed = self.feeds[path] = StreamFeed(self.locate, self.channels, key, self.merge_ms, self.max_lag,
+            feed = self.feeds[path] = StreamFeed(self.locate, self.links, key, self.merge_ms, self.max_lag,
                                                  self._feed_closed, self.node_id)
         self.sessions[session] = feed
         feed.add(session)

@@ -37,23 +37,28 @@ Item = FrameBatch | StreamHeader
 
 
 class Subscriber:
-    def __init__(self, subscriber_id: str, max_lag: float) -> None:
+    """One subscription: a channel of a Relay.Subscribe call (an edge's pull, or a playback node's feed).
+    Whoever sends for it is told through on_ready when it has something, and collects it with take()."""
+
+    def __init__(self, subscriber_id: str, max_lag: float, on_ready: Callable[[Subscriber], object] = lambda s: None,
+                 channel: int = 0) -> None:
         self.id = subscriber_id
+        self.channel = channel
         self.max_lag = max_lag
+        self.on_ready = on_ready
         self.queue: deque[tuple[float, Item]] = deque()
-        self.wake = asyncio.Event()
         self.end: StreamEnd | None = None
         self.skipping = False
         self.took_since_skip = True
         self.skips = 0
-        # How to end the call when the subscriber is dropped: it may be parked in a flow-controlled write
-        # that never returns, so telling it through the queue is not enough.
-        self.on_drop: Callable[[], object] | None = None
+        # Told when the subscriber is dropped for being slow: its call may be parked in a flow-controlled
+        # write that never returns, so an end in the queue may never be sent.
+        self.on_drop: Callable[[Subscriber], object] = lambda s: None
 
     def offer_header(self, header: StreamHeader) -> None:
         if self.end is None:
             self.queue.append((time.monotonic(), header))
-            self.wake.set()
+            self.on_ready(self)
 
     def offer(self, batch: FrameBatch, has_video: bool) -> None:
         if self.end is not None:
@@ -65,8 +70,7 @@ class Subscriber:
                 self.finish(StreamEnd(reason=StreamEnd.REASON_TOO_SLOW,
                                       detail=f"stayed more than {self.max_lag:g}s behind after skipping"))
                 self.queue.clear()
-                if self.on_drop is not None:
-                    self.on_drop()
+                self.on_drop(self)
                 return
             headers = [item for item in self.queue if isinstance(item[1], StreamHeader)]
             self.queue.clear()
@@ -83,29 +87,25 @@ class Subscriber:
             self.skipping = False
             batch = FrameBatch(frames=frames[start:]) if start else batch
         self.queue.append((now, batch))
-        self.wake.set()
+        self.on_ready(self)
 
     def finish(self, end: StreamEnd) -> None:
         if self.end is None:
             self.end = end
-            self.wake.set()
+            self.on_ready(self)
 
-    async def next(self) -> Item | StreamEnd:
-        """The next header, or every batch queued up to the next header merged into one; the end once the
-        queue is drained."""
-        while not self.queue:
-            if self.end is not None:
-                return self.end
-            self.wake.clear()
-            await self.wake.wait()
-        self.took_since_skip = True
-        first = self.queue.popleft()[1]
-        if isinstance(first, StreamHeader) or not self.queue or isinstance(self.queue[0][1], StreamHeader):
-            return first
-        merged = FrameBatch(frames=first.frames)
-        while self.queue and isinstance(self.queue[0][1], FrameBatch):
-            merged.frames.extend(self.queue.popleft()[1].frames)
-        return merged
+    def take(self, budget: int) -> tuple[list[Item], int, StreamEnd | None]:
+        """What is queued, in order, up to about `budget` bytes (at least one item), and its size; and the
+        end once the queue is drained and the subscription is over."""
+        items: list[Item] = []
+        size = 0
+        while self.queue and (size < budget or not items):
+            item = self.queue.popleft()[1]
+            items.append(item)
+            size += item.ByteSize()
+        if items:
+            self.took_since_skip = True
+        return items, size, (self.end if not self.queue else None)
 
 
 class RelayStream:
@@ -155,13 +155,15 @@ class RelayStream:
         for sub in self.subscribers:
             sub.offer(batch, has_video)
 
-    def subscribe(self, subscriber_id: str, max_lag: float, from_gop: bool) -> Subscriber:
-        sub = Subscriber(subscriber_id, max_lag)
-        if from_gop and self.cache.frames:
-            sub.offer(FrameBatch(frames=self.cache.frames), self.cache.has_video)
+    def subscribe(self, sub: Subscriber, from_gop: bool) -> None:
+        """Start `sub` with the header and, from_gop, the GOP cache. A pulled stream that has no header
+        yet gives it both with the first header from upstream."""
+        if self.ready.is_set():
+            sub.offer_header(self.header())
+            if from_gop and self.cache.frames:
+                sub.offer(FrameBatch(frames=self.cache.frames), self.cache.has_video)
         self.subscribers.add(sub)
         SUBSCRIBERS.inc()
-        return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
         if sub in self.subscribers:

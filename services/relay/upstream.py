@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from castmesh.mesh.grpcutil import ChannelPool
+from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.mesh.subscription import Locate, UpstreamSubscription
 from castmesh.proto.v1.media_pb2 import Frame, FrameBatch, StreamHeader
@@ -18,11 +18,11 @@ log = logging.getLogger("castmesh.relay")
 
 
 class UpstreamPull:
-    def __init__(self, table: StreamTable, stream: RelayStream, locate: Locate, channels: ChannelPool,
+    def __init__(self, table: StreamTable, stream: RelayStream, locate: Locate, links: RelayLinks,
                  subscriber_id: str) -> None:
         self.table = table
         self.stream = stream
-        self.subscription = UpstreamSubscription(stream.key, locate, channels, subscriber_id,
+        self.subscription = UpstreamSubscription(stream.key, locate, links, subscriber_id,
                                                  self._on_header, self._on_frames)
         self.task = asyncio.get_running_loop().create_task(self._run())
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 
 from castmesh.media.frames import stream_key
-from castmesh.proto.v1.relay_pb2 import SubscribeOpen, SubscribeRequest
+from castmesh.proto.v1.relay_pb2 import SubscribeItem, SubscribeOpen, SubscribeRequest
 from castmesh.proto.v1.relay_pb2_grpc import RelayStub
 from tests.cluster.harness import Cluster
 from tests.integration.harness import publish, wait_live, watch_in_background
@@ -36,8 +36,8 @@ def test_stuck_subscriber_is_skipped_then_dropped_and_costs_bounded_memory(clust
 
     # A subscriber that opens the stream and then never reads a message.
     channel = grpc.insecure_channel(origin, options=[("grpc.max_receive_message_length", 64 << 20)])
-    stuck = RelayStub(channel).Subscribe(iter([SubscribeRequest(open=SubscribeOpen(
-        stream=stream_key("live", "heavy"), subscriber_id="stuck"))]))
+    stuck = RelayStub(channel).Subscribe(iter([SubscribeRequest(items=[SubscribeItem(channel=1, open=SubscribeOpen(
+        stream=stream_key("live", "heavy"), subscriber_id="stuck"))])]))
     rss = []
     skipped = dropped = False
     deadline = time.monotonic() + 12

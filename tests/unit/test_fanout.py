@@ -1,9 +1,7 @@
-import asyncio
-
 import pytest
 
 from castmesh.media.frames import AUDIO, VIDEO, make_frame, stream_key
-from castmesh.proto.v1.media_pb2 import FrameBatch
+from castmesh.proto.v1.media_pb2 import FrameBatch, StreamHeader
 from castmesh.proto.v1.relay_pb2 import StreamEnd
 from services.relay import fanout
 from services.relay.fanout import StreamTable, Subscriber
@@ -47,19 +45,29 @@ def test_a_lagging_subscriber_skips_to_the_next_keyframe_then_is_dropped(clock: 
     assert sub.skips == 1
 
 
-def test_a_subscriber_that_keeps_reading_gets_merged_batches_in_order(clock: Clock) -> None:
-    async def scenario() -> list[int]:
-        sub = Subscriber("s", max_lag=3.0)
-        for ts in (0, 40, 80):
-            sub.offer(batch((VIDEO, ts, b"\x17\x01k" if ts == 0 else b"\x27\x01p")), has_video=True)
-        got = await sub.next()
-        assert isinstance(got, FrameBatch)
-        sub.finish(StreamEnd(reason=StreamEnd.REASON_UNPUBLISHED))
-        end = await sub.next()
-        assert isinstance(end, StreamEnd)
-        return [f.timestamp for f in got.frames]
+def test_a_subscriber_hands_over_what_is_queued_in_order_then_its_end(clock: Clock) -> None:
+    told: list[Subscriber] = []
+    sub = Subscriber("s", max_lag=3.0, on_ready=told.append)
+    for ts in (0, 40, 80):
+        sub.offer(batch((VIDEO, ts, b"\x17\x01k" if ts == 0 else b"\x27\x01p")), has_video=True)
+    assert told == [sub] * 3
+    items, size, end = sub.take(budget=1 << 20)
+    assert [f.timestamp for b in items for f in b.frames] == [0, 40, 80] and end is None
+    assert size == sum(b.ByteSize() for b in items)
+    sub.finish(StreamEnd(reason=StreamEnd.REASON_UNPUBLISHED))
+    items, _, end = sub.take(budget=1 << 20)
+    assert items == [] and end is not None and end.reason == StreamEnd.REASON_UNPUBLISHED
 
-    assert asyncio.run(scenario()) == [0, 40, 80]
+
+def test_take_stops_at_the_budget_and_keeps_the_end_until_the_queue_is_drained(clock: Clock) -> None:
+    sub = Subscriber("s", max_lag=3.0)
+    for ts in range(0, 400, 40):
+        sub.offer(batch((VIDEO, ts, b"\x17\x01" + bytes(1000))), has_video=True)
+    sub.finish(StreamEnd(reason=StreamEnd.REASON_UNPUBLISHED))
+    first, size, end = sub.take(budget=2500)
+    assert len(first) == 3 and size >= 2500 and end is None
+    rest, _, end = sub.take(budget=1 << 20)
+    assert len(rest) == 7 and end is not None
 
 
 def test_one_publisher_per_stream_and_late_subscribers_start_from_the_gop(clock: Clock) -> None:
@@ -68,7 +76,11 @@ def test_one_publisher_per_stream_and_late_subscribers_start_from_the_gop(clock:
     stream = table.claim(key, "a")
     assert stream is not None and table.claim(key, "b") is None
     stream.publish(batch((VIDEO, 0, b"\x17\x00cfg"), (VIDEO, 0, b"\x17\x01k"), (VIDEO, 40, b"\x27\x01p")))
-    sub = stream.subscribe("late", 3.0, from_gop=True)
-    assert [f.timestamp for f in sub.queue[0][1].frames] == [0, 40]
+    sub = Subscriber("late", 3.0)
+    stream.subscribe(sub, from_gop=True)
+    header, gop = (item for _, item in sub.queue)
+    assert isinstance(header, StreamHeader) and header.session_id == "a"
+    assert header.video_config.payload == b"\x17\x00cfg"
+    assert isinstance(gop, FrameBatch) and [f.timestamp for f in gop.frames] == [0, 40]
     table.release(stream, StreamEnd(reason=StreamEnd.REASON_UNPUBLISHED))
     assert sub.end is not None and table.claim(key, "c") is not None

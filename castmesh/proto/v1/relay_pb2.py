@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from castmesh.proto.v1 import media_pb2 as castmesh_dot_v1_dot_media__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61stmesh/v1/relay.proto\x12\x0b\x63\x61stmesh.v1\x1a\x17\x63\x61stmesh/v1/media.proto\"\x0e\n\x0cStatsRequest\"\xa4\x01\n\x0bStreamStats\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\npublishing\x18\x03 \x01(\x08\x12\x0e\n\x06pulled\x18\x04 \x01(\x08\x12\x13\n\x0bsubscribers\x18\x05 \x03(\t\x12\x11\n\tframes_in\x18\x06 \x01(\x04\x12\r\n\x05skips\x18\x07 \x01(\x04\"E\n\nStatsReply\x12\x0c\n\x04role\x18\x01 \x01(\t\x12)\n\x07streams\x18\x02 \x03(\x0b\x32\x18.castmesh.v1.StreamStats\"^\n\x0bPublishOpen\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_addr\x18\x03 \x01(\t\"\x1b\n\nPublishEnd\x12\r\n\x05\x63lean\x18\x01 \x01(\x08\"\x94\x01\n\x0ePublishRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.castmesh.v1.PublishOpenH\x00\x12(\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x17.castmesh.v1.FrameBatchH\x00\x12&\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x17.castmesh.v1.PublishEndH\x00\x42\x06\n\x04\x62ody\"\x11\n\x0fPublishAccepted\"\xae\x01\n\x0fPublishRejected\x12\x33\n\x06reason\x18\x01 \x01(\x0e\x32#.castmesh.v1.PublishRejected.Reason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"V\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18REASON_ALREADY_PUBLISHED\x10\x01\x12\x16\n\x12REASON_BAD_REQUEST\x10\x02\"}\n\x0fPublishResponse\x12\x30\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x1c.castmesh.v1.PublishAcceptedH\x00\x12\x30\n\x08rejected\x18\x02 \x01(\x0b\x32\x1c.castmesh.v1.PublishRejectedH\x00\x42\x06\n\x04\x62ody\"\xc4\x01\n\rSubscribeOpen\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12/\n\x05start\x18\x02 \x01(\x0e\x32 .castmesh.v1.SubscribeOpen.Start\x12\x15\n\rsubscriber_id\x18\x03 \x01(\t\"C\n\x05Start\x12\x15\n\x11START_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTART_GOP_CACHE\x10\x01\x12\x0e\n\nSTART_LIVE\x10\x02\"F\n\x10SubscribeRequest\x12*\n\x04open\x18\x01 \x01(\x0b\x32\x1a.castmesh.v1.SubscribeOpenH\x00\x42\x06\n\x04\x62ody\"\xc4\x01\n\tStreamEnd\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.castmesh.v1.StreamEnd.Reason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"x\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10REASON_NOT_FOUND\x10\x01\x12\x16\n\x12REASON_UNPUBLISHED\x10\x02\x12\x13\n\x0fREASON_TOO_SLOW\x10\x03\x12\x13\n\x0fREASON_SHUTDOWN\x10\x04\"\x99\x01\n\x11SubscribeResponse\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.castmesh.v1.StreamHeaderH\x00\x12(\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x17.castmesh.v1.FrameBatchH\x00\x12%\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x16.castmesh.v1.StreamEndH\x00\x42\x06\n\x04\x62ody2\xde\x01\n\x05Relay\x12H\n\x07Publish\x12\x1b.castmesh.v1.PublishRequest\x1a\x1c.castmesh.v1.PublishResponse(\x01\x30\x01\x12N\n\tSubscribe\x12\x1d.castmesh.v1.SubscribeRequest\x1a\x1e.castmesh.v1.SubscribeResponse(\x01\x30\x01\x12;\n\x05Stats\x12\x19.castmesh.v1.StatsRequest\x1a\x17.castmesh.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61stmesh/v1/relay.proto\x12\x0b\x63\x61stmesh.v1\x1a\x17\x63\x61stmesh/v1/media.proto\"\x0e\n\x0cStatsRequest\"\xa4\x01\n\x0bStreamStats\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\npublishing\x18\x03 \x01(\x08\x12\x0e\n\x06pulled\x18\x04 \x01(\x08\x12\x13\n\x0bsubscribers\x18\x05 \x03(\t\x12\x11\n\tframes_in\x18\x06 \x01(\x04\x12\r\n\x05skips\x18\x07 \x01(\x04\"E\n\nStatsReply\x12\x0c\n\x04role\x18\x01 \x01(\t\x12)\n\x07streams\x18\x02 \x03(\x0b\x32\x18.castmesh.v1.StreamStats\"^\n\x0bPublishOpen\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_addr\x18\x03 \x01(\t\"\x1b\n\nPublishEnd\x12\r\n\x05\x63lean\x18\x01 \x01(\x08\"\xa2\x01\n\x0bPublishItem\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\r\x12(\n\x04open\x18\x02 \x01(\x0b\x32\x18.castmesh.v1.PublishOpenH\x00\x12(\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x17.castmesh.v1.FrameBatchH\x00\x12&\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x17.castmesh.v1.PublishEndH\x00\x42\x06\n\x04\x62ody\"9\n\x0ePublishRequest\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.castmesh.v1.PublishItem\"\x11\n\x0fPublishAccepted\"\x0e\n\x0cPublishEnded\"\xae\x01\n\x0fPublishRejected\x12\x33\n\x06reason\x18\x01 \x01(\x0e\x32#.castmesh.v1.PublishRejected.Reason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"V\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18REASON_ALREADY_PUBLISHED\x10\x01\x12\x16\n\x12REASON_BAD_REQUEST\x10\x02\"\xb7\x01\n\x0cPublishReply\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\r\x12\x30\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x1c.castmesh.v1.PublishAcceptedH\x00\x12\x30\n\x08rejected\x18\x03 \x01(\x0b\x32\x1c.castmesh.v1.PublishRejectedH\x00\x12*\n\x05\x65nded\x18\x04 \x01(\x0b\x32\x19.castmesh.v1.PublishEndedH\x00\x42\x06\n\x04\x62ody\"=\n\x0fPublishResponse\x12*\n\x07replies\x18\x01 \x03(\x0b\x32\x19.castmesh.v1.PublishReply\"\xc4\x01\n\rSubscribeOpen\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12/\n\x05start\x18\x02 \x01(\x0e\x32 .castmesh.v1.SubscribeOpen.Start\x12\x15\n\rsubscriber_id\x18\x03 \x01(\t\"C\n\x05Start\x12\x15\n\x11START_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTART_GOP_CACHE\x10\x01\x12\x0e\n\nSTART_LIVE\x10\x02\"\x10\n\x0eSubscribeClose\"\x82\x01\n\rSubscribeItem\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\r\x12*\n\x04open\x18\x02 \x01(\x0b\x32\x1a.castmesh.v1.SubscribeOpenH\x00\x12,\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1b.castmesh.v1.SubscribeCloseH\x00\x42\x06\n\x04\x62ody\"=\n\x10SubscribeRequest\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.castmesh.v1.SubscribeItem\"\xf0\x01\n\tStreamEnd\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.castmesh.v1.StreamEnd.Reason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\xa3\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10REASON_NOT_FOUND\x10\x01\x12\x16\n\x12REASON_UNPUBLISHED\x10\x02\x12\x13\n\x0fREASON_TOO_SLOW\x10\x03\x12\x13\n\x0fREASON_SHUTDOWN\x10\x04\x12\x16\n\x12REASON_BAD_REQUEST\x10\x05\x12\x11\n\rREASON_CLOSED\x10\x06\"\xa7\x01\n\x0eSubscribeEvent\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\r\x12+\n\x06header\x18\x02 \x01(\x0b\x32\x19.castmesh.v1.StreamHeaderH\x00\x12(\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x17.castmesh.v1.FrameBatchH\x00\x12%\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x16.castmesh.v1.StreamEndH\x00\x42\x06\n\x04\x62ody\"@\n\x11SubscribeResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.castmesh.v1.SubscribeEvent2\xde\x01\n\x05Relay\x12H\n\x07Publish\x12\x1b.castmesh.v1.PublishRequest\x1a\x1c.castmesh.v1.PublishResponse(\x01\x30\x01\x12N\n\tSubscribe\x12\x1d.castmesh.v1.SubscribeRequest\x1a\x1e.castmesh.v1.SubscribeResponse(\x01\x30\x01\x12;\n\x05Stats\x12\x19.castmesh.v1.StatsRequest\x1a\x17.castmesh.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,28 +42,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUBLISHOPEN']._serialized_end=413
   _globals['_PUBLISHEND']._serialized_start=415
   _globals['_PUBLISHEND']._serialized_end=442
-  _globals['_PUBLISHREQUEST']._serialized_start=445
-  _globals['_PUBLISHREQUEST']._serialized_end=593
-  _globals['_PUBLISHACCEPTED']._serialized_start=595
-  _globals['_PUBLISHACCEPTED']._serialized_end=612
-  _globals['_PUBLISHREJECTED']._serialized_start=615
-  _globals['_PUBLISHREJECTED']._serialized_end=789
-  _globals['_PUBLISHREJECTED_REASON']._serialized_start=703
-  _globals['_PUBLISHREJECTED_REASON']._serialized_end=789
-  _globals['_PUBLISHRESPONSE']._serialized_start=791
-  _globals['_PUBLISHRESPONSE']._serialized_end=916
-  _globals['_SUBSCRIBEOPEN']._serialized_start=919
-  _globals['_SUBSCRIBEOPEN']._serialized_end=1115
-  _globals['_SUBSCRIBEOPEN_START']._serialized_start=1048
-  _globals['_SUBSCRIBEOPEN_START']._serialized_end=1115
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1117
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1187
-  _globals['_STREAMEND']._serialized_start=1190
-  _globals['_STREAMEND']._serialized_end=1386
-  _globals['_STREAMEND_REASON']._serialized_start=1266
-  _globals['_STREAMEND_REASON']._serialized_end=1386
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=1389
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1542
-  _globals['_RELAY']._serialized_start=1545
-  _globals['_RELAY']._serialized_end=1767
+  _globals['_PUBLISHITEM']._serialized_start=445
+  _globals['_PUBLISHITEM']._serialized_end=607
+  _globals['_PUBLISHREQUEST']._serialized_start=609
+  _globals['_PUBLISHREQUEST']._serialized_end=666
+  _globals['_PUBLISHACCEPTED']._serialized_start=668
+  _globals['_PUBLISHACCEPTED']._serialized_end=685
+  _globals['_PUBLISHENDED']._serialized_start=687
+  _globals['_PUBLISHENDED']._serialized_end=701
+  _globals['_PUBLISHREJECTED']._serialized_start=704
+  _globals['_PUBLISHREJECTED']._serialized_end=878
+  _globals['_PUBLISHREJECTED_REASON']._serialized_start=792
+  _globals['_PUBLISHREJECTED_REASON']._serialized_end=878
+  _globals['_PUBLISHREPLY']._serialized_start=881
+  _globals['_PUBLISHREPLY']._serialized_end=1064
+  _globals['_PUBLISHRESPONSE']._serialized_start=1066
+  _globals['_PUBLISHRESPONSE']._serialized_end=1127
+  _globals['_SUBSCRIBEOPEN']._serialized_start=1130
+  _globals['_SUBSCRIBEOPEN']._serialized_end=1326
+  _globals['_SUBSCRIBEOPEN_START']._serialized_start=1259
+  _globals['_SUBSCRIBEOPEN_START']._serialized_end=1326
+  _globals['_SUBSCRIBECLOSE']._serialized_start=1328
+  _globals['_SUBSCRIBECLOSE']._serialized_end=1344
+  _globals['_SUBSCRIBEITEM']._serialized_start=1347
+  _globals['_SUBSCRIBEITEM']._serialized_end=1477
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1479
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1540
+  _globals['_STREAMEND']._serialized_start=1543
+  _globals['_STREAMEND']._serialized_end=1783
+  _globals['_STREAMEND_REASON']._serialized_start=1620
+  _globals['_STREAMEND_REASON']._serialized_end=1783
+  _globals['_SUBSCRIBEEVENT']._serialized_start=1786
+  _globals['_SUBSCRIBEEVENT']._serialized_end=1953
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1955
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=2019
+  _globals['_RELAY']._serialized_start=2022
+  _globals['_RELAY']._serialized_end=2244
 # @@protoc_insertion_point(module_scope)

@@ -54,17 +54,29 @@ class PublishEnd(_message.Message):
     clean: bool
     def __init__(self, clean: _Optional[bool] = ...) -> None: ...
 
-class PublishRequest(_message.Message):
-    __slots__ = ("open", "batch", "end")
+class PublishItem(_message.Message):
+    __slots__ = ("channel", "open", "batch", "end")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
     OPEN_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    channel: int
     open: PublishOpen
     batch: _media_pb2.FrameBatch
     end: PublishEnd
-    def __init__(self, open: _Optional[_Union[PublishOpen, _Mapping]] = ..., batch: _Optional[_Union[_media_pb2.FrameBatch, _Mapping]] = ..., end: _Optional[_Union[PublishEnd, _Mapping]] = ...) -> None: ...
+    def __init__(self, channel: _Optional[int] = ..., open: _Optional[_Union[PublishOpen, _Mapping]] = ..., batch: _Optional[_Union[_media_pb2.FrameBatch, _Mapping]] = ..., end: _Optional[_Union[PublishEnd, _Mapping]] = ...) -> None: ...
+
+class PublishRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[PublishItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[PublishItem, _Mapping]]] = ...) -> None: ...
 
 class PublishAccepted(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PublishEnded(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
@@ -84,13 +96,23 @@ class PublishRejected(_message.Message):
     detail: str
     def __init__(self, reason: _Optional[_Union[PublishRejected.Reason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
-class PublishResponse(_message.Message):
-    __slots__ = ("accepted", "rejected")
+class PublishReply(_message.Message):
+    __slots__ = ("channel", "accepted", "rejected", "ended")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    channel: int
     accepted: PublishAccepted
     rejected: PublishRejected
-    def __init__(self, accepted: _Optional[_Union[PublishAccepted, _Mapping]] = ..., rejected: _Optional[_Union[PublishRejected, _Mapping]] = ...) -> None: ...
+    ended: PublishEnded
+    def __init__(self, channel: _Optional[int] = ..., accepted: _Optional[_Union[PublishAccepted, _Mapping]] = ..., rejected: _Optional[_Union[PublishRejected, _Mapping]] = ..., ended: _Optional[_Union[PublishEnded, _Mapping]] = ...) -> None: ...
+
+class PublishResponse(_message.Message):
+    __slots__ = ("replies",)
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
+    replies: _containers.RepeatedCompositeFieldContainer[PublishReply]
+    def __init__(self, replies: _Optional[_Iterable[_Union[PublishReply, _Mapping]]] = ...) -> None: ...
 
 class SubscribeOpen(_message.Message):
     __slots__ = ("stream", "start", "subscriber_id")
@@ -110,11 +132,25 @@ class SubscribeOpen(_message.Message):
     subscriber_id: str
     def __init__(self, stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., start: _Optional[_Union[SubscribeOpen.Start, str]] = ..., subscriber_id: _Optional[str] = ...) -> None: ...
 
-class SubscribeRequest(_message.Message):
-    __slots__ = ("open",)
+class SubscribeClose(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SubscribeItem(_message.Message):
+    __slots__ = ("channel", "open", "close")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
     OPEN_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    channel: int
     open: SubscribeOpen
-    def __init__(self, open: _Optional[_Union[SubscribeOpen, _Mapping]] = ...) -> None: ...
+    close: SubscribeClose
+    def __init__(self, channel: _Optional[int] = ..., open: _Optional[_Union[SubscribeOpen, _Mapping]] = ..., close: _Optional[_Union[SubscribeClose, _Mapping]] = ...) -> None: ...
+
+class SubscribeRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[SubscribeItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[SubscribeItem, _Mapping]]] = ...) -> None: ...
 
 class StreamEnd(_message.Message):
     __slots__ = ("reason", "detail")
@@ -125,23 +161,35 @@ class StreamEnd(_message.Message):
         REASON_UNPUBLISHED: _ClassVar[StreamEnd.Reason]
         REASON_TOO_SLOW: _ClassVar[StreamEnd.Reason]
         REASON_SHUTDOWN: _ClassVar[StreamEnd.Reason]
+        REASON_BAD_REQUEST: _ClassVar[StreamEnd.Reason]
+        REASON_CLOSED: _ClassVar[StreamEnd.Reason]
     REASON_UNSPECIFIED: StreamEnd.Reason
     REASON_NOT_FOUND: StreamEnd.Reason
     REASON_UNPUBLISHED: StreamEnd.Reason
     REASON_TOO_SLOW: StreamEnd.Reason
     REASON_SHUTDOWN: StreamEnd.Reason
+    REASON_BAD_REQUEST: StreamEnd.Reason
+    REASON_CLOSED: StreamEnd.Reason
     REASON_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     reason: StreamEnd.Reason
     detail: str
     def __init__(self, reason: _Optional[_Union[StreamEnd.Reason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
-class SubscribeResponse(_message.Message):
-    __slots__ = ("header", "batch", "end")
+class SubscribeEvent(_message.Message):
+    __slots__ = ("channel", "header", "batch", "end")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    channel: int
     header: _media_pb2.StreamHeader
     batch: _media_pb2.FrameBatch
     end: StreamEnd
-    def __init__(self, header: _Optional[_Union[_media_pb2.StreamHeader, _Mapping]] = ..., batch: _Optional[_Union[_media_pb2.FrameBatch, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
+    def __init__(self, channel: _Optional[int] = ..., header: _Optional[_Union[_media_pb2.StreamHeader, _Mapping]] = ..., batch: _Optional[_Union[_media_pb2.FrameBatch, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
+
+class SubscribeResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[SubscribeEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[SubscribeEvent, _Mapping]]] = ...) -> None: ...

@@ -55,15 +55,16 @@ class RelayServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Publish(self, request_iterator, context):
-        """First request: open. Then frame batches. The relay answers with accepted or rejected, then may send
-        errors; the call ends when the publisher goes away.
+        """Per channel: open, then frame batches, then an end. The relay answers an open with accepted or
+        rejected and an end with ended. When the call breaks, its open channels end as if without an end.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Subscribe(self, request_iterator, context):
-        """First request: open. The relay answers with a stream header, then frame batches, then an end.
+        """Per channel: open, and close to stop early. The relay answers with a stream header, then frame
+        batches, then an end (after which the channel number may be used again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

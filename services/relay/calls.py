@@ -1,0 +1,222 @@
+"""The relay's end of the multiplexed calls (see castmesh.mesh.link for the other end).
+
+A PublishCall holds the streams that one ingest publishes through one Relay.Publish call, by channel.
+When the call breaks, each of them is treated as a publisher that vanished (the stream waits in grace).
+
+A SubscribeCall holds the subscriptions of one node (an edge or a playback node) on one Relay.Subscribe
+call. Subscribers say when they have something; each response gathers what every ready subscriber has,
+so a busy call writes few, large messages. All subscriptions of a call share its HTTP/2 flow control:
+if the peer stops reading, the writes stall, the subscribers' queues age past max_lag, they skip and then
+drop, and the first drop that finds the call stalled for longer than max_lag ends the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from castmesh.media.frames import detached
+from castmesh.mesh.logs import event
+from castmesh.proto.v1.media_pb2 import StreamHeader
+from castmesh.proto.v1.relay_pb2 import (
+    PublishAccepted,
+    PublishEnded,
+    PublishItem,
+    PublishOpen,
+    PublishRejected,
+    PublishReply,
+    PublishRequest,
+    StreamEnd,
+    SubscribeEvent,
+    SubscribeItem,
+    SubscribeRequest,
+    SubscribeResponse,
+)
+from services.relay.fanout import RelayStream, Subscriber
+
+if TYPE_CHECKING:
+    from services.relay.service import RelayService
+
+log = logging.getLogger("castmesh.relay")
+
+MAX_CHANNELS = 10_000  # per call: a node carries thousands of streams, not millions
+MAX_RESPONSE_BYTES = 8 << 20  # media per response; the rest goes in the next one
+
+
+class PublishCall:
+    def __init__(self, relay: RelayService) -> None:
+        self.relay = relay
+        self.streams: dict[int, tuple[RelayStream, str]] = {}  # channel -> (stream, publish session id)
+        self.replies: list[PublishReply] = []
+        self.wake = asyncio.Event()
+        self.reading = True
+
+    async def read(self, requests: AsyncIterator[PublishRequest]) -> None:
+        try:
+            async for request in requests:
+                for item in request.items:
+                    self.handle(item)
+        except Exception:
+            log.exception("publish call failed while reading")
+        finally:
+            self.reading = False
+            self.wake.set()
+
+    def handle(self, item: PublishItem) -> None:
+        body = item.WhichOneof("body")
+        if body == "batch":
+            entry = self.streams.get(item.channel)
+            if entry is not None and item.batch.frames:
+                entry[0].publish(detached(item.batch))
+        elif body == "open":
+            self._open(item.channel, item.open)
+        elif body == "end":
+            entry = self.streams.pop(item.channel, None)
+            if entry is not None:
+                clean = item.end.clean
+                self.relay.unpublished(entry[0], entry[1], clean,
+                                       "publisher unpublished" if clean else "publisher vanished")
+            self._reply(PublishReply(channel=item.channel, ended=PublishEnded()))
+
+    def _open(self, channel: int, opening: PublishOpen) -> None:
+        def reject(reason: PublishRejected.Reason, detail: str) -> None:
+            self._reply(PublishReply(channel=channel, rejected=PublishRejected(reason=reason, detail=detail)))
+
+        if channel in self.streams:
+            return reject(PublishRejected.REASON_BAD_REQUEST, f"channel {channel} is already open")
+        if len(self.streams) >= MAX_CHANNELS:
+            return reject(PublishRejected.REASON_BAD_REQUEST, f"more than {MAX_CHANNELS} streams on one call")
+        if not opening.stream.name:
+            return reject(PublishRejected.REASON_BAD_REQUEST, "open named no stream")
+        if self.relay.role != "origin":
+            return reject(PublishRejected.REASON_BAD_REQUEST, "this relay is an edge; publish to an origin")
+        stream = self.relay.table.claim(opening.stream, opening.session_id)
+        if stream is None:
+            event(log, "publish.rejected", stream=f"{opening.stream.app}/{opening.stream.name}",
+                  session=opening.session_id, reason="already published")
+            return reject(PublishRejected.REASON_ALREADY_PUBLISHED, "stream is already being published")
+        self.streams[channel] = (stream, opening.session_id)
+        event(log, "publish.start", stream=stream.path, session=opening.session_id, client=opening.client_addr,
+              subscribers=len(stream.subscribers))
+        self._reply(PublishReply(channel=channel, accepted=PublishAccepted()))
+
+    def _reply(self, reply: PublishReply) -> None:
+        self.replies.append(reply)
+        self.wake.set()
+
+    async def next_replies(self) -> list[PublishReply] | None:
+        """What to answer next; None once the publisher has stopped sending."""
+        while not self.replies:
+            if not self.reading:
+                return None
+            self.wake.clear()
+            await self.wake.wait()
+        replies, self.replies = self.replies, []
+        return replies
+
+    def vanished(self) -> None:
+        """The call is over: what it still published lost its publisher."""
+        for stream, session_id in self.streams.values():
+            self.relay.unpublished(stream, session_id, False, "publish call ended")
+        self.streams.clear()
+
+
+class SubscribeCall:
+    def __init__(self, relay: RelayService) -> None:
+        self.relay = relay
+        self.task = asyncio.current_task()  # the handler's: cancelled when the peer stops reading
+        self.channels: dict[int, tuple[Subscriber, RelayStream]] = {}
+        self.ready: dict[Subscriber, None] = {}  # an ordered set: subscribers with something to send
+        self.notes: list[SubscribeEvent] = []  # ends for opens that never started, and for closes
+        self.wake = asyncio.Event()
+        self.reading = True
+        self.writing_since = 0.0
+
+    async def read(self, requests: AsyncIterator[SubscribeRequest]) -> None:
+        try:
+            async for request in requests:
+                for item in request.items:
+                    self.handle(item)
+        except Exception:
+            log.exception("subscribe call failed while reading")
+        finally:
+            self.reading = False
+            self.wake.set()
+
+    def handle(self, item: SubscribeItem) -> None:
+        channel = item.channel
+        body = item.WhichOneof("body")
+        if body == "open":
+            if channel in self.channels:
+                return self._note(channel, StreamEnd.REASON_BAD_REQUEST, f"channel {channel} is already open")
+            if len(self.channels) >= MAX_CHANNELS:
+                return self._note(channel, StreamEnd.REASON_BAD_REQUEST, f"more than {MAX_CHANNELS} streams")
+            sub = Subscriber(item.open.subscriber_id, self.relay.max_lag, self._ready, channel)
+            sub.on_drop = self._dropped
+            found = self.relay.subscribe(item.open, sub)
+            if isinstance(found, StreamEnd):
+                return self._note(channel, found.reason, found.detail)
+            self.channels[channel] = (sub, found)
+        elif body == "close":
+            entry = self.channels.pop(channel, None)
+            if entry is not None:
+                self.ready.pop(entry[0], None)
+                self.relay.unsubscribe(entry[1], entry[0], "closed")
+                self._note(channel, StreamEnd.REASON_CLOSED, "closed by the subscriber")
+
+    def _note(self, channel: int, reason: StreamEnd.Reason, detail: str) -> None:
+        self.notes.append(SubscribeEvent(channel=channel, end=StreamEnd(reason=reason, detail=detail)))
+        self.wake.set()
+
+    def _ready(self, sub: Subscriber) -> None:
+        self.ready[sub] = None
+        self.wake.set()
+
+    def _dropped(self, sub: Subscriber) -> None:
+        if self.writing_since and time.monotonic() - self.writing_since > self.relay.max_lag and self.task:
+            event(log, "subscribe.stalled", level=logging.WARNING, subscriber=sub.id, channels=len(self.channels),
+                  stalled_s=round(time.monotonic() - self.writing_since, 1))
+            self.task.cancel()
+
+    async def next_response(self) -> SubscribeResponse | None:
+        """Everything ready subscribers have, up to MAX_RESPONSE_BYTES; None once the subscriber has
+        stopped sending and no subscription is left."""
+        while not self.ready and not self.notes:
+            if not self.reading and not self.channels:
+                return None
+            self.wake.clear()
+            await self.wake.wait()
+        response = SubscribeResponse(events=self.notes)
+        self.notes = []
+        budget = MAX_RESPONSE_BYTES
+        for sub in list(self.ready):
+            if budget <= 0:
+                break
+            items, size, end = sub.take(budget)
+            budget -= size
+            batch = None
+            for item in items:
+                if isinstance(item, StreamHeader):
+                    response.events.add(channel=sub.channel).header.CopyFrom(item)
+                    batch = None
+                else:
+                    if batch is None:
+                        batch = response.events.add(channel=sub.channel).batch
+                    batch.MergeFrom(item)
+            if end is not None:
+                response.events.add(channel=sub.channel).end.CopyFrom(end)
+                entry = self.channels.pop(sub.channel, None)
+                if entry is not None:
+                    self.relay.unsubscribe(entry[1], sub, StreamEnd.Reason.Name(end.reason))
+            if not sub.queue:
+                del self.ready[sub]
+        return response
+
+    def close_all(self) -> None:
+        for sub, stream in self.channels.values():
+            self.relay.unsubscribe(stream, sub, StreamEnd.Reason.Name(sub.end.reason) if sub.end else "cancelled")
+        self.channels.clear()
+        self.ready.clear()
