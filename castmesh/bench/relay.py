@@ -126,6 +126,7 @@ async def relay(args: argparse.Namespace) -> dict[str, Any]:
         _subscribe(links, address, args.streams, lags, window)
         await asyncio.sleep(start + 3 - time.monotonic())
         cpu0, wall0, load0 = cpu_seconds(proc.pid), time.monotonic(), time.process_time()
+        out0, in0 = links.publishes[address].messages_out, links.subscribes[address].messages_in
         window[:] = [wall0, wall0 + args.seconds]
         await asyncio.sleep(args.seconds)
         cpu1, wall1, load1 = cpu_seconds(proc.pid), time.monotonic(), time.process_time()
@@ -133,8 +134,9 @@ async def relay(args: argparse.Namespace) -> dict[str, Any]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        messages = {"publish_messages": links.publishes[address].messages_out,
-                    "subscribe_messages_in": links.subscribes[address].messages_in}
+        span = wall1 - wall0
+        messages = {"publish_messages_per_s": round((links.publishes[address].messages_out - out0) / span),
+                    "subscribe_messages_per_s": round((links.subscribes[address].messages_in - in0) / span)}
     finally:
         await links.close()
         stop_all([proc])
