@@ -11,6 +11,7 @@ import pytest
 
 from castmesh.media.frames import VIDEO, make_frame, stream_key
 from castmesh.mesh.link import RelayLinks
+from castmesh.mesh.subscription import fixed_upstream
 from castmesh.proto.v1.media_pb2 import FrameBatch
 from castmesh.proto.v1.relay_pb2 import (
     PublishItem,
@@ -190,5 +191,35 @@ def test_when_the_call_breaks_every_channel_on_it_is_told_and_streams_wait_for_t
         await until(lambda: all(not s.subscribers for s in relay.table.streams.values()), "unsubscribed")
         await publisher.close()
         await subscriber.close()
+
+    run(scenario)
+
+
+def test_a_late_subscriber_to_an_edge_gets_the_header_before_the_gop() -> None:
+    async def scenario(address: str, relay: RelayService) -> None:
+        edge = RelayService(role="edge", locate=fixed_upstream(address), node_id="edge")
+        edge_server, edge_port = await relay_service.start("127.0.0.1", 0, edge)
+        links = RelayLinks()
+        try:
+            (publisher,) = await publish_all(links, address, ["x"])
+            publisher.send(PublishItem(batch=FrameBatch(frames=[make_frame(VIDEO, 0, b"\x17\x00cfg")])))
+            link = links.subscribe(f"127.0.0.1:{edge_port}")
+            first: list[SubscribeEvent] = []
+            link.open(first.append).send(SubscribeItem(open=SubscribeOpen(stream=stream_key("live", "x"))))
+            await until(lambda: any(e.HasField("header") for e in first), "the first subscriber's header")
+            for ts in (0, 40, 80):
+                publisher.send(PublishItem(batch=frame(ts, b"x")))
+            await until(lambda: sum(len(e.batch.frames) for e in first) == 3, "frames through the edge")
+            late: list[SubscribeEvent] = []
+            link.open(late.append).send(SubscribeItem(open=SubscribeOpen(stream=stream_key("live", "x"))))
+            await until(lambda: any(e.HasField("batch") for e in late), "the late subscriber's GOP")
+            assert late[0].HasField("header") and late[0].header.video_config.payload == b"\x17\x00cfg"
+            assert [f.timestamp for e in late if e.HasField("batch") for f in e.batch.frames] == [0, 40, 80]
+            stats = await RelayStub(links.channels.get(address)).Stats(StatsRequest())
+            assert list(stats.streams[0].subscribers) == ["edge"]  # one upstream subscription for both
+        finally:
+            await links.close()
+            await edge.links.close()
+            await edge_server.stop(grace=0)
 
     run(scenario)
