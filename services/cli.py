@@ -47,7 +47,8 @@ from services.relay.service import RelayService
 log = logging.getLogger("castmesh")
 
 HOST = Option("--host", "0.0.0.0", "address the public ports listen on")
-RTMP_PORT = Option("--rtmp-port", 1935, "RTMP port for publishers", config.port)
+RTMP_PORT = Option("--rtmp-port", 1935, "RTMP port for publishers (in `up`, for players too)", config.port)
+PLAY_RTMP_PORT = Option("--rtmp-port", 1936, "RTMP port for players (0: no RTMP play)", config.port)
 HTTP_PORT = Option("--http-port", 8080, "HTTP port for HTTP-FLV viewers and /metrics", config.port)
 GRPC_PORT = Option("--grpc-port", 50051, "gRPC port of the relay", config.port)
 DISPATCH_PORT = Option("--grpc-port", 50050, "gRPC port of dispatch", config.port)
@@ -79,7 +80,7 @@ SERVE = {
     "relay": [HOST, GRPC_PORT, ROLE, DISPATCH, UPSTREAM, ZONE, ADVERTISE, MAX_LAG_MS, GRACE_MS, METRICS_PORT,
               *COMMON],
     "ingest": [HOST, RTMP_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT, *COMMON],
-    "playback": [HOST, HTTP_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *COMMON],
+    "playback": [HOST, HTTP_PORT, PLAY_RTMP_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *COMMON],
 }
 WAIT_FOR_PEER = 5.0
 
@@ -162,7 +163,7 @@ def _banner(cfg: dict[str, Any], relay_port: int, dispatch_port: int) -> str:
     lines = [
         "castmesh is up: dispatch, relay, ingest and playback in one process (no Consul)",
         f"  publish  rtmp://{host}:{rtmp}/live/STREAM   (OBS: server rtmp://{host}:{rtmp}/live, key STREAM)",
-        f"  play     http://{host}:{http}/live/STREAM.flv",
+        f"  play     http://{host}:{http}/live/STREAM.flv   or   rtmp://{host}:{rtmp}/live/STREAM",
     ]
     if not cfg["no_demo"]:
         lines.append(f"  demo     ffplay http://{host}:{http}/live/demo.flv")
@@ -187,6 +188,7 @@ async def up(cfg: dict[str, Any]) -> int:
         closers.append(ingest.links.close)
         closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
         playback = Playback(wiring.upstream(), cfg["merge_ms"], max_lag)
+        ingest.play = playback.play_rtmp  # one RTMP port for publish and play
         closers.append(playback.links.close)
         closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
         assert wiring.registry is not None
@@ -268,10 +270,14 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             playback = Playback(wiring.upstream(), cfg["merge_ms"], cfg["max_lag_ms"] / 1000, node_id=node_id)
             closers.append(playback.links.close)
             closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
+            if cfg["rtmp_port"]:
+                closers.append(_closing(await playback.listen_rtmp(cfg["host"], cfg["rtmp_port"])))
             wiring.register(Node(id=node_id, role=NODE_ROLE_PLAYBACK, address=_advertise(cfg, cfg["http_port"]),
-                                 zone=cfg["zone"], meta={"http": str(cfg["http_port"])}),
+                                 zone=cfg["zone"], meta={"http": str(cfg["http_port"]),
+                                                         "rtmp": str(cfg["rtmp_port"] or "")}),
                             lambda: NodeLoad(streams=len(playback.feeds), subscribers=len(playback.sessions)))
-            print(f"castmesh playback listening on {cfg['host']}:{cfg['http_port']} (HTTP-FLV), "
+            rtmp = f", {cfg['rtmp_port']} (RTMP play)" if cfg["rtmp_port"] else ""
+            print(f"castmesh playback listening on {cfg['host']}:{cfg['http_port']} (HTTP-FLV){rtmp}, "
                   f"{_peer_text(cfg)}", flush=True)
         await stop.wait()
     finally:

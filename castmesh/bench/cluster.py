@@ -89,8 +89,8 @@ class Setup:
                        port)
         self.rtmp_port, self.http_port = free_port(), free_port()
         self.start("ingest", ["serve", "ingest", *common, "--rtmp-port", str(self.rtmp_port)], self.rtmp_port)
-        self.start("playback", ["serve", "playback", *common, "--http-port", str(self.http_port), "--zone", "z"],
-                   self.http_port)
+        self.start("playback", ["serve", "playback", *common, "--http-port", str(self.http_port), "--rtmp-port",
+                                "0", "--zone", "z"], self.http_port)
         self._wait_registered(len(self.procs) - 1)
         return self
 

@@ -77,8 +77,8 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any] | None:
     relay = f"{host}:{grpc_port}"
     procs.append(spawn(["serve", "ingest", "--host", host, "--rtmp-port", str(rtmp_port), "--relay", relay],
                         load_cpus))
-    playback = spawn(["serve", "playback", "--host", host, "--http-port", str(http_port), "--relay", relay,
-                       "--merge-ms", str(args.merge_ms)], server_cpus)
+    playback = spawn(["serve", "playback", "--host", host, "--http-port", str(http_port), "--rtmp-port", "0",
+                      "--relay", relay, "--merge-ms", str(args.merge_ms)], server_cpus)
     procs.append(playback)
     ctx = multiprocessing.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)

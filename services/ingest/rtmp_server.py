@@ -2,7 +2,8 @@
 
 It only moves bytes between the socket and the state machine, decides publishes (by asking the relay,
 which knows whether the stream is already live), and forwards frames with RelayPublish. A protocol error
-closes that one connection with a log line that says why; nothing else is touched.
+closes that one connection with a log line that says why; nothing else is touched. Plays are refused,
+unless the process also runs playback (`castmesh up`): then `play` takes them, and one port serves both.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from castmesh.rtmp.connection import (
     Connected,
     Event,
     MediaReceived,
+    PlayFinished,
     PlayRequested,
     PublishFinished,
     PublishRequested,
@@ -49,6 +51,8 @@ MAX_EARLY_FRAMES = 256  # media a client sends before its publish is answered
 _session_ids = itertools.count(1)
 
 LeaseFactory = Callable[[StreamKey, str, str], Lease]  # (stream, holder, client address) -> lease
+# (app, stream name, message stream id, connection, transport, peer) -> what to call when the play ends
+PlayRtmp = Callable[[str, str, int, ServerConnection, asyncio.Transport, str], Callable[[], None]]
 
 
 class Ingest:
@@ -63,6 +67,7 @@ class Ingest:
         self.batch_ms = batch_ms
         self.limits = limits or RtmpLimits()
         self.sessions: set[RtmpSession] = set()
+        self.play: PlayRtmp | None = None
         self.sweeper: asyncio.Task[None] | None = None
 
     async def listen(self, host: str, port: int) -> asyncio.Server:
@@ -83,7 +88,7 @@ class Ingest:
             for session in list(self.sessions):
                 if not session.conn.handshake.done and now - session.opened > self.handshake_timeout:
                     session.close(f"no complete handshake within {self.handshake_timeout:g}s", level=logging.WARNING)
-                elif now - session.last_data > self.idle_timeout:
+                elif now - session.last_data > self.idle_timeout and session.stop_play is None:
                     session.close(f"no data for {self.idle_timeout:g}s", level=logging.WARNING)
 
 
@@ -98,6 +103,7 @@ class RtmpSession(asyncio.Protocol):
         self.publish: RelayPublish | None = None
         self.publish_stream_id = 0
         self.early: list[MediaReceived] = []
+        self.stop_play: Callable[[], None] | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.opened = self.last_data = time.monotonic()
         self.closed = False
@@ -150,8 +156,15 @@ class RtmpSession(asyncio.Protocol):
             if ev.stream_id == self.publish_stream_id and self.publish is not None:
                 self._spawn(self._stop_publish("publisher unpublished", clean=True))
         elif isinstance(ev, PlayRequested):
-            self.conn.reject_play(ev.stream_id, "this is the RTMP ingest; play from the playback service")
-            self._send()
+            if self.ingest.play is None or self.stop_play is not None or self.transport is None:
+                self.conn.reject_play(ev.stream_id, "this is the RTMP ingest; play from the playback service")
+                self._send()
+            else:
+                self.stop_play = self.ingest.play(self.app, ev.name, ev.stream_id, self.conn, self.transport,
+                                                  self.peer)
+        elif isinstance(ev, PlayFinished):
+            if self.stop_play is not None:
+                self.close("player stopped")
 
     async def _start_publish(self, ev: PublishRequested) -> None:
         if self.publish is not None:
@@ -242,3 +255,5 @@ class RtmpSession(asyncio.Protocol):
         event(log, "rtmp.close", level=level, session=self.id, peer=self.peer, reason=reason)
         if self.publish is not None:
             self._spawn(self._stop_publish(reason, clean=False))
+        if self.stop_play is not None:
+            self.stop_play()

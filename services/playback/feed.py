@@ -1,9 +1,10 @@
 """One stream on one playback node: a single upstream Relay.Subscribe, shared by all of its viewers.
 
-Serialize once, write many: frames from upstream are gathered for merge_ms, turned into FLV tags and
-HTTP chunk framing once, and the same bytes object is written to every viewer's socket (SRS's merged
-writes). The feed keeps its own GOP cache, filled at flush time so that it always matches what viewers
-have been sent: a viewer joining between flushes gets the cache, then the next flush, with no duplicate.
+Serialize once, write many: frames from upstream are gathered for merge_ms, turned into each format's
+bytes once (HTTP-FLV chunks, RTMP messages: services.playback.formats), and the same bytes object is
+written to every viewer of that format (SRS's merged writes). The feed keeps its own GOP cache, filled
+at flush time so that it always matches what viewers have been sent: a viewer joining between flushes
+gets the cache, then the next flush, with no duplicate.
 
 Each viewer's backlog is measured in time: the age of the oldest byte still in its transport buffer.
 Past max_lag the viewer stops receiving, and once its buffer drains it resumes at the next keyframe
@@ -17,14 +18,13 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 from prometheus_client import Counter, Gauge
 
-from castmesh.media import flv
 from castmesh.media.frames import stream_path
-from castmesh.media.gop import GopCache, header_frames, is_resume_point
+from castmesh.media.gop import GopCache, is_resume_point
 from castmesh.media.timeline import Jitter
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
@@ -32,10 +32,11 @@ from castmesh.mesh.metrics import frame_age_histogram, observe_age
 from castmesh.mesh.subscription import Locate, UpstreamSubscription
 from castmesh.proto.v1.media_pb2 import Frame, StreamHeader, StreamKey
 from castmesh.proto.v1.relay_pb2 import StreamEnd
+from services.playback.formats import OutputFormat
 
 log = logging.getLogger("castmesh.playback")
 
-VIEWERS = Gauge("castmesh_playback_viewers", "HTTP-FLV viewers")
+VIEWERS = Gauge("castmesh_playback_viewers", "Viewers (HTTP-FLV and RTMP)")
 FEEDS = Gauge("castmesh_playback_streams", "Streams with an upstream subscription on this node")
 BYTES_OUT = Counter("castmesh_playback_bytes_out", "Media bytes written to viewers")
 SKIPS = Counter("castmesh_playback_viewer_skips", "Times a lagging viewer skipped to a keyframe")
@@ -46,14 +47,11 @@ JITTER = Counter("castmesh_playback_timestamp_corrections", "Timestamps normalis
 IDLE_LINGER = 5.0  # keep an upstream subscription this long after its last viewer leaves
 
 
-def http_chunk(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
 class ViewerSink(Protocol):
-    """What a feed needs from a viewer's connection (the HTTP-FLV session implements it)."""
+    """What a feed needs from a viewer's connection (an HTTP-FLV session, an RTMP player)."""
 
     transport: asyncio.Transport
+    format: OutputFormat
 
     def start(self, body: bytes) -> bool: ...
     def refuse(self, status: int, reason: str) -> None: ...
@@ -137,15 +135,7 @@ class StreamFeed:
                 IDLE_LINGER, self.close, "no viewers left")
 
     def _start(self, sink: ViewerSink) -> None:
-        cache = self.cache
-        has_audio, has_video = cache.has_audio, cache.has_video
-        if not has_audio and not has_video:
-            has_audio = has_video = True  # nothing known yet: announce both, as SRS does
-        start_ts = cache.frames[0].timestamp if cache.frames else cache.last_timestamp
-        head = [flv.file_header(has_audio, has_video)]
-        head += [flv.tag(f.kind, start_ts, f.payload) for f in header_frames(cache.header())]
-        head.append(flv.tags(cache.frames))
-        if sink.start(http_chunk(b"".join(head))):
+        if sink.start(sink.format.head(self.cache)):
             self.viewers[sink] = ViewerState(sink)
             VIEWERS.inc()
 
@@ -196,23 +186,27 @@ class StreamFeed:
         now = time.monotonic()
         self.last_flush = now
         self.cache.add_all(frames)
-        data = flv.tags(frames)
-        chunk = http_chunk(data)
-        resume: bytes | None = None
+        encoded: dict[Hashable, bytes] = {}  # per format: these frames, made once
+        resumed: dict[Hashable, bytes] = {}  # per format: from the first resume point on
+        resume_at: int | None = -1
         delivered = 0
         for state in list(self.viewers.values()):
+            fmt = state.sink.format
             if state.skipping:
                 if state.sink.transport.get_write_buffer_size():
                     if now - state.behind_since > self.max_lag:
                         DROPS.inc()
                         self._drop(state, f"stayed more than {2 * self.max_lag:g}s behind")
                     continue
-                if resume is None:
-                    resume = self._resume_chunk(frames)
-                if resume:
+                if resume_at == -1:
+                    resume_at = self._resume_point(frames)
+                if resume_at is not None:
+                    data = resumed.get(fmt.key)
+                    if data is None:
+                        data = resumed[fmt.key] = fmt.body(frames[resume_at:])
                     state.skipping = False
-                    state.write(resume, now)
-                    delivered += len(resume)
+                    state.write(data, now)
+                    delivered += len(data)
                 continue
             if state.lag(now) > self.max_lag:
                 state.skipping = True
@@ -220,16 +214,16 @@ class StreamFeed:
                 state.skips += 1
                 SKIPS.inc()
                 continue
-            state.write(chunk, now)
-            delivered += len(chunk)
+            data = encoded.get(fmt.key)
+            if data is None:
+                data = encoded[fmt.key] = fmt.body(frames)
+            state.write(data, now)
+            delivered += len(data)
         BYTES_OUT.inc(delivered)
 
-    def _resume_chunk(self, frames: list[Frame]) -> bytes:
+    def _resume_point(self, frames: list[Frame]) -> int | None:
         has_video = self.cache.has_video
-        for i, frame in enumerate(frames):
-            if is_resume_point(frame, has_video):
-                return http_chunk(flv.tags(frames[i:]))
-        return b""
+        return next((i for i, frame in enumerate(frames) if is_resume_point(frame, has_video)), None)
 
     def _drop(self, state: ViewerState, reason: str) -> None:
         self.viewers.pop(state.sink, None)

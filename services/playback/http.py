@@ -19,6 +19,7 @@ import h11
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from castmesh.mesh.logs import event
+from services.playback.formats import HTTP_FLV, OutputFormat
 
 log = logging.getLogger("castmesh.playback")
 
@@ -54,6 +55,7 @@ class HttpSession(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
         self.head_bytes = 0
+        self.format: OutputFormat = HTTP_FLV
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it

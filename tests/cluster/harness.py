@@ -49,10 +49,13 @@ class Cluster:
                           "--dispatch", self.dispatch], port)
         return port
 
-    def playback(self, name: str = "playback", zone: str = "", extra: list[str] | None = None) -> int:
+    def playback(self, name: str = "playback", zone: str = "", extra: list[str] | None = None,
+                 rtmp_port: int = 0) -> int:
+        """A playback node; its HTTP port. RTMP play only if rtmp_port is given."""
         port = free_port()
         self.start(name, ["serve", "playback", "--host", "127.0.0.1", "--http-port", str(port),
-                          "--dispatch", self.dispatch, "--zone", zone, *(extra or [])], port)
+                          "--rtmp-port", str(rtmp_port), "--dispatch", self.dispatch, "--zone", zone,
+                          *(extra or [])], port)
         return port
 
     def wait_registered(self, timeout: float = 10.0) -> None:

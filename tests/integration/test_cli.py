@@ -75,7 +75,8 @@ def test_services_as_separate_processes(tmp_path: Path) -> None:
         try:
             procs.append(Castmesh(["serve", "ingest", "--host", "127.0.0.1", "--rtmp-port", str(rtmp_port)],
                                   tmp_path / "ingest.log", "listening"))
-            procs.append(Castmesh(["serve", "playback", "--host", "127.0.0.1", "--http-port", str(http_port)],
+            procs.append(Castmesh(["serve", "playback", "--host", "127.0.0.1", "--http-port", str(http_port),
+                                   "--rtmp-port", str(free_port())],
                                   tmp_path / "playback.log", "listening"))
         finally:
             del os.environ["CASTMESH_RELAY"]

@@ -1,0 +1,67 @@
+"""What each kind of viewer is sent, made from a stream's frames once per flush and shared by every viewer
+of that kind (the serialize-once path). A format's key says which viewers can share its bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Protocol
+
+from castmesh.media import flv
+from castmesh.media.gop import GopCache, header_frames
+from castmesh.proto.v1.media_pb2 import Frame
+from castmesh.rtmp.play import play_messages
+
+
+class OutputFormat(Protocol):
+    @property
+    def key(self) -> Hashable:
+        """Viewers whose formats have equal keys are sent the same bytes."""
+
+    def head(self, cache: GopCache) -> bytes:
+        """What a viewer joining now gets first: what a decoder needs, then the GOP cache."""
+
+    def body(self, frames: list[Frame]) -> bytes: ...
+
+
+def http_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def start_frames(cache: GopCache) -> list[Frame]:
+    """Metadata and sequence headers stamped with the GOP's first timestamp, then the GOP: players take
+    the first timestamp they see as the start, so nothing may come before it."""
+    start_ts = cache.frames[0].timestamp if cache.frames else cache.last_timestamp
+    heads = [Frame(kind=f.kind, timestamp=start_ts, payload=f.payload) for f in header_frames(cache.header())]
+    return heads + cache.frames
+
+
+class HttpFlv:
+    """An FLV file as an HTTP/1.1 chunked body."""
+
+    key = "http-flv"
+
+    def head(self, cache: GopCache) -> bytes:
+        has_audio, has_video = cache.has_audio, cache.has_video
+        if not has_audio and not has_video:
+            has_audio = has_video = True  # nothing known yet: announce both, as SRS does
+        return http_chunk(flv.file_header(has_audio, has_video) + flv.tags(start_frames(cache)))
+
+    def body(self, frames: list[Frame]) -> bytes:
+        return http_chunk(flv.tags(frames))
+
+
+class RtmpPlay:
+    """RTMP messages on the message stream the viewer plays."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.key = ("rtmp", stream_id)
+
+    def head(self, cache: GopCache) -> bytes:
+        return play_messages(start_frames(cache), self.stream_id)
+
+    def body(self, frames: list[Frame]) -> bytes:
+        return play_messages(frames, self.stream_id)
+
+
+HTTP_FLV = HttpFlv()
