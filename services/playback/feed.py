@@ -155,13 +155,21 @@ class StreamFeed:
     def _on_header(self, header: StreamHeader, new_timeline: bool) -> None:
         self.cache.apply_header(header)
         if not self.live:
-            self.live = True
-            waiting, self.waiting = self.waiting, []
-            for sink in waiting:
-                self._start(sink)
-            event(log, "feed.start", stream=self.path, viewers=len(self.viewers))
+            self._go_live()
         elif new_timeline:
             event(log, "feed.new_timeline", stream=self.path, session=header.session_id)
+
+    def _go_live(self) -> None:
+        """Start the waiting viewers, once the stream says what it carries: a header from a publisher that
+        has only just connected is empty, and an FLV header must name its tracks up front."""
+        cache = self.cache
+        if cache.metadata is None and cache.video_config is None and cache.audio_config is None and not cache.frames:
+            return
+        self.live = True
+        waiting, self.waiting = self.waiting, []
+        for sink in waiting:
+            self._start(sink)
+        event(log, "feed.start", stream=self.path, viewers=len(self.viewers))
 
     def _on_frames(self, frames: list[Frame]) -> None:
         observe_age(FRAME_AGE, frames)
@@ -220,6 +228,8 @@ class StreamFeed:
             state.write(data, now)
             delivered += len(data)
         BYTES_OUT.inc(delivered)
+        if not self.live:
+            self._go_live()  # after the writes: the waiting viewers get these frames from the cache
 
     def _resume_point(self, frames: list[Frame]) -> int | None:
         has_video = self.cache.has_video
