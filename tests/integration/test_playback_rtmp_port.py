@@ -1,0 +1,65 @@
+"""The playback node's RTMP port refuses what is not a play, and closes connections that never ask."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from castmesh.proto.v1.media_pb2 import StreamKey
+from castmesh.rtmp.handshake import HANDSHAKE_SIZE
+from services.playback import rtmp as playback_rtmp
+from services.playback.server import Playback
+from tests.rtmp_client import ClientMessages, decoded_commands, handshake
+
+
+async def nowhere(key: StreamKey, avoid: set[str]) -> str | None:
+    return None
+
+
+async def exchange(port: int, data: bytes, timeout: float = 5.0) -> tuple[bytes, bool]:
+    """Send `data`; everything the server sends back until it closes, and whether it closed in time."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    received = b""
+    closed = False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            chunk = await asyncio.wait_for(reader.read(65536), deadline - time.monotonic())
+        except TimeoutError:
+            break
+        if not chunk:
+            closed = True
+            break
+        received += chunk
+    writer.close()
+    return received, closed
+
+
+def test_publish_garbage_and_silence_on_the_play_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(playback_rtmp, "SETUP_TIMEOUT", 0.5)
+
+    async def scenario() -> None:
+        playback = Playback(nowhere)
+        server = await playback.listen_rtmp("127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            answer, closed = await exchange(port, handshake() + ClientMessages().publish_sequence("x"))
+            commands = decoded_commands(answer[1 + 2 * HANDSHAKE_SIZE:])
+            statuses = [c[3]["code"] for c in commands if c[0] == "onStatus"]
+            assert statuses == ["NetStream.Publish.BadName"] and closed
+            _, closed = await exchange(port, b"\x09" + b"\x00" * 1600)  # not RTMP version 3
+            assert closed
+            _, closed = await exchange(port, b"", timeout=3)  # connects and says nothing
+            assert closed
+            answer, closed = await exchange(port, handshake() + ClientMessages().connect()
+                                            + ClientMessages().command("play", 2.0, None, "nobody", stream_id=1))
+            statuses = [c[3]["code"] for c in decoded_commands(answer[1 + 2 * HANDSHAKE_SIZE:])
+                        if c[0] == "onStatus"]
+            assert statuses == ["NetStream.Play.StreamNotFound"] and closed
+        finally:
+            server.close()
+
+    asyncio.run(scenario())
