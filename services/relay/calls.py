@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from castmesh.media.frames import detached
 from castmesh.mesh.logs import event
@@ -46,24 +46,34 @@ MAX_CHANNELS = 10_000  # per call: a node carries thousands of streams, not mill
 MAX_RESPONSE_BYTES = 8 << 20  # media per response; the rest goes in the next one
 
 
-class PublishCall:
+class _Call:
+    """What both calls share: the peer's items, read in a task of their own and handled as they come."""
+
     def __init__(self, relay: RelayService) -> None:
         self.relay = relay
-        self.streams: dict[int, tuple[RelayStream, str]] = {}  # channel -> (stream, publish session id)
-        self.replies: list[PublishReply] = []
-        self.wake = asyncio.Event()
+        self.wake = asyncio.Event()  # set when there is something to send, or reading has ended
         self.reading = True
 
-    async def read(self, requests: AsyncIterator[PublishRequest]) -> None:
+    def handle(self, item: Any) -> None:
+        raise NotImplementedError
+
+    async def read(self, requests: AsyncIterator[PublishRequest] | AsyncIterator[SubscribeRequest]) -> None:
         try:
             async for request in requests:
                 for item in request.items:
                     self.handle(item)
         except Exception:
-            log.exception("publish call failed while reading")
+            log.exception("%s failed while reading", type(self).__name__)
         finally:
             self.reading = False
             self.wake.set()
+
+
+class PublishCall(_Call):
+    def __init__(self, relay: RelayService) -> None:
+        super().__init__(relay)
+        self.streams: dict[int, tuple[RelayStream, str]] = {}  # channel -> (stream, publish session id)
+        self.replies: list[PublishReply] = []
 
     def handle(self, item: PublishItem) -> None:
         body = item.WhichOneof("body")
@@ -124,27 +134,14 @@ class PublishCall:
         self.streams.clear()
 
 
-class SubscribeCall:
+class SubscribeCall(_Call):
     def __init__(self, relay: RelayService) -> None:
-        self.relay = relay
+        super().__init__(relay)
         self.task = asyncio.current_task()  # the handler's: cancelled when the peer stops reading
         self.channels: dict[int, tuple[Subscriber, RelayStream]] = {}
         self.ready: dict[Subscriber, None] = {}  # an ordered set: subscribers with something to send
         self.notes: list[SubscribeEvent] = []  # ends for opens that never started, and for closes
-        self.wake = asyncio.Event()
-        self.reading = True
         self.writing_since = 0.0
-
-    async def read(self, requests: AsyncIterator[SubscribeRequest]) -> None:
-        try:
-            async for request in requests:
-                for item in request.items:
-                    self.handle(item)
-        except Exception:
-            log.exception("subscribe call failed while reading")
-        finally:
-            self.reading = False
-            self.wake.set()
 
     def handle(self, item: SubscribeItem) -> None:
         channel = item.channel

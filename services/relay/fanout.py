@@ -46,7 +46,7 @@ class Subscriber:
         self.channel = channel
         self.max_lag = max_lag
         self.on_ready = on_ready
-        self.queue: deque[tuple[float, Item]] = deque()
+        self.queue: deque[tuple[float, Item, int]] = deque()  # (when queued, item, its size in bytes)
         self.end: StreamEnd | None = None
         self.skipping = False
         self.took_since_skip = True
@@ -57,10 +57,11 @@ class Subscriber:
 
     def offer_header(self, header: StreamHeader) -> None:
         if self.end is None:
-            self.queue.append((time.monotonic(), header))
+            self.queue.append((time.monotonic(), header, header.ByteSize()))
             self.on_ready(self)
 
-    def offer(self, batch: FrameBatch, has_video: bool) -> None:
+    def offer(self, batch: FrameBatch, has_video: bool, size: int) -> None:
+        """Queue `batch` (`size` bytes, measured once by the caller for every subscriber)."""
         if self.end is not None:
             return
         now = time.monotonic()
@@ -85,8 +86,10 @@ class Subscriber:
             if start is None:
                 return
             self.skipping = False
-            batch = FrameBatch(frames=frames[start:]) if start else batch
-        self.queue.append((now, batch))
+            if start:
+                batch = FrameBatch(frames=frames[start:])
+                size = batch.ByteSize()
+        self.queue.append((now, batch, size))
         self.on_ready(self)
 
     def finish(self, end: StreamEnd) -> None:
@@ -100,9 +103,9 @@ class Subscriber:
         items: list[Item] = []
         size = 0
         while self.queue and (size < budget or not items):
-            item = self.queue.popleft()[1]
+            _, item, item_size = self.queue.popleft()
             items.append(item)
-            size += item.ByteSize()
+            size += item_size
         if items:
             self.took_since_skip = True
         return items, size, (self.end if not self.queue else None)
@@ -152,8 +155,9 @@ class RelayStream:
         self.frames_in += len(batch.frames)
         FRAMES_IN.inc(len(batch.frames))
         has_video = self.cache.has_video
+        size = batch.ByteSize()
         for sub in self.subscribers:
-            sub.offer(batch, has_video)
+            sub.offer(batch, has_video, size)
 
     def subscribe(self, sub: Subscriber, from_gop: bool) -> None:
         """Start `sub` with the header and, from_gop, the GOP cache. A pulled stream that has no header
@@ -161,7 +165,8 @@ class RelayStream:
         if self.ready.is_set():
             sub.offer_header(self.header())
             if from_gop and self.cache.frames:
-                sub.offer(FrameBatch(frames=self.cache.frames), self.cache.has_video)
+                gop = FrameBatch(frames=self.cache.frames)
+                sub.offer(gop, self.cache.has_video, gop.ByteSize())
         self.subscribers.add(sub)
         SUBSCRIBERS.inc()
 
