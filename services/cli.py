@@ -40,7 +40,7 @@ from services.dispatch import service as dispatch_service
 from services.dispatch.directory import InMemoryDirectory
 from services.ingest.lease import DispatchLease, FixedLease, Lease
 from services.ingest.rtmp_server import Ingest
-from services.playback.server import Playback
+from services.playback.server import Playback, PlaybackSettings
 from services.relay import service as relay_service
 from services.relay.service import RelayService
 
@@ -61,7 +61,12 @@ ZONE = Option("--zone", "", "region/zone label: playback nodes use an edge of th
 ADVERTISE = Option("--advertise", "", "address others reach this relay at (default: 127.0.0.1:PORT when "
                    "listening on all interfaces)")
 BATCH_MS = Option("--batch-ms", 10, "how long ingest gathers frames into one batch (ms)", config.positive)
-MERGE_MS = Option("--merge-ms", 30, "how long playback gathers frames into one socket write (ms)", config.positive)
+MERGE_MS = Option("--merge-ms", 50, "how long playback gathers frames into one socket write (ms)", config.positive)
+HLS_SEGMENT_MS = Option("--hls-segment-ms", 2000, "HLS target segment duration (ms; cut at the next keyframe)",
+                        config.positive)
+HLS_WINDOW = Option("--hls-window", 6, "HLS segments listed in a playlist", config.positive)
+HLS_IDLE_MS = Option("--hls-idle-ms", 30000, "stop a stream's HLS muxer after this long without a request (ms)",
+                     config.positive)
 MAX_LAG_MS = Option("--max-lag-ms", 3000, "how far a viewer or subscriber may fall behind before it skips "
                     "to a keyframe (ms)", config.positive)
 GRACE_MS = Option("--grace-ms", 10000, "how long a stream waits for a publisher that vanished to come back "
@@ -74,13 +79,14 @@ UP_GRPC_PORT = Option("--grpc-port", 0, "gRPC port of the in-process relay on 12
                       config.port)
 
 COMMON = [LOG_LEVEL]
-UP = [HOST, RTMP_PORT, HTTP_PORT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, GRACE_MS, NO_DEMO, *COMMON]
+HLS = [HLS_SEGMENT_MS, HLS_WINDOW, HLS_IDLE_MS]
+UP = [HOST, RTMP_PORT, HTTP_PORT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, GRACE_MS, NO_DEMO, *COMMON]
 SERVE = {
     "dispatch": [HOST, DISPATCH_PORT, GRACE_MS, METRICS_PORT, *COMMON],
     "relay": [HOST, GRPC_PORT, ROLE, DISPATCH, UPSTREAM, ZONE, ADVERTISE, MAX_LAG_MS, GRACE_MS, METRICS_PORT,
               *COMMON],
     "ingest": [HOST, RTMP_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT, *COMMON],
-    "playback": [HOST, HTTP_PORT, PLAY_RTMP_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *COMMON],
+    "playback": [HOST, HTTP_PORT, PLAY_RTMP_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *HLS, *COMMON],
 }
 WAIT_FOR_PEER = 5.0
 
@@ -163,7 +169,8 @@ def _banner(cfg: dict[str, Any], relay_port: int, dispatch_port: int) -> str:
     lines = [
         "castmesh is up: dispatch, relay, ingest and playback in one process (no Consul)",
         f"  publish  rtmp://{host}:{rtmp}/live/STREAM   (OBS: server rtmp://{host}:{rtmp}/live, key STREAM)",
-        f"  play     http://{host}:{http}/live/STREAM.flv   or   rtmp://{host}:{rtmp}/live/STREAM",
+        f"  play     http://{host}:{http}/live/STREAM.flv (HTTP-FLV, WebSocket-FLV)",
+        f"           http://{host}:{http}/live/STREAM.m3u8 (HLS)   rtmp://{host}:{rtmp}/live/STREAM",
     ]
     if not cfg["no_demo"]:
         lines.append(f"  demo     ffplay http://{host}:{http}/live/demo.flv")
@@ -187,7 +194,7 @@ async def up(cfg: dict[str, Any]) -> int:
         ingest = Ingest(wiring.leases, cfg["batch_ms"])
         closers.append(ingest.links.close)
         closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
-        playback = Playback(wiring.upstream(), cfg["merge_ms"], max_lag)
+        playback = Playback(wiring.upstream(), _playback_settings(cfg))
         ingest.play = playback.play_rtmp  # one RTMP port for publish and play
         closers.append(playback.links.close)
         closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
@@ -220,6 +227,12 @@ async def _wait_registered(wiring: Wiring) -> None:
         if (await wiring.dispatch.ListNodes(ListNodesRequest())).nodes:
             return
         await asyncio.sleep(0.02)
+
+
+def _playback_settings(cfg: dict[str, Any]) -> PlaybackSettings:
+    return PlaybackSettings(merge_ms=cfg["merge_ms"], max_lag=cfg["max_lag_ms"] / 1000,
+                            hls_segment_ms=cfg["hls_segment_ms"], hls_window=cfg["hls_window"],
+                            hls_idle=cfg["hls_idle_ms"] / 1000)
 
 
 def _closing(server: asyncio.Server) -> Callable[[], Awaitable[None]]:
@@ -267,7 +280,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
                   f"{_peer_text(cfg)}", flush=True)
         else:
             node_id = f"playback-{cfg['http_port']}"
-            playback = Playback(wiring.upstream(), cfg["merge_ms"], cfg["max_lag_ms"] / 1000, node_id=node_id)
+            playback = Playback(wiring.upstream(), _playback_settings(cfg), node_id=node_id)
             closers.append(playback.links.close)
             closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
             if cfg["rtmp_port"]:

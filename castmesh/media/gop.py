@@ -10,6 +10,7 @@ past that it empties and late joiners wait for the next keyframe.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from castmesh.media import amf0
 from castmesh.media.frames import AUDIO, DATA, VIDEO, is_metadata
@@ -26,15 +27,22 @@ def is_resume_point(frame: Frame, has_video: bool) -> bool:
     return frame.kind == AUDIO and not frame.sequence_header
 
 
-def metadata_tracks(payload: bytes) -> tuple[bool, bool] | None:
-    """(has_audio, has_video) as onMetaData declares them, or None if it does not say."""
+def metadata_values(payload: bytes) -> dict[str, Any] | None:
+    """The properties of an onMetaData frame, or None if it has none that can be read."""
     try:
         values = amf0.decode(payload)
     except amf0.AmfError:
         return None
     if len(values) < 2 or not isinstance(values[1], dict):
         return None
-    meta = values[1]
+    return values[1]
+
+
+def metadata_tracks(payload: bytes) -> tuple[bool, bool] | None:
+    """(has_audio, has_video) as onMetaData declares them, or None if it does not say."""
+    meta = metadata_values(payload)
+    if meta is None:
+        return None
     has_video = "videocodecid" in meta or "width" in meta
     has_audio = "audiocodecid" in meta or "audiosamplerate" in meta
     return (has_audio, has_video) if has_audio or has_video else None

@@ -58,6 +58,20 @@ class ViewerSink(Protocol):
     def finish(self, reason: str) -> None: ...
 
 
+class FrameTap(Protocol):
+    """Something that consumes a stream's frames without a socket of its own (an HLS muxer)."""
+
+    def begin(self, cache: GopCache) -> None:
+        """The stream is live: what it carries is in `cache`, with the current GOP."""
+
+    def frames(self, frames: list[Frame]) -> None: ...
+
+    def discontinuity(self) -> None:
+        """What follows comes from a new upstream or a new publish session."""
+
+    def end(self, reason: str, status: int) -> None: ...
+
+
 class ViewerState:
     """Per-viewer delivery bookkeeping: how far behind the socket is, and whether it is skipping."""
 
@@ -103,6 +117,7 @@ class StreamFeed:
         self.closed = False
         self.viewers: dict[ViewerSink, ViewerState] = {}
         self.waiting: list[ViewerSink] = []
+        self.taps: list[FrameTap] = []
         self.pending: list[Frame] = []
         self.flush_handle: asyncio.TimerHandle | None = None
         self.last_flush = 0.0
@@ -130,7 +145,23 @@ class StreamFeed:
             VIEWERS.dec()
         if sink in self.waiting:
             self.waiting.remove(sink)
-        if not self.viewers and not self.waiting and not self.closed and self.idle_handle is None:
+        self._linger()
+
+    def add_tap(self, tap: FrameTap) -> None:
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+            self.idle_handle = None
+        self.taps.append(tap)
+        if self.live:
+            tap.begin(self.cache)
+
+    def remove_tap(self, tap: FrameTap) -> None:
+        if tap in self.taps:
+            self.taps.remove(tap)
+        self._linger()
+
+    def _linger(self) -> None:
+        if not self.viewers and not self.waiting and not self.taps and not self.closed and self.idle_handle is None:
             self.idle_handle = asyncio.get_running_loop().call_later(
                 IDLE_LINGER, self.close, "no viewers left")
 
@@ -153,6 +184,10 @@ class StreamFeed:
             self._finish(self.close_reason or reason, status)
 
     def _on_header(self, header: StreamHeader, new_timeline: bool) -> None:
+        if self.live and self.taps:
+            self.flush()  # what came before belongs before the discontinuity
+            for tap in self.taps:
+                tap.discontinuity()
         self.cache.apply_header(header)
         if not self.live:
             self._go_live()
@@ -169,6 +204,8 @@ class StreamFeed:
         waiting, self.waiting = self.waiting, []
         for sink in waiting:
             self._start(sink)
+        for tap in self.taps:
+            tap.begin(self.cache)
         event(log, "feed.start", stream=self.path, viewers=len(self.viewers))
 
     def _on_frames(self, frames: list[Frame]) -> None:
@@ -187,13 +224,18 @@ class StreamFeed:
                 self.flush_handle = asyncio.get_running_loop().call_later(delay, self.flush)
 
     def flush(self) -> None:
-        self.flush_handle = None
+        if self.flush_handle is not None:
+            self.flush_handle.cancel()
+            self.flush_handle = None
         frames, self.pending = self.pending, []
         if not frames:
             return
         now = time.monotonic()
         self.last_flush = now
         self.cache.add_all(frames)
+        if self.live:
+            for tap in self.taps:
+                tap.frames(frames)
         encoded: dict[Hashable, bytes] = {}  # per format: these frames, made once
         resumed: dict[Hashable, bytes] = {}  # per format: from the first resume point on
         resume_at: int | None = -1
@@ -261,6 +303,9 @@ class StreamFeed:
             sink.refuse(status or 404, reason)
         for sink in list(self.viewers):
             sink.finish(reason)
+        for tap in list(self.taps):
+            tap.end(reason, 0 if self.live else status or 404)
+        self.taps.clear()
         VIEWERS.dec(len(self.viewers))
         self.viewers.clear()
         self.waiting.clear()

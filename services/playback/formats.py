@@ -27,6 +27,26 @@ def http_chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
+def websocket_message(data: bytes) -> bytes:
+    """One unmasked binary WebSocket frame (RFC 6455 5.2), as a server sends it."""
+    size = len(data)
+    if size < 126:
+        head = bytes((0x82, size))
+    elif size < 1 << 16:
+        head = b"\x82\x7e" + size.to_bytes(2, "big")
+    else:
+        head = b"\x82\x7f" + size.to_bytes(8, "big")
+    return head + data
+
+
+def flv_start(cache: GopCache) -> bytes:
+    """The FLV file header and the tags a joining viewer starts with."""
+    has_audio, has_video = cache.has_audio, cache.has_video
+    if not has_audio and not has_video:
+        has_audio = has_video = True  # nothing known yet: announce both, as SRS does
+    return flv.file_header(has_audio, has_video) + flv.tags(start_frames(cache))
+
+
 def start_frames(cache: GopCache) -> list[Frame]:
     """Metadata and sequence headers stamped with the GOP's first timestamp, then the GOP: players take
     the first timestamp they see as the start, so nothing may come before it."""
@@ -41,13 +61,22 @@ class HttpFlv:
     key = "http-flv"
 
     def head(self, cache: GopCache) -> bytes:
-        has_audio, has_video = cache.has_audio, cache.has_video
-        if not has_audio and not has_video:
-            has_audio = has_video = True  # nothing known yet: announce both, as SRS does
-        return http_chunk(flv.file_header(has_audio, has_video) + flv.tags(start_frames(cache)))
+        return http_chunk(flv_start(cache))
 
     def body(self, frames: list[Frame]) -> bytes:
         return http_chunk(flv.tags(frames))
+
+
+class WebSocketFlv:
+    """An FLV stream in binary WebSocket messages, one per flush (mpegts.js and flv.js reassemble it)."""
+
+    key = "ws-flv"
+
+    def head(self, cache: GopCache) -> bytes:
+        return websocket_message(flv_start(cache))
+
+    def body(self, frames: list[Frame]) -> bytes:
+        return websocket_message(flv.tags(frames))
 
 
 class RtmpPlay:
@@ -65,3 +94,4 @@ class RtmpPlay:
 
 
 HTTP_FLV = HttpFlv()
+WEBSOCKET_FLV = WebSocketFlv()

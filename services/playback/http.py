@@ -1,31 +1,40 @@
-"""The playback node's HTTP/1.1 front: /{app}/{stream}.flv (HTTP-FLV) and /metrics.
+"""The playback node's HTTP/1.1 connections: short responses (playlists, segments, pages, /metrics) with
+keep-alive, long ones (an HTTP-FLV body, a WebSocket-FLV upgrade) that last as long as the stream.
 
-h11 parses the request (bounded: a request head over 16 KiB, or one that takes longer than
-REQUEST_TIMEOUT to arrive, is refused). For a stream, h11 writes the response head and the feed then
-writes pre-framed HTTP chunks straight to the transport: that is the serialize-once path, so h11 is not
-asked to frame each chunk per viewer.
+h11 parses requests, bounded: a request head over 16 KiB, or one that takes longer than REQUEST_TIMEOUT
+to arrive, is refused, and bytes a client sends while its answer is pending are capped too. The session
+only speaks HTTP; what a path means is the router's business (services.playback.server).
+
+For a stream, h11 (or the WebSocket handshake) writes the response head and the feed then writes
+pre-framed bytes straight to the transport: that is the serialize-once path, so nothing is framed per
+viewer. What a WebSocket-FLV viewer sends is read by wsproto, which answers pings and closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import h11
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from wsproto import ConnectionType
+from wsproto.connection import Connection as WebSocket
+from wsproto.events import CloseConnection, Ping
+from wsproto.utilities import RemoteProtocolError as WebSocketError
+from wsproto.utilities import generate_accept_token
 
 from castmesh.mesh.logs import event
-from services.playback.formats import HTTP_FLV, OutputFormat
+from services.playback.formats import HTTP_FLV, WEBSOCKET_FLV, OutputFormat
 
 log = logging.getLogger("castmesh.playback")
 
 REQUEST_TIMEOUT = 10.0
+IDLE_TIMEOUT = 60.0  # a kept-alive connection with no request for this long is closed
 MAX_REQUEST_HEAD = 16 * 1024
-FLV_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})\.flv$")
+MAX_WEBSOCKET_INPUT = 64 * 1024  # what a viewer may send between two reads of it
 CORS = [
     ("Access-Control-Allow-Origin", "*"),
     ("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS"),
@@ -34,133 +43,221 @@ CORS = [
 ]
 SERVER = ("Server", "castmesh")
 REASONS = {200: b"OK", 204: b"No Content", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-           408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large",
-           502: b"Bad Gateway"}
+           408: b"Request Timeout", 413: b"Content Too Large", 415: b"Unsupported Media Type",
+           426: b"Upgrade Required", 431: b"Request Header Fields Too Large", 502: b"Bad Gateway",
+           503: b"Service Unavailable", 504: b"Gateway Timeout"}
 
-OpenStream = Callable[[str, str, "HttpSession"], None]
+Headers = list[tuple[str, str]]
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # names in lower case
+
+    @property
+    def websocket(self) -> bool:
+        return self.headers.get("upgrade", "").lower() == "websocket"
+
+
+Router = Callable[["HttpSession", Request], None]
 
 
 class HttpSession(asyncio.Protocol):
-    """One HTTP connection. Serves one request, then closes (a stream response lasts as long as the stream)."""
-
-    def __init__(self, open_stream: OpenStream, on_gone: Callable[[HttpSession], None]) -> None:
-        self.open_stream = open_stream
+    def __init__(self, route: Router, on_gone: Callable[[HttpSession], None]) -> None:
+        self.route = route
         self.on_gone = on_gone
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer = "?"
+        self.request: Request | None = None  # the one being answered
         self.streaming = False
-        self.head_only = False
-        self.target = ""
+        self.websocket: WebSocket | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
-        self.head_bytes = 0
+        self.received = 0  # bytes since the current request began
         self.format: OutputFormat = HTTP_FLV
+        self.requests = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT, self._timeout)
-
-    def data_received(self, data: bytes) -> None:
-        if self.done or self.target:
-            return  # a viewer has nothing more to say; what it sends is dropped, never buffered
-        self.head_bytes += len(data)
-        if self.head_bytes > MAX_REQUEST_HEAD:
-            # h11's own cap only applies while the head is incomplete; a big head in one read passes it.
-            self._simple(431, f"request head over {MAX_REQUEST_HEAD} bytes\n")
-            return
-        try:
-            self.http.receive_data(data)
-            ev = self.http.next_event()
-        except h11.RemoteProtocolError as exc:
-            self._simple(exc.error_status_hint, f"bad request: {exc}\n")
-            return
-        if isinstance(ev, h11.Request):
-            self._route(ev)
+        self._arm(REQUEST_TIMEOUT)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.done = True
-        if self.timer is not None:
-            self.timer.cancel()
+        self._disarm()
         self.on_gone(self)
 
-    def _timeout(self) -> None:
-        if not self.target:
-            self._simple(408, "request took too long\n")
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        if self.websocket is not None:
+            self._websocket_input(data)
+            return
+        if self.streaming:
+            return  # an HTTP-FLV viewer has nothing more to say; what it sends is dropped, never buffered
+        self.received += len(data)
+        if self.received > MAX_REQUEST_HEAD:
+            # h11's own cap only applies while a head is incomplete; a big head in one read passes it,
+            # and so would requests piled up behind one that is still being answered.
+            self.respond(431, f"request head over {MAX_REQUEST_HEAD} bytes\n".encode(), close=True)
+            return
+        try:
+            self.http.receive_data(data)
+        except h11.RemoteProtocolError as exc:
+            self.respond(exc.error_status_hint, f"bad request: {exc}\n".encode(), close=True)
+            return
+        self._next_request()
 
-    # Routing --------------------------------------------------------------------------------------------
+    def _next_request(self) -> None:
+        if self.request is not None or self.done:
+            return
+        try:
+            ev = self.http.next_event()
+        except h11.RemoteProtocolError as exc:
+            self.respond(exc.error_status_hint, f"bad request: {exc}\n".encode(), close=True)
+            return
+        if isinstance(ev, h11.Request):
+            self._disarm()
+            target = urlsplit(ev.target.decode("ascii", "replace"))
+            self.request = Request(ev.method.decode("ascii", "replace"), target.path,
+                                   dict(parse_qsl(target.query)),
+                                   {k.decode("latin-1"): v.decode("latin-1") for k, v in ev.headers})
+            self.requests += 1
+            self._dispatch(self.request)
+        elif isinstance(ev, h11.ConnectionClosed):
+            self.transport.close()
 
-    def _route(self, request: h11.Request) -> None:
+    def _dispatch(self, request: Request) -> None:
+        if request.method == "OPTIONS":
+            self.respond(204, b"")
+        elif request.method not in ("GET", "HEAD"):
+            self.respond(405, b"only GET, HEAD and OPTIONS\n", [("Allow", "GET, HEAD, OPTIONS")])
+        else:
+            self.route(self, request)
+
+    def _arm(self, delay: float) -> None:
+        self._disarm()
+        self.timer = asyncio.get_running_loop().call_later(delay, self._timeout)
+
+    def _disarm(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        method = request.method.decode("ascii", "replace")
-        path = urlsplit(request.target.decode("ascii", "replace")).path
-        self.target = path
-        if method == "OPTIONS":
-            self._simple(204, "")
-            return
-        if method not in ("GET", "HEAD"):
-            self._simple(405, "only GET, HEAD and OPTIONS\n", [("Allow", "GET, HEAD, OPTIONS")])
-            return
-        self.head_only = method == "HEAD"
-        if path == "/metrics":
-            self._simple(200, generate_latest().decode(), [("Content-Type", CONTENT_TYPE_LATEST)])
-            return
-        match = FLV_PATH.match(path)
-        if match is None:
-            self._simple(404, "no such path; streams are at /{app}/{stream}.flv\n")
-            return
-        self.open_stream(match["app"], match["stream"], self)
 
-    def _simple(self, status: int, body: str, headers: list[tuple[str, str]] | None = None) -> None:
-        """A complete small response, then close."""
-        if self.done:
+    def _timeout(self) -> None:
+        self.timer = None
+        if self.request is None and not self.done:
+            if self.requests and self.received == 0:
+                self.done = True
+                self.transport.close()  # an idle kept-alive connection: nothing to say
+            else:
+                self.respond(408, b"request took too long\n", close=True)
+
+    # Short responses ------------------------------------------------------------------------------------
+
+    def respond(self, status: int, body: bytes, headers: Headers | None = None, close: bool = False) -> None:
+        """A complete response. The connection stays open for the next request unless the client (or
+        `close`) says otherwise."""
+        if self.done or self.streaming:
             return
-        payload = body.encode()
-        head = [SERVER, *CORS, ("Connection", "close"), ("Content-Length", str(len(payload)))]
+        head = [SERVER, *CORS, ("Content-Length", str(len(body)))]
+        if close:
+            head.append(("Connection", "close"))
         if headers is None or all(k.lower() != "content-type" for k, _ in headers):
             head.append(("Content-Type", "text/plain; charset=utf-8"))
         head += headers or []
+        head_only = self.request is not None and self.request.method == "HEAD"
         try:
-            out = self.http.send(h11.Response(status_code=status, headers=head, reason=REASONS.get(status, b"")))
+            out = self.http.send(h11.Response(status_code=status, headers=head, reason=REASONS.get(status, b""))) or b""
+            if body and not head_only:
+                out += self.http.send(h11.Data(data=body)) or b""
+            out += self.http.send(h11.EndOfMessage()) or b""
         except h11.LocalProtocolError:
-            out = b""
-        if out:
-            self.transport.write(out)
-            if not self.head_only:
-                self.transport.write(payload)
-        self.done = True
-        self.transport.close()
+            close, out = True, b""
+        self.transport.write(out)
+        self.request = None
+        self._end_of_request()
+        if close or self.http.our_state is not h11.DONE or self.http.their_state is not h11.DONE:
+            self.done = True
+            self.transport.close()
+            return
+        self.http.start_next_cycle()
+        self.received = len(self.http.trailing_data[0])
+        self._arm(IDLE_TIMEOUT if not self.received else REQUEST_TIMEOUT)
+        self._next_request()
+
+    def _end_of_request(self) -> None:
+        """Read past the rest of the answered request (h11 reports its end as an event of its own); a
+        request body that has not all arrived leaves the connection to be closed."""
+        try:
+            while self.http.their_state is h11.SEND_BODY:
+                if self.http.next_event() is h11.NEED_DATA:
+                    return
+        except h11.RemoteProtocolError:
+            return
 
     # ViewerSink: called by the stream's feed ------------------------------------------------------------
 
     def start(self, body: bytes) -> bool:
         """Send the response head and the stream's start; False if this sink will not take frames."""
-        if self.done:
+        if self.done or self.request is None:
             return False
-        head = self.http.send(h11.Response(status_code=200, reason=b"OK", headers=[
-            SERVER, *CORS, ("Content-Type", "video/x-flv"), ("Cache-Control", "no-cache"),
-            ("Connection", "close"), ("Transfer-Encoding", "chunked")]))
+        request = self.request
         self.streaming = True
-        self.transport.write(head)
-        if self.head_only:
+        if self.format is WEBSOCKET_FLV:
+            key = request.headers.get("sec-websocket-key", "").encode()
+            head = self.http.send(h11.InformationalResponse(status_code=101, reason=b"Switching Protocols", headers=[
+                SERVER, ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Accept", generate_accept_token(key).decode())]))
+            self.websocket = WebSocket(ConnectionType.SERVER, trailing_data=self.http.trailing_data[0])
+        else:
+            head = self.http.send(h11.Response(status_code=200, reason=b"OK", headers=[
+                SERVER, *CORS, ("Content-Type", "video/x-flv"), ("Cache-Control", "no-cache"),
+                ("Connection", "close"), ("Transfer-Encoding", "chunked")]))
+        self.transport.write(head or b"")
+        if request.method == "HEAD":
             self.done = True
             self.transport.close()
             return False
         self.transport.write(body)
-        event(log, "viewer.start", peer=self.peer, path=self.target)
+        event(log, "viewer.start", peer=self.peer, path=request.path,
+              protocol="ws-flv" if self.websocket is not None else "http-flv")
         return True
 
     def refuse(self, status: int, reason: str) -> None:
-        self._simple(status, f"{reason}\n")
+        self.respond(status, f"{reason}\n".encode(), close=True)
 
     def finish(self, reason: str) -> None:
         if self.done:
             return
         self.done = True
-        self.transport.write(b"0\r\n\r\n")
+        if self.websocket is not None:
+            self.transport.write(self.websocket.send(CloseConnection(code=1000, reason=reason[:100])))
+        else:
+            self.transport.write(b"0\r\n\r\n")
         self.transport.close()
-        event(log, "viewer.stop", peer=self.peer, path=self.target, reason=reason)
+        event(log, "viewer.stop", peer=self.peer, path=self.request.path if self.request else "?", reason=reason)
+
+    def _websocket_input(self, data: bytes) -> None:
+        """Control frames from a WebSocket-FLV viewer; its data messages mean nothing here and are dropped."""
+        assert self.websocket is not None
+        if len(data) > MAX_WEBSOCKET_INPUT:
+            self.finish("sent too much")
+            return
+        try:
+            self.websocket.receive_data(data)
+            for ev in self.websocket.events():
+                if isinstance(ev, CloseConnection):
+                    self.transport.write(self.websocket.send(ev.response()))
+                    self.done = True
+                    self.transport.close()
+                    return
+                if isinstance(ev, Ping):
+                    self.transport.write(self.websocket.send(ev.response()))
+        except WebSocketError as exc:
+            self.finish(f"bad WebSocket input: {exc}")

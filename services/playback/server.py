@@ -1,29 +1,58 @@
-"""The playback service: HTTP-FLV and RTMP viewers, served from one shared StreamFeed per stream."""
+"""The playback service: HTTP-FLV, WebSocket-FLV, HLS and RTMP viewers, served from one shared StreamFeed
+(one upstream subscription) per stream.
+
+HTTP paths:
+  /{app}/{stream}.flv                      HTTP-FLV, or WebSocket-FLV with an Upgrade
+  /{app}/{stream}.m3u8[?format=ts|fmp4]    HLS (default: TS for H.264, fMP4 for HEVC/AV1/VP9)
+  /{app}/{stream}/hls/{muxer}/{segment}    its segments and initialization segments
+  /metrics                                 Prometheus
+"""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from castmesh.media.frames import stream_key, stream_path
+from castmesh.media.hls import CONTAINERS
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.subscription import Locate
 from castmesh.rtmp.connection import ServerConnection
 from services.playback.feed import StreamFeed, ViewerSink
-from services.playback.http import HttpSession
+from services.playback.formats import WEBSOCKET_FLV
+from services.playback.hls import HlsMuxer
+from services.playback.http import HttpSession, Request
 from services.playback.rtmp import RtmpPlayer, RtmpPlaySession
+
+STREAM_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})"
+                         r"(?:\.(?P<ext>flv|m3u8)|/hls/(?P<muxer>[0-9a-f]{8})/(?P<file>[A-Za-z0-9_.-]{1,32}))$")
+NO_CACHE = ("Cache-Control", "no-cache")
+CACHEABLE = ("Cache-Control", "max-age=600")  # a segment's name always means the same bytes
+
+
+@dataclass(slots=True, frozen=True)
+class PlaybackSettings:
+    merge_ms: float = 50.0
+    max_lag: float = 3.0
+    hls_segment_ms: int = 2000
+    hls_window: int = 6
+    hls_idle: float = 30.0
 
 
 class Playback:
-    def __init__(self, locate: Locate, merge_ms: float = 30.0, max_lag: float = 3.0,
-                 node_id: str = "playback") -> None:
+    def __init__(self, locate: Locate, settings: PlaybackSettings | None = None, node_id: str = "playback") -> None:
         self.locate = locate
+        self.settings = settings or PlaybackSettings()
         self.links = RelayLinks()
         self.node_id = node_id
-        self.merge_ms = merge_ms
-        self.max_lag = max_lag
         self.feeds: dict[str, StreamFeed] = {}
         self.sessions: dict[ViewerSink, StreamFeed | None] = {}
+        self.muxers: dict[tuple[str, str], HlsMuxer] = {}  # (stream path, container) -> muxer
+        self.muxer_ids: dict[str, HlsMuxer] = {}
 
     async def listen(self, host: str, port: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -49,21 +78,90 @@ class Playback:
             player.refuse(404, "connect named no application (rtmp://host/APP/stream)")
             return lambda: None
         self.sessions[player] = None
-        self._open_stream(app, name, player)
+        self._watch(app, name, player)
         return lambda: self._gone(player)
 
-    def _session(self) -> HttpSession:
-        session = HttpSession(self._open_stream, self._gone)
-        self.sessions[session] = None
-        return session
+    # HTTP -----------------------------------------------------------------------------------------------
 
-    def _open_stream(self, app: str, name: str, session: ViewerSink) -> None:
+    def _session(self) -> HttpSession:
+        return HttpSession(self.route, self._gone)
+
+    def route(self, session: HttpSession, request: Request) -> None:
+        if request.path == "/metrics":
+            session.respond(200, generate_latest(), [("Content-Type", CONTENT_TYPE_LATEST), NO_CACHE])
+            return
+        match = STREAM_PATH.match(request.path)
+        if match is None:
+            session.respond(404, b"no such path; streams are at /{app}/{stream}.flv or .m3u8\n")
+        elif match["ext"] == "flv":
+            self._flv(session, request, match["app"], match["stream"])
+        elif match["ext"] == "m3u8":
+            self._playlist(session, request, match["app"], match["stream"])
+        else:
+            self._hls_file(session, match["app"], match["stream"], match["muxer"], match["file"])
+
+    def _flv(self, session: HttpSession, request: Request, app: str, name: str) -> None:
+        if request.websocket:
+            if request.headers.get("sec-websocket-version") != "13" or not request.headers.get("sec-websocket-key"):
+                session.respond(426, b"WebSocket version 13 with a Sec-WebSocket-Key, please\n",
+                                [("Sec-WebSocket-Version", "13")], close=True)
+                return
+            session.format = WEBSOCKET_FLV
+        self.sessions[session] = None
+        self._watch(app, name, session)
+
+    def _playlist(self, session: HttpSession, request: Request, app: str, name: str) -> None:
+        container = request.query.get("format", "auto")
+        if container not in CONTAINERS:
+            session.respond(400, f"format is one of {', '.join(CONTAINERS)}\n".encode())
+            return
+        feed = self._feed(app, name)
+        key = (feed.path, container)
+        muxer = self.muxers.get(key)
+        if muxer is None:
+            settings = self.settings
+            muxer = HlsMuxer(feed.path, container, settings.hls_segment_ms, settings.hls_window, settings.hls_idle,
+                             lambda m: self._muxer_stopped(m, feed))
+            self.muxers[key] = self.muxer_ids[muxer.id] = muxer
+            feed.add_tap(muxer)
+
+        def answer(status: int, body: bytes, reason: str) -> None:
+            if status == 200:
+                session.respond(200, body, [("Content-Type", "application/vnd.apple.mpegurl"), NO_CACHE])
+            else:
+                session.respond(status, f"{reason}\n".encode(), [NO_CACHE])
+
+        muxer.playlist(f"{name}/hls/{muxer.id}/", session.peer, answer)
+
+    def _hls_file(self, session: HttpSession, app: str, name: str, muxer_id: str, file: str) -> None:
+        muxer = self.muxer_ids.get(muxer_id)
+        found = muxer.file(file) if muxer is not None and muxer.path == stream_path(stream_key(app, name)) else None
+        if found is None:
+            session.respond(404, b"no such segment (it may have left the window)\n")
+            return
+        data, content_type = found
+        session.respond(200, data, [("Content-Type", content_type), CACHEABLE])
+
+    def _muxer_stopped(self, muxer: HlsMuxer, feed: StreamFeed) -> None:
+        if self.muxers.get((muxer.path, muxer.container)) is muxer:
+            del self.muxers[(muxer.path, muxer.container)]
+        self.muxer_ids.pop(muxer.id, None)
+        feed.remove_tap(muxer)
+
+    # Feeds ----------------------------------------------------------------------------------------------
+
+    def _feed(self, app: str, name: str) -> StreamFeed:
         key = stream_key(app, name)
         path = stream_path(key)
         feed = self.feeds.get(path)
         if feed is None or feed.closed:
-            feed = self.feeds[path] = StreamFeed(self.locate, self.links, key, self.merge_ms, self.max_lag,
+            settings = self.settings
+            feed = self.feeds[path] = StreamFeed(self.locate, self.links, key, settings.merge_ms, settings.max_lag,
                                                  self._feed_closed, self.node_id)
+        return feed
+
+    def _watch(self, app: str, name: str, session: ViewerSink) -> None:
+        feed = self._feed(app, name)
         self.sessions[session] = feed
         feed.add(session)
 

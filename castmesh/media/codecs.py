@@ -1,0 +1,236 @@
+"""What a container muxer needs from FLV tag bodies: codec configuration and the coded samples, split out
+without decoding anything.
+
+Video: legacy FLV AVC (codec 7) and HEVC (codec 12, the common extension), and enhanced RTMP (hvc1, av01,
+vp09, avc1 FourCCs). Samples stay in the length-prefixed form FLV carries (AVCC/HVCC), which is what MP4
+wants; MPEG-TS turns them into Annex-B with `annex_b`. Audio: AAC, whose AudioSpecificConfig is read for
+the ADTS header MPEG-TS needs.
+
+Every reader checks lengths and raises CodecError on truncated or inconsistent input: a muxer drops that
+frame and carries on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_AVC, _HEVC_LEGACY = 7, 12
+_AAC = 10
+_EX_SEQUENCE_START, _EX_CODED_FRAMES, _EX_SEQUENCE_END, _EX_CODED_FRAMES_X = 0, 1, 2, 3
+_FOURCCS = {b"avc1": "avc1", b"hvc1": "hvc1", b"av01": "av01", b"vp09": "vp09"}
+AAC_SAMPLE_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
+MAX_NAL_UNITS = 4096  # per frame; a real encoder writes a handful
+
+
+class CodecError(ValueError):
+    """A tag body that does not hold what its header says."""
+
+
+@dataclass(slots=True, frozen=True)
+class VideoConfig:
+    codec: str  # the MP4 sample entry: avc1, hvc1, av01, vp09
+    record: bytes  # the decoder configuration record (avcC, hvcC, av1C, vpcC box body)
+    nal_length_size: int = 4
+    parameter_sets: tuple[bytes, ...] = ()  # AVC: SPS then PPS, as NAL units
+
+
+@dataclass(slots=True)
+class VideoSample:
+    """One coded picture: `data` is length-prefixed NAL units (AV1/VP9: the raw frame)."""
+
+    keyframe: bool
+    composition_ms: int
+    data: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class AudioConfig:
+    codec: str  # "mp4a"
+    object_type: int
+    sample_rate: int
+    rate_index: int
+    channels: int
+    record: bytes  # AudioSpecificConfig
+
+
+def _s24(b: bytes | memoryview, at: int) -> int:
+    value = (b[at] << 16) | (b[at + 1] << 8) | b[at + 2]
+    return value - (1 << 24) if value & 0x800000 else value
+
+
+def read_video(payload: bytes) -> VideoConfig | VideoSample | None:
+    """A video tag body as a configuration, a sample, or None (sequence end, metadata, unsupported codec)."""
+    if len(payload) < 2:
+        raise CodecError("video tag shorter than its header")
+    b0 = payload[0]
+    if b0 & 0x80:  # enhanced RTMP: ExVideoTagHeader with a FourCC
+        if len(payload) < 5:
+            raise CodecError("enhanced video tag shorter than its FourCC")
+        packet_type, frame_type = b0 & 0x0F, (b0 >> 4) & 0x07
+        codec = _FOURCCS.get(bytes(payload[1:5]))
+        if codec is None:
+            return None
+        if packet_type == _EX_SEQUENCE_START:
+            return _video_config(codec, payload[5:])
+        if packet_type == _EX_CODED_FRAMES:
+            if len(payload) < 8:
+                raise CodecError("enhanced coded frame shorter than its composition time")
+            cts = _s24(payload, 5) if codec in ("avc1", "hvc1") else 0
+            return VideoSample(frame_type == 1, cts, payload[8:])
+        if packet_type == _EX_CODED_FRAMES_X:
+            return VideoSample(frame_type == 1, 0, payload[5:])
+        return None
+    frame_type, codec_id = b0 >> 4, b0 & 0x0F
+    if codec_id not in (_AVC, _HEVC_LEGACY):
+        return None
+    if len(payload) < 5:
+        raise CodecError("AVC/HEVC tag shorter than its 5-byte header")
+    codec = "avc1" if codec_id == _AVC else "hvc1"
+    if payload[1] == 0:
+        return _video_config(codec, payload[5:])
+    if payload[1] == 1:
+        return VideoSample(frame_type == 1, _s24(payload, 2), payload[5:])
+    return None
+
+
+def _video_config(codec: str, record: bytes) -> VideoConfig:
+    if codec == "avc1":
+        return _avc_config(record)
+    if codec == "hvc1":
+        if len(record) < 23:
+            raise CodecError("HEVC decoder configuration record shorter than 23 bytes")
+        return VideoConfig(codec, bytes(record), (record[21] & 0x03) + 1)
+    if not record:
+        raise CodecError(f"empty {codec} configuration record")
+    return VideoConfig(codec, bytes(record), 4)
+
+
+def _avc_config(record: bytes) -> VideoConfig:
+    """AVCDecoderConfigurationRecord (ISO 14496-15 5.3.3.1): version, profile, compat, level,
+    lengthSizeMinusOne, SPS count and list, PPS count and list."""
+    if len(record) < 7 or record[0] != 1:
+        raise CodecError("AVC decoder configuration record is truncated or not version 1")
+    sets: list[bytes] = []
+    pos = 5
+    for count_mask in (0x1F, 0xFF):
+        if pos >= len(record):
+            raise CodecError("AVC decoder configuration record ends before its parameter sets")
+        count = record[pos] & count_mask
+        pos += 1
+        for _ in range(count):
+            if pos + 2 > len(record):
+                raise CodecError("AVC parameter set length past the record's end")
+            size = (record[pos] << 8) | record[pos + 1]
+            pos += 2
+            if size == 0 or pos + size > len(record):
+                raise CodecError("AVC parameter set past the record's end")
+            sets.append(bytes(record[pos:pos + size]))
+            pos += size
+    return VideoConfig("avc1", bytes(record), (record[4] & 0x03) + 1, tuple(sets))
+
+
+def nal_units(data: bytes, length_size: int) -> list[memoryview]:
+    """The NAL units of a length-prefixed sample."""
+    view = memoryview(data)
+    units: list[memoryview] = []
+    pos, end = 0, len(data)
+    while pos < end:
+        if pos + length_size > end:
+            raise CodecError("NAL unit length past the sample's end")
+        size = int.from_bytes(view[pos:pos + length_size], "big")
+        pos += length_size
+        if pos + size > end:
+            raise CodecError(f"NAL unit of {size} bytes past the sample's end")
+        units.append(view[pos:pos + size])
+        pos += size
+        if len(units) > MAX_NAL_UNITS:
+            raise CodecError(f"more than {MAX_NAL_UNITS} NAL units in one sample")
+    return units
+
+
+_START = b"\x00\x00\x00\x01"
+_AVC_AUD = _START + b"\x09\xf0"
+_AVC_SPS, _AVC_PPS, _AVC_AUD_TYPE = 7, 8, 9
+
+
+def annex_b(sample: VideoSample, config: VideoConfig) -> bytes:
+    """An H.264 access unit as MPEG-TS carries it: an access unit delimiter, SPS and PPS before every
+    keyframe (a player may start at any segment), then each NAL unit behind a start code."""
+    units = nal_units(sample.data, config.nal_length_size)
+    out: list[bytes | memoryview] = [_AVC_AUD]
+    if sample.keyframe and not any(u[0] & 0x1F == _AVC_SPS for u in units if len(u)):
+        for ps in config.parameter_sets:
+            out += (_START, ps)
+    for unit in units:
+        if len(unit) and unit[0] & 0x1F != _AVC_AUD_TYPE:
+            out += (_START, unit)
+    return b"".join(out)
+
+
+def read_audio(payload: bytes) -> AudioConfig | bytes | None:
+    """An audio tag body as an AAC configuration, a raw AAC frame, or None (another codec)."""
+    if not payload:
+        raise CodecError("empty audio tag")
+    if payload[0] >> 4 != _AAC:
+        return None
+    if len(payload) < 2:
+        raise CodecError("AAC tag shorter than its 2-byte header")
+    if payload[1] == 0:
+        return aac_config(payload[2:])
+    return payload[2:]
+
+
+def aac_config(asc: bytes) -> AudioConfig:
+    """The parts of an AudioSpecificConfig (ISO 14496-3 1.6.2.1) that ADTS and MP4 need. For HE-AAC
+    (explicit SBR/PS signalling) this is the core AAC-LC layer, which is what ADTS describes."""
+    head = bytes(asc[:16])  # every field read here lies in the first 12 bytes
+    bits, remaining = int.from_bytes(head, "big"), len(head) * 8
+
+    def take(n: int) -> int:
+        nonlocal remaining
+        if n > remaining:
+            raise CodecError("AudioSpecificConfig is truncated")
+        remaining -= n
+        return (bits >> remaining) & ((1 << n) - 1)
+
+    def object_type() -> int:
+        aot = take(5)
+        return 32 + take(6) if aot == 31 else aot
+
+    def rate() -> tuple[int, int]:
+        index = take(4)
+        if index == 15:
+            explicit = take(24)
+            nearest = min(range(len(AAC_SAMPLE_RATES)), key=lambda i: abs(AAC_SAMPLE_RATES[i] - explicit))
+            return explicit, nearest
+        if index >= len(AAC_SAMPLE_RATES):
+            raise CodecError(f"AAC sampling frequency index {index} is reserved")
+        return AAC_SAMPLE_RATES[index], index
+
+    aot = object_type()
+    sample_rate, index = rate()
+    channels = take(4)
+    if aot in (5, 29):  # SBR / PS: the extension rate, then the core object type
+        rate()
+        aot = object_type()
+    if not 1 <= aot <= 4:
+        aot = 2  # ADTS can only say Main, LC, SSR or LTP; players treat others as LC
+    if channels == 0 or channels > 7:
+        raise CodecError(f"AAC channel configuration {channels} is not supported")
+    return AudioConfig("mp4a", aot, sample_rate, index, channels, bytes(asc))
+
+
+def adts_header(config: AudioConfig, frame_size: int) -> bytes:
+    """The 7-byte ADTS header (no CRC) for one raw AAC frame."""
+    length = frame_size + 7
+    if length > 0x1FFF:
+        raise CodecError(f"AAC frame of {frame_size} bytes does not fit ADTS")
+    profile = config.object_type - 1
+    return bytes((
+        0xFF, 0xF1,
+        (profile << 6) | (config.rate_index << 2) | (config.channels >> 2),
+        ((config.channels & 0x03) << 6) | (length >> 11),
+        (length >> 3) & 0xFF,
+        ((length & 0x07) << 5) | 0x1F,
+        0xFC,
+    ))

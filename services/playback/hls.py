@@ -1,0 +1,154 @@
+"""HLS on a playback node: one muxer per stream and container, fed by the stream's StreamFeed like any
+viewer, and answering playlist and segment requests from memory.
+
+A muxer exists only while someone asks for it: the first playlist request starts it (from the feed's GOP
+cache, so the first segment begins at once), and it stops after `idle` seconds without a request, which
+lets the feed drop its upstream subscription when nobody else watches. A playlist request that arrives
+before the first segment is complete waits for it, as long as about three target durations.
+
+Segment names carry the muxer's id, so a name always means the same bytes and segments can be cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+
+from prometheus_client import Counter, Gauge
+
+from castmesh.media.gop import GopCache
+from castmesh.media.hls import HlsError, Segmenter
+from castmesh.mesh.logs import event
+from castmesh.proto.v1.media_pb2 import Frame
+from services.playback.formats import start_frames
+
+log = logging.getLogger("castmesh.playback")
+
+MUXERS = Gauge("castmesh_playback_hls_muxers", "HLS muxers running")
+SEGMENTS = Counter("castmesh_playback_hls_segments", "HLS segments made")
+HLS_REQUESTS = Counter("castmesh_playback_hls_requests", "HLS playlist and segment requests", ["kind"])
+CLIENT_WINDOW = 3  # target durations: a client that fetched a playlist within this is counted as watching
+
+Answer = Callable[[int, bytes, str], None]  # status, body, reason
+
+
+class HlsMuxer:
+    def __init__(self, path: str, container: str, target_ms: int, window: int, idle: float,
+                 on_stop: Callable[[HlsMuxer], None]) -> None:
+        self.id = secrets.token_hex(4)
+        self.path = path
+        self.container = container
+        self.segmenter = Segmenter(container, target_ms, window)
+        self.idle = idle
+        self.on_stop = on_stop
+        self.waiters: list[Answer] = []
+        self.clients: dict[str, float] = {}
+        self.last_request = time.monotonic()
+        self.stopped = False
+        self.ended = ""
+        self.idle_handle = asyncio.get_running_loop().call_later(idle, self._check_idle)
+        MUXERS.inc()
+        event(log, "hls.start", stream=path, muxer=self.id, container=container)
+
+    # FrameTap -------------------------------------------------------------------------------------------
+
+    def begin(self, cache: GopCache) -> None:
+        self.segmenter.has_video, self.segmenter.has_audio = cache.has_video, cache.has_audio
+        self.frames(start_frames(cache))
+
+    def frames(self, frames: list[Frame]) -> None:
+        try:
+            done = self.segmenter.push(frames)
+        except HlsError as exc:
+            self.end(str(exc), 415)
+            return
+        if done:
+            SEGMENTS.inc(len(done))
+            waiters, self.waiters = self.waiters, []
+            for answer in waiters:
+                answer(200, b"", "")
+
+    def discontinuity(self) -> None:
+        self.segmenter.mark_discontinuity()
+
+    def end(self, reason: str, status: int) -> None:
+        """The stream ended: waiting requests get `status` (404 when it never started); the muxer goes."""
+        self.ended = reason
+        waiters, self.waiters = self.waiters, []
+        for answer in waiters:
+            answer(status or 404, b"", reason)
+        self.stop(reason)
+
+    # Requests -------------------------------------------------------------------------------------------
+
+    def playlist(self, prefix: str, client: str, answer: Answer, wait: bool = True) -> None:
+        """Answer with the playlist now, or once the first segment is done."""
+        now = self.last_request = time.monotonic()
+        self.clients[client] = now
+        HLS_REQUESTS.labels("playlist").inc()
+        text = self.segmenter.playlist(prefix)
+        if text:
+            answer(200, text.encode(), "")
+        elif self.ended or self.stopped:
+            answer(404, b"", self.ended or "stream ended")
+        elif wait:
+            patience = max(10.0, 3 * self.segmenter.target_ms / 1000)
+
+            def ready(status: int, body: bytes, reason: str) -> None:
+                timer.cancel()
+                if status == 200:
+                    self.playlist(prefix, client, answer, wait=False)
+                else:
+                    answer(status, b"", reason)
+
+            def expire() -> None:
+                if ready in self.waiters:
+                    self.waiters.remove(ready)
+                answer(504, b"", f"no complete segment within {patience:g}s")
+
+            timer = asyncio.get_running_loop().call_later(patience, expire)
+            self.waiters.append(ready)
+        else:
+            answer(503, b"", "no segment yet")
+
+    def file(self, name: str) -> tuple[bytes, str] | None:
+        """A segment or initialization segment by name, with its Content-Type."""
+        self.last_request = time.monotonic()
+        HLS_REQUESTS.labels("segment").inc()
+        stem, _, extension = name.partition(".")
+        if extension == "mp4" and stem.startswith("init-") and stem[5:].isdigit():
+            init = self.segmenter.inits.get(int(stem[5:]))
+            return (init, "video/mp4") if init is not None else None
+        if not stem.isdigit():
+            return None
+        segment = self.segmenter.segment(int(stem))
+        if segment is None or segment.extension != extension:
+            return None
+        return segment.data, "video/mp2t" if extension == "ts" else "video/mp4"
+
+    def watching(self) -> int:
+        horizon = time.monotonic() - CLIENT_WINDOW * self.segmenter.target_duration
+        self.clients = {c: t for c, t in self.clients.items() if t >= horizon}
+        return len(self.clients)
+
+    # Stopping -------------------------------------------------------------------------------------------
+
+    def _check_idle(self) -> None:
+        quiet = time.monotonic() - self.last_request
+        if quiet >= self.idle:
+            self.stop(f"no request for {self.idle:g}s")
+        else:
+            self.idle_handle = asyncio.get_running_loop().call_later(self.idle - quiet, self._check_idle)
+
+    def stop(self, reason: str) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        self.idle_handle.cancel()
+        MUXERS.dec()
+        event(log, "hls.stop", stream=self.path, muxer=self.id, reason=reason,
+              segments=self.segmenter.next_sequence, dropped_frames=self.segmenter.dropped_frames)
+        self.on_stop(self)
