@@ -49,6 +49,7 @@ class HlsMuxer:
         self.last_request = time.monotonic()
         self.stopped = False
         self.ended = ""
+        self.end_status = 404
         self.idle_handle = asyncio.get_running_loop().call_later(idle, self._check_idle)
         MUXERS.inc()
         event(log, "hls.start", stream=path, muxer=self.id, container=container)
@@ -76,10 +77,10 @@ class HlsMuxer:
 
     def end(self, reason: str, status: int) -> None:
         """The stream ended: waiting requests get `status` (404 when it never started); the muxer goes."""
-        self.ended = reason
+        self.ended, self.end_status = reason, status or 404
         waiters, self.waiters = self.waiters, []
         for answer in waiters:
-            answer(status or 404, b"", reason)
+            answer(self.end_status, b"", reason)
         self.stop(reason)
 
     # Requests -------------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ class HlsMuxer:
         if text:
             answer(200, text.encode(), "")
         elif self.ended or self.stopped:
-            answer(404, b"", self.ended or "stream ended")
+            answer(self.end_status, b"", self.ended or "stream ended")
         elif wait:
             patience = max(10.0, 3 * self.segmenter.target_ms / 1000)
 

@@ -71,11 +71,14 @@ class Up:
     def flv(self, name: str) -> str:
         return f"http://127.0.0.1:{self.http_port}/live/{name}.flv"
 
+    def hls(self, name: str, container: str = "") -> str:
+        return f"http://127.0.0.1:{self.http_port}/live/{name}.m3u8" + (f"?format={container}" if container else "")
 
-def start_up(tmp: Path) -> Up:
+
+def start_up(tmp: Path, *extra: str) -> Up:
     rtmp, http = free_port(), free_port()
-    proc = Castmesh(["up", "--no-demo", "--host", "127.0.0.1", "--rtmp-port", str(rtmp), "--http-port", str(http)],
-                    tmp / "castmesh.log", "Ctrl-C stops.")
+    proc = Castmesh(["up", "--no-demo", "--host", "127.0.0.1", "--rtmp-port", str(rtmp), "--http-port", str(http),
+                     *extra], tmp / "castmesh.log", "Ctrl-C stops.")
     return Up(proc, rtmp, http)
 
 
@@ -181,9 +184,11 @@ def watch_in_background(url: str, seconds: float) -> tuple[Viewing, threading.Th
     return seen, thread
 
 
-def decode(source: str, timeout: float = 60.0) -> tuple[dict[int, int], str]:
-    """Decode with ffmpeg: frames per output stream index (from framecrc) and anything ffmpeg complained of."""
-    result = subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-i", source, "-f", "framecrc", "-"],
+def decode(source: str, timeout: float = 60.0, seconds: float | None = None) -> tuple[dict[int, int], str]:
+    """Decode with ffmpeg (the first `seconds` of it, if given): frames per output stream index (from
+    framecrc) and anything ffmpeg complained of."""
+    limit = ["-t", str(seconds)] if seconds is not None else []
+    result = subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-i", source, *limit, "-f", "framecrc", "-"],
                             capture_output=True, timeout=timeout, check=False)
     counts: dict[int, int] = {}
     for line in result.stdout.decode().splitlines():
