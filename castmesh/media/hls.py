@@ -30,6 +30,7 @@ from castmesh.media.codecs import (
     VideoSample,
     adts_header,
     annex_b,
+    nal_units,
     read_audio,
     read_video,
 )
@@ -39,6 +40,7 @@ from castmesh.proto.v1.media_pb2 import Frame
 
 CONTAINERS = ("auto", "ts", "fmp4")
 MAX_SEGMENT_BYTES = 64 << 20
+NAL_CODECS = ("avc1", "hvc1")
 
 
 class HlsError(ValueError):
@@ -58,6 +60,8 @@ class Segment:
 
 class _Container(Protocol):
     extension: str
+    video_config: VideoConfig | None  # the tracks it carries
+    audio_config: AudioConfig | None
 
     @property
     def init(self) -> bytes | None: ...
@@ -95,13 +99,17 @@ class _Fmp4:
     extension = "m4s"
 
     def __init__(self, video: VideoConfig | None, audio: AudioConfig | None, init: bytes) -> None:
+        self.video_config = video
         self.audio_config = audio
         self.init = init
+        self.nal_length_size = video.nal_length_size if video is not None and video.codec in NAL_CODECS else 0
         self.video_samples: list[tuple[int, VideoSample]] = []
         self.audio_frames: list[bytes] = []
         self.audio_start = 0
 
     def video(self, timestamp: int, sample: VideoSample) -> None:
+        if self.nal_length_size:
+            nal_units(sample.data, self.nal_length_size)  # a sample that does not parse goes no further
         self.video_samples.append((timestamp, sample))
 
     def audio(self, timestamp: int, frame: bytes) -> None:
@@ -192,14 +200,14 @@ class Segmenter:
             item = read_video(frame.payload)
             if isinstance(item, VideoConfig):
                 if item != self.video_config:
-                    self.config_changed = self.video_config is not None
+                    self.config_changed = self.video_config is not None or self.open is not None
                     self.video_config = item
                 return
             if item is None or self.video_config is None:
                 return
             if item.keyframe:
                 self._maybe_cut(ts, done)
-            if self.open is not None:
+            if self.open is not None and self.open.container.video_config is not None:
                 self.open.container.video(ts, item)
                 self._grew(len(item.data))
             return
@@ -207,14 +215,15 @@ class Segmenter:
             audio = read_audio(frame.payload)
             if isinstance(audio, AudioConfig):
                 if audio != self.audio_config:
-                    self.config_changed = self.audio_config is not None
+                    # a new track (audio that started late) also needs new tables or a new init segment
+                    self.config_changed = self.audio_config is not None or self.open is not None
                     self.audio_config = audio
                 return
             if audio is None or self.audio_config is None:
                 return
             if not self.has_video:
                 self._maybe_cut(ts, done)
-            if self.open is not None:
+            if self.open is not None and self.open.container.audio_config is not None:
                 self.open.container.audio(ts, audio)
                 self._grew(len(audio))
 
