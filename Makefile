@@ -5,10 +5,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 BROWSER_STAMP := tests/browser/node_modules/.installed-stamp
+WEB_STAMP := web/node_modules/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
 
-.PHONY: install browser up test lint proto bench clean
+.PHONY: install browser web up test lint proto bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,14 +29,21 @@ $(BROWSER_STAMP): tests/browser/package.json tests/browser/package-lock.json
 
 browser: $(BROWSER_STAMP)
 
-up: $(STAMP)
+# The player page's JS players (mpegts.js, hls.js), from the lockfile: the page never loads from a CDN.
+$(WEB_STAMP): web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund
+	touch $@
+
+web: $(WEB_STAMP)
+
+up: $(STAMP) $(WEB_STAMP)
 	$(VENV)/bin/castmesh up $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check castmesh services tests tools
 	$(VENV)/bin/mypy
 
-test: lint browser
+test: lint browser web
 	$(VENV)/bin/pytest
 
 proto: $(STAMP)

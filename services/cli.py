@@ -21,6 +21,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import grpc
 
 from castmesh.mesh import config, grpcutil, logs, runtime
+from castmesh.mesh.catalog import Catalog
 from castmesh.mesh.config import ConfigError, Option
 from castmesh.mesh.registry import DispatchRegistry, Registry
 from castmesh.mesh.subscription import Locate, dispatch_upstream, fixed_upstream
@@ -174,7 +175,8 @@ def _banner(cfg: dict[str, Any], relay_port: int, dispatch_port: int) -> str:
     ]
     if not cfg["no_demo"]:
         lines.append(f"  demo     ffplay http://{host}:{http}/live/demo.flv")
-    lines += [f"  metrics  http://{host}:{http}/metrics",
+    lines += [f"  watch    http://{host}:{http}/   (the player page: every live stream, HTTP-FLV or HLS)",
+              f"  metrics  http://{host}:{http}/metrics",
               f"  relay    127.0.0.1:{relay_port} (gRPC)   dispatch 127.0.0.1:{dispatch_port} (gRPC)",
               "Ctrl-C stops."]
     return "\n".join(lines)
@@ -194,7 +196,9 @@ async def up(cfg: dict[str, Any]) -> int:
         ingest = Ingest(wiring.leases, cfg["batch_ms"])
         closers.append(ingest.links.close)
         closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
-        playback = Playback(wiring.upstream(), _playback_settings(cfg))
+        catalog = Catalog(wiring.dispatch)
+        closers.append(catalog.close)
+        playback = Playback(wiring.upstream(), _playback_settings(cfg), list_streams=catalog.streams)
         ingest.play = playback.play_rtmp  # one RTMP port for publish and play
         closers.append(playback.links.close)
         closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
@@ -280,7 +284,10 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
                   f"{_peer_text(cfg)}", flush=True)
         else:
             node_id = f"playback-{cfg['http_port']}"
-            playback = Playback(wiring.upstream(), _playback_settings(cfg), node_id=node_id)
+            catalog = Catalog(wiring.dispatch, "" if wiring.dispatch is not None else wiring.relay)
+            closers.append(catalog.close)
+            playback = Playback(wiring.upstream(), _playback_settings(cfg), node_id=node_id,
+                                list_streams=catalog.streams)
             closers.append(playback.links.close)
             closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
             if cfg["rtmp_port"]:

@@ -6,6 +6,7 @@ HTTP paths:
   /{app}/{stream}.m3u8[?format=ts|fmp4]    HLS (default: TS for H.264, fMP4 for HEVC/AV1/VP9)
   /{app}/{stream}/hls/{muxer}/{segment}    its segments and initialization segments
   /metrics                                 Prometheus
+  /, /api/streams                          the player page and its stream list (services.playback.web)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from castmesh.media.frames import stream_key, stream_path
@@ -27,6 +29,7 @@ from services.playback.formats import WEBSOCKET_FLV
 from services.playback.hls import HlsMuxer
 from services.playback.http import HttpSession, Request
 from services.playback.rtmp import RtmpPlayer, RtmpPlaySession
+from services.playback.web import ListStreams, WebPage, streams_json
 
 STREAM_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})"
                          r"(?:\.(?P<ext>flv|m3u8)|/hls/(?P<muxer>[0-9a-f]{8})/(?P<file>[A-Za-z0-9_.-]{1,32}))$")
@@ -44,8 +47,12 @@ class PlaybackSettings:
 
 
 class Playback:
-    def __init__(self, locate: Locate, settings: PlaybackSettings | None = None, node_id: str = "playback") -> None:
+    def __init__(self, locate: Locate, settings: PlaybackSettings | None = None, node_id: str = "playback",
+                 list_streams: ListStreams | None = None) -> None:
         self.locate = locate
+        self.list_streams = list_streams
+        self.page = WebPage()
+        self.tasks: set[asyncio.Task[None]] = set()
         self.settings = settings or PlaybackSettings()
         self.links = RelayLinks()
         self.node_id = node_id
@@ -89,6 +96,16 @@ class Playback:
     def route(self, session: HttpSession, request: Request) -> None:
         if request.path == "/metrics":
             session.respond(200, generate_latest(), [("Content-Type", CONTENT_TYPE_LATEST), NO_CACHE])
+            return
+        if request.path == "/api/streams":
+            task = asyncio.get_running_loop().create_task(self._stream_list(session))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            return
+        page = self.page.file(request.path)
+        if page is not None:
+            status, body, content_type = page
+            session.respond(status, body, [("Content-Type", content_type), NO_CACHE])
             return
         match = STREAM_PATH.match(request.path)
         if match is None:
@@ -141,6 +158,23 @@ class Playback:
             return
         data, content_type = found
         session.respond(200, data, [("Content-Type", content_type), CACHEABLE])
+
+    async def _stream_list(self, session: HttpSession) -> None:
+        if self.list_streams is None:
+            session.respond(404, b"this playback node has no stream directory\n")
+            return
+        try:
+            body = await streams_json(self.list_streams, self.viewers)
+        except grpc.RpcError as exc:  # the directory is away: say so, keep serving
+            session.respond(502, f"cannot list streams: {exc}\n".encode(), [NO_CACHE])
+            return
+        session.respond(200, body, [("Content-Type", "application/json"), NO_CACHE])
+
+    def viewers(self, path: str) -> int:
+        """Viewers of a stream on this node: FLV and RTMP connections, and HLS clients seen lately."""
+        feed = self.feeds.get(path)
+        hls = sum(m.watching() for (p, _), m in self.muxers.items() if p == path)
+        return (len(feed.viewers) if feed is not None else 0) + hls
 
     def _muxer_stopped(self, muxer: HlsMuxer, feed: StreamFeed) -> None:
         if self.muxers.get((muxer.path, muxer.container)) is muxer:

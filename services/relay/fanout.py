@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge
 
+from castmesh.media.describe import RateMeter, describe
 from castmesh.media.frames import stream_path
 from castmesh.media.gop import GopCache, is_resume_point
 from castmesh.mesh.metrics import frame_age_histogram, observe_age
@@ -121,6 +122,8 @@ class RelayStream:
         self.cache = GopCache(key)
         self.subscribers: set[Subscriber] = set()
         self.frames_in = 0
+        self.rate = RateMeter()
+        self.since_us = time.time_ns() // 1000
         self.grace_handle: asyncio.TimerHandle | None = None
         self.ready = asyncio.Event()  # set once the stream has a header (at once unless pulled)
         if not pulled:
@@ -156,6 +159,7 @@ class RelayStream:
         FRAMES_IN.inc(len(batch.frames))
         has_video = self.cache.has_video
         size = batch.ByteSize()
+        self.rate.add(size)
         for sub in self.subscribers:
             sub.offer(batch, has_video, size)
 
@@ -186,7 +190,8 @@ class RelayStream:
     def stats(self) -> StreamStats:
         return StreamStats(stream=self.key, session_id=self.session_id, publishing=self.publishing,
                            pulled=self.pulled, subscribers=sorted(s.id for s in self.subscribers),
-                           frames_in=self.frames_in, skips=sum(s.skips for s in self.subscribers))
+                           frames_in=self.frames_in, skips=sum(s.skips for s in self.subscribers),
+                           media=describe(self.cache, self.rate.rate()), since_us=self.since_us)
 
 
 class StreamTable:

@@ -13,7 +13,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StreamStats(_message.Message):
-    __slots__ = ("stream", "session_id", "publishing", "pulled", "subscribers", "frames_in", "skips")
+    __slots__ = ("stream", "session_id", "publishing", "pulled", "subscribers", "frames_in", "skips", "media", "since_us")
     STREAM_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PUBLISHING_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,8 @@ class StreamStats(_message.Message):
     SUBSCRIBERS_FIELD_NUMBER: _ClassVar[int]
     FRAMES_IN_FIELD_NUMBER: _ClassVar[int]
     SKIPS_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_FIELD_NUMBER: _ClassVar[int]
+    SINCE_US_FIELD_NUMBER: _ClassVar[int]
     stream: _media_pb2.StreamKey
     session_id: str
     publishing: bool
@@ -28,7 +30,9 @@ class StreamStats(_message.Message):
     subscribers: _containers.RepeatedScalarFieldContainer[str]
     frames_in: int
     skips: int
-    def __init__(self, stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., publishing: _Optional[bool] = ..., pulled: _Optional[bool] = ..., subscribers: _Optional[_Iterable[str]] = ..., frames_in: _Optional[int] = ..., skips: _Optional[int] = ...) -> None: ...
+    media: _media_pb2.MediaInfo
+    since_us: int
+    def __init__(self, stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., publishing: _Optional[bool] = ..., pulled: _Optional[bool] = ..., subscribers: _Optional[_Iterable[str]] = ..., frames_in: _Optional[int] = ..., skips: _Optional[int] = ..., media: _Optional[_Union[_media_pb2.MediaInfo, _Mapping]] = ..., since_us: _Optional[int] = ...) -> None: ...
 
 class StatsReply(_message.Message):
     __slots__ = ("role", "streams")

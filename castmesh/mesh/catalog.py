@@ -1,0 +1,58 @@
+"""The live streams, for listings (the player page): which streams are published (dispatch's directory,
+or the one relay when there is no dispatch) and what they carry (their origin relay's Stats: codecs,
+size, bitrate). One Stats call per origin, however many streams it holds."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from castmesh.media.frames import stream_path
+from castmesh.mesh import grpcutil
+from castmesh.mesh.logs import event
+from castmesh.proto.v1.dispatch_pb2 import ListStreamsRequest
+from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
+from castmesh.proto.v1.relay_pb2 import StatsRequest, StreamStats
+from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+
+log = logging.getLogger("castmesh.catalog")
+TIMEOUT = 2.0
+
+
+class Catalog:
+    def __init__(self, dispatch: DispatchStub | None, relay: str = "") -> None:
+        self.dispatch = dispatch
+        self.relay = relay
+        self.stubs: dict[str, RelayStub] = {}
+        self.channels: list[grpc.aio.Channel] = []
+
+    async def streams(self) -> list[StreamStats]:
+        """Every published stream (waiting for its publisher to come back included), sorted by path."""
+        wanted: set[str] | None = None
+        origins = {self.relay} if self.relay else set()
+        if self.dispatch is not None:
+            listed = await self.dispatch.ListStreams(ListStreamsRequest(), timeout=TIMEOUT)
+            wanted = {stream_path(s.stream) for s in listed.streams}
+            origins = {s.origin for s in listed.streams if s.origin}
+        replies = await asyncio.gather(*(self._stats(origin) for origin in sorted(origins)))
+        found = {stream_path(s.stream): s for reply in replies for s in reply
+                 if not s.pulled and (wanted is None or stream_path(s.stream) in wanted)}
+        return [found[path] for path in sorted(found)]
+
+    async def _stats(self, origin: str) -> list[StreamStats]:
+        stub = self.stubs.get(origin)
+        if stub is None:
+            chan = grpcutil.channel(origin)
+            self.channels.append(chan)
+            stub = self.stubs[origin] = RelayStub(chan)
+        try:
+            return list((await stub.Stats(StatsRequest(), timeout=TIMEOUT)).streams)
+        except grpc.aio.AioRpcError as exc:
+            event(log, "catalog.stats_failed", level=logging.WARNING, relay=origin, error=exc.code().name)
+            return []
+
+    async def close(self) -> None:
+        for chan in self.channels:
+            await chan.close()

@@ -1,0 +1,64 @@
+"""The player page at / in headless Chromium (Debian's chromium, driven by playwright-core): the stream
+shows up in the list with what it carries, a click plays it over HTTP-FLV, and the protocol switch plays
+it over WebSocket-FLV and then HLS, all with the players the page serves itself (no CDN)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+from tests.integration.harness import ROOT, Up, http_get, publish, wait_live
+
+BROWSER_DIR = ROOT / "tests" / "browser"
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def test_page_lists_streams_and_exposes_them_as_json(suite: Up) -> None:
+    publisher = publish(suite.rtmp("listed"), 15, gop=30, size="640x360")
+    try:
+        wait_live(suite.flv("listed"))
+        page = http_get(f"http://127.0.0.1:{suite.http_port}/")
+        assert page.status == 200 and b"/vendor/mpegts.js" in page.read()
+        for asset in ("/vendor/mpegts.js", "/vendor/hls.js", "/player.js"):
+            response = http_get(f"http://127.0.0.1:{suite.http_port}{asset}")
+            assert response.status == 200 and len(response.read()) > 1000, asset
+        deadline = time.monotonic() + 5
+        while True:  # the bitrate is measured over the last seconds: give it a moment
+            listed = json.loads(http_get(f"http://127.0.0.1:{suite.http_port}/api/streams").read())["streams"]
+            entry = next(s for s in listed if s["path"] == "live/listed")
+            if entry["bitrate_kbps"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        assert (entry["video"], entry["audio"], entry["width"], entry["height"]) == ("H.264", "AAC", 640, 360)
+        assert entry["fps"] == 30 and 100 < entry["bitrate_kbps"] < 20_000 and entry["publishing"]
+    finally:
+        publisher.kill()
+        publisher.wait()
+
+
+def test_chromium_plays_from_the_page_over_http_flv_then_websocket_flv_then_hls(suite: Up) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    publisher = publish(suite.rtmp("page"), 60, gop=30)
+    try:
+        wait_live(suite.flv("page"))
+        page = f"http://127.0.0.1:{suite.http_port}/"
+        result = subprocess.run(["node", str(BROWSER_DIR / "page.mjs"), page, "live/page", str(ARTIFACTS / "player"),
+                                 "5", "flv", "ws", "hls"], capture_output=True, text=True, timeout=150, check=False)
+        assert result.returncode == 0, result.stderr
+        seen = json.loads(result.stdout.strip().splitlines()[-1])
+    finally:
+        publisher.kill()
+        publisher.wait()
+    assert seen["row"].split("\t")[:3] == ["live/page", "H.264", "AAC"], seen["row"]
+    assert seen["consoleErrors"] == []
+    assert set(seen["requests"]) <= {f"127.0.0.1:{suite.http_port}", ""}, seen["requests"]  # "": blob: workers
+    assert [phase["protocol"] for phase in seen["phases"]] == ["flv", "ws", "hls"]
+    for phase in seen["phases"]:
+        first, last, report = phase["first"], phase["last"], phase["report"]
+        assert report["errors"] == [], phase
+        assert last["width"] == 320 and last["height"] == 240, phase
+        advanced = last["t"] - first["t"]
+        assert advanced >= 0.5 * phase["wall"], f"{phase['protocol']}: played {advanced:.2f}s in {phase['wall']:.2f}s"
+        assert last["frames"] > first["frames"] and last["audioBytes"] > first["audioBytes"], phase
+        assert (ARTIFACTS / f"player-{phase['protocol']}.png").stat().st_size > 10_000
