@@ -8,9 +8,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 import h11
 import imageio_ffmpeg
@@ -173,13 +174,20 @@ async def open_viewers(host: str, port: int, path: str, count: int, clock: Clock
     return viewers
 
 
-def close_viewers(viewers: list[Viewer]) -> None:
+class Watching(Protocol):
+    """What the reports need of any viewer (HTTP-FLV here, RTMP in castmesh.bench.viewers)."""
+
+    transport: asyncio.Transport | None
+    video: list[tuple[int, float, bool]]
+
+
+def close_viewers(viewers: Sequence[Watching]) -> None:
     for viewer in viewers:
         if viewer.transport is not None:
             viewer.transport.abort()
 
 
-def lags_ms(viewers: list[Viewer], sent: dict[int, float], since: float, until: float) -> list[float]:
+def lags_ms(viewers: Sequence[Watching], sent: dict[int, float], since: float, until: float) -> list[float]:
     """Arrival minus publish time of the same video frame, for frames that arrived in [since, until]."""
     return [(arrival - sent[ts]) * 1000 for v in viewers for ts, arrival, _ in v.video
             if ts in sent and since <= arrival <= until]

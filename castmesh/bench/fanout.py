@@ -1,15 +1,17 @@
-"""`castmesh bench fanout`: one real 2 Mbps stream to N HTTP-FLV viewers on loopback.
+"""`castmesh bench fanout`: one real 2 Mbps stream to N viewers on loopback, over HTTP-FLV, RTMP or HLS.
 
 Setup, as the peer numbers in NOTES were taken: relay, ingest and playback run as separate processes;
 playback is pinned to CPU 0, everything else (the viewers, the publisher) to the other CPUs. A 720p30
 H.264 + AAC clip at 2 Mbps is encoded once (cached under --out) and published in real time by a separate
 process that records when each video frame left. Viewers connect at --ramp per second; most only count
-bytes, --sampled of them also decode the HTTP chunking and the FLV tags to measure lag (arrival minus
-publish time of the same frame) and time to first frame.
+bytes, --sampled of them also decode the HTTP chunking and the FLV tags (or the RTMP chunk stream) to
+measure lag (arrival minus publish time of the same frame) and time to first frame. HLS clients
+(castmesh.bench.viewers.HlsClient) poll the playlist and fetch every new segment on kept-alive connections.
 
 Reported: delivered Mbps, playback CPU% of one core and RSS over the measured window, time to first
-frame, lag p50/p95/max, and stalled viewers (no data for over a second, or disconnected). The run is
-bounded: everything stops after the ramp plus --seconds.
+frame, lag p50/p95/max, and stalled viewers (no data for over a second, or disconnected; for HLS, no new
+segment for three target durations, or an error). The run is bounded: everything stops after the ramp
+plus --seconds.
 """
 
 from __future__ import annotations
@@ -41,20 +43,30 @@ from castmesh.bench.common import (
     wait_live,
 )
 from castmesh.bench.rtmp_publisher import run_in_process
+from castmesh.bench.viewers import HlsClient, RtmpViewer, open_rtmp_viewers
 from castmesh.mesh import runtime
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("fanout", help="one 2 Mbps stream to N HTTP-FLV viewers on loopback",
+    p = commands.add_parser("fanout", help="one 2 Mbps stream to N viewers (HTTP-FLV, RTMP or HLS) on loopback",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--viewers", type=int, default=100, help="HTTP-FLV viewers (default 100)")
+    p.add_argument("--protocol", choices=["flv", "rtmp", "hls"], default="flv", help="how viewers watch (default flv)")
+    p.add_argument("--viewers", type=int, default=100, help="viewers or HLS clients (default 100)")
     p.add_argument("--seconds", type=float, default=20, help="measured seconds after the ramp (default 20)")
     p.add_argument("--sampled", type=int, default=20, help="viewers that parse FLV to measure lag (default 20)")
     p.add_argument("--ramp", type=int, default=200, help="viewer connections opened per second (default 200)")
-    p.add_argument("--merge-ms", type=int, default=30, help="playback's merged-write window (default 30)")
+    p.add_argument("--merge-ms", type=int, default=50, help="playback's merged-write window (default 50)")
     p.add_argument("--out", default="bench-out", help="where the clip is cached (default bench-out)")
     p.add_argument("--no-pin", action="store_true", help="do not pin playback to CPU 0 and the load elsewhere")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def _merged(counts: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for count in counts:
+        for key, value in count.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,16 +81,17 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any] | None:
     if load_cpus:
         os.sched_setaffinity(0, load_cpus)
     ramp_seconds = args.viewers / args.ramp + 2
-    total = ramp_seconds + args.seconds + 3
+    total = ramp_seconds + args.seconds + (12 if args.protocol == "hls" else 3)  # HLS: first segment, settling
     clip = make_clip(Path(args.out), total + 5)
-    grpc_port, rtmp_port, http_port = free_port(), free_port(), free_port()
+    grpc_port, rtmp_port, http_port, play_port = free_port(), free_port(), free_port(), free_port()
     host = "127.0.0.1"
     procs = [spawn(["serve", "relay", "--host", host, "--grpc-port", str(grpc_port)], load_cpus)]
     relay = f"{host}:{grpc_port}"
     procs.append(spawn(["serve", "ingest", "--host", host, "--rtmp-port", str(rtmp_port), "--relay", relay],
                         load_cpus))
-    playback = spawn(["serve", "playback", "--host", host, "--http-port", str(http_port), "--rtmp-port", "0",
-                      "--relay", relay, "--merge-ms", str(args.merge_ms)], server_cpus)
+    playback = spawn(["serve", "playback", "--host", host, "--http-port", str(http_port), "--rtmp-port",
+                      str(play_port if args.protocol == "rtmp" else 0), "--relay", relay, "--merge-ms",
+                      str(args.merge_ms)], server_cpus)
     procs.append(playback)
     ctx = multiprocessing.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)
@@ -86,15 +99,29 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any] | None:
     publisher.start()
     if load_cpus and publisher.pid:
         os.sched_setaffinity(publisher.pid, load_cpus)
-    viewers: list[Viewer] = []
+    viewers: list[Viewer | RtmpViewer] = []
+    clients: list[HlsClient] = []
+    tasks: list[asyncio.Task[None]] = []
     clock = Clock()
     try:
         await wait_live(host, http_port, "/live/bench.flv", 20)
-        viewers += await open_viewers(host, http_port, "/live/bench.flv", args.viewers, clock, args.sampled,
-                                      args.ramp)
-        await asyncio.sleep(2)
+        if args.protocol == "flv":
+            viewers += await open_viewers(host, http_port, "/live/bench.flv", args.viewers, clock, args.sampled,
+                                          args.ramp)
+        elif args.protocol == "rtmp":
+            viewers += await open_rtmp_viewers(host, play_port, "live", "bench", args.viewers, clock, args.sampled,
+                                               args.ramp)
+        else:
+            await wait_live(host, http_port, "/live/bench.m3u8", 20)
+            until = time.monotonic() + ramp_seconds + args.seconds + 6
+            for _ in range(args.viewers):
+                clients.append(HlsClient(host, http_port, "/live/bench.m3u8", clock))
+                tasks.append(asyncio.get_running_loop().create_task(clients[-1].run(until)))
+                await asyncio.sleep(1 / args.ramp)
+        await asyncio.sleep(2 if args.protocol != "hls" else 5)  # HLS: let the clients settle into polling
         clock.measuring = True
-        bytes0 = sum(v.bytes for v in viewers)
+        bytes0 = sum(v.bytes for v in viewers) + sum(c.bytes for c in clients)
+        requests0 = sum(c.requests for c in clients)
         cpu0, wall0 = cpu_seconds(playback.pid), time.monotonic()
         load0 = time.process_time()
         rss = 0.0
@@ -103,10 +130,13 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any] | None:
             rss = max(rss, rss_mb(playback.pid))
         cpu1, wall1 = cpu_seconds(playback.pid), time.monotonic()
         load1 = time.process_time()
-        bytes1 = sum(v.bytes for v in viewers)
+        bytes1 = sum(v.bytes for v in viewers) + sum(c.bytes for c in clients)
+        requests1 = sum(c.requests for c in clients)
         clock.measuring = False
         window = (wall0, wall1)
     finally:
+        for task in tasks:
+            task.cancel()
         close_viewers(viewers)
         publisher.join(total + 30)
         sent: dict[int, float] = receiver.recv() if receiver.poll(5) else {}
@@ -116,7 +146,9 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any] | None:
     ttff = [(v.first_video - v.started) * 1000 for v in viewers if v.first_video]
     ttfb = [(v.first_byte - v.started) * 1000 for v in viewers if v.first_byte]
     stalled = sum(1 for v in viewers if v.closed or not v.first_byte or v.max_gap > STALL)
+    stalled += sum(1 for c in clients if c.errors or c.max_wait > 3 * 2.5 or not c.segments)
     result = {
+        "protocol": args.protocol,
         "viewers": args.viewers,
         "seconds": round(elapsed, 1),
         "delivered_mbps": round((bytes1 - bytes0) * 8 / elapsed / 1e6, 1),
@@ -132,6 +164,10 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any] | None:
         "lag_ms_max": round(max(lags), 1) if lags else None,
         "lag_samples": len(lags),
         "stalled_viewers": stalled,
+        "hls_requests_per_s": round((requests1 - requests0) / elapsed, 1) if clients else None,
+        "hls_errors": sum(c.errors for c in clients) if clients else None,
+        "hls_error_kinds": _merged([c.problems for c in clients]) if clients else None,
+        "hls_max_wait_s": round(max((c.max_wait for c in clients), default=0.0), 2) if clients else None,
         "max_gap_s": round(max((v.max_gap for v in viewers), default=0.0), 2),
         "merge_ms": args.merge_ms,
         "pinned": pin,

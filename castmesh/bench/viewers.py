@@ -1,0 +1,170 @@
+"""Load clients for `castmesh bench fanout --protocol rtmp|hls`, next to the HTTP-FLV Viewer in common.
+
+RtmpViewer: a player as ffplay is one: plain handshake, connect, createStream, play, then it reads; it
+acknowledges what it received at the window the server asked for. Sampled ones parse the chunk stream
+to time video frames (lag); the others only count bytes.
+
+HlsClient: a live HLS player as hls.js is one, on one kept-alive connection: it reloads the playlist
+every target duration and fetches every segment it has not fetched yet, starting three segments from
+the live edge. What it measures: bytes, requests, errors, and its longest wait between two new segments
+(a stall when that is over three target durations), all within the measured window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import cast
+
+from castmesh.bench.common import Clock
+from castmesh.media import amf0
+from castmesh.rtmp import chunks
+from castmesh.rtmp.chunks import ChunkReader, ChunkWriter
+from castmesh.rtmp.handshake import HANDSHAKE_SIZE
+
+_ACK_WINDOW = 2_500_000
+
+
+class RtmpViewer(asyncio.Protocol):
+    def __init__(self, app: str, name: str, clock: Clock, sampled: bool) -> None:
+        self.app, self.name = app, name
+        self.clock = clock
+        self.sampled = sampled
+        self.started = time.monotonic()
+        self.first_byte = self.first_video = self.last = self.max_gap = 0.0
+        self.bytes = 0
+        self.acked = 0
+        self.closed = False
+        self.pending = b""  # S0S1S2 while the handshake is on
+        self.handshaken = False
+        self.reader = ChunkReader() if sampled else None
+        self.video: list[tuple[int, float, bool]] = []
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.write(b"\x03" + bytes(8) + os.urandom(HANDSHAKE_SIZE - 8))
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        now = time.monotonic()
+        if not self.handshaken:
+            self.pending += data
+            if len(self.pending) < 1 + 2 * HANDSHAKE_SIZE:
+                return
+            data, s1 = self.pending[1 + 2 * HANDSHAKE_SIZE:], self.pending[1:1 + HANDSHAKE_SIZE]
+            self.handshaken, self.pending = True, b""
+            out = ChunkWriter()
+            connect = {"app": self.app, "tcUrl": f"rtmp://127.0.0.1/{self.app}"}
+            self.transport.write(s1 + b"".join([
+                out.write(3, 0, chunks.COMMAND_AMF0, 0, amf0.encode("connect", 1.0, connect)),
+                out.write(3, 0, chunks.COMMAND_AMF0, 0, amf0.encode("createStream", 2.0, None)),
+                out.write(8, 0, chunks.COMMAND_AMF0, 1, amf0.encode("play", 3.0, None, self.name, -1000.0)),
+            ]))
+            if not data:
+                return
+        if not self.first_byte:
+            self.first_byte = now
+        elif self.clock.measuring and now - self.last > self.max_gap:
+            self.max_gap = now - self.last
+        self.last = now
+        self.bytes += len(data)
+        if self.bytes - self.acked >= _ACK_WINDOW:
+            self.acked = self.bytes
+            ack = ChunkWriter().write(2, 0, chunks.ACKNOWLEDGEMENT, 0, (self.bytes & 0xFFFFFFFF).to_bytes(4, "big"))
+            self.transport.write(ack)
+        if self.reader is None:
+            return
+        for message in self.reader.feed(data):
+            if message.type_id == chunks.VIDEO and len(message.payload) > 1:
+                if not self.first_video:
+                    self.first_video = now
+                self.video.append((message.timestamp, now, message.payload[:1] in (b"\x17", b"\x91", b"\x93")))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+
+
+async def open_rtmp_viewers(host: str, port: int, app: str, name: str, count: int, clock: Clock, sampled: int,
+                            ramp: float = 200) -> list[RtmpViewer]:
+    loop = asyncio.get_running_loop()
+    every = max(1, count // max(1, sampled)) if sampled else 0
+    viewers = []
+    for i in range(count):
+        viewer = RtmpViewer(app, name, clock, sampled=bool(every) and i % every == 0)
+        await loop.create_connection(lambda v=viewer: v, host, port)  # type: ignore[misc]
+        viewers.append(viewer)
+        await asyncio.sleep(1 / ramp)
+    return viewers
+
+
+class HlsClient:
+    def __init__(self, host: str, port: int, playlist: str, clock: Clock) -> None:
+        self.host, self.port, self.playlist = host, port, playlist
+        self.base = playlist.rsplit("/", 1)[0] + "/"
+        self.clock = clock
+        self.bytes = self.requests = self.errors = self.segments = 0
+        self.max_wait = 0.0
+        self.problems: dict[str, int] = {}
+        self.fetched: set[str] = set()
+        self.closed = False
+
+    async def run(self, until: float) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+        except OSError:
+            self.errors += 1
+            self.closed = True
+            return
+        last_new = time.monotonic()
+        target = 2.0
+        try:
+            while time.monotonic() < until:
+                status, body = await self._get(reader, writer, self.playlist)
+                if status != 200:
+                    self._error(f"playlist {status}: {body[:60].decode(errors='replace').strip()}")
+                    await asyncio.sleep(1)
+                    continue
+                text = body.decode()
+                for line in text.splitlines():
+                    if line.startswith("#EXT-X-TARGETDURATION:"):
+                        target = float(line.split(":", 1)[1])
+                uris = [line for line in text.splitlines() if line and not line.startswith("#")]
+                new = [u for u in (uris if self.fetched else uris[-3:]) if u not in self.fetched]
+                for uri in new:
+                    status, _ = await self._get(reader, writer, self.base + uri)
+                    self.fetched.add(uri)
+                    if status != 200:
+                        self._error(f"segment {status}")
+                        continue
+                    self.segments += 1
+                now = time.monotonic()
+                if new:
+                    if self.clock.measuring:
+                        self.max_wait = max(self.max_wait, now - last_new)
+                    last_new = now
+                await asyncio.sleep(target if new else target / 2)
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            self._error(type(exc).__name__)
+        finally:
+            self.closed = True
+            writer.close()
+
+    def _error(self, what: str) -> None:
+        if self.clock.measuring:  # not the 404s once the benchmark's publisher has stopped
+            self.errors += 1
+            self.problems[what] = self.problems.get(what, 0) + 1
+
+    async def _get(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> tuple[int, bytes]:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        body = await reader.readexactly(length)
+        self.requests += 1
+        self.bytes += len(head) + length
+        return status, body
