@@ -80,6 +80,8 @@ class HttpSession(asyncio.Protocol):
         self.received = 0  # bytes since the current request began
         self.format: OutputFormat = HTTP_FLV
         self.requests = 0
+        self.paused = False  # the transport's buffer is full: answer nothing more until it drains
+        self.reading = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
@@ -113,24 +115,42 @@ class HttpSession(asyncio.Protocol):
             return
         self._next_request()
 
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._next_request()
+
     def _next_request(self) -> None:
-        if self.request is not None or self.done:
-            return
+        """Answer what the client has sent, one request at a time and in order. A loop, not recursion:
+        a client may pipeline hundreds of tiny requests."""
+        if self.reading:
+            return  # respond() called from inside the loop below: the loop carries on by itself
+        self.reading = True
         try:
-            ev = self.http.next_event()
-        except h11.RemoteProtocolError as exc:
-            self.respond(exc.error_status_hint, f"bad request: {exc}\n".encode(), close=True)
-            return
-        if isinstance(ev, h11.Request):
-            self._disarm()
-            target = urlsplit(ev.target.decode("ascii", "replace"))
-            self.request = Request(ev.method.decode("ascii", "replace"), target.path,
-                                   dict(parse_qsl(target.query)),
-                                   {k.decode("latin-1"): v.decode("latin-1") for k, v in ev.headers})
-            self.requests += 1
-            self._dispatch(self.request)
-        elif isinstance(ev, h11.ConnectionClosed):
-            self.transport.close()
+            # while paused, pipelined requests wait in h11's buffer (capped at MAX_REQUEST_HEAD)
+            while self.request is None and not self.done and not self.paused:
+                try:
+                    ev = self.http.next_event()
+                except h11.RemoteProtocolError as exc:
+                    self.respond(exc.error_status_hint, f"bad request: {exc}\n".encode(), close=True)
+                    return
+                if isinstance(ev, h11.Request):
+                    self._disarm()
+                    target = urlsplit(ev.target.decode("ascii", "replace"))
+                    self.request = Request(ev.method.decode("ascii", "replace"), target.path,
+                                           dict(parse_qsl(target.query)),
+                                           {k.decode("latin-1"): v.decode("latin-1") for k, v in ev.headers})
+                    self.requests += 1
+                    self._dispatch(self.request)
+                elif isinstance(ev, h11.ConnectionClosed):
+                    self.transport.close()
+                    return
+                else:
+                    return  # more bytes needed
+        finally:
+            self.reading = False
 
     def _dispatch(self, request: Request) -> None:
         if request.method == "OPTIONS":
@@ -177,8 +197,10 @@ class HttpSession(asyncio.Protocol):
             if body and not head_only:
                 out += self.http.send(h11.Data(data=body)) or b""
             out += self.http.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:
-            close, out = True, b""
+        except h11.LocalProtocolError:  # no request was read (a refusal before one): answer plainly
+            close = True
+            out = b"HTTP/1.1 %d %b\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (
+                status, REASONS.get(status, b""), len(body), body)
         self.transport.write(out)
         self.request = None
         self._end_of_request()
