@@ -42,6 +42,10 @@ def test_origin_killed_while_publishing_and_viewing(cluster: Cluster) -> None:
     killed_at = time.monotonic()
     time.sleep(2)
     survivor_origin = cluster.origin_of("survivor")
+    deadline = time.monotonic() + 8  # the directory catches up once ingest has re-leased (viewers did not wait)
+    while time.monotonic() < deadline and (not survivor_origin or cluster.name_at(survivor_origin) == victim):
+        time.sleep(0.2)
+        survivor_origin = cluster.origin_of("survivor")
     assert publisher.wait(30) == 0, publisher.stderr.read() if publisher.stderr else ""
     viewer.join(30)
 
