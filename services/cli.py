@@ -23,6 +23,8 @@ import grpc
 from castmesh.mesh import config, grpcutil, logs, runtime
 from castmesh.mesh.catalog import Catalog
 from castmesh.mesh.config import ConfigError, Option
+from castmesh.mesh.consul import ConsulNodes, ConsulRegistry
+from castmesh.mesh.consul import client_from_env as consul_client
 from castmesh.mesh.registry import DispatchRegistry, Registry
 from castmesh.mesh.subscription import Locate, dispatch_upstream, fixed_upstream
 from castmesh.proto.v1.dispatch_pb2 import (
@@ -78,16 +80,21 @@ LOG_LEVEL = Option("--log-level", "info", "debug, info, warning or error")
 NO_DEMO = Option("--no-demo", False, "do not start the demo publisher", config.flag)
 UP_GRPC_PORT = Option("--grpc-port", 0, "gRPC port of the in-process relay on 127.0.0.1 (0: any free port)",
                       config.port)
+HEALTH_PORT = Option("--grpc-port", 0, "gRPC port for the health service that Consul checks (0: any free port)",
+                     config.port)
+REGISTRY = Option("--registry", "dispatch", "where nodes register: dispatch (its Register call) or consul (the "
+                  "agent at CONSUL_HTTP_ADDR; dispatch then watches Consul)")
 
 COMMON = [LOG_LEVEL]
 HLS = [HLS_SEGMENT_MS, HLS_WINDOW, HLS_IDLE_MS]
 UP = [HOST, RTMP_PORT, HTTP_PORT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, GRACE_MS, NO_DEMO, *COMMON]
 SERVE = {
-    "dispatch": [HOST, DISPATCH_PORT, GRACE_MS, METRICS_PORT, *COMMON],
+    "dispatch": [HOST, DISPATCH_PORT, GRACE_MS, METRICS_PORT, REGISTRY, *COMMON],
     "relay": [HOST, GRPC_PORT, ROLE, DISPATCH, UPSTREAM, ZONE, ADVERTISE, MAX_LAG_MS, GRACE_MS, METRICS_PORT,
-              *COMMON],
-    "ingest": [HOST, RTMP_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT, *COMMON],
-    "playback": [HOST, HTTP_PORT, PLAY_RTMP_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *HLS, *COMMON],
+              REGISTRY, *COMMON],
+    "ingest": [HOST, RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT, REGISTRY, *COMMON],
+    "playback": [HOST, HTTP_PORT, PLAY_RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *HLS,
+                 REGISTRY, *COMMON],
 }
 WAIT_FOR_PEER = 5.0
 
@@ -135,11 +142,17 @@ def _advertise(cfg: dict[str, Any], port: int) -> str:
 class Wiring:
     """How this process reaches the rest of the cluster: through dispatch, or one fixed relay."""
 
-    def __init__(self, dispatch: DispatchStub | None, relay: str, zone: str = "") -> None:
+    def __init__(self, dispatch: DispatchStub | None, relay: str, zone: str = "", registry: str = "dispatch") -> None:
         self.dispatch = dispatch
         self.relay = relay
         self.zone = zone
-        self.registry: Registry | None = DispatchRegistry(dispatch) if dispatch is not None else None
+        self.registry: Registry | None = None
+        if registry == "consul":
+            self.registry = ConsulRegistry(consul_client())
+        elif registry != "dispatch":
+            raise ConfigError(f"--registry must be dispatch or consul, not {registry!r}")
+        elif dispatch is not None:
+            self.registry = DispatchRegistry(dispatch)
 
     def leases(self, key: StreamKey, holder: str, client: str) -> Lease:
         if self.dispatch is None:
@@ -255,10 +268,16 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
     closers: list[Callable[[], Awaitable[None]]] = []
     try:
         if service == "dispatch":
-            server, port = await dispatch_service.start(cfg["host"], cfg["grpc_port"],
-                                                        InMemoryDirectory(cfg["grace_ms"] / 1000))
+            directory = InMemoryDirectory(cfg["grace_ms"] / 1000)
+            server, port = await dispatch_service.start(cfg["host"], cfg["grpc_port"], directory)
             closers.append(lambda: server.stop(grace=1))
-            print(f"castmesh dispatch listening on {cfg['host']}:{port} (gRPC)", flush=True)
+            source = "Register calls"
+            if cfg["registry"] == "consul":
+                nodes = ConsulNodes(consul_client(), directory.add_node, directory.remove_node, directory.update_load)
+                nodes.start()
+                closers.append(nodes.close)
+                source = "Register calls and Consul"
+            print(f"castmesh dispatch listening on {cfg['host']}:{port} (gRPC); nodes from {source}", flush=True)
             await stop.wait()
             return 0
         dispatch = None
@@ -268,7 +287,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             dispatch = DispatchStub(chan)
         elif service != "relay":
             closers.append((await _connect(cfg["relay"], "relay")).close)  # fail early, with a clear message
-        wiring = Wiring(dispatch, cfg.get("relay", ""), cfg.get("zone", ""))
+        wiring = Wiring(dispatch, cfg.get("relay", ""), cfg.get("zone", ""), cfg["registry"])
         if wiring.registry is not None:
             closers.append(wiring.registry.close)
         if service == "relay":
@@ -277,8 +296,9 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             ingest = Ingest(wiring.leases, cfg["batch_ms"], node_id=f"ingest-{cfg['rtmp_port']}")
             closers.append(ingest.links.close)
             closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
-            wiring.register(Node(id=ingest.node_id, role=NODE_ROLE_INGEST,
-                                 address=_advertise(cfg, cfg["rtmp_port"]), meta={"rtmp": str(cfg["rtmp_port"])}),
+            health_port = await _health_server(cfg, closers)
+            wiring.register(Node(id=ingest.node_id, role=NODE_ROLE_INGEST, address=_advertise(cfg, cfg["rtmp_port"]),
+                                 meta={"rtmp": str(cfg["rtmp_port"]), "grpc": str(health_port)}),
                             lambda: NodeLoad(streams=len(ingest.sessions)))
             print(f"castmesh ingest listening on {cfg['host']}:{cfg['rtmp_port']} (RTMP), "
                   f"{_peer_text(cfg)}", flush=True)
@@ -292,9 +312,11 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
             if cfg["rtmp_port"]:
                 closers.append(_closing(await playback.listen_rtmp(cfg["host"], cfg["rtmp_port"])))
+            health_port = await _health_server(cfg, closers)
             wiring.register(Node(id=node_id, role=NODE_ROLE_PLAYBACK, address=_advertise(cfg, cfg["http_port"]),
                                  zone=cfg["zone"], meta={"http": str(cfg["http_port"]),
-                                                         "rtmp": str(cfg["rtmp_port"] or "")}),
+                                                         "rtmp": str(cfg["rtmp_port"] or ""),
+                                                         "grpc": str(health_port)}),
                             lambda: NodeLoad(streams=len(playback.feeds), subscribers=len(playback.sessions)))
             rtmp = f", {cfg['rtmp_port']} (RTMP play)" if cfg["rtmp_port"] else ""
             print(f"castmesh playback listening on {cfg['host']}:{cfg['http_port']} (HTTP-FLV){rtmp}, "
@@ -304,6 +326,17 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
         for close in reversed(closers):
             await close()
     return 0
+
+
+async def _health_server(cfg: dict[str, Any], closers: list[Callable[[], Awaitable[None]]]) -> int:
+    """The gRPC health service of a node that serves no other gRPC (ingest, playback): what Consul checks."""
+    server = grpcutil.server()
+    health = grpcutil.add_health(server)
+    port = grpcutil.bind(server, cfg["host"], cfg["grpc_port"], "gRPC health")
+    await server.start()
+    await grpcutil.mark_serving(health)
+    closers.append(lambda: server.stop(grace=0.5))
+    return port
 
 
 def _peer_text(cfg: dict[str, Any]) -> str:

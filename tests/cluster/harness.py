@@ -21,6 +21,7 @@ class Cluster:
     tmp: Path
     nodes: dict[str, Castmesh] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # for every node: CASTMESH_REGISTRY=consul, say
 
     def __post_init__(self) -> None:
         self.dispatch_port = free_port()
@@ -31,7 +32,7 @@ class Cluster:
         return f"127.0.0.1:{self.dispatch_port}"
 
     def start(self, name: str, args: list[str], port: int | None = None) -> Castmesh:
-        node = Castmesh([*args, "--log-level", "info"], self.tmp / f"{name}.log", "listening")
+        node = Castmesh([*args, "--log-level", "info"], self.tmp / f"{name}.log", "listening", self.env)
         self.nodes[name] = node
         if port is not None:
             self.ports[name] = port

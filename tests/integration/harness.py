@@ -30,9 +30,9 @@ def free_port() -> int:
 class Castmesh:
     """A castmesh process (`up` or `serve ...`) whose log goes to a file the test can read."""
 
-    def __init__(self, args: list[str], log_path: Path, ready: str) -> None:
+    def __init__(self, args: list[str], log_path: Path, ready: str, env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_file = open(log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=self.log_file)
