@@ -40,7 +40,8 @@ from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from castmesh.proto.v1.media_pb2 import StreamKey
 from services.demo import run_demo
 from services.dispatch import service as dispatch_service
-from services.dispatch.directory import InMemoryDirectory
+from services.dispatch.consul_directory import ConsulDirectory
+from services.dispatch.directory import Directory, InMemoryDirectory
 from services.ingest.lease import DispatchLease, FixedLease, Lease
 from services.ingest.rtmp_server import Ingest
 from services.playback.server import Playback, PlaybackSettings
@@ -268,16 +269,20 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
     closers: list[Callable[[], Awaitable[None]]] = []
     try:
         if service == "dispatch":
-            directory = InMemoryDirectory(cfg["grace_ms"] / 1000)
-            server, port = await dispatch_service.start(cfg["host"], cfg["grpc_port"], directory)
-            closers.append(lambda: server.stop(grace=1))
-            source = "Register calls"
+            directory: Directory = InMemoryDirectory(cfg["grace_ms"] / 1000)
+            source = "in memory"
             if cfg["registry"] == "consul":
-                nodes = ConsulNodes(consul_client(), directory.add_node, directory.remove_node, directory.update_load)
+                consul_directory = ConsulDirectory(consul_client(), cfg["grace_ms"] / 1000)
+                consul_directory.start()
+                closers.append(consul_directory.close)
+                nodes = ConsulNodes(consul_client(), consul_directory.add_node, consul_directory.remove_node,
+                                    consul_directory.update_load)
                 nodes.start()
                 closers.append(nodes.close)
-                source = "Register calls and Consul"
-            print(f"castmesh dispatch listening on {cfg['host']}:{port} (gRPC); nodes from {source}", flush=True)
+                directory, source = consul_directory, "in Consul"
+            server, port = await dispatch_service.start(cfg["host"], cfg["grpc_port"], directory)
+            closers.append(lambda: server.stop(grace=1))
+            print(f"castmesh dispatch listening on {cfg['host']}:{port} (gRPC); directory {source}", flush=True)
             await stop.wait()
             return 0
         dispatch = None

@@ -1,7 +1,7 @@
 """Dispatch's state: live nodes with their load, and streams with their publish lease and origin.
 
-Directory is the one interface; InMemoryDirectory backs `castmesh up` and clusters without Consul. A
-Consul-backed directory (KV + sessions) implements the same interface later.
+Directory is the one interface; InMemoryDirectory backs `castmesh up` and clusters without Consul;
+ConsulDirectory (consul_directory.py: KV entries held by sessions) backs clusters with Consul.
 
 Invariants: one holder per stream path; a stream leaves when its holder releases it. After a release,
 the stream's origin is remembered for `affinity` seconds, so a publisher that reconnects is placed on the
@@ -77,8 +77,12 @@ class InMemoryDirectory:
             return
         del self._streams[path]
         if info.origin:
-            self._recent[path] = (info.origin, time.monotonic() + self.affinity)
+            await self.remember(key, info.origin)
             self._notify(StreamChange.KIND_UNPUBLISHED, info)
+
+    async def remember(self, key: StreamKey, origin: str) -> None:
+        """Where a stream that just ended was, for `affinity` seconds (recent_origin)."""
+        self._recent[stream_path(key)] = (origin, time.monotonic() + self.affinity)
 
     async def get(self, key: StreamKey) -> StreamInfo | None:
         return self._streams.get(stream_path(key))

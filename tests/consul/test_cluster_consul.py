@@ -5,10 +5,10 @@ restarting anything."""
 
 from __future__ import annotations
 
+import base64
 import json
-import subprocess
-import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,31 +19,8 @@ import pytest
 from castmesh.proto.v1.dispatch_pb2 import ListNodesRequest
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from tests.cluster.harness import Cluster
-from tests.integration.harness import ROOT, decode, free_port, publish, wait_live
-
-
-class ConsulDouble:
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.log = open(tmp / "consul.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.consul.agent", "--port", str(self.port)],
-                                     cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log)
-        assert self.proc.stdout is not None
-        assert b"listening" in self.proc.stdout.readline()
-
-    def get(self, path: str) -> object:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as answer:
-            return json.loads(answer.read())
-
-    def passing(self, service: str) -> list[str]:
-        entries = self.get(f"/v1/health/service/{service}?passing")
-        assert isinstance(entries, list)
-        return sorted(e["Service"]["ID"] for e in entries)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self.log.close()
+from tests.consul.double import ConsulDouble
+from tests.integration.harness import decode, publish, wait_live
 
 
 @pytest.fixture
@@ -131,3 +108,54 @@ def test_a_node_killed_leaves_the_passing_list_and_a_new_relay_is_used_without_r
     finally:
         publisher.kill()
         publisher.wait()
+
+
+def stream_entry(agent: ConsulDouble, path: str) -> dict | None:  # type: ignore[type-arg]
+    try:
+        entries = agent.get(f"/v1/kv/castmesh/streams/__defaultVhost__/{path}")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+    assert isinstance(entries, list)
+    return entries[0]
+
+
+def test_consul_releases_the_streams_of_a_dead_ingest_even_with_dispatch_dead_too(consul_cluster) -> None:
+    cluster, agent = consul_cluster
+    cluster.relay("origin-1")
+    rtmp = cluster.ingest()
+    http = cluster.playback()
+    cluster.wait_registered()
+    publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/held", 30, gop=30)
+    try:
+        wait_live(f"http://127.0.0.1:{http}/live/held.flv")
+        entry = stream_entry(agent, "live/held")
+        assert entry is not None and entry["Session"]
+        info = json.loads(base64.b64decode(entry["Value"]))
+        assert info["holder"].startswith(f"ingest-{rtmp}/") and info["origin"]
+        session = agent.get(f"/v1/session/info/{entry['Session']}")[0]  # type: ignore[index]
+        assert session["Behavior"] == "delete"
+
+        cluster.kill9("dispatch")  # nobody left to release the lease over gRPC
+        cluster.kill9("ingest")
+        assert until(lambda: stream_entry(agent, "live/held"), None, timeout=10) is None  # Consul did it
+    finally:
+        publisher.kill()
+        publisher.wait()
+
+    cluster.start("dispatch-again", ["serve", "dispatch", "--host", "127.0.0.1", "--grpc-port",
+                                     str(cluster.dispatch_port)])
+    rtmp2 = cluster.ingest("ingest-2")
+    second = publish(f"rtmp://127.0.0.1:{rtmp2}/live/held", 20, gop=30)  # the name is free again
+    try:
+        def holder() -> str:
+            entry = stream_entry(agent, "live/held")
+            return json.loads(base64.b64decode(entry["Value"]))["holder"].split("/")[0] if entry else ""
+
+        assert until(holder, f"ingest-{rtmp2}", timeout=15) == f"ingest-{rtmp2}"
+        counts, errors = decode(f"http://127.0.0.1:{http}/live/held.flv", timeout=30)
+        assert errors == "" and counts.get(0, 0) > 30
+    finally:
+        second.kill()
+        second.wait()
