@@ -452,7 +452,8 @@ def main() -> None:
     parser.add_argument("--reap-every", type=float, default=30.0, help="seconds (Consul: 30)")
     args = parser.parse_args()
     print(f"consul agent double listening on 127.0.0.1:{args.port}", flush=True)
-    web.run_app(app(Agent(args.min_deregister, args.reap_every)), host="127.0.0.1", port=args.port, print=None)
+    web.run_app(app(Agent(args.min_deregister, args.reap_every)), host="127.0.0.1", port=args.port, print=None,
+                shutdown_timeout=0.5)  # blocking queries in flight are cut off, not waited for
 
 
 if __name__ == "__main__":
