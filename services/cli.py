@@ -19,6 +19,7 @@ from typing import Any
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc
+from aiohttp import web
 
 from castmesh.mesh import config, grpcutil, logs, runtime
 from castmesh.mesh.catalog import Catalog
@@ -42,6 +43,7 @@ from services.demo import run_demo
 from services.dispatch import service as dispatch_service
 from services.dispatch.consul_directory import ConsulDirectory
 from services.dispatch.directory import Directory, InMemoryDirectory
+from services.gateway.app import Gateway
 from services.ingest.lease import DispatchLease, FixedLease, Lease
 from services.ingest.rtmp_server import Ingest
 from services.playback.server import Playback, PlaybackSettings
@@ -83,6 +85,7 @@ UP_GRPC_PORT = Option("--grpc-port", 0, "gRPC port of the in-process relay on 12
                       config.port)
 HEALTH_PORT = Option("--grpc-port", 0, "gRPC port for the health service that Consul checks (0: any free port)",
                      config.port)
+GATEWAY_PORT = Option("--http-port", 8090, "HTTP port of the gateway's REST API and redirects", config.port)
 REGISTRY = Option("--registry", "dispatch", "where nodes register: dispatch (its Register call) or consul (the "
                   "agent at CONSUL_HTTP_ADDR; dispatch then watches Consul)")
 
@@ -96,6 +99,7 @@ SERVE = {
     "ingest": [HOST, RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT, REGISTRY, *COMMON],
     "playback": [HOST, HTTP_PORT, PLAY_RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *HLS,
                  REGISTRY, *COMMON],
+    "gateway": [HOST, GATEWAY_PORT, DISPATCH, *COMMON],
 }
 WAIT_FOR_PEER = 5.0
 
@@ -268,6 +272,10 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
         start_http_server(cfg["metrics_port"], addr=cfg["host"])
     closers: list[Callable[[], Awaitable[None]]] = []
     try:
+        if service == "gateway":
+            await _serve_gateway(cfg, closers)
+            await stop.wait()
+            return 0
         if service == "dispatch":
             directory: Directory = InMemoryDirectory(cfg["grace_ms"] / 1000)
             source = "in memory"
@@ -331,6 +339,28 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
         for close in reversed(closers):
             await close()
     return 0
+
+
+async def _serve_gateway(cfg: dict[str, Any], closers: list[Callable[[], Awaitable[None]]]) -> None:
+    if not cfg["dispatch"]:
+        raise ConfigError("the gateway needs --dispatch")
+    chan = await _connect(cfg["dispatch"], "dispatch")
+    closers.append(chan.close)
+    dispatch = DispatchStub(chan)
+    catalog = Catalog(dispatch)
+    closers.append(catalog.close)
+    runner = web.AppRunner(Gateway(dispatch, catalog).app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg["host"], cfg["http_port"], reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(f"cannot listen on {cfg['host']}:{cfg['http_port']} (gateway HTTP): {exc.strerror or exc}") \
+            from exc
+    closers.append(runner.cleanup)
+    print(f"castmesh gateway listening on {cfg['host']}:{cfg['http_port']} (HTTP), dispatch {cfg['dispatch']}",
+          flush=True)
 
 
 async def _health_server(cfg: dict[str, Any], closers: list[Callable[[], Awaitable[None]]]) -> int:

@@ -7,11 +7,13 @@ HTTP paths:
   /{app}/{stream}/hls/{muxer}/{segment}    its segments and initialization segments
   /metrics                                 Prometheus
   /, /api/streams                          the player page and its stream list (services.playback.web)
+  /api/viewers                             this node's viewers per stream (for the gateway)
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,6 +98,11 @@ class Playback:
     def route(self, session: HttpSession, request: Request) -> None:
         if request.path == "/metrics":
             session.respond(200, generate_latest(), [("Content-Type", CONTENT_TYPE_LATEST), NO_CACHE])
+            return
+        if request.path == "/api/viewers":  # this node's viewers per stream, for the gateway's listing
+            counts = {f"{f.key.app}/{f.key.name}": self.viewers(path) for path, f in self.feeds.items()}
+            session.respond(200, json.dumps({"streams": counts}).encode(),
+                            [("Content-Type", "application/json"), NO_CACHE])
             return
         if request.path == "/api/streams":
             task = asyncio.get_running_loop().create_task(self._stream_list(session))

@@ -59,9 +59,15 @@ class Cluster:
                           *(extra or [])], port)
         return port
 
+    def gateway(self, name: str = "gateway") -> int:
+        port = free_port()
+        self.start(name, ["serve", "gateway", "--host", "127.0.0.1", "--http-port", str(port),
+                          "--dispatch", self.dispatch])
+        return port
+
     def wait_registered(self, timeout: float = 10.0) -> None:
         """Until every node started so far is listed by dispatch (instead of sleeping and hoping)."""
-        expected = len([n for n in self.nodes if not n.startswith("dispatch")])
+        expected = len([n for n in self.nodes if not n.startswith(("dispatch", "gateway"))])
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.dispatch) as chan:
             while True:

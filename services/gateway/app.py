@@ -1,0 +1,243 @@
+"""The gateway: the REST face of a cluster for operators and client apps (aiohttp).
+
+  GET /api/v1/streams                          live streams: publisher, codecs, size, bitrate, viewers, nodes
+  GET /api/v1/streams/{app}/{stream}           one of them, or a 404 problem
+  GET /api/v1/streams/{app}/{stream}/play      "which server for stream X": {url, node, protocol}
+        ?protocol=flv|hls|rtmp|ws              (flv by default)
+  GET /api/v1/publish/{app}/{stream}           the RTMP URL of the ingest a publisher should use
+  GET /{app}/{stream}.flv, .m3u8               302 to the chosen playback node (ffplay, mpegts.js follow it)
+  GET /api/v1/nodes                            every registered node with role, zone, health and load
+  GET /healthz, /metrics
+
+Playback nodes for a stream are chosen by consistent hashing with bounded loads (castmesh.mesh.ring):
+a stream's viewers pack onto few nodes, none above (1 + epsilon) x the average. A node's load is what it
+last reported (its viewers) plus what this gateway sent it since. Errors are RFC 9457 problem details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import defaultdict, deque
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+import grpc
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+
+from castmesh.media.frames import stream_key, stream_path
+from castmesh.mesh.catalog import Catalog
+from castmesh.mesh.logs import event
+from castmesh.mesh.ring import BoundedRing
+from castmesh.proto.v1.dispatch_pb2 import (
+    NODE_ROLE_INGEST,
+    NODE_ROLE_PLAYBACK,
+    ListNodesReply,
+    ListNodesRequest,
+    ListStreamsRequest,
+    Node,
+    NodeRole,
+)
+from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
+
+log = logging.getLogger("castmesh.gateway")
+
+ANSWERS = Counter("castmesh_gateway_placements", "Which-server answers and redirects", ["protocol"])
+PROTOCOLS = ("flv", "hls", "rtmp", "ws")
+NAME = r"[A-Za-z0-9_.~-]{1,256}"
+RECENT = 3.0  # seconds an answer counts toward a node's load, until its own report includes the viewer
+TIMEOUT = 2.0
+
+
+def problem(status: int, title: str, detail: str = "") -> web.Response:
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
+    if detail:
+        body["detail"] = detail
+    return web.Response(body=json.dumps(body).encode(), status=status,
+                        headers={"Content-Type": "application/problem+json"})
+
+
+class Gateway:
+    def __init__(self, dispatch: DispatchStub, catalog: Catalog, epsilon: float = 0.25) -> None:
+        self.dispatch = dispatch
+        self.catalog = catalog
+        self.epsilon = epsilon
+        self.sent: dict[str, deque[float]] = defaultdict(deque)  # node id -> when this gateway sent viewers
+        self.http: aiohttp.ClientSession | None = None
+
+    def app(self) -> web.Application:
+        application = web.Application(middlewares=[self._problems])
+        r = application.router
+        r.add_get("/api/v1/streams", self.streams)
+        r.add_get(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}", self.stream)
+        r.add_get(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}/play", self.play)
+        r.add_get(f"/api/v1/publish/{{app:{NAME}}}/{{stream:{NAME}}}", self.publish)
+        r.add_get("/api/v1/nodes", self.nodes)
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/metrics", self.metrics)
+        r.add_get(f"/{{app:{NAME}}}/{{file:{NAME}}}", self.redirect)
+        application.on_cleanup.append(self._close)
+        return application
+
+    @web.middleware
+    async def _problems(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            detail = exc.text or ""
+            return problem(exc.status, exc.reason, "" if detail == f"{exc.status}: {exc.reason}" else detail)
+        except grpc.aio.AioRpcError as exc:
+            event(log, "gateway.dispatch_failed", level=logging.WARNING, error=exc.code().name)
+            return problem(503, "Service Unavailable", f"dispatch did not answer: {exc.code().name}")
+
+    async def _close(self, application: web.Application) -> None:
+        if self.http is not None:
+            await self.http.close()
+
+    # Streams --------------------------------------------------------------------------------------------
+
+    async def _listing(self) -> list[dict[str, Any]]:
+        listed, described, nodes = await asyncio.gather(
+            self.dispatch.ListStreams(ListStreamsRequest(), timeout=TIMEOUT), self.catalog.streams(),
+            self._nodes())
+        media = {stream_path(s.stream): s for s in described}
+        viewers = await self._viewers([e.node for e in nodes.nodes if e.node.role == NODE_ROLE_PLAYBACK])
+        out = []
+        for info in listed.streams:
+            path = stream_path(info.stream)
+            stats = media.get(path)
+            m = stats.media if stats is not None else None
+            watching = viewers.get(f"{info.stream.app}/{info.stream.name}", {})
+            out.append({
+                "app": info.stream.app, "stream": info.stream.name, "vhost": info.stream.vhost,
+                "publisher": {"holder": info.holder, "client_addr": info.client_addr},
+                "origin": info.origin, "since_us": info.since_us,
+                "publishing": stats.publishing if stats is not None else True,
+                "video": m.video_codec if m else "", "audio": m.audio_codec if m else "",
+                "width": m.width if m else 0, "height": m.height if m else 0,
+                "fps": m.frame_rate if m else 0.0, "bitrate_kbps": m.bitrate_kbps if m else 0,
+                "viewers": sum(watching.values()), "nodes": sorted(watching),
+            })
+        return sorted(out, key=lambda s: (s["app"], s["stream"]))
+
+    async def _viewers(self, playback: list[Node]) -> dict[str, dict[str, int]]:
+        """stream path -> {playback node id: viewers there}, from each playback node's /api/viewers."""
+        if self.http is None:
+            self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT))
+        http = self.http
+
+        async def ask(node: Node) -> tuple[str, dict[str, int]]:
+            try:
+                async with http.get(f"http://{node.address}/api/viewers") as answer:
+                    return node.id, (await answer.json())["streams"]
+            except (TimeoutError, aiohttp.ClientError, ValueError, KeyError):
+                return node.id, {}
+
+        found: dict[str, dict[str, int]] = defaultdict(dict)
+        for node_id, streams in await asyncio.gather(*(ask(n) for n in playback)):
+            for path, count in streams.items():
+                if count:
+                    found[path][node_id] = count
+        return found
+
+    async def streams(self, request: web.Request) -> web.Response:
+        return web.json_response({"streams": await self._listing()})
+
+    async def stream(self, request: web.Request) -> web.Response:
+        wanted = (request.match_info["app"], request.match_info["stream"])
+        for entry in await self._listing():
+            if (entry["app"], entry["stream"]) == wanted:
+                return web.json_response(entry)
+        return problem(404, "Not Found", f"nobody is publishing {wanted[0]}/{wanted[1]}")
+
+    # Which server ---------------------------------------------------------------------------------------
+
+    async def _nodes(self) -> ListNodesReply:
+        reply: ListNodesReply = await self.dispatch.ListNodes(ListNodesRequest(), timeout=TIMEOUT)
+        return reply
+
+    async def _choose(self, app: str, name: str, protocol: str, query: dict[str, str]) -> dict[str, Any]:
+        if protocol not in PROTOCOLS:
+            raise web.HTTPBadRequest(text=f"protocol is one of {', '.join(PROTOCOLS)}")
+        key = stream_key(app, name)
+        listed = await self.dispatch.ListStreams(ListStreamsRequest(), timeout=TIMEOUT)
+        if not any(stream_path(s.stream) == stream_path(key) for s in listed.streams):
+            raise web.HTTPNotFound(text=f"nobody is publishing {app}/{name}")
+        entries = [e for e in (await self._nodes()).nodes if e.node.role == NODE_ROLE_PLAYBACK]
+        if protocol == "rtmp":
+            entries = [e for e in entries if e.node.meta.get("rtmp")]
+        if not entries:
+            raise web.HTTPServiceUnavailable(text=f"no live playback node serves {protocol}")
+        now = time.monotonic()
+        loads = {}
+        for e in entries:
+            recent = self.sent[e.node.id]
+            while recent and now - recent[0] > RECENT:
+                recent.popleft()
+            loads[e.node.id] = e.load.subscribers + len(recent)
+        ring = BoundedRing([e.node.id for e in entries], epsilon=self.epsilon)
+        chosen = ring.pick(stream_path(key), loads)
+        node = next(e.node for e in entries if e.node.id == chosen)
+        self.sent[node.id].append(now)
+        ANSWERS.labels(protocol).inc()
+        return {"url": url_for(node, app, name, protocol, query), "node": node.id, "protocol": protocol}
+
+    async def play(self, request: web.Request) -> web.Response:
+        query = {k: v for k, v in request.query.items() if k != "protocol"}
+        answer = await self._choose(request.match_info["app"], request.match_info["stream"],
+                                    request.query.get("protocol", "flv"), query)
+        return web.json_response(answer)
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        name, _, extension = request.match_info["file"].rpartition(".")
+        protocols = {"flv": "flv", "m3u8": "hls"}
+        if not name or extension not in protocols:
+            return problem(404, "Not Found", "streams are at /{app}/{stream}.flv or .m3u8")
+        answer = await self._choose(request.match_info["app"], name, protocols[extension], dict(request.query))
+        raise web.HTTPFound(answer["url"])
+
+    async def publish(self, request: web.Request) -> web.Response:
+        app, name = request.match_info["app"], request.match_info["stream"]
+        ingests = [e for e in (await self._nodes()).nodes if e.node.role == NODE_ROLE_INGEST]
+        if not ingests:
+            return problem(503, "Service Unavailable", "no live ingest node")
+        best = min(ingests, key=lambda e: (e.load.streams, e.node.id)).node
+        host = best.address.rpartition(":")[0]
+        return web.json_response({"url": f"rtmp://{host}:{best.meta.get('rtmp', '1935')}/{app}/{name}",
+                                  "node": best.id, "protocol": "rtmp"})
+
+    # Nodes and health -----------------------------------------------------------------------------------
+
+    async def nodes(self, request: web.Request) -> web.Response:
+        return web.json_response({"nodes": [
+            {"id": e.node.id, "role": NodeRole.Name(e.node.role).removeprefix("NODE_ROLE_").lower(),
+             "address": e.node.address, "zone": e.node.zone, "meta": dict(e.node.meta), "health": "passing",
+             "load": {"streams": e.load.streams, "subscribers": e.load.subscribers, "cpu": e.load.cpu}}
+            for e in (await self._nodes()).nodes]})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        try:
+            await self._nodes()
+        except grpc.aio.AioRpcError as exc:
+            return problem(503, "Service Unavailable", f"dispatch did not answer: {exc.code().name}")
+        return web.json_response({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def url_for(node: Node, app: str, name: str, protocol: str, query: dict[str, str]) -> str:
+    host = node.address.rpartition(":")[0]
+    suffix = f"?{urlencode(query)}" if query else ""
+    if protocol == "rtmp":
+        return f"rtmp://{host}:{node.meta['rtmp']}/{app}/{name}{suffix}"
+    scheme = "ws" if protocol == "ws" else "http"
+    extension = "m3u8" if protocol == "hls" else "flv"
+    return f"{scheme}://{node.address}/{app}/{name}.{extension}{suffix}"

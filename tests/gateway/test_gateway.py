@@ -1,0 +1,123 @@
+"""The gateway over a real cluster: ffmpeg follows its 302 to a playback node and decodes, "which server"
+answers follow the bounded-load rule, listings carry what streams hold and who watches, and errors are
+problem details."""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from castmesh.mesh.ring import BoundedRing
+from tests.cluster.harness import Cluster
+from tests.integration.harness import decode, publish, wait_live, watch_in_background
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    yield c
+    c.stop()
+
+
+def get(url: str) -> tuple[int, str, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status, answer.headers["Content-Type"], json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], json.loads(exc.read())
+
+
+def test_ffmpeg_follows_the_redirect_and_listings_show_the_viewer(cluster: Cluster) -> None:
+    cluster.relay("origin-1")
+    rtmp = cluster.ingest()
+    http = cluster.playback("playback-a")
+    cluster.playback("playback-b")
+    gateway = cluster.gateway()
+    cluster.wait_registered()
+    base = f"http://127.0.0.1:{gateway}"
+    status, _, answer = get(f"{base}/api/v1/publish/live/gw")
+    assert status == 200 and answer["url"] == f"rtmp://127.0.0.1:{rtmp}/live/gw"
+    publisher = publish(answer["url"], 20, gop=30)
+    try:
+        wait_live(f"http://127.0.0.1:{http}/live/gw.flv")
+        counts, errors = decode(f"{base}/live/gw.flv", timeout=40, seconds=4)  # a 302 to a playback node
+        assert errors == "" and counts.get(0, 0) >= 100 and counts.get(1, 0) > 100
+        counts, errors = decode(f"{base}/live/gw.m3u8", timeout=40, seconds=4)  # and for HLS
+        assert errors == "" and counts.get(0, 0) >= 100
+
+        placed = get(f"{base}/api/v1/streams/live/gw/play")[2]  # what a client app asks
+        seen, viewer = watch_in_background(placed["url"], 6)
+        status, _, one = 0, "", {}
+        for _ in range(40):
+            status, _, one = get(f"{base}/api/v1/streams/live/gw")
+            if one.get("viewers"):
+                break
+            viewer.join(0.25)
+        assert status == 200 and (one["video"], one["audio"], one["width"]) == ("H.264", "AAC", 320)
+        # the FLV viewer, and for a few target durations the HLS client decoded above
+        assert one["publisher"]["holder"].startswith(f"ingest-{rtmp}/") and one["viewers"] >= 1
+        assert placed["node"] in one["nodes"] and all(n.startswith("playback-") for n in one["nodes"])
+        viewer.join(15)
+        assert seen.error == "" and seen.tags
+        status, _, listing = get(f"{base}/api/v1/streams")
+        assert status == 200 and [s["stream"] for s in listing["streams"]] == ["gw"]
+    finally:
+        publisher.kill()
+        publisher.wait()
+    status, _, nodes = get(f"{base}/api/v1/nodes")
+    assert status == 200 and sorted(n["role"] for n in nodes["nodes"]) == ["ingest", "origin", "playback",
+                                                                          "playback"]
+    assert get(f"{base}/healthz")[0] == 200
+
+
+def test_which_server_answers_follow_the_bounded_load_rule_and_errors_are_problems(cluster: Cluster) -> None:
+    cluster.relay("origin-1")
+    rtmp = cluster.ingest()
+    ports = [cluster.playback(f"playback-{i}", rtmp_port=0 if i else free_rtmp()) for i in range(3)]
+    gateway = cluster.gateway()
+    cluster.wait_registered()
+    base = f"http://127.0.0.1:{gateway}"
+    publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/busy", 20, gop=30)
+    try:
+        wait_live(f"http://127.0.0.1:{ports[0]}/live/busy.flv")
+        answers = [get(f"{base}/api/v1/streams/live/busy/play?protocol=hls")[2] for _ in range(12)]
+        assert all(a["protocol"] == "hls" and a["url"].endswith("/live/busy.m3u8") for a in answers)
+        ring = BoundedRing([f"playback-{p}" for p in ports])
+        loads: Counter[str] = Counter()
+        for answer in answers:  # the same walk and cap, replayed: nobody reported viewers yet
+            expected = ring.pick("__defaultVhost__/live/busy", loads)
+            assert answer["node"] == expected
+            loads[answer["node"]] += 1
+        assert max(loads.values()) <= math.ceil(1.25 * 12 / 3)
+
+        status, _, rtmp_answer = get(f"{base}/api/v1/streams/live/busy/play?protocol=rtmp&expires=1&sign=x")
+        assert status == 200 and rtmp_answer["url"].startswith("rtmp://127.0.0.1:")
+        assert rtmp_answer["url"].endswith("/live/busy?expires=1&sign=x")  # only one node plays RTMP
+        status, _, ws = get(f"{base}/api/v1/streams/live/busy/play?protocol=ws")
+        assert ws["url"].startswith("ws://") and ws["url"].endswith("/live/busy.flv")
+
+        status, content_type, body = get(f"{base}/api/v1/streams/live/busy/play?protocol=smoke")
+        assert status == 400 and content_type == "application/problem+json" and body["status"] == 400
+    finally:
+        publisher.kill()
+        publisher.wait()
+    status, content_type, body = get(f"{base}/api/v1/streams/live/nobody/play")
+    assert status == 404 and content_type == "application/problem+json" and "nobody" in body["detail"]
+    status, content_type, body = get(f"{base}/api/v1/streams/live/nobody")
+    assert status == 404 and body["title"] == "Not Found"
+    status, content_type, body = get(f"{base}/live/nobody.flv")
+    assert status == 404 and content_type == "application/problem+json"
+
+
+def free_rtmp() -> int:
+    from tests.integration.harness import free_port
+
+    return free_port()
