@@ -7,7 +7,7 @@
   GET /api/v1/publish/{app}/{stream}           the RTMP URL of the ingest a publisher should use
   GET /{app}/{stream}.flv, .m3u8               302 to the chosen playback node (ffplay, mpegts.js follow it)
   GET /api/v1/nodes                            every registered node with role, zone, health and load
-  GET /healthz, /metrics
+  GET /healthz, /metrics, /openapi.json (OpenAPI 3.1), /docs
 
 Playback nodes for a stream are chosen by consistent hashing with bounded loads (castmesh.mesh.ring):
 a stream's viewers pack onto few nodes, none above (1 + epsilon) x the average. A node's load is what it
@@ -43,6 +43,7 @@ from castmesh.proto.v1.dispatch_pb2 import (
     NodeRole,
 )
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
+from services.gateway.openapi import DOCUMENT, docs_page
 
 log = logging.getLogger("castmesh.gateway")
 
@@ -78,6 +79,8 @@ class Gateway:
         r.add_get(f"/api/v1/publish/{{app:{NAME}}}/{{stream:{NAME}}}", self.publish)
         r.add_get("/api/v1/nodes", self.nodes)
         r.add_get("/healthz", self.healthz)
+        r.add_get("/openapi.json", self.openapi)
+        r.add_get("/docs", self.docs)
         r.add_get("/metrics", self.metrics)
         r.add_get(f"/{{app:{NAME}}}/{{file:{NAME}}}", self.redirect)
         application.on_cleanup.append(self._close)
@@ -228,6 +231,12 @@ class Gateway:
         except grpc.aio.AioRpcError as exc:
             return problem(503, "Service Unavailable", f"dispatch did not answer: {exc.code().name}")
         return web.json_response({"status": "ok"})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(DOCUMENT)
+
+    async def docs(self, request: web.Request) -> web.Response:
+        return web.Response(text=docs_page(), content_type="text/html")
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

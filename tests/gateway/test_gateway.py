@@ -121,3 +121,27 @@ def free_rtmp() -> int:
     from tests.integration.harness import free_port
 
     return free_port()
+
+
+def test_openapi_document_validates_and_schemathesis_finds_no_server_errors(cluster: Cluster) -> None:
+    import subprocess
+    import sys
+
+    from openapi_spec_validator import validate
+
+    cluster.relay("origin-1")
+    cluster.ingest()
+    cluster.playback()
+    gateway = cluster.gateway()
+    cluster.wait_registered()
+    base = f"http://127.0.0.1:{gateway}"
+    with urllib.request.urlopen(f"{base}/openapi.json", timeout=10) as answer:
+        document = json.loads(answer.read())
+    validate(document)
+    with urllib.request.urlopen(f"{base}/docs", timeout=10) as answer:
+        assert b"/api/v1/streams/{app}/{stream}/play" in answer.read()
+    result = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/openapi.json", "--checks", "not_a_server_error",
+         "--max-examples", "25", "--request-timeout", "5", "--no-color"],
+        capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

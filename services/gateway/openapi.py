@@ -1,0 +1,110 @@
+"""The gateway's OpenAPI 3.1 document (served at /openapi.json) and a docs page rendered from it (/docs),
+with no script from anywhere: the page is plain HTML."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+NAME = {"type": "string", "pattern": "^[A-Za-z0-9_.~-]{1,256}$"}
+PROBLEM = {"description": "A problem (RFC 9457)",
+           "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+
+
+def _path_params(*names: str) -> list[dict[str, Any]]:
+    return [{"name": n, "in": "path", "required": True, "schema": NAME} for n in names]
+
+
+def _json(schema_ref: str, description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_ref}"}}}}
+
+
+PLAY_QUERY = [{"name": "protocol", "in": "query", "required": False,
+               "schema": {"type": "string", "enum": ["flv", "hls", "rtmp", "ws"], "default": "flv"}}]
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "castmesh gateway", "version": "1.0.0",
+             "description": "Which server for stream X, redirects to playback nodes, listings of streams and "
+                            "nodes. Errors are problem details (RFC 9457)."},
+    "paths": {
+        "/api/v1/streams": {"get": {
+            "summary": "Live streams: publisher, codecs, resolution, bitrate, viewers and playback nodes",
+            "operationId": "listStreams",
+            "responses": {"200": _json("StreamList", "The live streams"), "503": PROBLEM}}},
+        "/api/v1/streams/{app}/{stream}": {"get": {
+            "summary": "One live stream", "operationId": "getStream", "parameters": _path_params("app", "stream"),
+            "responses": {"200": _json("Stream", "The stream"), "404": PROBLEM, "503": PROBLEM}}},
+        "/api/v1/streams/{app}/{stream}/play": {"get": {
+            "summary": "Which server for stream X: a ready-to-use URL on a live playback node",
+            "operationId": "play", "parameters": [*_path_params("app", "stream"), *PLAY_QUERY],
+            "responses": {"200": _json("Placement", "Where to play"), "400": PROBLEM, "404": PROBLEM,
+                          "503": PROBLEM}}},
+        "/api/v1/publish/{app}/{stream}": {"get": {
+            "summary": "The RTMP URL of the ingest node a publisher should use", "operationId": "publish",
+            "parameters": _path_params("app", "stream"),
+            "responses": {"200": _json("Placement", "Where to publish"), "503": PROBLEM}}},
+        "/api/v1/nodes": {"get": {
+            "summary": "Every registered node with role, zone, health and load", "operationId": "listNodes",
+            "responses": {"200": _json("NodeList", "The nodes"), "503": PROBLEM}}},
+        "/{app}/{file}": {"get": {
+            "summary": "A 302 to the chosen playback node for {stream}.flv (HTTP-FLV) or {stream}.m3u8 (HLS)",
+            "operationId": "redirect", "parameters": _path_params("app", "file"),
+            "responses": {"302": {"description": "Redirect to a playback node", "headers": {
+                "Location": {"schema": {"type": "string"}}}}, "404": PROBLEM, "503": PROBLEM}}},
+        "/healthz": {"get": {"summary": "The gateway and its dispatch answer", "operationId": "healthz",
+                             "responses": {"200": {"description": "Healthy", "content": {"application/json": {
+                                 "schema": {"type": "object", "properties": {"status": {"type": "string"}}}}}},
+                                 "503": PROBLEM}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "operationId": "metrics",
+                             "responses": {"200": {"description": "Metrics in the Prometheus text format",
+                                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+    },
+    "components": {"schemas": {
+        "Problem": {"type": "object", "required": ["type", "title", "status"], "properties": {
+            "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+            "detail": {"type": "string"}}},
+        "Placement": {"type": "object", "required": ["url", "node", "protocol"], "properties": {
+            "url": {"type": "string"}, "node": {"type": "string"},
+            "protocol": {"type": "string", "enum": ["flv", "hls", "rtmp", "ws"]}}},
+        "Stream": {"type": "object", "required": ["app", "stream", "publisher", "viewers", "nodes"], "properties": {
+            "app": {"type": "string"}, "stream": {"type": "string"}, "vhost": {"type": "string"},
+            "publisher": {"type": "object", "properties": {"holder": {"type": "string"},
+                                                           "client_addr": {"type": "string"}}},
+            "origin": {"type": "string"}, "since_us": {"type": "integer"}, "publishing": {"type": "boolean"},
+            "video": {"type": "string"}, "audio": {"type": "string"}, "width": {"type": "integer"},
+            "height": {"type": "integer"}, "fps": {"type": "number"}, "bitrate_kbps": {"type": "integer"},
+            "viewers": {"type": "integer"}, "nodes": {"type": "array", "items": {"type": "string"}}}},
+        "StreamList": {"type": "object", "required": ["streams"], "properties": {
+            "streams": {"type": "array", "items": {"$ref": "#/components/schemas/Stream"}}}},
+        "Node": {"type": "object", "required": ["id", "role", "address"], "properties": {
+            "id": {"type": "string"}, "role": {"type": "string"}, "address": {"type": "string"},
+            "zone": {"type": "string"}, "health": {"type": "string"},
+            "meta": {"type": "object", "additionalProperties": {"type": "string"}},
+            "load": {"type": "object", "properties": {"streams": {"type": "integer"},
+                                                      "subscribers": {"type": "integer"},
+                                                      "cpu": {"type": "number"}}}}},
+        "NodeList": {"type": "object", "required": ["nodes"], "properties": {
+            "nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}}},
+    }},
+}
+
+
+def docs_page(document: dict[str, Any] = DOCUMENT) -> str:
+    rows = []
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            params = ", ".join(f"{p['name']} ({p['in']})" for p in operation.get("parameters", []))
+            codes = ", ".join(operation["responses"])
+            rows.append(f"<tr><td><code>{method.upper()} {html.escape(path)}</code></td>"
+                        f"<td>{html.escape(operation['summary'])}</td><td>{html.escape(params)}</td>"
+                        f"<td>{codes}</td></tr>")
+    info = document["info"]
+    return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(info['title'])}"
+            "</title><style>body{font-family:system-ui,sans-serif;margin:2rem}td,th{padding:.3rem .6rem;"
+            "border-bottom:1px solid #ddd;text-align:left}</style></head><body>"
+            f"<h1>{html.escape(info['title'])} {html.escape(info['version'])}</h1>"
+            f"<p>{html.escape(info['description'])} The machine-readable document is "
+            "<a href=\"/openapi.json\">/openapi.json</a>.</p><table><tr><th>Operation</th><th>What</th>"
+            f"<th>Parameters</th><th>Answers</th></tr>{''.join(rows)}</table></body></html>")
