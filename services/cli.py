@@ -22,12 +22,14 @@ import grpc
 from aiohttp import web
 
 from castmesh.mesh import config, grpcutil, logs, runtime
+from castmesh.mesh.admin import add_admin
 from castmesh.mesh.catalog import Catalog
 from castmesh.mesh.config import ConfigError, Option
 from castmesh.mesh.consul import ConsulNodes, ConsulRegistry
 from castmesh.mesh.consul import client_from_env as consul_client
 from castmesh.mesh.registry import DispatchRegistry, Registry
 from castmesh.mesh.subscription import Locate, dispatch_upstream, fixed_upstream
+from castmesh.proto.v1.admin_pb2 import KickRequest
 from castmesh.proto.v1.dispatch_pb2 import (
     NODE_ROLE_EDGE,
     NODE_ROLE_INGEST,
@@ -86,6 +88,7 @@ UP_GRPC_PORT = Option("--grpc-port", 0, "gRPC port of the in-process relay on 12
 HEALTH_PORT = Option("--grpc-port", 0, "gRPC port for the health service that Consul checks (0: any free port)",
                      config.port)
 GATEWAY_PORT = Option("--http-port", 8090, "HTTP port of the gateway's REST API and redirects", config.port)
+ADMIN_TOKEN = Option("--admin-token", "", "bearer token the gateway's admin calls (kicks) need; empty: none")
 REGISTRY = Option("--registry", "dispatch", "where nodes register: dispatch (its Register call) or consul (the "
                   "agent at CONSUL_HTTP_ADDR; dispatch then watches Consul)")
 
@@ -99,7 +102,7 @@ SERVE = {
     "ingest": [HOST, RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT, REGISTRY, *COMMON],
     "playback": [HOST, HTTP_PORT, PLAY_RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *HLS,
                  REGISTRY, *COMMON],
-    "gateway": [HOST, GATEWAY_PORT, DISPATCH, *COMMON],
+    "gateway": [HOST, GATEWAY_PORT, DISPATCH, ADMIN_TOKEN, *COMMON],
 }
 WAIT_FOR_PEER = 5.0
 
@@ -309,7 +312,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             ingest = Ingest(wiring.leases, cfg["batch_ms"], node_id=f"ingest-{cfg['rtmp_port']}")
             closers.append(ingest.links.close)
             closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
-            health_port = await _health_server(cfg, closers)
+            health_port = await _health_server(cfg, closers, lambda r: ingest.kick(r.stream, r.reason))
             wiring.register(Node(id=ingest.node_id, role=NODE_ROLE_INGEST, address=_advertise(cfg, cfg["rtmp_port"]),
                                  meta={"rtmp": str(cfg["rtmp_port"]), "grpc": str(health_port)}),
                             lambda: NodeLoad(streams=len(ingest.sessions)))
@@ -325,7 +328,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
             if cfg["rtmp_port"]:
                 closers.append(_closing(await playback.listen_rtmp(cfg["host"], cfg["rtmp_port"])))
-            health_port = await _health_server(cfg, closers)
+            health_port = await _health_server(cfg, closers, lambda r: playback.kick(r.client_id, r.reason))
             wiring.register(Node(id=node_id, role=NODE_ROLE_PLAYBACK, address=_advertise(cfg, cfg["http_port"]),
                                  zone=cfg["zone"], meta={"http": str(cfg["http_port"]),
                                                          "rtmp": str(cfg["rtmp_port"] or ""),
@@ -349,7 +352,7 @@ async def _serve_gateway(cfg: dict[str, Any], closers: list[Callable[[], Awaitab
     dispatch = DispatchStub(chan)
     catalog = Catalog(dispatch)
     closers.append(catalog.close)
-    runner = web.AppRunner(Gateway(dispatch, catalog).app(), access_log=None)
+    runner = web.AppRunner(Gateway(dispatch, catalog, admin_token=cfg["admin_token"]).app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, cfg["host"], cfg["http_port"], reuse_address=True)
     try:
@@ -363,10 +366,13 @@ async def _serve_gateway(cfg: dict[str, Any], closers: list[Callable[[], Awaitab
           flush=True)
 
 
-async def _health_server(cfg: dict[str, Any], closers: list[Callable[[], Awaitable[None]]]) -> int:
-    """The gRPC health service of a node that serves no other gRPC (ingest, playback): what Consul checks."""
+async def _health_server(cfg: dict[str, Any], closers: list[Callable[[], Awaitable[None]]],
+                         kick: Callable[[KickRequest], int]) -> int:
+    """The gRPC port of a node that serves no other gRPC (ingest, playback): the health service Consul checks
+    and the Admin service the gateway kicks through."""
     server = grpcutil.server()
     health = grpcutil.add_health(server)
+    add_admin(server, kick)
     port = grpcutil.bind(server, cfg["host"], cfg["grpc_port"], "gRPC health")
     await server.start()
     await grpcutil.mark_serving(health)

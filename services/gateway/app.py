@@ -7,6 +7,8 @@
   GET /api/v1/publish/{app}/{stream}           the RTMP URL of the ingest a publisher should use
   GET /{app}/{stream}.flv, .m3u8               302 to the chosen playback node (ffplay, mpegts.js follow it)
   GET /api/v1/nodes                            every registered node with role, zone, health and load
+  DELETE /api/v1/streams/{app}/{stream}        kick the publisher (at the ingest holding the stream)
+  DELETE /api/v1/clients/{id}                  kick one viewer (ids from the stream's "clients")
   GET /healthz, /metrics, /openapi.json (OpenAPI 3.1), /docs
 
 Playback nodes for a stream are chosen by consistent hashing with bounded loads (castmesh.mesh.ring):
@@ -17,6 +19,7 @@ last reported (its viewers) plus what this gateway sent it since. Errors are RFC
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -30,9 +33,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from castmesh.media.frames import stream_key, stream_path
+from castmesh.mesh import grpcutil
 from castmesh.mesh.catalog import Catalog
 from castmesh.mesh.logs import event
 from castmesh.mesh.ring import BoundedRing
+from castmesh.proto.v1.admin_pb2 import KickRequest
+from castmesh.proto.v1.admin_pb2_grpc import AdminStub
 from castmesh.proto.v1.dispatch_pb2 import (
     NODE_ROLE_INGEST,
     NODE_ROLE_PLAYBACK,
@@ -63,8 +69,10 @@ def problem(status: int, title: str, detail: str = "") -> web.Response:
 
 
 class Gateway:
-    def __init__(self, dispatch: DispatchStub, catalog: Catalog, epsilon: float = 0.25) -> None:
+    def __init__(self, dispatch: DispatchStub, catalog: Catalog, epsilon: float = 0.25, admin_token: str = "") -> None:
         self.dispatch = dispatch
+        self.admin_token = admin_token
+        self.admin_channels: dict[str, grpc.aio.Channel] = {}
         self.catalog = catalog
         self.epsilon = epsilon
         self.sent: dict[str, deque[float]] = defaultdict(deque)  # node id -> when this gateway sent viewers
@@ -78,6 +86,8 @@ class Gateway:
         r.add_get(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}/play", self.play)
         r.add_get(f"/api/v1/publish/{{app:{NAME}}}/{{stream:{NAME}}}", self.publish)
         r.add_get("/api/v1/nodes", self.nodes)
+        r.add_delete(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}", self.kick_publisher)
+        r.add_delete("/api/v1/clients/{id:[A-Za-z0-9_.:-]{1,200}}", self.kick_client)
         r.add_get("/healthz", self.healthz)
         r.add_get("/openapi.json", self.openapi)
         r.add_get("/docs", self.docs)
@@ -103,6 +113,8 @@ class Gateway:
     async def _close(self, application: web.Application) -> None:
         if self.http is not None:
             await self.http.close()
+        for channel in self.admin_channels.values():
+            await channel.close()
 
     # Streams --------------------------------------------------------------------------------------------
 
@@ -111,13 +123,14 @@ class Gateway:
             self.dispatch.ListStreams(ListStreamsRequest(), timeout=TIMEOUT), self.catalog.streams(),
             self._nodes())
         media = {stream_path(s.stream): s for s in described}
-        viewers = await self._viewers([e.node for e in nodes.nodes if e.node.role == NODE_ROLE_PLAYBACK])
+        viewers, clients = await self._viewers([e.node for e in nodes.nodes if e.node.role == NODE_ROLE_PLAYBACK])
         out = []
         for info in listed.streams:
             path = stream_path(info.stream)
             stats = media.get(path)
             m = stats.media if stats is not None else None
-            watching = viewers.get(f"{info.stream.app}/{info.stream.name}", {})
+            short = f"{info.stream.app}/{info.stream.name}"
+            watching = viewers.get(short, {})
             out.append({
                 "app": info.stream.app, "stream": info.stream.name, "vhost": info.stream.vhost,
                 "publisher": {"holder": info.holder, "client_addr": info.client_addr},
@@ -126,29 +139,33 @@ class Gateway:
                 "video": m.video_codec if m else "", "audio": m.audio_codec if m else "",
                 "width": m.width if m else 0, "height": m.height if m else 0,
                 "fps": m.frame_rate if m else 0.0, "bitrate_kbps": m.bitrate_kbps if m else 0,
-                "viewers": sum(watching.values()), "nodes": sorted(watching),
+                "viewers": sum(watching.values()), "nodes": sorted(watching), "clients": clients.get(short, []),
             })
         return sorted(out, key=lambda s: (s["app"], s["stream"]))
 
-    async def _viewers(self, playback: list[Node]) -> dict[str, dict[str, int]]:
-        """stream path -> {playback node id: viewers there}, from each playback node's /api/viewers."""
+    async def _viewers(self, playback: list[Node]) -> tuple[dict[str, dict[str, int]], dict[str, list[Any]]]:
+        """From each playback node's /api/viewers: stream -> {node id: viewers there} (HLS clients included),
+        and stream -> the connected viewers (FLV, WebSocket, RTMP) with their ids, for kicks."""
         if self.http is None:
             self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT))
         http = self.http
 
-        async def ask(node: Node) -> tuple[str, dict[str, int]]:
+        async def ask(node: Node) -> tuple[str, dict[str, Any]]:
             try:
                 async with http.get(f"http://{node.address}/api/viewers") as answer:
-                    return node.id, (await answer.json())["streams"]
-            except (TimeoutError, aiohttp.ClientError, ValueError, KeyError):
+                    return node.id, await answer.json()
+            except (TimeoutError, aiohttp.ClientError, ValueError):
                 return node.id, {}
 
-        found: dict[str, dict[str, int]] = defaultdict(dict)
-        for node_id, streams in await asyncio.gather(*(ask(n) for n in playback)):
-            for path, count in streams.items():
+        counts: dict[str, dict[str, int]] = defaultdict(dict)
+        clients: dict[str, list[Any]] = defaultdict(list)
+        for node_id, reply in await asyncio.gather(*(ask(n) for n in playback)):
+            for path, count in (reply.get("streams") or {}).items():
                 if count:
-                    found[path][node_id] = count
-        return found
+                    counts[path][node_id] = count
+            for path, connected in (reply.get("clients") or {}).items():
+                clients[path] += [{**c, "node": node_id} for c in connected]
+        return counts, clients
 
     async def streams(self, request: web.Request) -> web.Response:
         return web.json_response({"streams": await self._listing()})
@@ -215,6 +232,53 @@ class Gateway:
         host = best.address.rpartition(":")[0]
         return web.json_response({"url": f"rtmp://{host}:{best.meta.get('rtmp', '1935')}/{app}/{name}",
                                   "node": best.id, "protocol": "rtmp"})
+
+    # Kicks ----------------------------------------------------------------------------------------------
+
+    def _authorize(self, request: web.Request) -> None:
+        if self.admin_token and not hmac.compare_digest(request.headers.get("Authorization", ""),
+                                                        f"Bearer {self.admin_token}"):
+            raise web.HTTPUnauthorized(text="admin calls need Authorization: Bearer <admin token>",
+                                       headers={"WWW-Authenticate": "Bearer"})
+
+    async def _kick(self, node: Node, kick: KickRequest) -> int:
+        port = node.meta.get("grpc")
+        if not port:
+            raise web.HTTPServiceUnavailable(text=f"node {node.id} has no admin port")
+        address = f"{node.address.rpartition(':')[0]}:{port}"
+        channel = self.admin_channels.get(address)
+        if channel is None:
+            channel = self.admin_channels[address] = grpcutil.channel(address)
+        reply = await AdminStub(channel).Kick(kick, timeout=TIMEOUT)
+        kicked: int = reply.kicked
+        return kicked
+
+    async def kick_publisher(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        app, name = request.match_info["app"], request.match_info["stream"]
+        key = stream_key(app, name)
+        listed = await self.dispatch.ListStreams(ListStreamsRequest(), timeout=TIMEOUT)
+        info = next((s for s in listed.streams if stream_path(s.stream) == stream_path(key)), None)
+        if info is None:
+            raise web.HTTPNotFound(text=f"nobody is publishing {app}/{name}")
+        ingest_id = info.holder.split("/", 1)[0]
+        node = next((e.node for e in (await self._nodes()).nodes if e.node.id == ingest_id), None)
+        if node is None:
+            raise web.HTTPServiceUnavailable(text=f"the ingest holding {app}/{name} ({ingest_id}) is not listed")
+        kicked = await self._kick(node, KickRequest(stream=key, reason=request.query.get("reason", "")))
+        event(log, "gateway.kick", stream=f"{app}/{name}", node=node.id, kicked=kicked)
+        return web.json_response({"kicked": kicked, "node": node.id})
+
+    async def kick_client(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        client_id = request.match_info["id"]
+        node_id = client_id.rpartition(".")[0]
+        node = next((e.node for e in (await self._nodes()).nodes if e.node.id == node_id), None)
+        kicked = await self._kick(node, KickRequest(client_id=client_id, reason=request.query.get("reason", ""))) \
+            if node is not None else 0
+        if not kicked:
+            raise web.HTTPNotFound(text=f"no viewer {client_id}")
+        return web.json_response({"kicked": kicked, "node": node_id})
 
     # Nodes and health -----------------------------------------------------------------------------------
 

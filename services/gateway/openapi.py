@@ -35,7 +35,18 @@ DOCUMENT: dict[str, Any] = {
             "responses": {"200": _json("StreamList", "The live streams"), "503": PROBLEM}}},
         "/api/v1/streams/{app}/{stream}": {"get": {
             "summary": "One live stream", "operationId": "getStream", "parameters": _path_params("app", "stream"),
-            "responses": {"200": _json("Stream", "The stream"), "404": PROBLEM, "503": PROBLEM}}},
+            "responses": {"200": _json("Stream", "The stream"), "404": PROBLEM, "503": PROBLEM}},
+            "delete": {"summary": "Kick the publisher: its stream ends for every viewer",
+                       "operationId": "kickPublisher",
+                       "parameters": _path_params("app", "stream"), "security": [{"bearer": []}],
+                       "responses": {"200": _json("Kicked", "Kicked"), "401": PROBLEM, "404": PROBLEM,
+                                     "503": PROBLEM}}},
+        "/api/v1/clients/{id}": {"delete": {
+            "summary": "Kick one viewer (its id is in the stream's clients)", "operationId": "kickClient",
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,200}$"}}],
+            "security": [{"bearer": []}],
+            "responses": {"200": _json("Kicked", "Kicked"), "401": PROBLEM, "404": PROBLEM, "503": PROBLEM}}},
         "/api/v1/streams/{app}/{stream}/play": {"get": {
             "summary": "Which server for stream X: a ready-to-use URL on a live playback node",
             "operationId": "play", "parameters": [*_path_params("app", "stream"), *PLAY_QUERY],
@@ -61,7 +72,7 @@ DOCUMENT: dict[str, Any] = {
                              "responses": {"200": {"description": "Metrics in the Prometheus text format",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
     },
-    "components": {"schemas": {
+    "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}, "schemas": {
         "Problem": {"type": "object", "required": ["type", "title", "status"], "properties": {
             "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
             "detail": {"type": "string"}}},
@@ -75,7 +86,12 @@ DOCUMENT: dict[str, Any] = {
             "origin": {"type": "string"}, "since_us": {"type": "integer"}, "publishing": {"type": "boolean"},
             "video": {"type": "string"}, "audio": {"type": "string"}, "width": {"type": "integer"},
             "height": {"type": "integer"}, "fps": {"type": "number"}, "bitrate_kbps": {"type": "integer"},
-            "viewers": {"type": "integer"}, "nodes": {"type": "array", "items": {"type": "string"}}}},
+            "viewers": {"type": "integer"}, "nodes": {"type": "array", "items": {"type": "string"}},
+            "clients": {"type": "array", "items": {"type": "object", "properties": {
+                "id": {"type": "string"}, "node": {"type": "string"}, "protocol": {"type": "string"},
+                "peer": {"type": "string"}}}}}},
+        "Kicked": {"type": "object", "required": ["kicked", "node"], "properties": {
+            "kicked": {"type": "integer"}, "node": {"type": "string"}}},
         "StreamList": {"type": "object", "required": ["streams"], "properties": {
             "streams": {"type": "array", "items": {"$ref": "#/components/schemas/Stream"}}}},
         "Node": {"type": "object", "required": ["id", "role", "address"], "properties": {

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from prometheus_client import Counter, Gauge
 
-from castmesh.media.frames import make_frame, stream_key
+from castmesh.media.frames import make_frame, stream_key, stream_path
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.media_pb2 import StreamKey
@@ -79,6 +79,14 @@ class Ingest:
             raise OSError(f"cannot listen on {host}:{port} (RTMP): {exc.strerror or exc}") from exc
         self.sweeper = loop.create_task(self._sweep())
         return server
+
+    def kick(self, key: StreamKey, reason: str = "") -> int:
+        """End the publish of `key` on this node, cleanly: its viewers' responses end, no grace period."""
+        path = stream_path(key)
+        doomed = [s for s in self.sessions if s.publish is not None and stream_path(s.publish.key) == path]
+        for session in doomed:
+            session.close(f"kicked: {reason or 'by an administrator'}", clean=True)
+        return len(doomed)
 
     async def _sweep(self) -> None:
         """Close connections that never finish the handshake or go silent (half-open, stuck)."""
@@ -244,7 +252,8 @@ class RtmpSession(asyncio.Protocol):
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def close(self, reason: str, level: int = logging.INFO) -> None:
+    def close(self, reason: str, level: int = logging.INFO, clean: bool = False) -> None:
+        """Close the connection. A publish ends in grace (the publisher may come back) unless `clean`."""
         if self.closed:
             return
         self.closed = True
@@ -254,6 +263,6 @@ class RtmpSession(asyncio.Protocol):
         CONNECTIONS.dec()
         event(log, "rtmp.close", level=level, session=self.id, peer=self.peer, reason=reason)
         if self.publish is not None:
-            self._spawn(self._stop_publish(reason, clean=False))
+            self._spawn(self._stop_publish(reason, clean=clean))
         if self.stop_play is not None:
             self.stop_play()

@@ -60,6 +60,9 @@ class Playback:
         self.node_id = node_id
         self.feeds: dict[str, StreamFeed] = {}
         self.sessions: dict[ViewerSink, StreamFeed | None] = {}
+        self.clients: dict[str, ViewerSink] = {}  # client id -> a connected viewer (FLV, WebSocket, RTMP)
+        self.client_ids: dict[ViewerSink, str] = {}
+        self.next_client = 0
         self.muxers: dict[tuple[str, str], HlsMuxer] = {}  # (stream path, container) -> muxer
         self.muxer_ids: dict[str, HlsMuxer] = {}
 
@@ -100,8 +103,7 @@ class Playback:
             session.respond(200, generate_latest(), [("Content-Type", CONTENT_TYPE_LATEST), NO_CACHE])
             return
         if request.path == "/api/viewers":  # this node's viewers per stream, for the gateway's listing
-            counts = {f"{f.key.app}/{f.key.name}": self.viewers(path) for path, f in self.feeds.items()}
-            session.respond(200, json.dumps({"streams": counts}).encode(),
+            session.respond(200, json.dumps(self.viewer_list()).encode(),
                             [("Content-Type", "application/json"), NO_CACHE])
             return
         if request.path == "/api/streams":
@@ -204,12 +206,39 @@ class Playback:
     def _watch(self, app: str, name: str, session: ViewerSink) -> None:
         feed = self._feed(app, name)
         self.sessions[session] = feed
+        self.next_client += 1
+        client_id = f"{self.node_id}.{self.next_client}"
+        self.clients[client_id], self.client_ids[session] = session, client_id
         feed.add(session)
 
     def _gone(self, session: ViewerSink) -> None:
         feed = self.sessions.pop(session, None)
+        client_id = self.client_ids.pop(session, None)
+        if client_id is not None:
+            self.clients.pop(client_id, None)
         if feed is not None:
             feed.remove(session)
+
+    def kick(self, client_id: str, reason: str = "") -> int:
+        """Disconnect one viewer (an operator's kick through the gateway)."""
+        session = self.clients.get(client_id)
+        if session is None:
+            return 0
+        session.finish(f"kicked: {reason or 'by an administrator'}")
+        return 1
+
+    def viewer_list(self) -> dict[str, object]:
+        """This node's viewers per stream (HLS clients included), and its connected viewers by id."""
+        counts = {f"{f.key.app}/{f.key.name}": self.viewers(path) for path, f in self.feeds.items()}
+        clients: dict[str, list[dict[str, str]]] = {}
+        for session, feed in self.sessions.items():
+            client_id = self.client_ids.get(session)
+            if feed is None or client_id is None:
+                continue
+            clients.setdefault(f"{feed.key.app}/{feed.key.name}", []).append(
+                {"id": client_id, "protocol": str(session.format.key if isinstance(session.format.key, str)
+                                                  else "rtmp"), "peer": getattr(session, "peer", "?")})
+        return {"streams": counts, "clients": clients}
 
     def _feed_closed(self, feed: StreamFeed) -> None:
         if self.feeds.get(feed.path) is feed:

@@ -59,10 +59,10 @@ class Cluster:
                           *(extra or [])], port)
         return port
 
-    def gateway(self, name: str = "gateway") -> int:
+    def gateway(self, name: str = "gateway", extra: list[str] | None = None) -> int:
         port = free_port()
         self.start(name, ["serve", "gateway", "--host", "127.0.0.1", "--http-port", str(port),
-                          "--dispatch", self.dispatch])
+                          "--dispatch", self.dispatch, *(extra or [])])
         return port
 
     def wait_registered(self, timeout: float = 10.0) -> None:

@@ -145,3 +145,56 @@ def test_openapi_document_validates_and_schemathesis_finds_no_server_errors(clus
          "--max-examples", "25", "--request-timeout", "5", "--no-color"],
         capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def request(method: str, url: str, token: str = "") -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method, headers=headers), timeout=10) as a:
+            return a.status, json.loads(a.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_kicks_need_the_admin_token_and_end_a_viewer_or_a_publish(cluster: Cluster) -> None:
+    cluster.relay("origin-1")
+    rtmp = cluster.ingest()
+    http = cluster.playback()
+    gateway = cluster.gateway(extra=["--admin-token", "s3cret"])
+    cluster.wait_registered()
+    base = f"http://127.0.0.1:{gateway}"
+    publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/kickme", 30, gop=30)
+    try:
+        wait_live(f"http://127.0.0.1:{http}/live/kickme.flv")
+        seen, viewer = watch_in_background(get(f"{base}/api/v1/streams/live/kickme/play")[2]["url"], 25)
+        clients: list[Any] = []
+        for _ in range(40):
+            clients = get(f"{base}/api/v1/streams/live/kickme")[2].get("clients", [])
+            if clients:
+                break
+            viewer.join(0.25)
+        assert len(clients) == 1 and clients[0]["protocol"] == "http-flv"
+        status, body = request("DELETE", f"{base}/api/v1/clients/{clients[0]['id']}")
+        assert status == 401 and body["status"] == 401
+        status, body = request("DELETE", f"{base}/api/v1/clients/{clients[0]['id']}", "wrong")
+        assert status == 401
+        status, body = request("DELETE", f"{base}/api/v1/clients/{clients[0]['id']}", "s3cret")
+        assert status == 200 and body["kicked"] == 1
+        viewer.join(10)
+        assert not viewer.is_alive() and seen.ended_cleanly and seen.tags  # it watched, then was let go
+        assert request("DELETE", f"{base}/api/v1/clients/{clients[0]['id']}", "s3cret")[0] == 404
+
+        status, body = request("DELETE", f"{base}/api/v1/streams/live/kickme", "s3cret")
+        assert status == 200 and body["kicked"] == 1 and body["node"] == f"ingest-{rtmp}"
+        assert publisher.wait(10) is not None  # ffmpeg's connection was closed under it
+        listed = [1]
+        for _ in range(40):
+            listed = get(f"{base}/api/v1/streams")[2]["streams"]
+            if not listed:
+                break
+            viewer.join(0.25)
+        assert listed == []
+        assert request("DELETE", f"{base}/api/v1/streams/live/kickme", "s3cret")[0] == 404
+    finally:
+        publisher.kill()
+        publisher.wait()
