@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -189,7 +190,7 @@ def _banner(cfg: dict[str, Any], relay_port: int, dispatch_port: int) -> str:
     host = "127.0.0.1" if cfg["host"] in ("0.0.0.0", "::", "") else cfg["host"]
     rtmp, http = cfg["rtmp_port"], cfg["http_port"]
     lines = [
-        "castmesh is up: dispatch, relay, ingest and playback in one process (no Consul)",
+        "castmesh is up: dispatch, relay, ingest, playback and gateway in one process (no Consul)",
         f"  publish  rtmp://{host}:{rtmp}/live/STREAM   (OBS: server rtmp://{host}:{rtmp}/live, key STREAM)",
         f"  play     http://{host}:{http}/live/STREAM.flv (HTTP-FLV, WebSocket-FLV)",
         f"           http://{host}:{http}/live/STREAM.m3u8 (HLS)   rtmp://{host}:{rtmp}/live/STREAM",
@@ -197,6 +198,7 @@ def _banner(cfg: dict[str, Any], relay_port: int, dispatch_port: int) -> str:
     if not cfg["no_demo"]:
         lines.append(f"  demo     ffplay http://{host}:{http}/live/demo.flv")
     lines += [f"  watch    http://{host}:{http}/   (the player page: every live stream, HTTP-FLV or HLS)",
+              f"  api      http://{host}:{http}/api/v1/streams   (docs: http://{host}:{http}/docs)",
               f"  metrics  http://{host}:{http}/metrics",
               f"  relay    127.0.0.1:{relay_port} (gRPC)   dispatch 127.0.0.1:{dispatch_port} (gRPC)",
               "Ctrl-C stops."]
@@ -230,6 +232,27 @@ async def up(cfg: dict[str, Any]) -> int:
         closers.append(lambda: relay_server.stop(grace=1))
         wiring.register(Node(id="relay-origin", role=NODE_ROLE_ORIGIN, address=f"127.0.0.1:{relay_port}"),
                         _relay_load(relay))
+        # Ingest and playback are nodes too, so that the gateway's answers and kicks work as in a cluster.
+        admin_port = await _health_server({"host": "127.0.0.1", "grpc_port": 0}, closers,
+                                          lambda r: ingest.kick(r.stream, r.reason) if r.stream.name
+                                          else playback.kick(r.client_id, r.reason))
+        public = "127.0.0.1" if cfg["host"] in ("0.0.0.0", "::", "") else cfg["host"]
+        wiring.register(Node(id=ingest.node_id, role=NODE_ROLE_INGEST, address=f"{public}:{cfg['rtmp_port']}",
+                             meta={"rtmp": str(cfg["rtmp_port"]), "grpc": str(admin_port)}),
+                        lambda: NodeLoad(streams=len(ingest.sessions)))
+        wiring.register(Node(id=playback.node_id, role=NODE_ROLE_PLAYBACK, address=f"{public}:{cfg['http_port']}",
+                             meta={"http": str(cfg["http_port"]), "rtmp": str(cfg["rtmp_port"]),
+                                   "grpc": str(admin_port)}),
+                        lambda: NodeLoad(streams=len(playback.feeds), subscribers=len(playback.sessions)))
+        # The gateway listens on loopback; the public HTTP port hands it /api/v1/..., /healthz and /docs.
+        assert wiring.dispatch is not None
+        gateway = web.AppRunner(Gateway(wiring.dispatch, catalog).app(), access_log=None)
+        await gateway.setup()
+        gateway_socket = socket.create_server(("127.0.0.1", 0))
+        await web.SockSite(gateway, gateway_socket).start()
+        closers.append(gateway.cleanup)
+        playback.forward_to(f"http://127.0.0.1:{gateway_socket.getsockname()[1]}")
+        closers.append(playback.close)
         await _wait_registered(wiring)
         print(_banner(cfg, relay_port, dispatch_port), flush=True)
         demo = None

@@ -8,6 +8,7 @@ HTTP paths:
   /metrics                                 Prometheus
   /, /api/streams                          the player page and its stream list (services.playback.web)
   /api/viewers                             this node's viewers per stream (for the gateway)
+  /api/v1/..., /healthz, /openapi.json, /docs   in `castmesh up` only: handed to the in-process gateway
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
 
+import aiohttp
 import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -36,6 +40,7 @@ from services.playback.web import ListStreams, WebPage, streams_json
 STREAM_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})"
                          r"(?:\.(?P<ext>flv|m3u8)|/hls/(?P<muxer>[0-9a-f]{8})/(?P<file>[A-Za-z0-9_.-]{1,32}))$")
 NO_CACHE = ("Cache-Control", "no-cache")
+FORWARDED = ("/api/v1/", "/healthz", "/openapi.json", "/docs")
 CACHEABLE = ("Cache-Control", "max-age=600")  # a segment's name always means the same bytes
 
 
@@ -55,6 +60,8 @@ class Playback:
         self.list_streams = list_streams
         self.page = WebPage()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.forward_base = ""  # in `castmesh up`: the in-process gateway that API paths are handed to
+        self.forward_http: aiohttp.ClientSession | None = None
         self.settings = settings or PlaybackSettings()
         self.links = RelayLinks()
         self.node_id = node_id
@@ -98,7 +105,17 @@ class Playback:
     def _session(self) -> HttpSession:
         return HttpSession(self.route, self._gone)
 
+    def forward_to(self, base: str) -> None:
+        """Hand the gateway's paths (FORWARDED) to the gateway at `base`: one public port for everything."""
+        self.forward_base = base
+
     def route(self, session: HttpSession, request: Request) -> None:
+        if self.forward_base and request.path.startswith(FORWARDED):
+            self._spawn(self._forward(session, request))
+            return
+        if request.method == "DELETE":
+            session.respond(405, b"DELETE is for the gateway's API\n", [("Allow", "GET, HEAD, OPTIONS")])
+            return
         if request.path == "/metrics":
             session.respond(200, generate_latest(), [("Content-Type", CONTENT_TYPE_LATEST), NO_CACHE])
             return
@@ -107,9 +124,7 @@ class Playback:
                             [("Content-Type", "application/json"), NO_CACHE])
             return
         if request.path == "/api/streams":
-            task = asyncio.get_running_loop().create_task(self._stream_list(session))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self._spawn(self._stream_list(session))
             return
         page = self.page.file(request.path)
         if page is not None:
@@ -167,6 +182,30 @@ class Playback:
             return
         data, content_type = found
         session.respond(200, data, [("Content-Type", content_type), CACHEABLE])
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _forward(self, session: HttpSession, request: Request) -> None:
+        if self.forward_http is None:
+            self.forward_http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        query = f"?{urlencode(request.query)}" if request.query else ""
+        headers = {k: v for k, v in request.headers.items() if k in ("authorization", "accept")}
+        try:
+            async with self.forward_http.request(request.method, f"{self.forward_base}{request.path}{query}",
+                                                 headers=headers, allow_redirects=False) as answer:
+                body = await answer.read()
+                passed = [(k, v) for k, v in answer.headers.items()
+                          if k.lower() in ("content-type", "location", "www-authenticate", "cache-control")]
+                session.respond(answer.status, body, passed)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            session.respond(502, f"the gateway did not answer: {exc}\n".encode(), [NO_CACHE])
+
+    async def close(self) -> None:
+        if self.forward_http is not None:
+            await self.forward_http.close()
 
     async def _stream_list(self, session: HttpSession) -> None:
         if self.list_streams is None:
