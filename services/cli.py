@@ -24,6 +24,7 @@ from aiohttp import web
 
 from castmesh.mesh import config, grpcutil, logs, runtime
 from castmesh.mesh.admin import add_admin
+from castmesh.mesh.auth import Signer
 from castmesh.mesh.catalog import Catalog
 from castmesh.mesh.config import ConfigError, Option
 from castmesh.mesh.consul import ConsulNodes, ConsulRegistry
@@ -89,21 +90,24 @@ UP_GRPC_PORT = Option("--grpc-port", 0, "gRPC port of the in-process relay on 12
 HEALTH_PORT = Option("--grpc-port", 0, "gRPC port for the health service that Consul checks (0: any free port)",
                      config.port)
 GATEWAY_PORT = Option("--http-port", 8090, "HTTP port of the gateway's REST API and redirects", config.port)
+SECRET = Option("--secret", "", "signed URLs for publish and play: one secret, or app=secret,app2=secret2; "
+                "empty: off")
 ADMIN_TOKEN = Option("--admin-token", "", "bearer token the gateway's admin calls (kicks) need; empty: none")
 REGISTRY = Option("--registry", "dispatch", "where nodes register: dispatch (its Register call) or consul (the "
                   "agent at CONSUL_HTTP_ADDR; dispatch then watches Consul)")
 
 COMMON = [LOG_LEVEL]
 HLS = [HLS_SEGMENT_MS, HLS_WINDOW, HLS_IDLE_MS]
-UP = [HOST, RTMP_PORT, HTTP_PORT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, GRACE_MS, NO_DEMO, *COMMON]
+UP = [HOST, RTMP_PORT, HTTP_PORT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, GRACE_MS, SECRET, NO_DEMO,
+      *COMMON]
 SERVE = {
     "dispatch": [HOST, DISPATCH_PORT, GRACE_MS, METRICS_PORT, REGISTRY, *COMMON],
     "relay": [HOST, GRPC_PORT, ROLE, DISPATCH, UPSTREAM, ZONE, ADVERTISE, MAX_LAG_MS, GRACE_MS, METRICS_PORT,
               REGISTRY, *COMMON],
-    "ingest": [HOST, RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT, REGISTRY, *COMMON],
+    "ingest": [HOST, RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT, REGISTRY, SECRET, *COMMON],
     "playback": [HOST, HTTP_PORT, PLAY_RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *HLS,
-                 REGISTRY, *COMMON],
-    "gateway": [HOST, GATEWAY_PORT, DISPATCH, ADMIN_TOKEN, *COMMON],
+                 REGISTRY, SECRET, *COMMON],
+    "gateway": [HOST, GATEWAY_PORT, DISPATCH, ADMIN_TOKEN, SECRET, *COMMON],
 }
 WAIT_FOR_PEER = 5.0
 
@@ -216,12 +220,13 @@ async def up(cfg: dict[str, Any]) -> int:
         closers.append(chan.close)
         wiring = Wiring(DispatchStub(chan), "")
         # The public ports first: if one is taken, fail before anything registers or logs.
-        ingest = Ingest(wiring.leases, cfg["batch_ms"])
+        signer = Signer.parse(cfg["secret"])
+        ingest = Ingest(wiring.leases, cfg["batch_ms"], signer=signer)
         closers.append(ingest.links.close)
         closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
         catalog = Catalog(wiring.dispatch)
         closers.append(catalog.close)
-        playback = Playback(wiring.upstream(), _playback_settings(cfg), list_streams=catalog.streams)
+        playback = Playback(wiring.upstream(), _playback_settings(cfg), list_streams=catalog.streams, signer=signer)
         ingest.play = playback.play_rtmp  # one RTMP port for publish and play
         closers.append(playback.links.close)
         closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
@@ -246,7 +251,7 @@ async def up(cfg: dict[str, Any]) -> int:
                         lambda: NodeLoad(streams=len(playback.feeds), subscribers=len(playback.sessions)))
         # The gateway listens on loopback; the public HTTP port hands it /api/v1/..., /healthz and /docs.
         assert wiring.dispatch is not None
-        gateway = web.AppRunner(Gateway(wiring.dispatch, catalog).app(), access_log=None)
+        gateway = web.AppRunner(Gateway(wiring.dispatch, catalog, signer=signer).app(), access_log=None)
         await gateway.setup()
         gateway_socket = socket.create_server(("127.0.0.1", 0))
         await web.SockSite(gateway, gateway_socket).start()
@@ -258,6 +263,8 @@ async def up(cfg: dict[str, Any]) -> int:
         demo = None
         if not cfg["no_demo"]:
             url = f"rtmp://127.0.0.1:{cfg['rtmp_port']}/live/demo"
+            if signer.enabled:
+                url += f"?{signer.query('live', 'demo', ttl=365 * 86400)}"
             demo = asyncio.get_running_loop().create_task(run_demo(url, stop))
         await stop.wait()
         if demo is not None:
@@ -332,7 +339,8 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
         if service == "relay":
             await _serve_relay(cfg, wiring, closers)
         elif service == "ingest":
-            ingest = Ingest(wiring.leases, cfg["batch_ms"], node_id=f"ingest-{cfg['rtmp_port']}")
+            ingest = Ingest(wiring.leases, cfg["batch_ms"], node_id=f"ingest-{cfg['rtmp_port']}",
+                            signer=Signer.parse(cfg["secret"]))
             closers.append(ingest.links.close)
             closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
             health_port = await _health_server(cfg, closers, lambda r: ingest.kick(r.stream, r.reason))
@@ -346,7 +354,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             catalog = Catalog(wiring.dispatch, "" if wiring.dispatch is not None else wiring.relay)
             closers.append(catalog.close)
             playback = Playback(wiring.upstream(), _playback_settings(cfg), node_id=node_id,
-                                list_streams=catalog.streams)
+                                list_streams=catalog.streams, signer=Signer.parse(cfg["secret"]))
             closers.append(playback.links.close)
             closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
             if cfg["rtmp_port"]:
@@ -375,7 +383,8 @@ async def _serve_gateway(cfg: dict[str, Any], closers: list[Callable[[], Awaitab
     dispatch = DispatchStub(chan)
     catalog = Catalog(dispatch)
     closers.append(catalog.close)
-    runner = web.AppRunner(Gateway(dispatch, catalog, admin_token=cfg["admin_token"]).app(), access_log=None)
+    runner = web.AppRunner(Gateway(dispatch, catalog, admin_token=cfg["admin_token"],
+                                   signer=Signer.parse(cfg["secret"])).app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, cfg["host"], cfg["http_port"], reuse_address=True)
     try:

@@ -300,8 +300,9 @@ class Segmenter:
         index = sequence - first
         return self.segments[index] if 0 <= index < len(self.segments) else None
 
-    def playlist(self, prefix: str) -> str:
-        """The media playlist; segment URIs are `prefix` + name (relative to the playlist's URL)."""
+    def playlist(self, prefix: str, suffix: str = "") -> str:
+        """The media playlist; segment URIs are `prefix` + name + `suffix` (relative to the playlist's URL;
+        the suffix carries a signed URL's query)."""
         listed = self.listed()
         if not listed:
             return ""
@@ -320,9 +321,9 @@ class Segmenter:
                 lines.append("#EXT-X-DISCONTINUITY")
             if fmp4_segments and segment.init != init:
                 init = segment.init
-                lines.append(f'#EXT-X-MAP:URI="{prefix}init-{init}.mp4"')
+                lines.append(f'#EXT-X-MAP:URI="{prefix}init-{init}.mp4{suffix}"')
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(segment.started_at))
             lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{stamp}.{int(segment.started_at * 1000) % 1000:03d}Z")
             lines.append(f"#EXTINF:{segment.duration:.3f},")
-            lines.append(f"{prefix}{segment.sequence}.{segment.extension}")
+            lines.append(f"{prefix}{segment.sequence}.{segment.extension}{suffix}")
         return "\n".join(lines) + "\n"

@@ -34,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from castmesh.media.frames import stream_key, stream_path
 from castmesh.mesh import grpcutil
+from castmesh.mesh.auth import Signer
 from castmesh.mesh.catalog import Catalog
 from castmesh.mesh.logs import event
 from castmesh.mesh.ring import BoundedRing
@@ -69,8 +70,10 @@ def problem(status: int, title: str, detail: str = "") -> web.Response:
 
 
 class Gateway:
-    def __init__(self, dispatch: DispatchStub, catalog: Catalog, epsilon: float = 0.25, admin_token: str = "") -> None:
+    def __init__(self, dispatch: DispatchStub, catalog: Catalog, epsilon: float = 0.25, admin_token: str = "",
+                 signer: Signer | None = None) -> None:
         self.dispatch = dispatch
+        self.signer = signer or Signer()
         self.admin_token = admin_token
         self.admin_channels: dict[str, grpc.aio.Channel] = {}
         self.catalog = catalog
@@ -186,6 +189,9 @@ class Gateway:
     async def _choose(self, app: str, name: str, protocol: str, query: dict[str, str]) -> dict[str, Any]:
         if protocol not in PROTOCOLS:
             raise web.HTTPBadRequest(text=f"protocol is one of {', '.join(PROTOCOLS)}")
+        refused = self.signer.refuse(app, name, query)
+        if refused:
+            raise web.HTTPForbidden(text=refused)
         key = stream_key(app, name)
         listed = await self.dispatch.ListStreams(ListStreamsRequest(), timeout=TIMEOUT)
         if not any(stream_path(s.stream) == stream_path(key) for s in listed.streams):

@@ -21,7 +21,11 @@ def _json(schema_ref: str, description: str) -> dict[str, Any]:
 
 
 PLAY_QUERY = [{"name": "protocol", "in": "query", "required": False,
-               "schema": {"type": "string", "enum": ["flv", "hls", "rtmp", "ws"], "default": "flv"}}]
+               "schema": {"type": "string", "enum": ["flv", "hls", "rtmp", "ws"], "default": "flv"}},
+              {"name": "expires", "in": "query", "required": False, "schema": {"type": "string"},
+               "description": "signed URLs: UNIX time the signature is valid until"},
+              {"name": "sign", "in": "query", "required": False, "schema": {"type": "string"},
+               "description": "signed URLs: hex HMAC-SHA256(secret, /{app}/{stream} + expires)"}]
 
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -50,8 +54,8 @@ DOCUMENT: dict[str, Any] = {
         "/api/v1/streams/{app}/{stream}/play": {"get": {
             "summary": "Which server for stream X: a ready-to-use URL on a live playback node",
             "operationId": "play", "parameters": [*_path_params("app", "stream"), *PLAY_QUERY],
-            "responses": {"200": _json("Placement", "Where to play"), "400": PROBLEM, "404": PROBLEM,
-                          "503": PROBLEM}}},
+            "responses": {"200": _json("Placement", "Where to play"), "400": PROBLEM, "403": PROBLEM,
+                          "404": PROBLEM, "503": PROBLEM}}},
         "/api/v1/publish/{app}/{stream}": {"get": {
             "summary": "The RTMP URL of the ingest node a publisher should use", "operationId": "publish",
             "parameters": _path_params("app", "stream"),
@@ -63,7 +67,7 @@ DOCUMENT: dict[str, Any] = {
             "summary": "A 302 to the chosen playback node for {stream}.flv (HTTP-FLV) or {stream}.m3u8 (HLS)",
             "operationId": "redirect", "parameters": _path_params("app", "file"),
             "responses": {"302": {"description": "Redirect to a playback node", "headers": {
-                "Location": {"schema": {"type": "string"}}}}, "404": PROBLEM, "503": PROBLEM}}},
+                "Location": {"schema": {"type": "string"}}}}, "403": PROBLEM, "404": PROBLEM, "503": PROBLEM}}},
         "/healthz": {"get": {"summary": "The gateway and its dispatch answer", "operationId": "healthz",
                              "responses": {"200": {"description": "Healthy", "content": {"application/json": {
                                  "schema": {"type": "object", "properties": {"status": {"type": "string"}}}}}},

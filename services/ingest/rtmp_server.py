@@ -18,6 +18,7 @@ from typing import Any, cast
 from prometheus_client import Counter, Gauge
 
 from castmesh.media.frames import make_frame, stream_key, stream_path
+from castmesh.mesh.auth import Signer
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.media_pb2 import StreamKey
@@ -52,14 +53,15 @@ _session_ids = itertools.count(1)
 
 LeaseFactory = Callable[[StreamKey, str, str], Lease]  # (stream, holder, client address) -> lease
 # (app, stream name, message stream id, connection, transport, peer) -> what to call when the play ends
-PlayRtmp = Callable[[str, str, int, ServerConnection, asyncio.Transport, str], Callable[[], None]]
+PlayRtmp = Callable[[str, str, dict[str, str], int, ServerConnection, asyncio.Transport, str], Callable[[], None]]
 
 
 class Ingest:
     def __init__(self, leases: LeaseFactory, batch_ms: float = 10.0, limits: RtmpLimits | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
-                 node_id: str = "ingest") -> None:
+                 node_id: str = "ingest", signer: Signer | None = None) -> None:
         self.leases = leases
+        self.signer = signer or Signer()
         self.links = RelayLinks()
         self.node_id = node_id
         self.handshake_timeout = handshake_timeout
@@ -168,7 +170,7 @@ class RtmpSession(asyncio.Protocol):
                 self.conn.reject_play(ev.stream_id, "this is the RTMP ingest; play from the playback service")
                 self._send()
             else:
-                self.stop_play = self.ingest.play(self.app, ev.name, ev.stream_id, self.conn, self.transport,
+                self.stop_play = self.ingest.play(self.app, ev.name, ev.query, ev.stream_id, self.conn, self.transport,
                                                   self.peer)
         elif isinstance(ev, PlayFinished):
             if self.stop_play is not None:
@@ -186,6 +188,13 @@ class RtmpSession(asyncio.Protocol):
             return
         key = stream_key(self.app, ev.name)
         path = f"{self.app}/{ev.name}"
+        refused = self.ingest.signer.refuse(self.app, ev.name, ev.query)
+        if refused:
+            event(log, "publish.unauthorized", session=self.id, peer=self.peer, stream=path, reason=refused)
+            self.conn.reject_publish(ev.stream_id, f"{path}: {refused}", code="NetStream.Publish.Unauthorized")
+            self._send()
+            self.close(f"publish refused: {refused}")
+            return
         lease = self.ingest.leases(key, self.id, self.peer)
         forward = RelayPublish(self.ingest.links, lease, key, self.id, self.peer, self.ingest.batch_ms,
                                self._pause, self._relay_lost)

@@ -85,12 +85,12 @@ class HlsMuxer:
 
     # Requests -------------------------------------------------------------------------------------------
 
-    def playlist(self, prefix: str, client: str, answer: Answer, wait: bool = True) -> None:
+    def playlist(self, prefix: str, client: str, answer: Answer, wait: bool = True, suffix: str = "") -> None:
         """Answer with the playlist now, or once the first segment is done."""
         now = self.last_request = time.monotonic()
         self.clients[client] = now
         HLS_REQUESTS.labels("playlist").inc()
-        text = self.segmenter.playlist(prefix)
+        text = self.segmenter.playlist(prefix, suffix)
         if text:
             answer(200, text.encode(), "")
         elif self.ended or self.stopped:
@@ -101,7 +101,7 @@ class HlsMuxer:
             def ready(status: int, body: bytes, reason: str) -> None:
                 timer.cancel()
                 if status == 200:
-                    self.playlist(prefix, client, answer, wait=False)
+                    self.playlist(prefix, client, answer, wait=False, suffix=suffix)
                 else:
                     answer(status, b"", reason)
 

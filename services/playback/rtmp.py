@@ -33,8 +33,8 @@ log = logging.getLogger("castmesh.playback")
 
 SETUP_TIMEOUT = 10.0  # from connecting to asking for a stream
 
-# (app, stream name, message stream id, connection, transport, peer) -> what to call when the play ends
-PlayRtmp = Callable[[str, str, int, ServerConnection, asyncio.Transport, str], Callable[[], None]]
+# (app, stream name, query, message stream id, connection, transport, peer) -> what to call when the play ends
+PlayRtmp = Callable[[str, str, dict[str, str], int, ServerConnection, asyncio.Transport, str], Callable[[], None]]
 
 
 class RtmpPlayer:
@@ -105,7 +105,8 @@ class RtmpPlaySession(asyncio.Protocol):
             elif isinstance(ev, PlayRequested) and self.stop_play is None:
                 if self.timer is not None:
                     self.timer.cancel()
-                self.stop_play = self.play(self.app, ev.name, ev.stream_id, self.conn, self.transport, self.peer)
+                self.stop_play = self.play(self.app, ev.name, ev.query, ev.stream_id, self.conn, self.transport,
+                                           self.peer)
             elif isinstance(ev, PublishRequested):
                 self.conn.reject_publish(ev.stream_id, "this is a playback node; publish to the ingest")
                 self._send()

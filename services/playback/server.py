@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from castmesh.media.frames import stream_key, stream_path
 from castmesh.media.hls import CONTAINERS
+from castmesh.mesh.auth import Signer
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.subscription import Locate
 from castmesh.rtmp.connection import ServerConnection
@@ -55,8 +56,9 @@ class PlaybackSettings:
 
 class Playback:
     def __init__(self, locate: Locate, settings: PlaybackSettings | None = None, node_id: str = "playback",
-                 list_streams: ListStreams | None = None) -> None:
+                 list_streams: ListStreams | None = None, signer: Signer | None = None) -> None:
         self.locate = locate
+        self.signer = signer or Signer()
         self.list_streams = list_streams
         self.page = WebPage()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -88,13 +90,17 @@ class Playback:
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port} (RTMP play): {exc.strerror or exc}") from exc
 
-    def play_rtmp(self, app: str, name: str, stream_id: int, conn: ServerConnection, transport: asyncio.Transport,
-                  peer: str) -> Callable[[], None]:
+    def play_rtmp(self, app: str, name: str, query: dict[str, str], stream_id: int, conn: ServerConnection,
+                  transport: asyncio.Transport, peer: str) -> Callable[[], None]:
         """Start an RTMP play (from this node's RTMP port, or handed over by ingest in `castmesh up`); the
         function to call once the connection is gone."""
         player = RtmpPlayer(conn, transport, stream_id, peer, f"/{app}/{name}")
         if not app:
             player.refuse(404, "connect named no application (rtmp://host/APP/stream)")
+            return lambda: None
+        refused = self.signer.refuse(app, name, query)
+        if refused:
+            player.refuse(403, refused)
             return lambda: None
         self.sessions[player] = None
         self._watch(app, name, player)
@@ -139,9 +145,17 @@ class Playback:
         elif match["ext"] == "m3u8":
             self._playlist(session, request, match["app"], match["stream"])
         else:
-            self._hls_file(session, match["app"], match["stream"], match["muxer"], match["file"])
+            self._hls_file(session, request, match["app"], match["stream"], match["muxer"], match["file"])
+
+    def _refused(self, session: HttpSession, request: Request, app: str, name: str) -> bool:
+        refused = self.signer.refuse(app, name, request.query)
+        if refused:
+            session.respond(403, f"{refused}\n".encode(), [NO_CACHE], close=True)
+        return bool(refused)
 
     def _flv(self, session: HttpSession, request: Request, app: str, name: str) -> None:
+        if self._refused(session, request, app, name):
+            return
         if request.websocket:
             if request.headers.get("sec-websocket-version") != "13" or not request.headers.get("sec-websocket-key"):
                 session.respond(426, b"WebSocket version 13 with a Sec-WebSocket-Key, please\n",
@@ -152,6 +166,8 @@ class Playback:
         self._watch(app, name, session)
 
     def _playlist(self, session: HttpSession, request: Request, app: str, name: str) -> None:
+        if self._refused(session, request, app, name):
+            return
         container = request.query.get("format", "auto")
         if container not in CONTAINERS:
             session.respond(400, f"format is one of {', '.join(CONTAINERS)}\n".encode())
@@ -172,9 +188,14 @@ class Playback:
             else:
                 session.respond(status, f"{reason}\n".encode(), [NO_CACHE])
 
-        muxer.playlist(f"{name}/hls/{muxer.id}/", session.peer, answer)
+        signed: dict[str, str] = {k: request.query[k] for k in ("expires", "sign") if k in request.query}
+        suffix = f"?{urlencode(signed)}" if signed else ""  # segments carry the playlist's signature
+        muxer.playlist(f"{name}/hls/{muxer.id}/", session.peer, answer, suffix=suffix)
 
-    def _hls_file(self, session: HttpSession, app: str, name: str, muxer_id: str, file: str) -> None:
+    def _hls_file(self, session: HttpSession, request: Request, app: str, name: str, muxer_id: str,
+                  file: str) -> None:
+        if self._refused(session, request, app, name):
+            return
         muxer = self.muxer_ids.get(muxer_id)
         found = muxer.file(file) if muxer is not None and muxer.path == stream_path(stream_key(app, name)) else None
         if found is None:
