@@ -25,6 +25,7 @@ from aiohttp import web
 from castmesh.mesh import config, grpcutil, logs, runtime
 from castmesh.mesh.admin import add_admin
 from castmesh.mesh.auth import Signer
+from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.catalog import Catalog
 from castmesh.mesh.config import ConfigError, Option
 from castmesh.mesh.consul import ConsulNodes, ConsulRegistry
@@ -90,6 +91,13 @@ UP_GRPC_PORT = Option("--grpc-port", 0, "gRPC port of the in-process relay on 12
 HEALTH_PORT = Option("--grpc-port", 0, "gRPC port for the health service that Consul checks (0: any free port)",
                      config.port)
 GATEWAY_PORT = Option("--http-port", 8090, "HTTP port of the gateway's REST API and redirects", config.port)
+MAX_CONNECTIONS = Option("--max-connections", 0, "cap on connections to this node's public ports (0: none)",
+                         config.non_negative)
+MAX_PER_IP = Option("--max-per-ip", 0, "cap on connections from one client address (0: none)", config.non_negative)
+HANDSHAKE_TIMEOUT_MS = Option("--handshake-timeout-ms", 10000, "an RTMP connection must finish its handshake "
+                              "within this (ms)", config.positive)
+IDLE_TIMEOUT_MS = Option("--idle-timeout-ms", 30000, "a publisher silent this long is disconnected (ms)",
+                         config.positive)
 SECRET = Option("--secret", "", "signed URLs for publish and play: one secret, or app=secret,app2=secret2; "
                 "empty: off")
 ADMIN_TOKEN = Option("--admin-token", "", "bearer token the gateway's admin calls (kicks) need; empty: none")
@@ -98,15 +106,17 @@ REGISTRY = Option("--registry", "dispatch", "where nodes register: dispatch (its
 
 COMMON = [LOG_LEVEL]
 HLS = [HLS_SEGMENT_MS, HLS_WINDOW, HLS_IDLE_MS]
-UP = [HOST, RTMP_PORT, HTTP_PORT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, GRACE_MS, SECRET, NO_DEMO,
-      *COMMON]
+LIMITS = [MAX_CONNECTIONS, MAX_PER_IP]
+UP = [HOST, RTMP_PORT, HTTP_PORT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, GRACE_MS, SECRET, *LIMITS,
+      HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, NO_DEMO, *COMMON]
 SERVE = {
     "dispatch": [HOST, DISPATCH_PORT, GRACE_MS, METRICS_PORT, REGISTRY, *COMMON],
     "relay": [HOST, GRPC_PORT, ROLE, DISPATCH, UPSTREAM, ZONE, ADVERTISE, MAX_LAG_MS, GRACE_MS, METRICS_PORT,
               REGISTRY, *COMMON],
-    "ingest": [HOST, RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT, REGISTRY, SECRET, *COMMON],
+    "ingest": [HOST, RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT, REGISTRY, SECRET, *LIMITS,
+               HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, *COMMON],
     "playback": [HOST, HTTP_PORT, PLAY_RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *HLS,
-                 REGISTRY, SECRET, *COMMON],
+                 REGISTRY, SECRET, *LIMITS, *COMMON],
     "gateway": [HOST, GATEWAY_PORT, DISPATCH, ADMIN_TOKEN, SECRET, *COMMON],
 }
 WAIT_FOR_PEER = 5.0
@@ -221,12 +231,13 @@ async def up(cfg: dict[str, Any]) -> int:
         wiring = Wiring(DispatchStub(chan), "")
         # The public ports first: if one is taken, fail before anything registers or logs.
         signer = Signer.parse(cfg["secret"])
-        ingest = Ingest(wiring.leases, cfg["batch_ms"], signer=signer)
+        ingest = _ingest(cfg, wiring, signer)
         closers.append(ingest.links.close)
         closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
         catalog = Catalog(wiring.dispatch)
         closers.append(catalog.close)
-        playback = Playback(wiring.upstream(), _playback_settings(cfg), list_streams=catalog.streams, signer=signer)
+        playback = Playback(wiring.upstream(), _playback_settings(cfg), list_streams=catalog.streams, signer=signer,
+                            caps=_caps("playback", cfg))
         ingest.play = playback.play_rtmp  # one RTMP port for publish and play
         closers.append(playback.links.close)
         closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
@@ -284,6 +295,15 @@ async def _wait_registered(wiring: Wiring) -> None:
         await asyncio.sleep(0.02)
 
 
+def _caps(name: str, cfg: dict[str, Any]) -> ConnectionCaps:
+    return ConnectionCaps(name, cfg["max_connections"], cfg["max_per_ip"])
+
+
+def _ingest(cfg: dict[str, Any], wiring: Wiring, signer: Signer, node_id: str = "ingest") -> Ingest:
+    return Ingest(wiring.leases, cfg["batch_ms"], node_id=node_id, signer=signer, caps=_caps("ingest", cfg),
+                  handshake_timeout=cfg["handshake_timeout_ms"] / 1000, idle_timeout=cfg["idle_timeout_ms"] / 1000)
+
+
 def _playback_settings(cfg: dict[str, Any]) -> PlaybackSettings:
     return PlaybackSettings(merge_ms=cfg["merge_ms"], max_lag=cfg["max_lag_ms"] / 1000,
                             hls_segment_ms=cfg["hls_segment_ms"], hls_window=cfg["hls_window"],
@@ -339,8 +359,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
         if service == "relay":
             await _serve_relay(cfg, wiring, closers)
         elif service == "ingest":
-            ingest = Ingest(wiring.leases, cfg["batch_ms"], node_id=f"ingest-{cfg['rtmp_port']}",
-                            signer=Signer.parse(cfg["secret"]))
+            ingest = _ingest(cfg, wiring, Signer.parse(cfg["secret"]), node_id=f"ingest-{cfg['rtmp_port']}")
             closers.append(ingest.links.close)
             closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
             health_port = await _health_server(cfg, closers, lambda r: ingest.kick(r.stream, r.reason))
@@ -354,7 +373,8 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             catalog = Catalog(wiring.dispatch, "" if wiring.dispatch is not None else wiring.relay)
             closers.append(catalog.close)
             playback = Playback(wiring.upstream(), _playback_settings(cfg), node_id=node_id,
-                                list_streams=catalog.streams, signer=Signer.parse(cfg["secret"]))
+                                list_streams=catalog.streams, signer=Signer.parse(cfg["secret"]),
+                                caps=_caps("playback", cfg))
             closers.append(playback.links.close)
             closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
             if cfg["rtmp_port"]:

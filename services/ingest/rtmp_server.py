@@ -19,6 +19,7 @@ from prometheus_client import Counter, Gauge
 
 from castmesh.media.frames import make_frame, stream_key, stream_path
 from castmesh.mesh.auth import Signer
+from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.media_pb2 import StreamKey
@@ -59,9 +60,10 @@ PlayRtmp = Callable[[str, str, dict[str, str], int, ServerConnection, asyncio.Tr
 class Ingest:
     def __init__(self, leases: LeaseFactory, batch_ms: float = 10.0, limits: RtmpLimits | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
-                 node_id: str = "ingest", signer: Signer | None = None) -> None:
+                 node_id: str = "ingest", signer: Signer | None = None, caps: ConnectionCaps | None = None) -> None:
         self.leases = leases
         self.signer = signer or Signer()
+        self.caps = caps or ConnectionCaps("ingest")
         self.links = RelayLinks()
         self.node_id = node_id
         self.handshake_timeout = handshake_timeout
@@ -117,6 +119,7 @@ class RtmpSession(asyncio.Protocol):
         self.tasks: set[asyncio.Task[None]] = set()
         self.opened = self.last_data = time.monotonic()
         self.closed = False
+        self.ip = "?"
 
     # asyncio.Protocol -----------------------------------------------------------------------------------
 
@@ -124,6 +127,13 @@ class RtmpSession(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.ip = peer[0] if peer else "?"
+        refused = self.ingest.caps.admit(self.ip)
+        if refused:  # before the handshake RTMP has no way to say why: the log does
+            self.closed = True
+            self.transport.abort()
+            event(log, "rtmp.refused", level=logging.WARNING, peer=self.peer, reason=refused)
+            return
         self.ingest.sessions.add(self)
         CONNECTIONS.inc()
 
@@ -269,6 +279,7 @@ class RtmpSession(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         self.ingest.sessions.discard(self)
+        self.ingest.caps.release(self.ip)
         CONNECTIONS.dec()
         event(log, "rtmp.close", level=level, session=self.id, peer=self.peer, reason=reason)
         if self.publish is not None:

@@ -26,6 +26,7 @@ from wsproto.events import CloseConnection, Ping
 from wsproto.utilities import RemoteProtocolError as WebSocketError
 from wsproto.utilities import generate_accept_token
 
+from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.logs import event
 from services.playback.formats import HTTP_FLV, WEBSOCKET_FLV, OutputFormat
 
@@ -66,8 +67,11 @@ Router = Callable[["HttpSession", Request], None]
 
 
 class HttpSession(asyncio.Protocol):
-    def __init__(self, route: Router, on_gone: Callable[[HttpSession], None]) -> None:
+    def __init__(self, route: Router, on_gone: Callable[[HttpSession], None],
+                 caps: ConnectionCaps | None = None) -> None:
         self.route = route
+        self.caps = caps
+        self.ip = ""  # set once counted against the caps
         self.on_gone = on_gone
         self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
@@ -87,11 +91,22 @@ class HttpSession(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if self.caps is not None:
+            ip = peer[0] if peer else "?"
+            refused = self.caps.admit(ip)
+            if refused:
+                self.respond(503, f"{refused}\n".encode(), [("Retry-After", "5")], close=True)
+                event(log, "http.refused", level=logging.WARNING, peer=self.peer, reason=refused)
+                return
+            self.ip = ip
         self._arm(REQUEST_TIMEOUT)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.done = True
         self._disarm()
+        if self.caps is not None and self.ip:
+            self.caps.release(self.ip)
+            self.ip = ""
         self.on_gone(self)
 
     def data_received(self, data: bytes) -> None:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
+from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.logs import event
 from castmesh.rtmp.connection import (
     Connected,
@@ -74,8 +75,10 @@ class RtmpPlayer:
 
 
 class RtmpPlaySession(asyncio.Protocol):
-    def __init__(self, play: PlayRtmp, limits: RtmpLimits | None = None) -> None:
+    def __init__(self, play: PlayRtmp, limits: RtmpLimits | None = None, caps: ConnectionCaps | None = None) -> None:
         self.play = play
+        self.caps = caps
+        self.ip = ""
         self.conn = ServerConnection(limits or RtmpLimits())
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer = "?"
@@ -88,6 +91,14 @@ class RtmpPlaySession(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if self.caps is not None:
+            refused = self.caps.admit(peer[0] if peer else "?")
+            if refused:  # before the handshake RTMP has no way to say why: the log does
+                self.closed = True
+                self.transport.abort()
+                event(log, "rtmp.refused", level=logging.WARNING, peer=self.peer, reason=refused)
+                return
+            self.ip = peer[0] if peer else "?"
         self.timer = asyncio.get_running_loop().call_later(SETUP_TIMEOUT, self._timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -130,6 +141,9 @@ class RtmpPlaySession(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        if self.caps is not None and self.ip:
+            self.caps.release(self.ip)
+            self.ip = ""
         if self.timer is not None:
             self.timer.cancel()
         if self.stop_play is not None:

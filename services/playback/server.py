@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from castmesh.media.frames import stream_key, stream_path
 from castmesh.media.hls import CONTAINERS
 from castmesh.mesh.auth import Signer
+from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.subscription import Locate
 from castmesh.rtmp.connection import ServerConnection
@@ -56,8 +57,10 @@ class PlaybackSettings:
 
 class Playback:
     def __init__(self, locate: Locate, settings: PlaybackSettings | None = None, node_id: str = "playback",
-                 list_streams: ListStreams | None = None, signer: Signer | None = None) -> None:
+                 list_streams: ListStreams | None = None, signer: Signer | None = None,
+                 caps: ConnectionCaps | None = None) -> None:
         self.locate = locate
+        self.caps = caps or ConnectionCaps("playback")
         self.signer = signer or Signer()
         self.list_streams = list_streams
         self.page = WebPage()
@@ -85,7 +88,7 @@ class Playback:
     async def listen_rtmp(self, host: str, port: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.create_server(lambda: RtmpPlaySession(self.play_rtmp), host, port,
+            return await loop.create_server(lambda: RtmpPlaySession(self.play_rtmp, caps=self.caps), host, port,
                                             reuse_address=True, backlog=1024)
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port} (RTMP play): {exc.strerror or exc}") from exc
@@ -109,7 +112,7 @@ class Playback:
     # HTTP -----------------------------------------------------------------------------------------------
 
     def _session(self) -> HttpSession:
-        return HttpSession(self.route, self._gone)
+        return HttpSession(self.route, self._gone, self.caps)
 
     def forward_to(self, base: str) -> None:
         """Hand the gateway's paths (FORWARDED) to the gateway at `base`: one public port for everything."""
