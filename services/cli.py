@@ -30,6 +30,7 @@ from castmesh.mesh.catalog import Catalog
 from castmesh.mesh.config import ConfigError, Option
 from castmesh.mesh.consul import ConsulNodes, ConsulRegistry
 from castmesh.mesh.consul import client_from_env as consul_client
+from castmesh.mesh.hooks import Hooks
 from castmesh.mesh.registry import DispatchRegistry, Registry
 from castmesh.mesh.subscription import Locate, dispatch_upstream, fixed_upstream
 from castmesh.proto.v1.admin_pb2 import KickRequest
@@ -98,6 +99,12 @@ HANDSHAKE_TIMEOUT_MS = Option("--handshake-timeout-ms", 10000, "an RTMP connecti
                               "within this (ms)", config.positive)
 IDLE_TIMEOUT_MS = Option("--idle-timeout-ms", 30000, "a publisher silent this long is disconnected (ms)",
                          config.positive)
+ON_PUBLISH = Option("--on-publish", "", "URL POSTed before a publish starts; a 2xx allows it")
+ON_UNPUBLISH = Option("--on-unpublish", "", "URL POSTed when a publish ends")
+ON_PLAY = Option("--on-play", "", "URL POSTed before a viewer starts (HTTP-FLV, WebSocket-FLV, RTMP); a 2xx allows")
+ON_STOP = Option("--on-stop", "", "URL POSTed when such a viewer leaves")
+HOOK_TIMEOUT_MS = Option("--hook-timeout-ms", 3000, "how long a hook may take to answer; no answer denies (ms)",
+                         config.positive)
 SECRET = Option("--secret", "", "signed URLs for publish and play: one secret, or app=secret,app2=secret2; "
                 "empty: off")
 ADMIN_TOKEN = Option("--admin-token", "", "bearer token the gateway's admin calls (kicks) need; empty: none")
@@ -107,16 +114,19 @@ REGISTRY = Option("--registry", "dispatch", "where nodes register: dispatch (its
 COMMON = [LOG_LEVEL]
 HLS = [HLS_SEGMENT_MS, HLS_WINDOW, HLS_IDLE_MS]
 LIMITS = [MAX_CONNECTIONS, MAX_PER_IP]
+PUBLISH_HOOKS = [ON_PUBLISH, ON_UNPUBLISH, HOOK_TIMEOUT_MS]
+PLAY_HOOKS = [ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS]
 UP = [HOST, RTMP_PORT, HTTP_PORT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, GRACE_MS, SECRET, *LIMITS,
-      HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, NO_DEMO, *COMMON]
+      HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, ON_PUBLISH, ON_UNPUBLISH, ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS, NO_DEMO,
+      *COMMON]
 SERVE = {
     "dispatch": [HOST, DISPATCH_PORT, GRACE_MS, METRICS_PORT, REGISTRY, *COMMON],
     "relay": [HOST, GRPC_PORT, ROLE, DISPATCH, UPSTREAM, ZONE, ADVERTISE, MAX_LAG_MS, GRACE_MS, METRICS_PORT,
               REGISTRY, *COMMON],
     "ingest": [HOST, RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT, REGISTRY, SECRET, *LIMITS,
-               HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, *COMMON],
+               HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, *PUBLISH_HOOKS, *COMMON],
     "playback": [HOST, HTTP_PORT, PLAY_RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *HLS,
-                 REGISTRY, SECRET, *LIMITS, *COMMON],
+                 REGISTRY, SECRET, *LIMITS, *PLAY_HOOKS, *COMMON],
     "gateway": [HOST, GATEWAY_PORT, DISPATCH, ADMIN_TOKEN, SECRET, *COMMON],
 }
 WAIT_FOR_PEER = 5.0
@@ -231,13 +241,13 @@ async def up(cfg: dict[str, Any]) -> int:
         wiring = Wiring(DispatchStub(chan), "")
         # The public ports first: if one is taken, fail before anything registers or logs.
         signer = Signer.parse(cfg["secret"])
-        ingest = _ingest(cfg, wiring, signer)
+        ingest = _ingest(cfg, wiring, signer, closers)
         closers.append(ingest.links.close)
         closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
         catalog = Catalog(wiring.dispatch)
         closers.append(catalog.close)
         playback = Playback(wiring.upstream(), _playback_settings(cfg), list_streams=catalog.streams, signer=signer,
-                            caps=_caps("playback", cfg))
+                            caps=_caps("playback", cfg), hooks=_hooks(cfg, "on_play", "on_stop"))
         ingest.play = playback.play_rtmp  # one RTMP port for publish and play
         closers.append(playback.links.close)
         closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
@@ -299,9 +309,17 @@ def _caps(name: str, cfg: dict[str, Any]) -> ConnectionCaps:
     return ConnectionCaps(name, cfg["max_connections"], cfg["max_per_ip"])
 
 
-def _ingest(cfg: dict[str, Any], wiring: Wiring, signer: Signer, node_id: str = "ingest") -> Ingest:
+def _ingest(cfg: dict[str, Any], wiring: Wiring, signer: Signer, closers: list[Callable[[], Awaitable[None]]],
+            node_id: str = "ingest") -> Ingest:
+    hooks = _hooks(cfg, "on_publish", "on_unpublish")
+    closers.append(hooks.close)
     return Ingest(wiring.leases, cfg["batch_ms"], node_id=node_id, signer=signer, caps=_caps("ingest", cfg),
-                  handshake_timeout=cfg["handshake_timeout_ms"] / 1000, idle_timeout=cfg["idle_timeout_ms"] / 1000)
+                  handshake_timeout=cfg["handshake_timeout_ms"] / 1000, idle_timeout=cfg["idle_timeout_ms"] / 1000,
+                  hooks=hooks)
+
+
+def _hooks(cfg: dict[str, Any], *actions: str) -> Hooks:
+    return Hooks({action: cfg[action] for action in actions}, cfg["hook_timeout_ms"] / 1000)
 
 
 def _playback_settings(cfg: dict[str, Any]) -> PlaybackSettings:
@@ -359,7 +377,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
         if service == "relay":
             await _serve_relay(cfg, wiring, closers)
         elif service == "ingest":
-            ingest = _ingest(cfg, wiring, Signer.parse(cfg["secret"]), node_id=f"ingest-{cfg['rtmp_port']}")
+            ingest = _ingest(cfg, wiring, Signer.parse(cfg["secret"]), closers, node_id=f"ingest-{cfg['rtmp_port']}")
             closers.append(ingest.links.close)
             closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
             health_port = await _health_server(cfg, closers, lambda r: ingest.kick(r.stream, r.reason))
@@ -374,7 +392,8 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             closers.append(catalog.close)
             playback = Playback(wiring.upstream(), _playback_settings(cfg), node_id=node_id,
                                 list_streams=catalog.streams, signer=Signer.parse(cfg["secret"]),
-                                caps=_caps("playback", cfg))
+                                caps=_caps("playback", cfg), hooks=_hooks(cfg, "on_play", "on_stop"))
+            closers.append(playback.close)
             closers.append(playback.links.close)
             closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
             if cfg["rtmp_port"]:

@@ -20,6 +20,7 @@ from prometheus_client import Counter, Gauge
 from castmesh.media.frames import make_frame, stream_key, stream_path
 from castmesh.mesh.auth import Signer
 from castmesh.mesh.caps import ConnectionCaps
+from castmesh.mesh.hooks import Hooks
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.media_pb2 import StreamKey
@@ -60,8 +61,10 @@ PlayRtmp = Callable[[str, str, dict[str, str], int, ServerConnection, asyncio.Tr
 class Ingest:
     def __init__(self, leases: LeaseFactory, batch_ms: float = 10.0, limits: RtmpLimits | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
-                 node_id: str = "ingest", signer: Signer | None = None, caps: ConnectionCaps | None = None) -> None:
+                 node_id: str = "ingest", signer: Signer | None = None, caps: ConnectionCaps | None = None,
+                 hooks: Hooks | None = None) -> None:
         self.leases = leases
+        self.hooks = hooks or Hooks()
         self.signer = signer or Signer()
         self.caps = caps or ConnectionCaps("ingest")
         self.links = RelayLinks()
@@ -198,7 +201,10 @@ class RtmpSession(asyncio.Protocol):
             return
         key = stream_key(self.app, ev.name)
         path = f"{self.app}/{ev.name}"
-        refused = self.ingest.signer.refuse(self.app, ev.name, ev.query)
+        refused = self.ingest.signer.refuse(self.app, ev.name, ev.query) or await self.ingest.hooks.ask(
+            "on_publish", self._hook_body(ev.name, ev.query))
+        if self.closed:
+            return
         if refused:
             event(log, "publish.unauthorized", session=self.id, peer=self.peer, stream=path, reason=refused)
             self.conn.reject_publish(ev.stream_id, f"{path}: {refused}", code="NetStream.Publish.Unauthorized")
@@ -250,6 +256,11 @@ class RtmpSession(asyncio.Protocol):
             await forward.close(clean)
             event(log, "publish.stop", session=self.id, peer=self.peer,
                   stream=f"{self.app}/{forward.key.name}", reason=reason, clean=clean, failovers=forward.failovers)
+            self.ingest.hooks.tell("on_unpublish", {**self._hook_body(forward.key.name, {}), "reason": reason})
+
+    def _hook_body(self, name: str, query: dict[str, str]) -> dict[str, Any]:
+        return {"app": self.app, "stream": name, "client_ip": self.ip, "client_id": self.id,
+                "node": self.ingest.node_id, "protocol": "rtmp", "query": query}
 
     # Plumbing -------------------------------------------------------------------------------------------
 

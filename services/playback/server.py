@@ -29,6 +29,7 @@ from castmesh.media.frames import stream_key, stream_path
 from castmesh.media.hls import CONTAINERS
 from castmesh.mesh.auth import Signer
 from castmesh.mesh.caps import ConnectionCaps
+from castmesh.mesh.hooks import Hooks
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.subscription import Locate
 from castmesh.rtmp.connection import ServerConnection
@@ -58,8 +59,10 @@ class PlaybackSettings:
 class Playback:
     def __init__(self, locate: Locate, settings: PlaybackSettings | None = None, node_id: str = "playback",
                  list_streams: ListStreams | None = None, signer: Signer | None = None,
-                 caps: ConnectionCaps | None = None) -> None:
+                 caps: ConnectionCaps | None = None, hooks: Hooks | None = None) -> None:
         self.locate = locate
+        self.hooks = hooks or Hooks()
+        self.hook_bodies: dict[ViewerSink, dict[str, Any]] = {}
         self.caps = caps or ConnectionCaps("playback")
         self.signer = signer or Signer()
         self.list_streams = list_streams
@@ -106,7 +109,7 @@ class Playback:
             player.refuse(403, refused)
             return lambda: None
         self.sessions[player] = None
-        self._watch(app, name, player)
+        self._watch(app, name, player, query, peer)
         return lambda: self._gone(player)
 
     # HTTP -----------------------------------------------------------------------------------------------
@@ -166,7 +169,7 @@ class Playback:
                 return
             session.format = WEBSOCKET_FLV
         self.sessions[session] = None
-        self._watch(app, name, session)
+        self._watch(app, name, session, request.query, session.peer)
 
     def _playlist(self, session: HttpSession, request: Request, app: str, name: str) -> None:
         if self._refused(session, request, app, name):
@@ -230,6 +233,7 @@ class Playback:
     async def close(self) -> None:
         if self.forward_http is not None:
             await self.forward_http.close()
+        await self.hooks.close()
 
     async def _stream_list(self, session: HttpSession) -> None:
         if self.list_streams is None:
@@ -266,19 +270,43 @@ class Playback:
                                                  self._feed_closed, self.node_id)
         return feed
 
-    def _watch(self, app: str, name: str, session: ViewerSink) -> None:
-        feed = self._feed(app, name)
-        self.sessions[session] = feed
+    def _watch(self, app: str, name: str, session: ViewerSink, query: dict[str, str], peer: str) -> None:
+        """Start a viewer, once the on_play hook (if one is set) allows it."""
         self.next_client += 1
         client_id = f"{self.node_id}.{self.next_client}"
+        self.hook_bodies[session] = {
+            "app": app, "stream": name, "client_ip": peer.rpartition(":")[0], "client_id": client_id,
+            "node": self.node_id, "protocol": "rtmp" if isinstance(session, RtmpPlayer) else str(session.format.key),
+            "query": query}
+        self.sessions[session] = None
+        if self.hooks.has("on_play"):
+            self._spawn(self._ask_then_watch(app, name, session, client_id))
+        else:
+            self._admit(app, name, session, client_id)
+
+    async def _ask_then_watch(self, app: str, name: str, session: ViewerSink, client_id: str) -> None:
+        refused = await self.hooks.ask("on_play", self.hook_bodies.get(session, {}))
+        if session not in self.sessions:
+            return  # it left while the hook thought
+        if refused:
+            session.refuse(403, refused)
+            return
+        self._admit(app, name, session, client_id)
+
+    def _admit(self, app: str, name: str, session: ViewerSink, client_id: str) -> None:
+        feed = self._feed(app, name)
+        self.sessions[session] = feed
         self.clients[client_id], self.client_ids[session] = session, client_id
         feed.add(session)
 
     def _gone(self, session: ViewerSink) -> None:
         feed = self.sessions.pop(session, None)
         client_id = self.client_ids.pop(session, None)
+        body = self.hook_bodies.pop(session, None)
         if client_id is not None:
             self.clients.pop(client_id, None)
+            if body is not None:
+                self.hooks.tell("on_stop", body)
         if feed is not None:
             feed.remove(session)
 
