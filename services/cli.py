@@ -35,7 +35,9 @@ from castmesh.mesh.registry import DispatchRegistry, Registry
 from castmesh.mesh.subscription import Locate, dispatch_upstream, fixed_upstream
 from castmesh.proto.v1.admin_pb2 import KickRequest
 from castmesh.proto.v1.dispatch_pb2 import (
+    NODE_ROLE_DISPATCH,
     NODE_ROLE_EDGE,
+    NODE_ROLE_GATEWAY,
     NODE_ROLE_INGEST,
     NODE_ROLE_ORIGIN,
     NODE_ROLE_PLAYBACK,
@@ -99,6 +101,8 @@ HANDSHAKE_TIMEOUT_MS = Option("--handshake-timeout-ms", 10000, "an RTMP connecti
                               "within this (ms)", config.positive)
 IDLE_TIMEOUT_MS = Option("--idle-timeout-ms", 30000, "a publisher silent this long is disconnected (ms)",
                          config.positive)
+HTTP_IDLE_TIMEOUT_MS = Option("--idle-timeout-ms", 60000, "a kept-alive HTTP connection with no request is closed "
+                              "after this (ms)", config.positive)
 ON_PUBLISH = Option("--on-publish", "", "URL POSTed before a publish starts; a 2xx allows it")
 ON_UNPUBLISH = Option("--on-unpublish", "", "URL POSTed when a publish ends")
 ON_PLAY = Option("--on-play", "", "URL POSTed before a viewer starts (HTTP-FLV, WebSocket-FLV, RTMP); a 2xx allows")
@@ -126,8 +130,8 @@ SERVE = {
     "ingest": [HOST, RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT, REGISTRY, SECRET, *LIMITS,
                HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, *PUBLISH_HOOKS, *COMMON],
     "playback": [HOST, HTTP_PORT, PLAY_RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *HLS,
-                 REGISTRY, SECRET, *LIMITS, *PLAY_HOOKS, *COMMON],
-    "gateway": [HOST, GATEWAY_PORT, DISPATCH, ADMIN_TOKEN, SECRET, *COMMON],
+                 REGISTRY, SECRET, *LIMITS, HANDSHAKE_TIMEOUT_MS, HTTP_IDLE_TIMEOUT_MS, *PLAY_HOOKS, *COMMON],
+    "gateway": [HOST, GATEWAY_PORT, HEALTH_PORT, DISPATCH, ADMIN_TOKEN, SECRET, REGISTRY, *COMMON],
 }
 WAIT_FOR_PEER = 5.0
 
@@ -325,7 +329,8 @@ def _hooks(cfg: dict[str, Any], *actions: str) -> Hooks:
 def _playback_settings(cfg: dict[str, Any]) -> PlaybackSettings:
     return PlaybackSettings(merge_ms=cfg["merge_ms"], max_lag=cfg["max_lag_ms"] / 1000,
                             hls_segment_ms=cfg["hls_segment_ms"], hls_window=cfg["hls_window"],
-                            hls_idle=cfg["hls_idle_ms"] / 1000)
+                            hls_idle=cfg["hls_idle_ms"] / 1000, handshake_timeout=cfg["handshake_timeout_ms"] / 1000,
+                            idle_timeout=cfg["idle_timeout_ms"] / 1000)
 
 
 def _closing(server: asyncio.Server) -> Callable[[], Awaitable[None]]:
@@ -346,7 +351,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
         if service == "gateway":
             await _serve_gateway(cfg, closers)
             await stop.wait()
-            return 0
+            return 0  # (it registers itself as a node in _serve_gateway)
         if service == "dispatch":
             directory: Directory = InMemoryDirectory(cfg["grace_ms"] / 1000)
             source = "in memory"
@@ -361,6 +366,11 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
                 directory, source = consul_directory, "in Consul"
             server, port = await dispatch_service.start(cfg["host"], cfg["grpc_port"], directory)
             closers.append(lambda: server.stop(grace=1))
+            if cfg["registry"] == "consul":  # listed in Consul like every service (it has no Register call)
+                registry = ConsulRegistry(consul_client())
+                closers.append(registry.close)
+                registry.register(Node(id=f"dispatch-{port}", role=NODE_ROLE_DISPATCH, address=_advertise(cfg, port),
+                                       meta={"grpc": str(port)}), NodeLoad)
             print(f"castmesh dispatch listening on {cfg['host']}:{port} (gRPC); directory {source}", flush=True)
             await stop.wait()
             return 0
@@ -433,17 +443,25 @@ async def _serve_gateway(cfg: dict[str, Any], closers: list[Callable[[], Awaitab
         raise OSError(f"cannot listen on {cfg['host']}:{cfg['http_port']} (gateway HTTP): {exc.strerror or exc}") \
             from exc
     closers.append(runner.cleanup)
+    wiring = Wiring(dispatch, "", registry=cfg["registry"])
+    if wiring.registry is not None:
+        closers.append(wiring.registry.close)
+    health_port = await _health_server(cfg, closers)
+    wiring.register(Node(id=f"gateway-{cfg['http_port']}", role=NODE_ROLE_GATEWAY,
+                         address=_advertise(cfg, cfg["http_port"]),
+                         meta={"http": str(cfg["http_port"]), "grpc": str(health_port)}), NodeLoad)
     print(f"castmesh gateway listening on {cfg['host']}:{cfg['http_port']} (HTTP), dispatch {cfg['dispatch']}",
           flush=True)
 
 
 async def _health_server(cfg: dict[str, Any], closers: list[Callable[[], Awaitable[None]]],
-                         kick: Callable[[KickRequest], int]) -> int:
+                         kick: Callable[[KickRequest], int] | None = None) -> int:
     """The gRPC port of a node that serves no other gRPC (ingest, playback): the health service Consul checks
     and the Admin service the gateway kicks through."""
     server = grpcutil.server()
     health = grpcutil.add_health(server)
-    add_admin(server, kick)
+    if kick is not None:
+        add_admin(server, kick)
     port = grpcutil.bind(server, cfg["host"], cfg["grpc_port"], "gRPC health")
     await server.start()
     await grpcutil.mark_serving(health)

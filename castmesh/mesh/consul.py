@@ -2,7 +2,8 @@
 asyncio client.
 
 ConsulRegistry registers a node as a Consul service named after its role (castmesh-origin,
-castmesh-edge, castmesh-ingest, castmesh-playback), with its public ports, role and zone in the service
+castmesh-edge, castmesh-ingest, castmesh-playback, castmesh-dispatch, castmesh-gateway), with its public
+ports, role and zone in the service
 metadata and a gRPC health check on its own gRPC health service (a relay's gRPC address; for ingest and
 playback the port in meta["grpc"], where they serve only health); a node whose check
 stays critical is deregistered by Consul after `deregister_after`, and a clean close deregisters at once.
@@ -29,7 +30,9 @@ import consul.aio
 
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.dispatch_pb2 import (
+    NODE_ROLE_DISPATCH,
     NODE_ROLE_EDGE,
+    NODE_ROLE_GATEWAY,
     NODE_ROLE_INGEST,
     NODE_ROLE_ORIGIN,
     NODE_ROLE_PLAYBACK,
@@ -40,7 +43,8 @@ from castmesh.proto.v1.dispatch_pb2 import (
 log = logging.getLogger("castmesh.consul")
 
 SERVICE_NAMES = {NODE_ROLE_ORIGIN: "castmesh-origin", NODE_ROLE_EDGE: "castmesh-edge",
-                 NODE_ROLE_INGEST: "castmesh-ingest", NODE_ROLE_PLAYBACK: "castmesh-playback"}
+                 NODE_ROLE_INGEST: "castmesh-ingest", NODE_ROLE_PLAYBACK: "castmesh-playback",
+                 NODE_ROLE_DISPATCH: "castmesh-dispatch", NODE_ROLE_GATEWAY: "castmesh-gateway"}
 LOAD_PREFIX = "castmesh/load/"
 WATCH_WAIT = "10s"
 ERRORS = (consul.ConsulException, aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError)

@@ -68,8 +68,11 @@ Router = Callable[["HttpSession", Request], None]
 
 class HttpSession(asyncio.Protocol):
     def __init__(self, route: Router, on_gone: Callable[[HttpSession], None],
-                 caps: ConnectionCaps | None = None) -> None:
+                 caps: ConnectionCaps | None = None, request_timeout: float = REQUEST_TIMEOUT,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.route = route
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
         self.caps = caps
         self.ip = ""  # set once counted against the caps
         self.on_gone = on_gone
@@ -99,7 +102,7 @@ class HttpSession(asyncio.Protocol):
                 event(log, "http.refused", level=logging.WARNING, peer=self.peer, reason=refused)
                 return
             self.ip = ip
-        self._arm(REQUEST_TIMEOUT)
+        self._arm(self.request_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.done = True
@@ -225,7 +228,7 @@ class HttpSession(asyncio.Protocol):
             return
         self.http.start_next_cycle()
         self.received = len(self.http.trailing_data[0])
-        self._arm(IDLE_TIMEOUT if not self.received else REQUEST_TIMEOUT)
+        self._arm(self.idle_timeout if not self.received else self.request_timeout)
         self._next_request()
 
     def _end_of_request(self) -> None:

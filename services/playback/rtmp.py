@@ -75,8 +75,10 @@ class RtmpPlayer:
 
 
 class RtmpPlaySession(asyncio.Protocol):
-    def __init__(self, play: PlayRtmp, limits: RtmpLimits | None = None, caps: ConnectionCaps | None = None) -> None:
+    def __init__(self, play: PlayRtmp, limits: RtmpLimits | None = None, caps: ConnectionCaps | None = None,
+                 setup_timeout: float = SETUP_TIMEOUT) -> None:
         self.play = play
+        self.setup_timeout = setup_timeout
         self.caps = caps
         self.ip = ""
         self.conn = ServerConnection(limits or RtmpLimits())
@@ -99,7 +101,7 @@ class RtmpPlaySession(asyncio.Protocol):
                 event(log, "rtmp.refused", level=logging.WARNING, peer=self.peer, reason=refused)
                 return
             self.ip = peer[0] if peer else "?"
-        self.timer = asyncio.get_running_loop().call_later(SETUP_TIMEOUT, self._timeout)
+        self.timer = asyncio.get_running_loop().call_later(self.setup_timeout, self._timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -130,7 +132,7 @@ class RtmpPlaySession(asyncio.Protocol):
 
     def _timeout(self) -> None:
         if self.stop_play is None:
-            self.close(f"no play within {SETUP_TIMEOUT:g}s", level=logging.WARNING)
+            self.close(f"no play within {self.setup_timeout:g}s", level=logging.WARNING)
 
     def _send(self) -> None:
         out = self.conn.data_to_send()

@@ -54,6 +54,8 @@ class PlaybackSettings:
     hls_segment_ms: int = 2000
     hls_window: int = 6
     hls_idle: float = 30.0
+    handshake_timeout: float = 10.0  # an HTTP request head or an RTMP play must arrive within this
+    idle_timeout: float = 60.0  # a kept-alive HTTP connection with no request is closed after this
 
 
 class Playback:
@@ -91,7 +93,9 @@ class Playback:
     async def listen_rtmp(self, host: str, port: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.create_server(lambda: RtmpPlaySession(self.play_rtmp, caps=self.caps), host, port,
+            return await loop.create_server(lambda: RtmpPlaySession(self.play_rtmp, caps=self.caps,
+                                                                    setup_timeout=self.settings.handshake_timeout),
+                                            host, port,
                                             reuse_address=True, backlog=1024)
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port} (RTMP play): {exc.strerror or exc}") from exc
@@ -115,7 +119,8 @@ class Playback:
     # HTTP -----------------------------------------------------------------------------------------------
 
     def _session(self) -> HttpSession:
-        return HttpSession(self.route, self._gone, self.caps)
+        return HttpSession(self.route, self._gone, self.caps, self.settings.handshake_timeout,
+                           self.settings.idle_timeout)
 
     def forward_to(self, base: str) -> None:
         """Hand the gateway's paths (FORWARDED) to the gateway at `base`: one public port for everything."""

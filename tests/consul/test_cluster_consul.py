@@ -60,7 +60,9 @@ def test_nodes_register_in_consul_and_dispatch_follows_its_passing_list(consul_c
     entry = agent.get("/v1/health/service/castmesh-playback?passing")[0]  # type: ignore[index]
     assert entry["Service"]["Meta"]["http"] == str(http) and entry["Service"]["Meta"]["grpc"]
     assert entry["Checks"][1]["Output"].startswith("gRPC health: SERVING")
-    everyone = sorted([origin_id, ingest_id, playback_id])
+    dispatch_id = f"dispatch-{cluster.dispatch_port}"
+    assert until(lambda: agent.passing("castmesh-dispatch"), [dispatch_id]) == [dispatch_id]  # it registers too
+    everyone = sorted([origin_id, ingest_id, playback_id, dispatch_id])
     assert until(lambda: listed(cluster), everyone) == everyone
     assert "source=consul" in cluster.nodes["dispatch"].log()
 

@@ -73,8 +73,8 @@ def test_ffmpeg_follows_the_redirect_and_listings_show_the_viewer(cluster: Clust
         publisher.kill()
         publisher.wait()
     status, _, nodes = get(f"{base}/api/v1/nodes")
-    assert status == 200 and sorted(n["role"] for n in nodes["nodes"]) == ["ingest", "origin", "playback",
-                                                                          "playback"]
+    assert status == 200 and sorted(n["role"] for n in nodes["nodes"]) == ["gateway", "ingest", "origin",
+                                                                          "playback", "playback"]
     assert get(f"{base}/healthz")[0] == 200
 
 

@@ -15,11 +15,15 @@ class NodeRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NODE_ROLE_EDGE: _ClassVar[NodeRole]
     NODE_ROLE_INGEST: _ClassVar[NodeRole]
     NODE_ROLE_PLAYBACK: _ClassVar[NodeRole]
+    NODE_ROLE_DISPATCH: _ClassVar[NodeRole]
+    NODE_ROLE_GATEWAY: _ClassVar[NodeRole]
 NODE_ROLE_UNSPECIFIED: NodeRole
 NODE_ROLE_ORIGIN: NodeRole
 NODE_ROLE_EDGE: NodeRole
 NODE_ROLE_INGEST: NodeRole
 NODE_ROLE_PLAYBACK: NodeRole
+NODE_ROLE_DISPATCH: NodeRole
+NODE_ROLE_GATEWAY: NodeRole
 
 class Node(_message.Message):
     __slots__ = ("id", "role", "address", "zone", "meta")
