@@ -5,12 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
-
 from castmesh.proto.v1.media_pb2 import StreamKey
 from castmesh.rtmp.handshake import HANDSHAKE_SIZE
-from services.playback import rtmp as playback_rtmp
-from services.playback.server import Playback
+from services.playback.server import Playback, PlaybackSettings
 from tests.rtmp_client import ClientMessages, decoded_commands, handshake
 
 
@@ -38,11 +35,9 @@ async def exchange(port: int, data: bytes, timeout: float = 5.0) -> tuple[bytes,
     return received, closed
 
 
-def test_publish_garbage_and_silence_on_the_play_port(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(playback_rtmp, "SETUP_TIMEOUT", 0.5)
-
+def test_publish_garbage_and_silence_on_the_play_port() -> None:
     async def scenario() -> None:
-        playback = Playback(nowhere)
+        playback = Playback(nowhere, PlaybackSettings(handshake_timeout=0.5))
         server = await playback.listen_rtmp("127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
