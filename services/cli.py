@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -72,8 +73,11 @@ RELAY = Option("--relay", "127.0.0.1:50051", "without --dispatch: the one relay 
 ROLE = Option("--role", "origin", "origin (takes publishes) or edge (pulls from an origin or --upstream)")
 UPSTREAM = Option("--upstream", "", "edge only: pull from this relay instead of asking dispatch (chains of edges)")
 ZONE = Option("--zone", "", "region/zone label: playback nodes use an edge of their own zone")
-ADVERTISE = Option("--advertise", "", "address others reach this relay at (default: 127.0.0.1:PORT when "
-                   "listening on all interfaces)")
+ADVERTISE = Option("--advertise", "", "address (host:port) others reach this relay at (default: the advertised "
+                   "host and the gRPC port)")
+ADVERTISE_HOST = Option("--advertise-host", "", "host others reach this node at; 'auto': the address of this "
+                        "machine's name (containers); default: 127.0.0.1 when listening on all interfaces")
+CHECK_CONFIG = Option("--check-config", False, "print the resolved configuration as JSON and exit", config.flag)
 BATCH_MS = Option("--batch-ms", 10, "how long ingest gathers frames into one batch (ms)", config.positive)
 MERGE_MS = Option("--merge-ms", 50, "how long playback gathers frames into one socket write (ms)", config.positive)
 HLS_SEGMENT_MS = Option("--hls-segment-ms", 2000, "HLS target segment duration (ms; cut at the next keyframe)",
@@ -115,7 +119,7 @@ ADMIN_TOKEN = Option("--admin-token", "", "bearer token the gateway's admin call
 REGISTRY = Option("--registry", "dispatch", "where nodes register: dispatch (its Register call) or consul (the "
                   "agent at CONSUL_HTTP_ADDR; dispatch then watches Consul)")
 
-COMMON = [LOG_LEVEL]
+COMMON = [LOG_LEVEL, ADVERTISE_HOST, CHECK_CONFIG]
 HLS = [HLS_SEGMENT_MS, HLS_WINDOW, HLS_IDLE_MS]
 LIMITS = [MAX_CONNECTIONS, MAX_PER_IP]
 PUBLISH_HOOKS = [ON_PUBLISH, ON_UNPUBLISH, HOOK_TIMEOUT_MS]
@@ -152,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
     for name, options in SERVE.items():
         config.add_options(services.add_parser(name, help=f"run the {name} service"), options)
+    health = commands.add_parser("health", help="ask a node's gRPC health service; exit 0 if it is SERVING "
+                                                "(container health checks)")
+    health.add_argument("address", help="host:port of the node's gRPC port")
+    health.add_argument("--service", default="", help="the service name to ask about (default: the whole node)")
     import castmesh.bench
 
     castmesh.bench.add_parsers(commands.add_parser("bench", help="benchmarks on loopback").add_subparsers(
@@ -170,10 +178,24 @@ async def _connect(target: str, what: str) -> grpc.aio.Channel:
 
 
 def _advertise(cfg: dict[str, Any], port: int) -> str:
+    """The address this node registers: what others (and the gateway's answers) use to reach it."""
     if cfg.get("advertise"):
         return str(cfg["advertise"])
-    host = cfg["host"]
+    host = cfg.get("advertise_host") or cfg["host"]
+    if host == "auto":
+        host = socket.gethostbyname(socket.gethostname())
     return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
+
+
+def _check(cfg: dict[str, Any]) -> None:
+    """What --check-config validates beyond each option's own type."""
+    Signer.parse(cfg.get("secret", ""))
+    if cfg.get("registry", "dispatch") not in ("dispatch", "consul"):
+        raise ConfigError(f"--registry must be dispatch or consul, not {cfg['registry']!r}")
+    if cfg.get("role", "origin") not in ("origin", "edge"):
+        raise ConfigError(f"--role must be origin or edge, not {cfg['role']!r}")
+    if cfg.get("role") == "edge" and not (cfg.get("upstream") or cfg.get("dispatch")):
+        raise ConfigError("an edge relay needs --upstream or --dispatch")
 
 
 class Wiring:
@@ -454,6 +476,20 @@ async def _serve_gateway(cfg: dict[str, Any], closers: list[Callable[[], Awaitab
           flush=True)
 
 
+async def _health(address: str, service: str) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpcutil.channel(address) as chan:
+        try:
+            reply = await health_pb2_grpc.HealthStub(chan).Check(health_pb2.HealthCheckRequest(service=service),
+                                                                 timeout=3)
+        except grpc.aio.AioRpcError as exc:
+            print(f"{address}: {exc.code().name}", file=sys.stderr)
+            return 1
+    print(f"{address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 async def _health_server(cfg: dict[str, Any], closers: list[Callable[[], Awaitable[None]]],
                          kick: Callable[[KickRequest], int] | None = None) -> int:
     """The gRPC port of a node that serves no other gRPC (ingest, playback): the health service Consul checks
@@ -505,8 +541,14 @@ def main(argv: list[str] | None = None) -> int:
             import castmesh.bench
 
             return castmesh.bench.run(args)
+        if args.command == "health":
+            return runtime.run(_health(args.address, args.service))
         options = UP if args.command == "up" else SERVE[args.service]
         cfg = config.resolve(args, options)
+        if cfg["check_config"]:
+            _check(cfg)
+            print(json.dumps({k: v for k, v in cfg.items() if k not in ("secret", "admin_token")}, sort_keys=True))
+            return 0
         logs.setup(cfg["log_level"])
         if args.command == "up":
             return runtime.run(up(cfg))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from castmesh.proto.v1.relay_pb2 import StreamStats
 
 log = logging.getLogger("castmesh.playback")
 
-WEB_ROOT = Path(__file__).resolve().parents[2] / "web"
+# the repository's web/ (make up installs its players there); an image sets CASTMESH_WEB_ROOT
+WEB_ROOT = Path(os.environ.get("CASTMESH_WEB_ROOT") or Path(__file__).resolve().parents[2] / "web")
 FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/index.html": ("index.html", "text/html; charset=utf-8"),

@@ -1,0 +1,106 @@
+"""deploy/, checked statically (no Docker engine runs here): the compose file parses and is wired as a
+scalable stack should be, every castmesh service's command and environment in it pass the real CLI's
+configuration check, the health-check command works against a real node, and the Dockerfile installs
+the way the Makefile does."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.integration.harness import ROOT, Castmesh, free_port
+
+DEPLOY = ROOT / "deploy"
+CASTMESH = ["dispatch", "relay-origin", "relay-edge", "ingest", "playback", "gateway"]
+SCALED = ["playback", "relay-edge"]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    document = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    """The service's environment as compose would pass it (${VAR:-default} with VAR unset)."""
+    out = {}
+    for key, value in (service.get("environment") or {}).items():
+        out[key] = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m[1], m[2]), str(value))
+    return out
+
+
+def test_the_stack_has_every_service_wired_with_health_and_order(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"consul", "jaeger", *CASTMESH} <= set(services)
+    assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert {"16686:16686", "4317:4317", "4318:4318"} <= set(services["jaeger"]["ports"])
+    for name in CASTMESH:
+        service = services[name]
+        env = environment(service)
+        assert env["CASTMESH_REGISTRY"] == "consul" and env["CONSUL_HTTP_ADDR"] == "consul:8500"
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://") and env["OTEL_SERVICE_NAME"]
+        assert service["healthcheck"]["test"][:3] == ["CMD", "castmesh", "health"]
+        port = service["healthcheck"]["test"][3].rsplit(":", 1)[1]
+        assert port in service["command"], f"{name} checks a port it does not serve"
+        assert service["depends_on"]["consul"]["condition"] == "service_healthy"
+        if name != "dispatch":
+            assert service["depends_on"]["dispatch"]["condition"] == "service_healthy"
+    for name in SCALED:
+        assert "ports" not in services[name], f"{name} is scaled: it must not bind a fixed host port"
+    assert {s for s, v in services.items() if "skywalking" in v.get("profiles", [])} == {
+        "banyandb", "oap", "skywalking-ui"}
+    assert "otlp-traces" in services["oap"]["environment"]["SW_OTEL_RECEIVER_ENABLED_HANDLERS"]
+
+
+@pytest.mark.parametrize("name", CASTMESH)
+def test_each_service_starts_with_its_compose_command_and_environment(compose: dict[str, Any], name: str) -> None:
+    service = compose["services"][name]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("CASTMESH_", "OTEL_"))},
+           **environment(service)}
+    result = subprocess.run([sys.executable, "-m", "services.cli", "serve", *service["command"], "--check-config"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)
+    assert resolved["registry"] == "consul" and resolved["host"] == "0.0.0.0"
+    assert resolved["advertise_host"] == "auto"
+    if name != "dispatch":
+        assert resolved["dispatch"] == "dispatch:50050"
+
+
+def test_the_health_command_answers_for_a_real_node(tmp_path: Path) -> None:
+    port = free_port()
+    relay = Castmesh(["serve", "relay", "--host", "127.0.0.1", "--grpc-port", str(port)], tmp_path / "relay.log",
+                     "listening")
+    try:
+        ok = subprocess.run([sys.executable, "-m", "services.cli", "health", f"127.0.0.1:{port}"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30, check=False)
+        assert ok.returncode == 0 and "SERVING" in ok.stdout
+    finally:
+        relay.stop()
+    gone = subprocess.run([sys.executable, "-m", "services.cli", "health", f"127.0.0.1:{port}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert gone.returncode == 1 and "UNAVAILABLE" in gone.stderr
+
+
+def test_the_dockerfile_installs_as_the_makefile_does_and_runs_unprivileged() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    assert "npm ci --no-audit --no-fund" in makefile and "npm ci --no-audit --no-fund" in dockerfile
+    assert "COPY web/package.json web/package-lock.json" in dockerfile  # the same lockfile as make up
+    assert re.search(r"pip install (--quiet )?-e '\.\[dev\]'", makefile)
+    assert re.search(r"pip install \.( |$)", dockerfile, re.M)
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile, re.M):
+        for path in source.split():
+            assert (ROOT / path).exists(), f"the Dockerfile copies {path}, which is not in the repository"
+    assert re.search(r"^USER castmesh$", dockerfile, re.M) and "--uid 10001" in dockerfile
+    assert 'ENTRYPOINT ["castmesh", "serve"]' in dockerfile
+    assert "CASTMESH_WEB_ROOT" in dockerfile
