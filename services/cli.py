@@ -23,7 +23,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import grpc
 from aiohttp import web
 
-from castmesh.mesh import config, grpcutil, logs, runtime
+from castmesh.mesh import config, grpcutil, logs, runtime, tracing
 from castmesh.mesh.admin import add_admin
 from castmesh.mesh.auth import Signer
 from castmesh.mesh.caps import ConnectionCaps
@@ -550,9 +550,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: v for k, v in cfg.items() if k not in ("secret", "admin_token")}, sort_keys=True))
             return 0
         logs.setup(cfg["log_level"])
-        if args.command == "up":
-            return runtime.run(up(cfg))
-        return runtime.run(serve(args.service, cfg))
+        tracing.setup("castmesh" if args.command == "up" else f"castmesh-{args.service}")
+        try:
+            if args.command == "up":
+                return runtime.run(up(cfg))
+            return runtime.run(serve(args.service, cfg))
+        finally:
+            tracing.shutdown()
     except (OSError, ConnectionError, ConfigError) as exc:
         print(f"castmesh: error: {exc}", file=sys.stderr)
         return 1
