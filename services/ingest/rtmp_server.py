@@ -23,6 +23,7 @@ from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.hooks import Hooks
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
+from castmesh.mesh.tracing import SessionSpan
 from castmesh.proto.v1.media_pb2 import StreamKey
 from castmesh.rtmp.connection import (
     Connected,
@@ -123,6 +124,7 @@ class RtmpSession(asyncio.Protocol):
         self.opened = self.last_data = time.monotonic()
         self.closed = False
         self.ip = "?"
+        self.trace: SessionSpan | None = None
 
     # asyncio.Protocol -----------------------------------------------------------------------------------
 
@@ -166,7 +168,14 @@ class RtmpSession(asyncio.Protocol):
     def _handle(self, ev: Event) -> None:
         if isinstance(ev, MediaReceived):
             if self.publish is not None and ev.stream_id == self.publish_stream_id:
-                self.publish.push(make_frame(ev.kind, ev.timestamp, ev.payload, time.time_ns() // 1000))
+                frame = make_frame(ev.kind, ev.timestamp, ev.payload, time.time_ns() // 1000)
+                self.publish.push(frame)
+                if self.trace is not None and self.trace.span.is_recording():
+                    counters = self.trace.counters
+                    counters["frames"] = counters.get("frames", 0) + 1
+                    if frame.keyframe and not counters.get("keyframes"):
+                        self.trace.event("first keyframe", timestamp=frame.timestamp)
+                    counters["keyframes"] = counters.get("keyframes", 0) + frame.keyframe
             elif len(self.early) < MAX_EARLY_FRAMES:
                 self.early.append(ev)
         elif isinstance(ev, Connected):
@@ -236,6 +245,8 @@ class RtmpSession(asyncio.Protocol):
             return
         self.publish = forward
         self.publish_stream_id = ev.stream_id
+        self.trace = SessionSpan("rtmp.publish", {"castmesh.stream": path, "castmesh.session": self.id,
+                                                  "net.peer": self.peer, "castmesh.origin": forward.origin})
         PUBLISHES.inc()
         self.conn.accept_publish(ev.stream_id)
         self._send()
@@ -257,6 +268,9 @@ class RtmpSession(asyncio.Protocol):
             event(log, "publish.stop", session=self.id, peer=self.peer,
                   stream=f"{self.app}/{forward.key.name}", reason=reason, clean=clean, failovers=forward.failovers)
             self.ingest.hooks.tell("on_unpublish", {**self._hook_body(forward.key.name, {}), "reason": reason})
+            if self.trace is not None:
+                self.trace.end(reason, failovers=forward.failovers, clean=int(clean))
+                self.trace = None
 
     def _hook_body(self, name: str, query: dict[str, str]) -> dict[str, Any]:
         return {"app": self.app, "stream": name, "client_ip": self.ip, "client_id": self.id,

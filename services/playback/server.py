@@ -32,6 +32,7 @@ from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.hooks import Hooks
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.subscription import Locate
+from castmesh.mesh.tracing import SessionSpan
 from castmesh.rtmp.connection import ServerConnection
 from services.playback.feed import StreamFeed, ViewerSink
 from services.playback.formats import WEBSOCKET_FLV
@@ -65,6 +66,7 @@ class Playback:
         self.locate = locate
         self.hooks = hooks or Hooks()
         self.hook_bodies: dict[ViewerSink, dict[str, Any]] = {}
+        self.traces: dict[ViewerSink, SessionSpan] = {}
         self.caps = caps or ConnectionCaps("playback")
         self.signer = signer or Signer()
         self.list_streams = list_streams
@@ -302,12 +304,19 @@ class Playback:
         feed = self._feed(app, name)
         self.sessions[session] = feed
         self.clients[client_id], self.client_ids[session] = session, client_id
+        protocol = str(self.hook_bodies.get(session, {}).get("protocol", "http-flv"))
+        self.traces[session] = SessionSpan(f"{protocol}.play", {
+            "castmesh.stream": f"{app}/{name}", "castmesh.client": client_id, "castmesh.node": self.node_id,
+            "net.peer": str(self.hook_bodies.get(session, {}).get("client_ip", "?"))})
         feed.add(session)
 
     def _gone(self, session: ViewerSink) -> None:
         feed = self.sessions.pop(session, None)
         client_id = self.client_ids.pop(session, None)
         body = self.hook_bodies.pop(session, None)
+        span = self.traces.pop(session, None)
+        if span is not None:
+            span.end("left")
         if client_id is not None:
             self.clients.pop(client_id, None)
             if body is not None:

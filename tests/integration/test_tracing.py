@@ -45,7 +45,11 @@ def test_every_service_exports_its_grpc_calls_over_otlp(tmp_path: Path, receiver
             publisher.wait(30)
         deadline = time.monotonic() + 15
         short_lived = {"castmesh-dispatch", "castmesh-ingest", "castmesh-playback"}
-        while time.monotonic() < deadline and not short_lived <= receiver.services():
+
+        def leases() -> list[str]:
+            return [r.service for r in receiver.spans if r.span.name == "/castmesh.v1.Dispatch/Lease"]
+
+        while time.monotonic() < deadline and not (short_lived <= receiver.services() and len(set(leases())) == 2):
             time.sleep(0.2)
         assert short_lived <= receiver.services(), receiver.services()  # exported while running
         lease_server = next(s for s in receiver.named("castmesh-dispatch") if s.name == "/castmesh.v1.Dispatch/Lease")
@@ -61,3 +65,45 @@ def test_every_service_exports_its_grpc_calls_over_otlp(tmp_path: Path, receiver
     publish_client = [s for s in receiver.named("castmesh-ingest") if s.name == "/castmesh.v1.Relay/Publish"]
     assert publish_server and publish_client
     assert {s.trace_id for s in publish_server} & {s.trace_id for s in publish_client}
+
+
+def test_media_sessions_are_spans_that_show_up_while_they_run(tmp_path: Path, receiver: Receiver) -> None:
+    from tests.integration.harness import watch_in_background
+
+    cluster = Cluster(tmp_path, env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                                     "OTEL_BSP_SCHEDULE_DELAY": "200", "CASTMESH_TRACE_PROGRESS_S": "1"})
+    try:
+        cluster.relay("origin-1")
+        rtmp = cluster.ingest()
+        http = cluster.playback()
+        cluster.wait_registered()
+        publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/spans", 10, gop=30)
+        try:
+            wait_live(f"http://127.0.0.1:{http}/live/spans.flv")
+            _, viewer = watch_in_background(f"http://127.0.0.1:{http}/live/spans.flv", 5)
+            deadline = time.monotonic() + 6
+            names: set[str] = set()
+            while time.monotonic() < deadline and not {"rtmp.publish.progress", "http-flv.play.progress"} <= names:
+                time.sleep(0.2)
+                names = {s.name for s in receiver.named("castmesh-ingest") + receiver.named("castmesh-playback")}
+            assert publisher.poll() is None  # still publishing: the progress spans came while it ran
+            assert {"rtmp.publish.progress", "http-flv.play.progress"} <= names, names
+            viewer.join(15)
+        finally:
+            publisher.wait(30)
+        deadline = time.monotonic() + 5
+        ended = {"http-flv.play"}
+        while time.monotonic() < deadline and not ended <= {s.name for s in receiver.named("castmesh-playback")}:
+            time.sleep(0.2)
+    finally:
+        cluster.stop()
+    ingest = receiver.named("castmesh-ingest")
+    session = next(s for s in ingest if s.name == "rtmp.publish")
+    assert "first keyframe" in [e.name for e in session.events] and "end" in [e.name for e in session.events]
+    frames = next(a.value.int_value for a in session.attributes if a.key == "frames")
+    assert frames > 250  # ~10 s of 30 fps video plus audio, counted, not one span each
+    progress = [s for s in ingest if s.name == "rtmp.publish.progress"]
+    assert progress and all(link.span_id == session.span_id for s in progress for link in s.links)
+    assert len(ingest) < 60  # bounded by the duration (about one progress span a second), not by frames
+    play = next(s for s in receiver.named("castmesh-playback") if s.name == "http-flv.play")
+    assert any(a.key == "castmesh.stream" and a.value.string_value == "live/spans" for a in play.attributes)
