@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -74,14 +75,16 @@ def tracer(name: str) -> trace.Tracer:
 class SessionSpan:
     """A long media session (a publish, a viewer) as a span that ends with the session, with its key
     moments as span events, plus a short "<name>.progress" span every `every` seconds linked to it, so that
-    a session that lasts hours shows up in Jaeger while it runs, not only when it ends. Nothing is done
-    per frame, and nothing at all when tracing is off."""
+    a session that lasts hours shows up in Jaeger while it runs, not only when it ends. Its numbers come
+    from `counters`, read at each progress span and at the end: nothing is done per frame, and nothing at
+    all when tracing is off."""
 
-    def __init__(self, name: str, attributes: dict[str, str | int], every: float | None = None) -> None:
+    def __init__(self, name: str, attributes: dict[str, str | int],
+                 counters: Callable[[], dict[str, int]] | None = None, every: float | None = None) -> None:
         self.name = name
         self.span = tracer("castmesh.sessions").start_span(name, kind=trace.SpanKind.SERVER, attributes=attributes)
+        self.counters = counters or dict
         self.every = every if every is not None else float(os.environ.get("CASTMESH_TRACE_PROGRESS_S", "5"))
-        self.counters: dict[str, int] = {}
         self.timer: asyncio.TimerHandle | None = None
         if self.span.is_recording():
             self.timer = asyncio.get_running_loop().call_later(self.every, self._progress)
@@ -93,7 +96,7 @@ class SessionSpan:
     def _progress(self) -> None:
         link = trace.Link(self.span.get_span_context())
         with tracer("castmesh.sessions").start_as_current_span(f"{self.name}.progress", links=[link],
-                                                               attributes=dict(self.counters)):
+                                                               attributes=self.counters()):
             pass
         self.timer = asyncio.get_running_loop().call_later(self.every, self._progress)
 
@@ -102,6 +105,6 @@ class SessionSpan:
             self.timer.cancel()
             self.timer = None
         if self.span.is_recording():
-            self.span.set_attributes({**self.counters, **totals, "castmesh.end_reason": reason})
+            self.span.set_attributes({**self.counters(), **totals, "castmesh.end_reason": reason})
             self.span.add_event("end", attributes={"reason": reason})
             self.span.end()

@@ -125,6 +125,7 @@ class RtmpSession(asyncio.Protocol):
         self.closed = False
         self.ip = "?"
         self.trace: SessionSpan | None = None
+        self.keyframe_seen = False
 
     # asyncio.Protocol -----------------------------------------------------------------------------------
 
@@ -170,12 +171,9 @@ class RtmpSession(asyncio.Protocol):
             if self.publish is not None and ev.stream_id == self.publish_stream_id:
                 frame = make_frame(ev.kind, ev.timestamp, ev.payload, time.time_ns() // 1000)
                 self.publish.push(frame)
-                if self.trace is not None and self.trace.span.is_recording():
-                    counters = self.trace.counters
-                    counters["frames"] = counters.get("frames", 0) + 1
-                    if frame.keyframe and not counters.get("keyframes"):
-                        self.trace.event("first keyframe", timestamp=frame.timestamp)
-                    counters["keyframes"] = counters.get("keyframes", 0) + frame.keyframe
+                if frame.keyframe and not self.keyframe_seen and self.trace is not None:
+                    self.keyframe_seen = True
+                    self.trace.event("first keyframe", timestamp=frame.timestamp)
             elif len(self.early) < MAX_EARLY_FRAMES:
                 self.early.append(ev)
         elif isinstance(ev, Connected):
@@ -246,7 +244,8 @@ class RtmpSession(asyncio.Protocol):
         self.publish = forward
         self.publish_stream_id = ev.stream_id
         self.trace = SessionSpan("rtmp.publish", {"castmesh.stream": path, "castmesh.session": self.id,
-                                                  "net.peer": self.peer, "castmesh.origin": forward.origin})
+                                                  "net.peer": self.peer, "castmesh.origin": forward.origin},
+                                 counters=lambda: {"frames": forward.sequence, "failovers": forward.failovers})
         PUBLISHES.inc()
         self.conn.accept_publish(ev.stream_id)
         self._send()
@@ -269,7 +268,7 @@ class RtmpSession(asyncio.Protocol):
                   stream=f"{self.app}/{forward.key.name}", reason=reason, clean=clean, failovers=forward.failovers)
             self.ingest.hooks.tell("on_unpublish", {**self._hook_body(forward.key.name, {}), "reason": reason})
             if self.trace is not None:
-                self.trace.end(reason, failovers=forward.failovers, clean=int(clean))
+                self.trace.end(reason, clean=int(clean))
                 self.trace = None
 
     def _hook_body(self, name: str, query: dict[str, str]) -> dict[str, Any]:

@@ -147,6 +147,11 @@ class StreamFeed:
             self.waiting.remove(sink)
         self._linger()
 
+    def viewer_counters(self, sink: ViewerSink) -> dict[str, int]:
+        """What one viewer has been sent so far (for its session span), read only when asked."""
+        state = self.viewers.get(sink)
+        return {"bytes": state.written, "skips": state.skips} if state is not None else {}
+
     def add_tap(self, tap: FrameTap) -> None:
         if self.idle_handle is not None:
             self.idle_handle.cancel()

@@ -48,6 +48,18 @@ FORWARDED = ("/api/v1/", "/healthz", "/openapi.json", "/docs")
 CACHEABLE = ("Cache-Control", "max-age=600")  # a segment's name always means the same bytes
 
 
+@dataclass(slots=True)
+class Viewer:
+    """What this node keeps of one connected viewer (HTTP-FLV, WebSocket-FLV or RTMP)."""
+
+    client_id: str
+    protocol: str
+    peer: str
+    hook_body: dict[str, Any]  # what the on_play/on_stop hooks are told
+    feed: StreamFeed | None = None  # set once admitted (after the on_play hook, if one is set)
+    span: SessionSpan | None = None
+
+
 @dataclass(slots=True, frozen=True)
 class PlaybackSettings:
     merge_ms: float = 50.0
@@ -65,8 +77,6 @@ class Playback:
                  caps: ConnectionCaps | None = None, hooks: Hooks | None = None) -> None:
         self.locate = locate
         self.hooks = hooks or Hooks()
-        self.hook_bodies: dict[ViewerSink, dict[str, Any]] = {}
-        self.traces: dict[ViewerSink, SessionSpan] = {}
         self.caps = caps or ConnectionCaps("playback")
         self.signer = signer or Signer()
         self.list_streams = list_streams
@@ -78,9 +88,8 @@ class Playback:
         self.links = RelayLinks()
         self.node_id = node_id
         self.feeds: dict[str, StreamFeed] = {}
-        self.sessions: dict[ViewerSink, StreamFeed | None] = {}
-        self.clients: dict[str, ViewerSink] = {}  # client id -> a connected viewer (FLV, WebSocket, RTMP)
-        self.client_ids: dict[ViewerSink, str] = {}
+        self.sessions: dict[ViewerSink, Viewer] = {}
+        self.clients: dict[str, ViewerSink] = {}  # client id -> an admitted viewer, for kicks
         self.next_client = 0
         self.muxers: dict[tuple[str, str], HlsMuxer] = {}  # (stream path, container) -> muxer
         self.muxer_ids: dict[str, HlsMuxer] = {}
@@ -114,8 +123,7 @@ class Playback:
         if refused:
             player.refuse(403, refused)
             return lambda: None
-        self.sessions[player] = None
-        self._watch(app, name, player, query, peer)
+        self._watch(app, name, player, "rtmp", query, peer)
         return lambda: self._gone(player)
 
     # HTTP -----------------------------------------------------------------------------------------------
@@ -175,8 +183,7 @@ class Playback:
                                 [("Sec-WebSocket-Version", "13")], close=True)
                 return
             session.format = WEBSOCKET_FLV
-        self.sessions[session] = None
-        self._watch(app, name, session, request.query, session.peer)
+        self._watch(app, name, session, str(session.format.key), request.query, session.peer)
 
     def _playlist(self, session: HttpSession, request: Request, app: str, name: str) -> None:
         if self._refused(session, request, app, name):
@@ -277,52 +284,45 @@ class Playback:
                                                  self._feed_closed, self.node_id)
         return feed
 
-    def _watch(self, app: str, name: str, session: ViewerSink, query: dict[str, str], peer: str) -> None:
+    def _watch(self, app: str, name: str, session: ViewerSink, protocol: str, query: dict[str, str],
+               peer: str) -> None:
         """Start a viewer, once the on_play hook (if one is set) allows it."""
         self.next_client += 1
         client_id = f"{self.node_id}.{self.next_client}"
-        self.hook_bodies[session] = {
+        viewer = self.sessions[session] = Viewer(client_id, protocol, peer, {
             "app": app, "stream": name, "client_ip": peer.rpartition(":")[0], "client_id": client_id,
-            "node": self.node_id, "protocol": "rtmp" if isinstance(session, RtmpPlayer) else str(session.format.key),
-            "query": query}
-        self.sessions[session] = None
+            "node": self.node_id, "protocol": protocol, "query": query})
         if self.hooks.has("on_play"):
-            self._spawn(self._ask_then_watch(app, name, session, client_id))
+            self._spawn(self._ask_then_watch(app, name, session, viewer))
         else:
-            self._admit(app, name, session, client_id)
+            self._admit(app, name, session, viewer)
 
-    async def _ask_then_watch(self, app: str, name: str, session: ViewerSink, client_id: str) -> None:
-        refused = await self.hooks.ask("on_play", self.hook_bodies.get(session, {}))
+    async def _ask_then_watch(self, app: str, name: str, session: ViewerSink, viewer: Viewer) -> None:
+        refused = await self.hooks.ask("on_play", viewer.hook_body)
         if session not in self.sessions:
             return  # it left while the hook thought
         if refused:
             session.refuse(403, refused)
             return
-        self._admit(app, name, session, client_id)
+        self._admit(app, name, session, viewer)
 
-    def _admit(self, app: str, name: str, session: ViewerSink, client_id: str) -> None:
-        feed = self._feed(app, name)
-        self.sessions[session] = feed
-        self.clients[client_id], self.client_ids[session] = session, client_id
-        protocol = str(self.hook_bodies.get(session, {}).get("protocol", "http-flv"))
-        self.traces[session] = SessionSpan(f"{protocol}.play", {
-            "castmesh.stream": f"{app}/{name}", "castmesh.client": client_id, "castmesh.node": self.node_id,
-            "net.peer": str(self.hook_bodies.get(session, {}).get("client_ip", "?"))})
+    def _admit(self, app: str, name: str, session: ViewerSink, viewer: Viewer) -> None:
+        feed = viewer.feed = self._feed(app, name)
+        self.clients[viewer.client_id] = session
+        viewer.span = SessionSpan(f"{viewer.protocol}.play", {
+            "castmesh.stream": f"{app}/{name}", "castmesh.client": viewer.client_id, "castmesh.node": self.node_id,
+            "net.peer": str(viewer.hook_body["client_ip"])}, counters=lambda: feed.viewer_counters(session))
         feed.add(session)
 
     def _gone(self, session: ViewerSink) -> None:
-        feed = self.sessions.pop(session, None)
-        client_id = self.client_ids.pop(session, None)
-        body = self.hook_bodies.pop(session, None)
-        span = self.traces.pop(session, None)
-        if span is not None:
-            span.end("left")
-        if client_id is not None:
-            self.clients.pop(client_id, None)
-            if body is not None:
-                self.hooks.tell("on_stop", body)
-        if feed is not None:
-            feed.remove(session)
+        viewer = self.sessions.pop(session, None)
+        if viewer is None or viewer.feed is None:
+            return  # never admitted: refused, or it left while the on_play hook thought
+        self.clients.pop(viewer.client_id, None)
+        if viewer.span is not None:
+            viewer.span.end("left")  # before the feed forgets its delivery counters
+        viewer.feed.remove(session)
+        self.hooks.tell("on_stop", viewer.hook_body)
 
     def kick(self, client_id: str, reason: str = "") -> int:
         """Disconnect one viewer (an operator's kick through the gateway)."""
@@ -336,13 +336,11 @@ class Playback:
         """This node's viewers per stream (HLS clients included), and its connected viewers by id."""
         counts = {f"{f.key.app}/{f.key.name}": self.viewers(path) for path, f in self.feeds.items()}
         clients: dict[str, list[dict[str, str]]] = {}
-        for session, feed in self.sessions.items():
-            client_id = self.client_ids.get(session)
-            if feed is None or client_id is None:
-                continue
-            clients.setdefault(f"{feed.key.app}/{feed.key.name}", []).append(
-                {"id": client_id, "protocol": str(session.format.key if isinstance(session.format.key, str)
-                                                  else "rtmp"), "peer": getattr(session, "peer", "?")})
+        for viewer in self.sessions.values():
+            if viewer.feed is not None:
+                body = viewer.hook_body
+                clients.setdefault(f"{body['app']}/{body['stream']}", []).append(
+                    {"id": viewer.client_id, "protocol": viewer.protocol, "peer": viewer.peer})
         return {"streams": counts, "clients": clients}
 
     def _feed_closed(self, feed: StreamFeed) -> None:
