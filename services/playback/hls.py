@@ -45,6 +45,7 @@ class HlsMuxer:
         self.idle = idle
         self.on_stop = on_stop
         self.waiters: list[Answer] = []
+        self.rendered: dict[tuple[str, str], bytes] = {}  # (prefix, suffix) -> the playlist, until it changes
         self.clients: dict[str, float] = {}
         self.last_request = time.monotonic()
         self.stopped = False
@@ -68,6 +69,7 @@ class HlsMuxer:
             return
         if done:
             SEGMENTS.inc(len(done))
+            self.rendered.clear()  # the playlist only changes when a segment completes
             waiters, self.waiters = self.waiters, []
             for answer in waiters:
                 answer(200, b"", "")
@@ -90,9 +92,11 @@ class HlsMuxer:
         now = self.last_request = time.monotonic()
         self.clients[client] = now
         HLS_REQUESTS.labels("playlist").inc()
-        text = self.segmenter.playlist(prefix, suffix)
-        if text:
-            answer(200, text.encode(), "")
+        body = self.rendered.get((prefix, suffix))
+        if body is None:
+            body = self.rendered[(prefix, suffix)] = self.segmenter.playlist(prefix, suffix).encode()
+        if body:
+            answer(200, body, "")
         elif self.ended or self.stopped:
             answer(self.end_status, b"", self.ended or "stream ended")
         elif wait:
