@@ -288,14 +288,8 @@ async def up(cfg: dict[str, Any]) -> int:
         admin_port = await _health_server({"host": "127.0.0.1", "grpc_port": 0}, closers,
                                           lambda r: ingest.kick(r.stream, r.reason) if r.stream.name
                                           else playback.kick(r.client_id, r.reason))
-        public = "127.0.0.1" if cfg["host"] in ("0.0.0.0", "::", "") else cfg["host"]
-        wiring.register(Node(id=ingest.node_id, role=NODE_ROLE_INGEST, address=f"{public}:{cfg['rtmp_port']}",
-                             meta={"rtmp": str(cfg["rtmp_port"]), "grpc": str(admin_port)}),
-                        lambda: NodeLoad(streams=len(ingest.sessions)))
-        wiring.register(Node(id=playback.node_id, role=NODE_ROLE_PLAYBACK, address=f"{public}:{cfg['http_port']}",
-                             meta={"http": str(cfg["http_port"]), "rtmp": str(cfg["rtmp_port"]),
-                                   "grpc": str(admin_port)}),
-                        lambda: NodeLoad(streams=len(playback.feeds), subscribers=len(playback.sessions)))
+        _register_ingest(wiring, ingest, cfg, admin_port)
+        _register_playback(wiring, playback, cfg, cfg["rtmp_port"], admin_port)
         # The gateway listens on loopback; the public HTTP port hands it /api/v1/..., /healthz and /docs.
         assert wiring.dispatch is not None
         gateway = web.AppRunner(Gateway(wiring.dispatch, catalog, signer=signer).app(), access_log=None)
@@ -329,6 +323,21 @@ async def _wait_registered(wiring: Wiring) -> None:
         if (await wiring.dispatch.ListNodes(ListNodesRequest())).nodes:
             return
         await asyncio.sleep(0.02)
+
+
+def _register_ingest(wiring: Wiring, ingest: Ingest, cfg: dict[str, Any], grpc_port: int) -> None:
+    wiring.register(Node(id=ingest.node_id, role=NODE_ROLE_INGEST, address=_advertise(cfg, cfg["rtmp_port"]),
+                         meta={"rtmp": str(cfg["rtmp_port"]), "grpc": str(grpc_port)}),
+                    lambda: NodeLoad(streams=len(ingest.sessions)))
+
+
+def _register_playback(wiring: Wiring, playback: Playback, cfg: dict[str, Any], rtmp_port: int,
+                       grpc_port: int) -> None:
+    """A playback node: its HTTP port is its address; RTMP play (0: none) and its gRPC port in meta."""
+    wiring.register(Node(id=playback.node_id, role=NODE_ROLE_PLAYBACK, address=_advertise(cfg, cfg["http_port"]),
+                         zone=cfg.get("zone", ""), meta={"http": str(cfg["http_port"]), "rtmp": str(rtmp_port or ""),
+                                                         "grpc": str(grpc_port)}),
+                    lambda: NodeLoad(streams=len(playback.feeds), subscribers=len(playback.sessions)))
 
 
 def _caps(name: str, cfg: dict[str, Any]) -> ConnectionCaps:
@@ -413,9 +422,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             closers.append(ingest.links.close)
             closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
             health_port = await _health_server(cfg, closers, lambda r: ingest.kick(r.stream, r.reason))
-            wiring.register(Node(id=ingest.node_id, role=NODE_ROLE_INGEST, address=_advertise(cfg, cfg["rtmp_port"]),
-                                 meta={"rtmp": str(cfg["rtmp_port"]), "grpc": str(health_port)}),
-                            lambda: NodeLoad(streams=len(ingest.sessions)))
+            _register_ingest(wiring, ingest, cfg, health_port)
             print(f"castmesh ingest listening on {cfg['host']}:{cfg['rtmp_port']} (RTMP), "
                   f"{_peer_text(cfg)}", flush=True)
         else:
@@ -431,11 +438,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             if cfg["rtmp_port"]:
                 closers.append(_closing(await playback.listen_rtmp(cfg["host"], cfg["rtmp_port"])))
             health_port = await _health_server(cfg, closers, lambda r: playback.kick(r.client_id, r.reason))
-            wiring.register(Node(id=node_id, role=NODE_ROLE_PLAYBACK, address=_advertise(cfg, cfg["http_port"]),
-                                 zone=cfg["zone"], meta={"http": str(cfg["http_port"]),
-                                                         "rtmp": str(cfg["rtmp_port"] or ""),
-                                                         "grpc": str(health_port)}),
-                            lambda: NodeLoad(streams=len(playback.feeds), subscribers=len(playback.sessions)))
+            _register_playback(wiring, playback, cfg, cfg["rtmp_port"], health_port)
             rtmp = f", {cfg['rtmp_port']} (RTMP play)" if cfg["rtmp_port"] else ""
             print(f"castmesh playback listening on {cfg['host']}:{cfg['http_port']} (HTTP-FLV){rtmp}, "
                   f"{_peer_text(cfg)}", flush=True)
