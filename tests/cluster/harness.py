@@ -59,6 +59,15 @@ class Cluster:
                           *(extra or [])], port)
         return port
 
+    def simple(self) -> tuple[int, int]:
+        """The smallest cluster with a path for media: one origin, an ingest and a playback node, registered.
+        Their (RTMP, HTTP) ports."""
+        self.relay("origin-1")
+        rtmp = self.ingest()
+        http = self.playback()
+        self.wait_registered()
+        return rtmp, http
+
     def gateway(self, name: str = "gateway", extra: list[str] | None = None) -> int:
         port = free_port()
         self.start(name, ["serve", "gateway", "--host", "127.0.0.1", "--http-port", str(port),

@@ -125,10 +125,7 @@ def stream_entry(agent: ConsulDouble, path: str) -> dict | None:  # type: ignore
 
 def test_consul_releases_the_streams_of_a_dead_ingest_even_with_dispatch_dead_too(consul_cluster) -> None:
     cluster, agent = consul_cluster
-    cluster.relay("origin-1")
-    rtmp = cluster.ingest()
-    http = cluster.playback()
-    cluster.wait_registered()
+    rtmp, http = cluster.simple()
     publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/held", 30, gop=30)
     try:
         wait_live(f"http://127.0.0.1:{http}/live/held.flv")

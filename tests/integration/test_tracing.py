@@ -11,7 +11,7 @@ import pytest
 
 from castmesh.mesh import tracing
 from tests.cluster.harness import Cluster
-from tests.integration.harness import publish, wait_live
+from tests.integration.harness import publish, wait_live, watch_in_background
 from tests.otlp_receiver import Receiver
 
 
@@ -30,14 +30,16 @@ def receiver() -> Iterator[Receiver]:
     r.stop()
 
 
+def traced(tmp_path: Path, receiver: Receiver, **env: str) -> Cluster:
+    """A cluster whose every process exports its spans to `receiver`, quickly."""
+    return Cluster(tmp_path, env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200",
+                                  **env})
+
+
 def test_every_service_exports_its_grpc_calls_over_otlp(tmp_path: Path, receiver: Receiver) -> None:
-    cluster = Cluster(tmp_path, env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-                                     "OTEL_BSP_SCHEDULE_DELAY": "300", "OTEL_TRACES_SAMPLER": "always_on"})
+    cluster = traced(tmp_path, receiver, OTEL_TRACES_SAMPLER="always_on")
     try:
-        cluster.relay("origin-1")
-        rtmp = cluster.ingest()
-        http = cluster.playback()
-        cluster.wait_registered()
+        rtmp, http = cluster.simple()
         publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/traced", 6, gop=30)
         try:
             wait_live(f"http://127.0.0.1:{http}/live/traced.flv")
@@ -68,15 +70,9 @@ def test_every_service_exports_its_grpc_calls_over_otlp(tmp_path: Path, receiver
 
 
 def test_media_sessions_are_spans_that_show_up_while_they_run(tmp_path: Path, receiver: Receiver) -> None:
-    from tests.integration.harness import watch_in_background
-
-    cluster = Cluster(tmp_path, env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-                                     "OTEL_BSP_SCHEDULE_DELAY": "200", "CASTMESH_TRACE_PROGRESS_S": "1"})
+    cluster = traced(tmp_path, receiver, CASTMESH_TRACE_PROGRESS_S="1")
     try:
-        cluster.relay("origin-1")
-        rtmp = cluster.ingest()
-        http = cluster.playback()
-        cluster.wait_registered()
+        rtmp, http = cluster.simple()
         publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/spans", 10, gop=30)
         try:
             wait_live(f"http://127.0.0.1:{http}/live/spans.flv")
