@@ -52,5 +52,18 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         with self.lock:
             return [r.span for r in self.spans if r.service == service]
 
+    def arrived(self) -> set[tuple[str, str]]:
+        """(service, span name) of everything received so far."""
+        with self.lock:
+            return {(r.service, r.span.name) for r in self.spans}
+
+    def names(self) -> set[str]:
+        with self.lock:
+            return {r.span.name for r in self.spans}
+
+    def all(self) -> list[tuple[str, Span]]:
+        with self.lock:
+            return [(r.service, r.span) for r in self.spans]
+
     def stop(self) -> None:
         self.server.stop(0)

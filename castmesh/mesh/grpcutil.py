@@ -1,7 +1,8 @@
 """gRPC channels and servers with the options every castmesh hop needs.
 
 A frame batch can hold a large keyframe, so the 4 MB default receive limit is raised on both sides.
-Keepalive lets a relay notice a vanished peer (half-open TCP) within seconds, not hours.
+Keepalive lets a relay notice a vanished peer (half-open TCP) within seconds, not hours. With tracing on,
+every channel and server carries the tracing interceptors (castmesh.mesh.tracing).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import asyncio
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from castmesh.mesh import tracing
 
 MAX_MESSAGE = 64 << 20
 OPTIONS = [
@@ -24,11 +27,11 @@ SERVER_OPTIONS = [*OPTIONS, ("grpc.http2.min_ping_interval_without_data_ms", 5_0
 
 
 def channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=OPTIONS)
+    return grpc.aio.insecure_channel(target, options=OPTIONS, interceptors=tracing.client_interceptors())
 
 
 def server() -> grpc.aio.Server:
-    return grpc.aio.server(options=SERVER_OPTIONS)
+    return grpc.aio.server(options=SERVER_OPTIONS, interceptors=tracing.server_interceptors())
 
 
 def add_health(srv: grpc.aio.Server) -> health.aio.HealthServicer:

@@ -8,6 +8,11 @@ the session changes, so consumers see one unbroken stream.
 It ends (run() returns the StreamEnd) when the publisher unpublished, when nobody has the stream at the
 first attempt (NOT_FOUND, so a viewer gets its 404 at once), or when no upstream has had it for
 `retry_for` seconds.
+
+Traced as a span named `span_name` (a child of whatever span is current when it is made: the viewer or
+subscription that started it), linked to the publisher's session once a header names it, with failovers
+as events. Each upstream it follows is a `relay.subscribe` client span, ended at the first frames, whose
+trace context goes upstream in the SubscribeOpen.
 """
 
 from __future__ import annotations
@@ -18,11 +23,15 @@ import time
 from collections.abc import Awaitable, Callable
 
 import grpc
+from opentelemetry.trace import Span, SpanKind
 
 from castmesh.media.frames import detached, stream_path
 from castmesh.media.timeline import Continuity
+from castmesh.mesh import tracing
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
+from castmesh.mesh.metrics import FAILOVERS
+from castmesh.mesh.tracing import SessionSpan
 from castmesh.proto.v1.dispatch_pb2 import LocateRequest
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from castmesh.proto.v1.media_pb2 import Frame, StreamHeader, StreamKey
@@ -31,6 +40,7 @@ from castmesh.proto.v1.relay_pb2 import StreamEnd, SubscribeClose, SubscribeEven
 log = logging.getLogger("castmesh.subscription")
 
 Locate = Callable[[StreamKey, set[str]], Awaitable[str | None]]
+
 RETRY_EVERY = 0.1
 
 
@@ -63,7 +73,7 @@ def dispatch_upstream(dispatch: DispatchStub, zone: str = "", origin_only: bool 
 class UpstreamSubscription:
     def __init__(self, key: StreamKey, locate: Locate, links: RelayLinks, subscriber_id: str,
                  on_header: Callable[[StreamHeader, bool], None], on_frames: Callable[[list[Frame]], None],
-                 retry_for: float = 10.0) -> None:
+                 retry_for: float = 10.0, span_name: str = "upstream.follow") -> None:
         self.key = key
         self.path = stream_path(key)
         self.locate = locate
@@ -76,8 +86,20 @@ class UpstreamSubscription:
         self.switches = 0
         self.live = False  # has had the stream from some upstream
         self.lost_since = 0.0
+        self.trace = SessionSpan(span_name, {"castmesh.stream": self.path, "castmesh.subscriber": subscriber_id},
+                                 kind=SpanKind.INTERNAL, every=0)
 
     async def run(self) -> StreamEnd:
+        end = StreamEnd(reason=StreamEnd.REASON_SHUTDOWN, detail="cancelled")
+        try:
+            with tracing.current(self.trace.span):  # locating calls are part of it
+                end = await self._run()
+            return end
+        finally:
+            self.trace.end(end.detail or StreamEnd.Reason.Name(end.reason), switches=self.switches,
+                           repeats_dropped=self.continuity.dropped)
+
+    async def _run(self) -> StreamEnd:
         avoid: set[str] = set()
         self.lost_since = time.monotonic()
         while time.monotonic() - self.lost_since < self.retry_for:
@@ -91,6 +113,8 @@ class UpstreamSubscription:
             if outcome is None or outcome.reason == StreamEnd.REASON_SHUTDOWN:
                 avoid.add(address)  # that relay failed or is going away
                 self.switches += 1
+                FAILOVERS.labels("upstream").inc()
+                self.trace.event("failover", failed=address)
             elif outcome.reason == StreamEnd.REASON_NOT_FOUND:
                 if not self.live:
                     return outcome
@@ -103,6 +127,16 @@ class UpstreamSubscription:
     async def _follow(self, address: str) -> StreamEnd | None:
         """Subscribe to one upstream; its end message, or None if the upstream failed."""
         ended: list[StreamEnd] = []
+        with tracing.current(self.trace.span):
+            setup: Span | None = tracing.start("relay.subscribe", {"castmesh.stream": self.path,
+                                                                   "castmesh.upstream": address}, kind=SpanKind.CLIENT)
+
+        def set_up(outcome: str) -> None:
+            nonlocal setup
+            if setup is not None:
+                setup.add_event(outcome)
+                setup.end()
+                setup = None
 
         def on_event(ev: SubscribeEvent) -> None:
             body = ev.WhichOneof("body")
@@ -110,11 +144,14 @@ class UpstreamSubscription:
                 frames = self.continuity.admit(list(detached(ev.batch).frames))
                 if frames:
                     self.on_frames(frames)
+                if setup is not None:
+                    set_up("first frames")
             elif body == "header":
                 header = ev.header
                 new_timeline = self.continuity.on_header(header.session_id, header.has_video)
                 self.live = True
                 self.lost_since = time.monotonic()
+                self.trace.link(header.publisher_trace, "publisher")
                 self.on_header(header, new_timeline)
                 event(log, "upstream.header", stream=self.path, upstream=address, session=header.session_id,
                       new_timeline=new_timeline)
@@ -122,15 +159,18 @@ class UpstreamSubscription:
                 ended.append(ev.end)
                 channel.close()
 
-        channel = self.links.subscribe(address).open(on_event)
+        with tracing.current(setup):  # the link's call, if this opens it, is a child too
+            channel = self.links.subscribe(address).open(on_event)
         channel.send(SubscribeItem(open=SubscribeOpen(
-            stream=self.key, start=SubscribeOpen.START_GOP_CACHE, subscriber_id=self.subscriber_id)))
+            stream=self.key, start=SubscribeOpen.START_GOP_CACHE, subscriber_id=self.subscriber_id,
+            trace_context=tracing.carrier(setup))))
         try:
             await channel.done.wait()
         finally:
             if not channel.done.is_set():  # cancelled: tell the relay
                 channel.send(SubscribeItem(close=SubscribeClose()))
                 channel.close()
+            set_up(channel.lost or (StreamEnd.Reason.Name(ended[0].reason) if ended else "cancelled"))
         if channel.lost:
             event(log, "upstream.lost", level=logging.WARNING, stream=self.path, upstream=address, error=channel.lost)
             return None

@@ -6,17 +6,27 @@ OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER(_ARG), OTEL_BSP
 headers, timeout and TLS settings. With no endpoint, or OTEL_SDK_DISABLED=true, nothing is set up and the
 API's no-op tracer costs next to nothing: the process stays silent.
 
-Every gRPC call, client and server, is traced by opentelemetry-instrumentation-grpc's aio instrumentors,
-which must be installed before any channel or server exists (setup() runs first thing in the CLI).
+Every gRPC call, client and server, is traced by opentelemetry-instrumentation-grpc's aio interceptors,
+which castmesh.mesh.grpcutil puts on every channel and server it makes (none at all while tracing is off).
+The two media calls, Relay.Publish and Relay.Subscribe, are the exception: one of them lives as long as
+two nodes talk, hours, and the library's span would only show up when it ends. For them MediaCallClient
+and MediaCallServer make the same kind of span, but end it once the call is set up (its first response).
+What flows on those calls is traced per stream instead: trace contexts travel in PublishOpen,
+SubscribeOpen and StreamHeader (carrier() and the parent/link helpers below), once per stream and never
+per frame, so a viewer's trace leads hop by hop to the publisher's session.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
-from opentelemetry import trace
+import grpc
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -54,12 +64,117 @@ def setup(service: str) -> bool:
     provider = TracerProvider(resource=Resource.create(attributes))
     provider.add_span_processor(BatchSpanProcessor(_exporter()))
     trace.set_tracer_provider(provider)
-    from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer
-
-    GrpcAioInstrumentorClient().instrument()
-    GrpcAioInstrumentorServer().instrument()
     _provider = provider
     return True
+
+
+def enabled() -> bool:
+    return _provider is not None
+
+
+MEDIA_CALLS = ("/castmesh.v1.Relay/Publish", "/castmesh.v1.Relay/Subscribe")
+
+
+def _is_media_call(details: Any) -> bool:
+    method = details.method
+    return (method.decode() if isinstance(method, bytes) else method) in MEDIA_CALLS
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """For a new channel: the library's interceptors for every call but the media calls, which get
+    MediaCallClient's. None while tracing is off: an untraced process pays nothing per call."""
+    if _provider is None:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+    from opentelemetry.instrumentation.grpc.filters import negate
+
+    return [*aio_client_interceptors(filter_=negate(_is_media_call)), MediaCallClient()]
+
+
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    if _provider is None:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+    from opentelemetry.instrumentation.grpc.filters import negate
+
+    return [aio_server_interceptor(filter_=negate(_is_media_call)), MediaCallServer()]
+
+
+def _rpc_attributes(method: str) -> dict[str, str]:
+    service, _, name = method.lstrip("/").partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+
+class MediaCallClient(grpc.aio.StreamStreamClientInterceptor):
+    """A media call's client span, with the call's trace context in its metadata, ended when the call is
+    set up: when the relay's first response (and with it the initial metadata) arrives, or the call fails.
+    The call itself is handed back untouched, so messages cost nothing extra."""
+
+    def __init__(self) -> None:
+        self.pending: set[asyncio.Task[None]] = set()
+
+    async def intercept_stream_stream(self, continuation: Any, details: grpc.aio.ClientCallDetails,
+                                      request_iterator: Any) -> Any:
+        if not _is_media_call(details):
+            return await continuation(details, request_iterator)
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        span = tracer("castmesh.grpc").start_span(method, kind=trace.SpanKind.CLIENT,
+                                                  attributes=_rpc_attributes(method))
+        context: dict[str, str] = {}
+        propagate.inject(context, context=trace.set_span_in_context(span))
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *context.items())
+        call = await continuation(grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready), request_iterator)
+        task = asyncio.get_running_loop().create_task(self._end_at_setup(span, call))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+        return call
+
+    @staticmethod
+    async def _end_at_setup(span: trace.Span, call: Any) -> None:
+        try:
+            await call.initial_metadata()
+            if call.done() and (code := await call.code()) != grpc.StatusCode.OK:
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                span.set_status(trace.StatusCode.ERROR, f"{code.name}: {await call.details()}")
+            else:
+                span.add_event("set up")
+        finally:
+            span.end()
+
+
+class MediaCallServer(grpc.aio.ServerInterceptor):
+    """A media call's server span, a child of the caller's, ended at the call's first response."""
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or not _is_media_call(details) or handler.stream_stream is None:
+            return handler
+        behavior, method = handler.stream_stream, details.method
+
+        async def traced(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            incoming = {key: value for key, value in context.invocation_metadata() or ()}
+            span: trace.Span | None = tracer("castmesh.grpc").start_span(
+                method, context=propagate.extract(incoming), kind=trace.SpanKind.SERVER,
+                attributes={**_rpc_attributes(method), "net.peer": context.peer()})
+            try:
+                async for response in behavior(requests, context):
+                    if span is not None:
+                        span.add_event("set up")
+                        span.end()
+                        span = None
+                    yield response
+            except BaseException as exc:
+                if span is not None:
+                    span.record_exception(exc)
+                    span.set_status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+                raise
+            finally:
+                if span is not None:
+                    span.end()
+
+        return grpc.stream_stream_rpc_method_handler(traced, request_deserializer=handler.request_deserializer,
+                                                     response_serializer=handler.response_serializer)
 
 
 def shutdown() -> None:
@@ -72,6 +187,51 @@ def tracer(name: str) -> trace.Tracer:
     return trace.get_tracer(name)
 
 
+Carrier = Mapping[str, str]
+
+
+def carrier(span: trace.Span | None) -> dict[str, str]:
+    """`span`'s trace context as text (for PublishOpen, SubscribeOpen, StreamHeader); empty when it is
+    not recorded (tracing off, or not sampled), so an untraced cluster sends nothing."""
+    found: dict[str, str] = {}
+    if span is not None and span.is_recording():
+        propagate.inject(found, context=trace.set_span_in_context(span))
+    return found
+
+
+def parent(context: Carrier) -> Context | None:
+    return propagate.extract(dict(context)) if context else None
+
+
+def links(*contexts: Carrier) -> list[trace.Link]:
+    """Links to the spans these carriers name (those that name one)."""
+    found = []
+    for context in contexts:
+        if context:
+            span_context = trace.get_current_span(propagate.extract(dict(context))).get_span_context()
+            if span_context.is_valid:
+                found.append(trace.Link(span_context))
+    return found
+
+
+def start(name: str, attributes: dict[str, str | int], kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+          context: Carrier | None = None, link: tuple[Carrier, ...] = ()) -> trace.Span:
+    """A short span: a child of the span `context` names (else of the current one), linked to those
+    `link` names."""
+    return tracer("castmesh.media").start_span(name, context=parent(context) if context else None, kind=kind,
+                                               attributes=attributes, links=links(*link))
+
+
+@contextmanager
+def current(span: trace.Span | None) -> Iterator[None]:
+    """Make `span` the current one (what RPCs and spans started inside become children of)."""
+    if span is None:
+        yield
+        return
+    with trace.use_span(span, end_on_exit=False):
+        yield
+
+
 class SessionSpan:
     """A long media session (a publish, a viewer) as a span that ends with the session, with its key
     moments as span events, plus a short "<name>.progress" span every `every` seconds linked to it, so that
@@ -80,18 +240,34 @@ class SessionSpan:
     all when tracing is off."""
 
     def __init__(self, name: str, attributes: dict[str, str | int],
-                 counters: Callable[[], dict[str, int]] | None = None, every: float | None = None) -> None:
+                 counters: Callable[[], dict[str, int]] | None = None, every: float | None = None,
+                 kind: trace.SpanKind = trace.SpanKind.SERVER, context: Carrier | None = None) -> None:
         self.name = name
-        self.span = tracer("castmesh.sessions").start_span(name, kind=trace.SpanKind.SERVER, attributes=attributes)
+        self.span = tracer("castmesh.sessions").start_span(name, context=parent(context) if context else None,
+                                                           kind=kind, attributes=attributes)
+        self.linked: set[str] = set()
         self.counters = counters or dict
         self.every = every if every is not None else float(os.environ.get("CASTMESH_TRACE_PROGRESS_S", "5"))
         self.timer: asyncio.TimerHandle | None = None
-        if self.span.is_recording():
+        if self.span.is_recording() and self.every > 0:
             self.timer = asyncio.get_running_loop().call_later(self.every, self._progress)
 
     def event(self, name: str, **attributes: str | int) -> None:
         if self.span.is_recording():
             self.span.add_event(name, attributes=attributes)
+
+    def carrier(self) -> dict[str, str]:
+        return carrier(self.span)
+
+    def link(self, context: Carrier, why: str) -> None:
+        """Link this session to the span `context` names (the publisher's session, once a header names
+        it), once per span."""
+        key = repr(sorted(context.items()))
+        if not self.span.is_recording() or not context or key in self.linked:
+            return
+        self.linked.add(key)
+        for found in links(context):
+            self.span.add_link(found.context, {"castmesh.link": why})
 
     def _progress(self) -> None:
         link = trace.Link(self.span.get_span_context())

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from castmesh.media.gop import GopCache, header_frames
 from castmesh.mesh.link import LinkChannel, RelayLinks
 from castmesh.mesh.logs import event
+from castmesh.mesh.metrics import FAILOVERS
+from castmesh.mesh.tracing import SessionSpan
 from castmesh.proto.v1.media_pb2 import Frame, FrameBatch, StreamKey
 from castmesh.proto.v1.relay_pb2 import PublishEnd, PublishItem, PublishOpen, PublishReply
 from services.ingest.lease import Lease, LeaseRefused
@@ -42,7 +44,7 @@ class PublishRefused(Exception):
 class RelayPublish:
     def __init__(self, links: RelayLinks, lease: Lease, key: StreamKey, session_id: str, client_addr: str,
                  batch_ms: float, on_pause: Callable[[bool], None], on_lost: Callable[[str], None],
-                 max_queued: int = 64) -> None:
+                 max_queued: int = 64, trace: SessionSpan | None = None) -> None:
         self.links = links
         self.lease = lease
         self.key = key
@@ -52,6 +54,7 @@ class RelayPublish:
         self.on_pause = on_pause
         self.on_lost = on_lost
         self.max_queued = max_queued
+        self.trace = trace  # the publish session's span: its context goes to the origin with each open
         self.cache = GopCache(key)
         self.pending: list[Frame] = []
         self.pending_bytes = 0
@@ -98,7 +101,8 @@ class RelayPublish:
     async def _connect(self, replay: bool) -> None:
         channel = self.links.publish(self.origin).open(self._on_reply)
         answer = await self._ask(channel, PublishItem(open=PublishOpen(
-            stream=self.key, session_id=self.session_id, client_addr=self.client_addr)))
+            stream=self.key, session_id=self.session_id, client_addr=self.client_addr,
+            trace_context=self.trace.carrier() if self.trace is not None else {})))
         if answer is None or not answer.HasField("accepted"):
             channel.close()
             if answer is None:
@@ -174,6 +178,9 @@ class RelayPublish:
                 await asyncio.sleep(FAILOVER_PAUSE)
                 continue
             self.failovers += 1
+            FAILOVERS.labels("origin").inc()
+            if self.trace is not None:
+                self.trace.event("failover", failed=failed, origin=self.origin, cause=cause)
             event(log, "publish.failover", stream=f"{self.key.app}/{self.key.name}", session=self.session_id,
                   failed=failed, origin=self.origin, took_ms=round((time.monotonic() - started) * 1000),
                   cause=cause)

@@ -18,6 +18,7 @@ from typing import Any, cast
 from prometheus_client import Counter, Gauge
 
 from castmesh.media.frames import make_frame, stream_key, stream_path
+from castmesh.mesh import tracing
 from castmesh.mesh.auth import Signer
 from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.hooks import Hooks
@@ -221,9 +222,16 @@ class RtmpSession(asyncio.Protocol):
         lease = self.ingest.leases(key, self.id, self.peer)
         forward = RelayPublish(self.ingest.links, lease, key, self.id, self.peer, self.ingest.batch_ms,
                                self._pause, self._relay_lost)
+        # The session's span starts before the lease, so the lease and the origin's spans are its children.
+        trace = forward.trace = SessionSpan("rtmp.publish", {
+            "castmesh.stream": path, "castmesh.session": self.id, "net.peer": self.peer,
+            "castmesh.node": self.ingest.node_id}, counters=lambda: {"frames": forward.sequence,
+                                                                     "failovers": forward.failovers})
         try:
-            await forward.open()
+            with tracing.current(trace.span):
+                await forward.open()
         except PublishRefused as exc:
+            trace.end(f"rejected: {exc}")
             forward.abort()
             event(log, "publish.rejected", session=self.id, peer=self.peer, stream=path, reason=str(exc))
             self.conn.reject_publish(ev.stream_id, f"{path}: {exc}")
@@ -231,6 +239,7 @@ class RtmpSession(asyncio.Protocol):
             self.close(f"publish rejected: {exc}")
             return
         except ConnectionError as exc:
+            trace.end(f"relay unreachable: {exc}")
             forward.abort()
             event(log, "publish.failed", level=logging.WARNING, session=self.id, stream=path,
                   reason=f"relay unreachable: {exc}")
@@ -239,13 +248,13 @@ class RtmpSession(asyncio.Protocol):
             self.close("relay unavailable")
             return
         if self.closed:
+            trace.end("publisher left while the publish was being set up")
             forward.abort()
             return
         self.publish = forward
         self.publish_stream_id = ev.stream_id
-        self.trace = SessionSpan("rtmp.publish", {"castmesh.stream": path, "castmesh.session": self.id,
-                                                  "net.peer": self.peer, "castmesh.origin": forward.origin},
-                                 counters=lambda: {"frames": forward.sequence, "failovers": forward.failovers})
+        self.trace = trace
+        trace.span.set_attribute("castmesh.origin", forward.origin)
         PUBLISHES.inc()
         self.conn.accept_publish(ev.stream_id)
         self._send()

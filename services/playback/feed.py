@@ -30,6 +30,7 @@ from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.mesh.metrics import frame_age_histogram, observe_age
 from castmesh.mesh.subscription import Locate, UpstreamSubscription
+from castmesh.mesh.tracing import SessionSpan
 from castmesh.proto.v1.media_pb2 import Frame, StreamHeader, StreamKey
 from castmesh.proto.v1.relay_pb2 import StreamEnd
 from services.playback.formats import OutputFormat
@@ -73,12 +74,14 @@ class FrameTap(Protocol):
 
 
 class ViewerState:
-    """Per-viewer delivery bookkeeping: how far behind the socket is, and whether it is skipping."""
+    """Per-viewer delivery bookkeeping: how far behind the socket is, and whether it is skipping; and the
+    viewer's session span, which gets this feed's key moments as events."""
 
-    __slots__ = ("behind_since", "marks", "sink", "skipping", "skips", "written")
+    __slots__ = ("behind_since", "marks", "sink", "skipping", "skips", "trace", "written")
 
-    def __init__(self, sink: ViewerSink) -> None:
+    def __init__(self, sink: ViewerSink, trace: SessionSpan | None) -> None:
         self.sink = sink
+        self.trace = trace
         self.written = 0
         self.marks: deque[tuple[float, int]] = deque()  # (when, total bytes written after that write)
         self.skipping = False
@@ -124,14 +127,20 @@ class StreamFeed:
         self.idle_handle: asyncio.TimerHandle | None = None
         self.close_reason = ""
         self.jitter = Jitter()
+        self.publisher_trace: dict[str, str] = {}
+        self.traces: dict[ViewerSink, SessionSpan] = {}  # viewers' session spans, waiting ones included
         self.subscription = UpstreamSubscription(key, locate, links, f"{node_id}:{self.path}",
-                                                 self._on_header, self._on_frames)
+                                                 self._on_header, self._on_frames, span_name="playback.feed")
         self.task = asyncio.get_running_loop().create_task(self._run())
         FEEDS.inc()
 
     # Viewers --------------------------------------------------------------------------------------------
 
-    def add(self, sink: ViewerSink) -> None:
+    def add(self, sink: ViewerSink, trace: SessionSpan | None = None) -> None:
+        if trace is not None:
+            self.traces[sink] = trace
+            trace.link(self.subscription.trace.carrier(), "feed")
+            trace.link(self.publisher_trace, "publisher")
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
@@ -141,6 +150,7 @@ class StreamFeed:
             self.waiting.append(sink)
 
     def remove(self, sink: ViewerSink) -> None:
+        self.traces.pop(sink, None)
         if self.viewers.pop(sink, None) is not None:
             VIEWERS.dec()
         if sink in self.waiting:
@@ -172,7 +182,7 @@ class StreamFeed:
 
     def _start(self, sink: ViewerSink) -> None:
         if sink.start(sink.format.head(self.cache)):
-            self.viewers[sink] = ViewerState(sink)
+            self.viewers[sink] = ViewerState(sink, self.traces.get(sink))
             VIEWERS.inc()
 
     # Upstream -------------------------------------------------------------------------------------------
@@ -193,6 +203,11 @@ class StreamFeed:
             self.flush()  # what came before belongs before the discontinuity
             for tap in self.taps:
                 tap.discontinuity()
+        self.publisher_trace = dict(header.publisher_trace)
+        for trace in self.traces.values():
+            trace.link(self.publisher_trace, "publisher")
+            if self.live:  # a new publish session, or the same one from another upstream
+                trace.event("republish" if new_timeline else "failover", session=header.session_id)
         self.cache.apply_header(header)
         if not self.live:
             self._go_live()
@@ -268,6 +283,8 @@ class StreamFeed:
                 state.behind_since = now
                 state.skips += 1
                 SKIPS.inc()
+                if state.trace is not None:
+                    state.trace.event("skip to keyframe", lag_ms=round(state.lag(now) * 1000))
                 continue
             data = encoded.get(fmt.key)
             if data is None:
@@ -286,6 +303,8 @@ class StreamFeed:
         self.viewers.pop(state.sink, None)
         VIEWERS.dec()
         event(log, "viewer.drop", stream=self.path, reason=reason, skips=state.skips)
+        if state.trace is not None:
+            state.trace.event("disconnect", reason=reason)
         state.sink.transport.abort()
 
     # Ending ---------------------------------------------------------------------------------------------
@@ -306,7 +325,9 @@ class StreamFeed:
             self.idle_handle.cancel()
         for sink in self.waiting:
             sink.refuse(status or 404, reason)
-        for sink in list(self.viewers):
+        for sink, state in list(self.viewers.items()):
+            if state.trace is not None:
+                state.trace.event("disconnect", reason=reason)
             sink.finish(reason)
         for tap in list(self.taps):
             tap.end(reason, 0 if self.live else status or 404)
@@ -314,6 +335,7 @@ class StreamFeed:
         VIEWERS.dec(len(self.viewers))
         self.viewers.clear()
         self.waiting.clear()
+        self.traces.clear()
         FEEDS.dec()
         event(log, "feed.stop", stream=self.path, reason=reason, switches=self.subscription.switches,
               repeats_dropped=self.subscription.continuity.dropped, timestamp_fixes=self.jitter.corrections)

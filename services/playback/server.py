@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from castmesh.media.frames import stream_key, stream_path
 from castmesh.media.hls import CONTAINERS
+from castmesh.mesh import tracing
 from castmesh.mesh.auth import Signer
 from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.hooks import Hooks
@@ -307,12 +308,16 @@ class Playback:
         self._admit(app, name, session, viewer)
 
     def _admit(self, app: str, name: str, session: ViewerSink, viewer: Viewer) -> None:
-        feed = viewer.feed = self._feed(app, name)
-        self.clients[viewer.client_id] = session
+        """Start the viewer's session span, then the viewer: the span is the parent of the stream's feed
+        if this viewer is the one that starts it, and linked to it otherwise."""
         viewer.span = SessionSpan(f"{viewer.protocol}.play", {
             "castmesh.stream": f"{app}/{name}", "castmesh.client": viewer.client_id, "castmesh.node": self.node_id,
-            "net.peer": str(viewer.hook_body["client_ip"])}, counters=lambda: feed.viewer_counters(session))
-        feed.add(session)
+            "net.peer": str(viewer.hook_body["client_ip"])},
+            counters=lambda: viewer.feed.viewer_counters(session) if viewer.feed is not None else {})
+        with tracing.current(viewer.span.span):
+            feed = viewer.feed = self._feed(app, name)
+        self.clients[viewer.client_id] = session
+        feed.add(session, viewer.span)
 
     def _gone(self, session: ViewerSink) -> None:
         viewer = self.sessions.pop(session, None)
@@ -329,7 +334,11 @@ class Playback:
         session = self.clients.get(client_id)
         if session is None:
             return 0
-        session.finish(f"kicked: {reason or 'by an administrator'}")
+        why = f"kicked: {reason or 'by an administrator'}"
+        viewer = self.sessions.get(session)
+        if viewer is not None and viewer.span is not None:
+            viewer.span.event("disconnect", reason=why)
+        session.finish(why)
         return 1
 
     def viewer_list(self) -> dict[str, object]:

@@ -18,9 +18,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from castmesh.media.frames import detached
+from opentelemetry.trace import Span, SpanKind, StatusCode
+
+from castmesh.media.frames import detached, stream_path
+from castmesh.mesh import tracing
 from castmesh.mesh.logs import event
-from castmesh.proto.v1.media_pb2 import StreamHeader
+from castmesh.proto.v1.media_pb2 import FrameBatch, StreamHeader
 from castmesh.proto.v1.relay_pb2 import (
     PublishAccepted,
     PublishEnded,
@@ -70,9 +73,12 @@ class _Call:
 
 
 class PublishCall(_Call):
+    """Each open is a `relay.publish` span in the publisher's trace, ended by the channel's first frames."""
+
     def __init__(self, relay: RelayService) -> None:
         super().__init__(relay)
         self.streams: dict[int, tuple[RelayStream, str]] = {}  # channel -> (stream, publish session id)
+        self.setups: dict[int, Span] = {}  # channel -> its span, until its first frames
         self.replies: list[PublishReply] = []
 
     def handle(self, item: PublishItem) -> None:
@@ -81,9 +87,12 @@ class PublishCall(_Call):
             entry = self.streams.get(item.channel)
             if entry is not None and item.batch.frames:
                 entry[0].publish(detached(item.batch))
+                if self.setups:
+                    self._set_up(item.channel, "first frames", frames=len(item.batch.frames))
         elif body == "open":
             self._open(item.channel, item.open)
         elif body == "end":
+            self._set_up(item.channel, "ended before any frame")
             entry = self.streams.pop(item.channel, None)
             if entry is not None:
                 clean = item.end.clean
@@ -103,15 +112,32 @@ class PublishCall(_Call):
             return reject(PublishRejected.REASON_BAD_REQUEST, "open named no stream")
         if self.relay.role != "origin":
             return reject(PublishRejected.REASON_BAD_REQUEST, "this relay is an edge; publish to an origin")
-        stream = self.relay.table.claim(opening.stream, opening.session_id)
+        waiting = self.relay.table.get(opening.stream)
+        span = tracing.start("relay.publish", {"castmesh.stream": stream_path(opening.stream),
+                                               "castmesh.session": opening.session_id,
+                                               "castmesh.node": self.relay.node_id},
+                             kind=SpanKind.SERVER, context=opening.trace_context)
+        stream = self.relay.table.claim(opening.stream, opening.session_id, dict(opening.trace_context))
         if stream is None:
+            span.set_status(StatusCode.ERROR, "already published")
+            span.end()
             event(log, "publish.rejected", stream=f"{opening.stream.app}/{opening.stream.name}",
                   session=opening.session_id, reason="already published")
             return reject(PublishRejected.REASON_ALREADY_PUBLISHED, "stream is already being published")
+        if waiting is not None and waiting.session_id != opening.session_id:
+            span.add_event("republish", {"castmesh.previous_session": waiting.session_id,
+                                         "castmesh.subscribers": len(waiting.subscribers)})
+        self.setups[channel] = span
         self.streams[channel] = (stream, opening.session_id)
         event(log, "publish.start", stream=stream.path, session=opening.session_id, client=opening.client_addr,
               subscribers=len(stream.subscribers))
         self._reply(PublishReply(channel=channel, accepted=PublishAccepted()))
+
+    def _set_up(self, channel: int, outcome: str, **attributes: int) -> None:
+        span = self.setups.pop(channel, None)
+        if span is not None:
+            span.add_event(outcome, attributes)
+            span.end()
 
     def _reply(self, reply: PublishReply) -> None:
         self.replies.append(reply)
@@ -132,13 +158,19 @@ class PublishCall(_Call):
         for stream, session_id in self.streams.values():
             self.relay.unpublished(stream, session_id, False, "publish call ended")
         self.streams.clear()
+        for channel in list(self.setups):
+            self._set_up(channel, "call ended before any frame")
 
 
 class SubscribeCall(_Call):
+    """Each open is a `relay.subscribe` span in the subscriber's trace, linked to the publisher's session,
+    ended once the subscriber's first frames go out."""
+
     def __init__(self, relay: RelayService) -> None:
         super().__init__(relay)
         self.task = asyncio.current_task()  # the handler's: cancelled when the peer stops reading
         self.channels: dict[int, tuple[Subscriber, RelayStream]] = {}
+        self.setups: dict[Subscriber, Span] = {}
         self.ready: dict[Subscriber, None] = {}  # an ordered set: subscribers with something to send
         self.notes: list[SubscribeEvent] = []  # ends for opens that never started, and for closes
         self.writing_since = 0.0
@@ -153,16 +185,33 @@ class SubscribeCall(_Call):
                 return self._note(channel, StreamEnd.REASON_BAD_REQUEST, f"more than {MAX_CHANNELS} streams")
             sub = Subscriber(item.open.subscriber_id, self.relay.max_lag, self._ready, channel)
             sub.on_drop = self._dropped
-            found = self.relay.subscribe(item.open, sub)
+            span = tracing.start("relay.subscribe", {"castmesh.stream": stream_path(item.open.stream),
+                                                     "castmesh.subscriber": item.open.subscriber_id,
+                                                     "castmesh.node": self.relay.node_id},
+                                 kind=SpanKind.SERVER, context=item.open.trace_context)
+            with tracing.current(span):  # an edge's pull starts inside it
+                found = self.relay.subscribe(item.open, sub)
             if isinstance(found, StreamEnd):
+                span.set_status(StatusCode.ERROR, StreamEnd.Reason.Name(found.reason))
+                span.end()
                 return self._note(channel, found.reason, found.detail)
+            self.setups[sub] = span
             self.channels[channel] = (sub, found)
         elif body == "close":
             entry = self.channels.pop(channel, None)
             if entry is not None:
+                self._set_up(entry[0], entry[1], "closed before any frame")
                 self.ready.pop(entry[0], None)
                 self.relay.unsubscribe(entry[1], entry[0], "closed")
                 self._note(channel, StreamEnd.REASON_CLOSED, "closed by the subscriber")
+
+    def _set_up(self, sub: Subscriber, stream: RelayStream, outcome: str) -> None:
+        span = self.setups.pop(sub, None)
+        if span is not None:
+            for link in tracing.links(stream.publisher_trace):
+                span.add_link(link.context, {"castmesh.link": "publisher"})
+            span.add_event(outcome)
+            span.end()
 
     def _note(self, channel: int, reason: StreamEnd.Reason, detail: str) -> None:
         self.notes.append(SubscribeEvent(channel=channel, end=StreamEnd(reason=reason, detail=detail)))
@@ -194,6 +243,8 @@ class SubscribeCall(_Call):
                 break
             items, size, end = sub.take(budget)
             budget -= size
+            if sub in self.setups and (end is not None or any(isinstance(i, FrameBatch) for i in items)):
+                self._set_up(sub, self.channels[sub.channel][1], "ended" if end else "first frames")
             batch = None
             for item in items:
                 if isinstance(item, StreamHeader):
@@ -214,6 +265,7 @@ class SubscribeCall(_Call):
 
     def close_all(self) -> None:
         for sub, stream in self.channels.values():
+            self._set_up(sub, stream, "call ended before any frame")
             self.relay.unsubscribe(stream, sub, StreamEnd.Reason.Name(sub.end.reason) if sub.end else "cancelled")
         self.channels.clear()
         self.ready.clear()

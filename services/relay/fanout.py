@@ -125,6 +125,7 @@ class RelayStream:
         self.rate = RateMeter()
         self.since_us = time.time_ns() // 1000
         self.grace_handle: asyncio.TimerHandle | None = None
+        self.publisher_trace: dict[str, str] = {}  # the publish session's trace context, for links
         self.ready = asyncio.Event()  # set once the stream has a header (at once unless pulled)
         if not pulled:
             self.ready.set()
@@ -132,6 +133,7 @@ class RelayStream:
     def header(self) -> StreamHeader:
         header = self.cache.header()
         header.session_id = self.session_id
+        header.publisher_trace.update(self.publisher_trace)
         return header
 
     def new_session(self, session_id: str, header: StreamHeader | None = None) -> None:
@@ -143,6 +145,7 @@ class RelayStream:
             self.session_id = session_id
             if header is not None:
                 self.cache.apply_header(header)
+                self.publisher_trace = dict(header.publisher_trace)
             announced = self.header()
             for sub in self.subscribers:
                 sub.offer_header(announced)
@@ -201,7 +204,8 @@ class StreamTable:
         self.grace = grace
         self.streams: dict[str, RelayStream] = {}
 
-    def claim(self, key: StreamKey, session_id: str) -> RelayStream | None:
+    def claim(self, key: StreamKey, session_id: str,
+              publisher_trace: dict[str, str] | None = None) -> RelayStream | None:
         """The stream for a new publish; None if someone is publishing it. A stream waiting in grace for
         its publisher is taken over, and its subscribers carry on."""
         path = stream_path(key)
@@ -209,9 +213,11 @@ class StreamTable:
         if stream is not None:
             if stream.publishing or stream.pulled:
                 return None
+            stream.publisher_trace = publisher_trace or {}
             stream.new_session(session_id)
             return stream
         stream = self.streams[path] = RelayStream(key, session_id)
+        stream.publisher_trace = publisher_trace or {}
         STREAMS.inc()
         return stream
 

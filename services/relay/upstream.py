@@ -23,7 +23,7 @@ class UpstreamPull:
         self.table = table
         self.stream = stream
         self.subscription = UpstreamSubscription(stream.key, locate, links, subscriber_id,
-                                                 self._on_header, self._on_frames)
+                                                 self._on_header, self._on_frames, span_name="relay.pull")
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     def _on_header(self, header: StreamHeader, new_timeline: bool) -> None:

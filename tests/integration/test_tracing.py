@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from castmesh.mesh import tracing
 from tests.cluster.harness import Cluster
@@ -36,70 +37,102 @@ def traced(tmp_path: Path, receiver: Receiver, **env: str) -> Cluster:
                                   **env})
 
 
-def test_every_service_exports_its_grpc_calls_over_otlp(tmp_path: Path, receiver: Receiver) -> None:
-    cluster = traced(tmp_path, receiver, OTEL_TRACES_SAMPLER="always_on")
-    try:
-        rtmp, http = cluster.simple()
-        publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/traced", 6, gop=30)
-        try:
-            wait_live(f"http://127.0.0.1:{http}/live/traced.flv")
-        finally:
-            publisher.wait(30)
-        deadline = time.monotonic() + 15
-        short_lived = {"castmesh-dispatch", "castmesh-ingest", "castmesh-playback"}
-
-        def leases() -> list[str]:
-            return [r.service for r in receiver.spans if r.span.name == "/castmesh.v1.Dispatch/Lease"]
-
-        while time.monotonic() < deadline and not (short_lived <= receiver.services() and len(set(leases())) == 2):
-            time.sleep(0.2)
-        assert short_lived <= receiver.services(), receiver.services()  # exported while running
-        lease_server = next(s for s in receiver.named("castmesh-dispatch") if s.name == "/castmesh.v1.Dispatch/Lease")
-        lease_client = next(s for s in receiver.named("castmesh-ingest") if s.name == "/castmesh.v1.Dispatch/Lease")
-        assert lease_server.trace_id == lease_client.trace_id  # one trace across the two processes
-    finally:
-        cluster.stop()  # a clean stop flushes what the batch processors hold
-    # The relay's calls are long-lived media streams: today their spans end, and are exported, when they do.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and "castmesh-relay" not in receiver.services():
-        time.sleep(0.2)
-    publish_server = [s for s in receiver.named("castmesh-relay") if s.name == "/castmesh.v1.Relay/Publish"]
-    publish_client = [s for s in receiver.named("castmesh-ingest") if s.name == "/castmesh.v1.Relay/Publish"]
-    assert publish_server and publish_client
-    assert {s.trace_id for s in publish_server} & {s.trace_id for s in publish_client}
+def attribute(span: Span, key: str) -> str | int:
+    found = next((a.value for a in span.attributes if a.key == key), None)
+    assert found is not None, f"{span.name} has no {key}"
+    return found.string_value or found.int_value
 
 
-def test_media_sessions_are_spans_that_show_up_while_they_run(tmp_path: Path, receiver: Receiver) -> None:
+def test_a_viewers_trace_leads_hop_by_hop_to_the_publishers_session(tmp_path: Path, receiver: Receiver) -> None:
+    """ffmpeg publishes through ingest into an origin; an HTTP-FLV client plays 10 s from playback, through
+    an edge. Every process exports to the receiver."""
     cluster = traced(tmp_path, receiver, CASTMESH_TRACE_PROGRESS_S="1")
     try:
-        rtmp, http = cluster.simple()
-        publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/spans", 10, gop=30)
+        cluster.relay("origin-1")
+        cluster.relay("edge-1", role="edge")
+        rtmp, http = cluster.ingest(), cluster.playback()
+        cluster.wait_registered()
+        flv = f"http://127.0.0.1:{http}/live/traced.flv"
+        publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/traced", 18, gop=30)
+        started = time.monotonic()
         try:
-            wait_live(f"http://127.0.0.1:{http}/live/spans.flv")
-            _, viewer = watch_in_background(f"http://127.0.0.1:{http}/live/spans.flv", 5)
-            deadline = time.monotonic() + 6
-            names: set[str] = set()
-            while time.monotonic() < deadline and not {"rtmp.publish.progress", "http-flv.play.progress"} <= names:
+            wait_live(flv)  # a first, short viewer: it starts the stream's feed on the playback node
+            seen, viewer = watch_in_background(flv, 10)
+            # Spans arrive while the stream runs: each hop's setup spans and each session's progress spans.
+            live = {("castmesh-ingest", "rtmp.publish.progress"), ("castmesh-relay", "relay.publish"),
+                    ("castmesh-relay", "relay.subscribe"), ("castmesh-relay", "/castmesh.v1.Relay/Subscribe"),
+                    ("castmesh-playback", "http-flv.play.progress"), ("castmesh-playback", "relay.subscribe")}
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not live <= receiver.arrived():
                 time.sleep(0.2)
-                names = {s.name for s in receiver.named("castmesh-ingest") + receiver.named("castmesh-playback")}
-            assert publisher.poll() is None  # still publishing: the progress spans came while it ran
-            assert {"rtmp.publish.progress", "http-flv.play.progress"} <= names, names
-            viewer.join(15)
+            assert publisher.poll() is None and viewer.is_alive()  # both still running
+            assert live <= receiver.arrived(), live - receiver.arrived()
+            viewer.join(20)
+            assert seen.tags
         finally:
-            publisher.wait(30)
-        deadline = time.monotonic() + 5
-        ended = {"http-flv.play"}
-        while time.monotonic() < deadline and not ended <= {s.name for s in receiver.named("castmesh-playback")}:
+            publisher.wait(40)
+        lasted = time.monotonic() - started
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not {"rtmp.publish", "playback.feed"} <= receiver.names():
             time.sleep(0.2)
     finally:
         cluster.stop()
-    ingest = receiver.named("castmesh-ingest")
-    session = next(s for s in ingest if s.name == "rtmp.publish")
-    assert "first keyframe" in [e.name for e in session.events] and "end" in [e.name for e in session.events]
-    frames = next(a.value.int_value for a in session.attributes if a.key == "frames")
-    assert frames > 250  # ~10 s of 30 fps video plus audio, counted, not one span each
-    progress = [s for s in ingest if s.name == "rtmp.publish.progress"]
-    assert progress and all(link.span_id == session.span_id for s in progress for link in s.links)
-    assert len(ingest) < 60  # bounded by the duration (about one progress span a second), not by frames
-    play = next(s for s in receiver.named("castmesh-playback") if s.name == "http-flv.play")
-    assert any(a.key == "castmesh.stream" and a.value.string_value == "live/spans" for a in play.attributes)
+    spans = {s.span_id: (service, s) for service, s in receiver.all()}
+
+    def named(service: str, name: str) -> list[Span]:
+        return [s for svc, s in spans.values() if svc == service and s.name == name]
+
+    def chain(span: Span) -> list[tuple[str, str]]:
+        """(service, name) from `span` up through its parents, as far as they were exported."""
+        found = []
+        while span.span_id in spans:
+            service, span = spans[span.span_id]
+            found.append((service, span.name))
+            if span.parent_span_id not in spans:
+                break
+            span = spans[span.parent_span_id][1]
+        return found
+
+    # The publisher's session: ingest's span, with the lease and the origin's publish span as children.
+    session = next(s for s in named("castmesh-ingest", "rtmp.publish")
+                   if attribute(s, "castmesh.stream") == "live/traced")
+    events = [e.name for e in session.events]
+    assert "first keyframe" in events and "end" in events
+    assert int(attribute(session, "frames")) > 400  # ~18 s of video and audio, counted, not a span each
+    lease = next(s for s in named("castmesh-dispatch", "/castmesh.v1.Dispatch/Lease") if s.trace_id == session.trace_id)
+    assert chain(lease)[-1] == ("castmesh-ingest", "rtmp.publish")
+    origin_publish = next(s for s in named("castmesh-relay", "relay.publish") if s.trace_id == session.trace_id)
+    assert chain(origin_publish) == [("castmesh-relay", "relay.publish"), ("castmesh-ingest", "rtmp.publish")]
+    assert "first frames" in [e.name for e in origin_publish.events]
+
+    # The 10 s viewer: its span links to the publisher's session, and to the feed it joined...
+    play = max(named("castmesh-playback", "http-flv.play"), key=lambda s: s.end_time_unix_nano - s.start_time_unix_nano)
+    assert (play.end_time_unix_nano - play.start_time_unix_nano) / 1e9 > 8
+    linked = {spans[link.span_id][1].name: spans[link.span_id][1] for link in play.links if link.span_id in spans}
+    assert linked["rtmp.publish"].span_id == session.span_id
+    feed = linked["playback.feed"]
+    # ...whose trace goes playback -> edge -> origin, where the origin's subscription links to the session.
+    origin_subscribe = [s for s in named("castmesh-relay", "relay.subscribe")
+                        if s.trace_id == feed.trace_id and s.kind == Span.SPAN_KIND_SERVER
+                        and chain(s)[1] == ("castmesh-relay", "relay.subscribe")
+                        and ("castmesh-relay", "relay.pull") in chain(s)]
+    assert origin_subscribe, "no subscription at the origin in the feed's trace"
+    path = chain(origin_subscribe[0])
+    assert path[:6] == [("castmesh-relay", "relay.subscribe"),    # origin, server
+                        ("castmesh-relay", "relay.subscribe"),    # edge, client
+                        ("castmesh-relay", "relay.pull"),         # the edge's one pull for the stream
+                        ("castmesh-relay", "relay.subscribe"),    # edge, server
+                        ("castmesh-playback", "relay.subscribe"),  # playback, client
+                        ("castmesh-playback", "playback.feed")], path
+    assert any(link.span_id == session.span_id for link in origin_subscribe[0].links)
+    for subscription in (origin_subscribe[0], spans[origin_subscribe[0].parent_span_id][1]):
+        assert "first frames" in [e.name for e in subscription.events]  # ended once set up, not with the stream
+        assert subscription.end_time_unix_nano < play.end_time_unix_nano
+    # The media calls between nodes: spans ended when the call was set up, not hours later.
+    for name in ("/castmesh.v1.Relay/Publish", "/castmesh.v1.Relay/Subscribe"):
+        calls = named("castmesh-relay", name)
+        assert calls and all("set up" in [e.name for e in c.events] for c in calls), name
+
+    # No span per frame: the count follows the duration (progress spans once a second), not the ~1300 frames.
+    media = [s for svc, s in spans.values() if not s.name.startswith("/")]
+    assert len(media) < 6 * lasted, (len(media), lasted)

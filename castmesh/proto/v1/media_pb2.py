@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61stmesh/v1/media.proto\x12\x0b\x63\x61stmesh.v1\"5\n\tStreamKey\x12\r\n\x05vhost\x18\x01 \x01(\t\x12\x0b\n\x03\x61pp\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xa6\x01\n\x05\x46rame\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.castmesh.v1.FrameKind\x12\x11\n\ttimestamp\x18\x02 \x01(\r\x12\x10\n\x08keyframe\x18\x03 \x01(\x08\x12\x17\n\x0fsequence_header\x18\x04 \x01(\x08\x12\x16\n\x0eingest_time_us\x18\x05 \x01(\x03\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x10\n\x08sequence\x18\x07 \x01(\x04\"0\n\nFrameBatch\x12\"\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x12.castmesh.v1.Frame\"\xea\x01\n\x0cStreamHeader\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12$\n\x08metadata\x18\x02 \x01(\x0b\x32\x12.castmesh.v1.Frame\x12(\n\x0cvideo_config\x18\x03 \x01(\x0b\x32\x12.castmesh.v1.Frame\x12(\n\x0c\x61udio_config\x18\x04 \x01(\x0b\x32\x12.castmesh.v1.Frame\x12\x11\n\thas_audio\x18\x05 \x01(\x08\x12\x11\n\thas_video\x18\x06 \x01(\x08\x12\x12\n\nsession_id\x18\x07 \x01(\t\"\xb1\x01\n\tMediaInfo\x12\x13\n\x0bvideo_codec\x18\x01 \x01(\t\x12\x13\n\x0b\x61udio_codec\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x12\n\nframe_rate\x18\x05 \x01(\x01\x12\x14\n\x0c\x62itrate_kbps\x18\x06 \x01(\r\x12\x19\n\x11\x61udio_sample_rate\x18\x07 \x01(\r\x12\x16\n\x0e\x61udio_channels\x18\x08 \x01(\r*h\n\tFrameKind\x12\x1a\n\x16\x46RAME_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46RAME_KIND_AUDIO\x10\x08\x12\x14\n\x10\x46RAME_KIND_VIDEO\x10\t\x12\x13\n\x0f\x46RAME_KIND_DATA\x10\x12\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61stmesh/v1/media.proto\x12\x0b\x63\x61stmesh.v1\"5\n\tStreamKey\x12\r\n\x05vhost\x18\x01 \x01(\t\x12\x0b\n\x03\x61pp\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xa6\x01\n\x05\x46rame\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.castmesh.v1.FrameKind\x12\x11\n\ttimestamp\x18\x02 \x01(\r\x12\x10\n\x08keyframe\x18\x03 \x01(\x08\x12\x17\n\x0fsequence_header\x18\x04 \x01(\x08\x12\x16\n\x0eingest_time_us\x18\x05 \x01(\x03\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x10\n\x08sequence\x18\x07 \x01(\x04\"0\n\nFrameBatch\x12\"\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x12.castmesh.v1.Frame\"\xe9\x02\n\x0cStreamHeader\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12$\n\x08metadata\x18\x02 \x01(\x0b\x32\x12.castmesh.v1.Frame\x12(\n\x0cvideo_config\x18\x03 \x01(\x0b\x32\x12.castmesh.v1.Frame\x12(\n\x0c\x61udio_config\x18\x04 \x01(\x0b\x32\x12.castmesh.v1.Frame\x12\x11\n\thas_audio\x18\x05 \x01(\x08\x12\x11\n\thas_video\x18\x06 \x01(\x08\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x46\n\x0fpublisher_trace\x18\x08 \x03(\x0b\x32-.castmesh.v1.StreamHeader.PublisherTraceEntry\x1a\x35\n\x13PublisherTraceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x01\n\tMediaInfo\x12\x13\n\x0bvideo_codec\x18\x01 \x01(\t\x12\x13\n\x0b\x61udio_codec\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x12\n\nframe_rate\x18\x05 \x01(\x01\x12\x14\n\x0c\x62itrate_kbps\x18\x06 \x01(\r\x12\x19\n\x11\x61udio_sample_rate\x18\x07 \x01(\r\x12\x16\n\x0e\x61udio_channels\x18\x08 \x01(\r*h\n\tFrameKind\x12\x1a\n\x16\x46RAME_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46RAME_KIND_AUDIO\x10\x08\x12\x14\n\x10\x46RAME_KIND_VIDEO\x10\t\x12\x13\n\x0f\x46RAME_KIND_DATA\x10\x12\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'castmesh.v1.media_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FRAMEKIND']._serialized_start=731
-  _globals['_FRAMEKIND']._serialized_end=835
+  _globals['_STREAMHEADER_PUBLISHERTRACEENTRY']._loaded_options = None
+  _globals['_STREAMHEADER_PUBLISHERTRACEENTRY']._serialized_options = b'8\001'
+  _globals['_FRAMEKIND']._serialized_start=858
+  _globals['_FRAMEKIND']._serialized_end=962
   _globals['_STREAMKEY']._serialized_start=40
   _globals['_STREAMKEY']._serialized_end=93
   _globals['_FRAME']._serialized_start=96
@@ -40,7 +42,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FRAMEBATCH']._serialized_start=264
   _globals['_FRAMEBATCH']._serialized_end=312
   _globals['_STREAMHEADER']._serialized_start=315
-  _globals['_STREAMHEADER']._serialized_end=549
-  _globals['_MEDIAINFO']._serialized_start=552
-  _globals['_MEDIAINFO']._serialized_end=729
+  _globals['_STREAMHEADER']._serialized_end=676
+  _globals['_STREAMHEADER_PUBLISHERTRACEENTRY']._serialized_start=623
+  _globals['_STREAMHEADER_PUBLISHERTRACEENTRY']._serialized_end=676
+  _globals['_MEDIAINFO']._serialized_start=679
+  _globals['_MEDIAINFO']._serialized_end=856
 # @@protoc_insertion_point(module_scope)

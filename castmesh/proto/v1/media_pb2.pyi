@@ -53,7 +53,14 @@ class FrameBatch(_message.Message):
     def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ...) -> None: ...
 
 class StreamHeader(_message.Message):
-    __slots__ = ("stream", "metadata", "video_config", "audio_config", "has_audio", "has_video", "session_id")
+    __slots__ = ("stream", "metadata", "video_config", "audio_config", "has_audio", "has_video", "session_id", "publisher_trace")
+    class PublisherTraceEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     STREAM_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     VIDEO_CONFIG_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +68,7 @@ class StreamHeader(_message.Message):
     HAS_AUDIO_FIELD_NUMBER: _ClassVar[int]
     HAS_VIDEO_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHER_TRACE_FIELD_NUMBER: _ClassVar[int]
     stream: StreamKey
     metadata: Frame
     video_config: Frame
@@ -68,7 +76,8 @@ class StreamHeader(_message.Message):
     has_audio: bool
     has_video: bool
     session_id: str
-    def __init__(self, stream: _Optional[_Union[StreamKey, _Mapping]] = ..., metadata: _Optional[_Union[Frame, _Mapping]] = ..., video_config: _Optional[_Union[Frame, _Mapping]] = ..., audio_config: _Optional[_Union[Frame, _Mapping]] = ..., has_audio: _Optional[bool] = ..., has_video: _Optional[bool] = ..., session_id: _Optional[str] = ...) -> None: ...
+    publisher_trace: _containers.ScalarMap[str, str]
+    def __init__(self, stream: _Optional[_Union[StreamKey, _Mapping]] = ..., metadata: _Optional[_Union[Frame, _Mapping]] = ..., video_config: _Optional[_Union[Frame, _Mapping]] = ..., audio_config: _Optional[_Union[Frame, _Mapping]] = ..., has_audio: _Optional[bool] = ..., has_video: _Optional[bool] = ..., session_id: _Optional[str] = ..., publisher_trace: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class MediaInfo(_message.Message):
     __slots__ = ("video_codec", "audio_codec", "width", "height", "frame_rate", "bitrate_kbps", "audio_sample_rate", "audio_channels")

@@ -25,57 +25,65 @@ _sym_db = _symbol_database.Default()
 from castmesh.proto.v1 import media_pb2 as castmesh_dot_v1_dot_media__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61stmesh/v1/relay.proto\x12\x0b\x63\x61stmesh.v1\x1a\x17\x63\x61stmesh/v1/media.proto\"\x0e\n\x0cStatsRequest\"\xdd\x01\n\x0bStreamStats\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\npublishing\x18\x03 \x01(\x08\x12\x0e\n\x06pulled\x18\x04 \x01(\x08\x12\x13\n\x0bsubscribers\x18\x05 \x03(\t\x12\x11\n\tframes_in\x18\x06 \x01(\x04\x12\r\n\x05skips\x18\x07 \x01(\x04\x12%\n\x05media\x18\x08 \x01(\x0b\x32\x16.castmesh.v1.MediaInfo\x12\x10\n\x08since_us\x18\t \x01(\x03\"E\n\nStatsReply\x12\x0c\n\x04role\x18\x01 \x01(\t\x12)\n\x07streams\x18\x02 \x03(\x0b\x32\x18.castmesh.v1.StreamStats\"^\n\x0bPublishOpen\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_addr\x18\x03 \x01(\t\"\x1b\n\nPublishEnd\x12\r\n\x05\x63lean\x18\x01 \x01(\x08\"\xa2\x01\n\x0bPublishItem\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\r\x12(\n\x04open\x18\x02 \x01(\x0b\x32\x18.castmesh.v1.PublishOpenH\x00\x12(\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x17.castmesh.v1.FrameBatchH\x00\x12&\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x17.castmesh.v1.PublishEndH\x00\x42\x06\n\x04\x62ody\"9\n\x0ePublishRequest\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.castmesh.v1.PublishItem\"\x11\n\x0fPublishAccepted\"\x0e\n\x0cPublishEnded\"\xae\x01\n\x0fPublishRejected\x12\x33\n\x06reason\x18\x01 \x01(\x0e\x32#.castmesh.v1.PublishRejected.Reason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"V\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18REASON_ALREADY_PUBLISHED\x10\x01\x12\x16\n\x12REASON_BAD_REQUEST\x10\x02\"\xb7\x01\n\x0cPublishReply\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\r\x12\x30\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x1c.castmesh.v1.PublishAcceptedH\x00\x12\x30\n\x08rejected\x18\x03 \x01(\x0b\x32\x1c.castmesh.v1.PublishRejectedH\x00\x12*\n\x05\x65nded\x18\x04 \x01(\x0b\x32\x19.castmesh.v1.PublishEndedH\x00\x42\x06\n\x04\x62ody\"=\n\x0fPublishResponse\x12*\n\x07replies\x18\x01 \x03(\x0b\x32\x19.castmesh.v1.PublishReply\"\xc4\x01\n\rSubscribeOpen\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12/\n\x05start\x18\x02 \x01(\x0e\x32 .castmesh.v1.SubscribeOpen.Start\x12\x15\n\rsubscriber_id\x18\x03 \x01(\t\"C\n\x05Start\x12\x15\n\x11START_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTART_GOP_CACHE\x10\x01\x12\x0e\n\nSTART_LIVE\x10\x02\"\x10\n\x0eSubscribeClose\"\x82\x01\n\rSubscribeItem\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\r\x12*\n\x04open\x18\x02 \x01(\x0b\x32\x1a.castmesh.v1.SubscribeOpenH\x00\x12,\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1b.castmesh.v1.SubscribeCloseH\x00\x42\x06\n\x04\x62ody\"=\n\x10SubscribeRequest\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.castmesh.v1.SubscribeItem\"\xf0\x01\n\tStreamEnd\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.castmesh.v1.StreamEnd.Reason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\xa3\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10REASON_NOT_FOUND\x10\x01\x12\x16\n\x12REASON_UNPUBLISHED\x10\x02\x12\x13\n\x0fREASON_TOO_SLOW\x10\x03\x12\x13\n\x0fREASON_SHUTDOWN\x10\x04\x12\x16\n\x12REASON_BAD_REQUEST\x10\x05\x12\x11\n\rREASON_CLOSED\x10\x06\"\xa7\x01\n\x0eSubscribeEvent\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\r\x12+\n\x06header\x18\x02 \x01(\x0b\x32\x19.castmesh.v1.StreamHeaderH\x00\x12(\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x17.castmesh.v1.FrameBatchH\x00\x12%\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x16.castmesh.v1.StreamEndH\x00\x42\x06\n\x04\x62ody\"@\n\x11SubscribeResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.castmesh.v1.SubscribeEvent2\xde\x01\n\x05Relay\x12H\n\x07Publish\x12\x1b.castmesh.v1.PublishRequest\x1a\x1c.castmesh.v1.PublishResponse(\x01\x30\x01\x12N\n\tSubscribe\x12\x1d.castmesh.v1.SubscribeRequest\x1a\x1e.castmesh.v1.SubscribeResponse(\x01\x30\x01\x12;\n\x05Stats\x12\x19.castmesh.v1.StatsRequest\x1a\x17.castmesh.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61stmesh/v1/relay.proto\x12\x0b\x63\x61stmesh.v1\x1a\x17\x63\x61stmesh/v1/media.proto\"\x0e\n\x0cStatsRequest\"\xdd\x01\n\x0bStreamStats\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x12\n\npublishing\x18\x03 \x01(\x08\x12\x0e\n\x06pulled\x18\x04 \x01(\x08\x12\x13\n\x0bsubscribers\x18\x05 \x03(\t\x12\x11\n\tframes_in\x18\x06 \x01(\x04\x12\r\n\x05skips\x18\x07 \x01(\x04\x12%\n\x05media\x18\x08 \x01(\x0b\x32\x16.castmesh.v1.MediaInfo\x12\x10\n\x08since_us\x18\t \x01(\x03\"E\n\nStatsReply\x12\x0c\n\x04role\x18\x01 \x01(\t\x12)\n\x07streams\x18\x02 \x03(\x0b\x32\x18.castmesh.v1.StreamStats\"\xd6\x01\n\x0bPublishOpen\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_addr\x18\x03 \x01(\t\x12\x41\n\rtrace_context\x18\x04 \x03(\x0b\x32*.castmesh.v1.PublishOpen.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1b\n\nPublishEnd\x12\r\n\x05\x63lean\x18\x01 \x01(\x08\"\xa2\x01\n\x0bPublishItem\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\r\x12(\n\x04open\x18\x02 \x01(\x0b\x32\x18.castmesh.v1.PublishOpenH\x00\x12(\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x17.castmesh.v1.FrameBatchH\x00\x12&\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x17.castmesh.v1.PublishEndH\x00\x42\x06\n\x04\x62ody\"9\n\x0ePublishRequest\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.castmesh.v1.PublishItem\"\x11\n\x0fPublishAccepted\"\x0e\n\x0cPublishEnded\"\xae\x01\n\x0fPublishRejected\x12\x33\n\x06reason\x18\x01 \x01(\x0e\x32#.castmesh.v1.PublishRejected.Reason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"V\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x1c\n\x18REASON_ALREADY_PUBLISHED\x10\x01\x12\x16\n\x12REASON_BAD_REQUEST\x10\x02\"\xb7\x01\n\x0cPublishReply\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\r\x12\x30\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x1c.castmesh.v1.PublishAcceptedH\x00\x12\x30\n\x08rejected\x18\x03 \x01(\x0b\x32\x1c.castmesh.v1.PublishRejectedH\x00\x12*\n\x05\x65nded\x18\x04 \x01(\x0b\x32\x19.castmesh.v1.PublishEndedH\x00\x42\x06\n\x04\x62ody\"=\n\x0fPublishResponse\x12*\n\x07replies\x18\x01 \x03(\x0b\x32\x19.castmesh.v1.PublishReply\"\xbe\x02\n\rSubscribeOpen\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.castmesh.v1.StreamKey\x12/\n\x05start\x18\x02 \x01(\x0e\x32 .castmesh.v1.SubscribeOpen.Start\x12\x15\n\rsubscriber_id\x18\x03 \x01(\t\x12\x43\n\rtrace_context\x18\x04 \x03(\x0b\x32,.castmesh.v1.SubscribeOpen.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x05Start\x12\x15\n\x11START_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTART_GOP_CACHE\x10\x01\x12\x0e\n\nSTART_LIVE\x10\x02\"\x10\n\x0eSubscribeClose\"\x82\x01\n\rSubscribeItem\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\r\x12*\n\x04open\x18\x02 \x01(\x0b\x32\x1a.castmesh.v1.SubscribeOpenH\x00\x12,\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1b.castmesh.v1.SubscribeCloseH\x00\x42\x06\n\x04\x62ody\"=\n\x10SubscribeRequest\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.castmesh.v1.SubscribeItem\"\xf0\x01\n\tStreamEnd\x12-\n\x06reason\x18\x01 \x01(\x0e\x32\x1d.castmesh.v1.StreamEnd.Reason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\xa3\x01\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x14\n\x10REASON_NOT_FOUND\x10\x01\x12\x16\n\x12REASON_UNPUBLISHED\x10\x02\x12\x13\n\x0fREASON_TOO_SLOW\x10\x03\x12\x13\n\x0fREASON_SHUTDOWN\x10\x04\x12\x16\n\x12REASON_BAD_REQUEST\x10\x05\x12\x11\n\rREASON_CLOSED\x10\x06\"\xa7\x01\n\x0eSubscribeEvent\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\r\x12+\n\x06header\x18\x02 \x01(\x0b\x32\x19.castmesh.v1.StreamHeaderH\x00\x12(\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x17.castmesh.v1.FrameBatchH\x00\x12%\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x16.castmesh.v1.StreamEndH\x00\x42\x06\n\x04\x62ody\"@\n\x11SubscribeResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.castmesh.v1.SubscribeEvent2\xde\x01\n\x05Relay\x12H\n\x07Publish\x12\x1b.castmesh.v1.PublishRequest\x1a\x1c.castmesh.v1.PublishResponse(\x01\x30\x01\x12N\n\tSubscribe\x12\x1d.castmesh.v1.SubscribeRequest\x1a\x1e.castmesh.v1.SubscribeResponse(\x01\x30\x01\x12;\n\x05Stats\x12\x19.castmesh.v1.StatsRequest\x1a\x17.castmesh.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'castmesh.v1.relay_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PUBLISHOPEN_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_PUBLISHOPEN_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_SUBSCRIBEOPEN_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_SUBSCRIBEOPEN_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_STATSREQUEST']._serialized_start=65
   _globals['_STATSREQUEST']._serialized_end=79
   _globals['_STREAMSTATS']._serialized_start=82
   _globals['_STREAMSTATS']._serialized_end=303
   _globals['_STATSREPLY']._serialized_start=305
   _globals['_STATSREPLY']._serialized_end=374
-  _globals['_PUBLISHOPEN']._serialized_start=376
-  _globals['_PUBLISHOPEN']._serialized_end=470
-  _globals['_PUBLISHEND']._serialized_start=472
-  _globals['_PUBLISHEND']._serialized_end=499
-  _globals['_PUBLISHITEM']._serialized_start=502
-  _globals['_PUBLISHITEM']._serialized_end=664
-  _globals['_PUBLISHREQUEST']._serialized_start=666
-  _globals['_PUBLISHREQUEST']._serialized_end=723
-  _globals['_PUBLISHACCEPTED']._serialized_start=725
-  _globals['_PUBLISHACCEPTED']._serialized_end=742
-  _globals['_PUBLISHENDED']._serialized_start=744
-  _globals['_PUBLISHENDED']._serialized_end=758
-  _globals['_PUBLISHREJECTED']._serialized_start=761
-  _globals['_PUBLISHREJECTED']._serialized_end=935
-  _globals['_PUBLISHREJECTED_REASON']._serialized_start=849
-  _globals['_PUBLISHREJECTED_REASON']._serialized_end=935
-  _globals['_PUBLISHREPLY']._serialized_start=938
-  _globals['_PUBLISHREPLY']._serialized_end=1121
-  _globals['_PUBLISHRESPONSE']._serialized_start=1123
-  _globals['_PUBLISHRESPONSE']._serialized_end=1184
-  _globals['_SUBSCRIBEOPEN']._serialized_start=1187
-  _globals['_SUBSCRIBEOPEN']._serialized_end=1383
-  _globals['_SUBSCRIBEOPEN_START']._serialized_start=1316
-  _globals['_SUBSCRIBEOPEN_START']._serialized_end=1383
-  _globals['_SUBSCRIBECLOSE']._serialized_start=1385
-  _globals['_SUBSCRIBECLOSE']._serialized_end=1401
-  _globals['_SUBSCRIBEITEM']._serialized_start=1404
-  _globals['_SUBSCRIBEITEM']._serialized_end=1534
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1536
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1597
-  _globals['_STREAMEND']._serialized_start=1600
-  _globals['_STREAMEND']._serialized_end=1840
-  _globals['_STREAMEND_REASON']._serialized_start=1677
-  _globals['_STREAMEND_REASON']._serialized_end=1840
-  _globals['_SUBSCRIBEEVENT']._serialized_start=1843
-  _globals['_SUBSCRIBEEVENT']._serialized_end=2010
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=2012
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=2076
-  _globals['_RELAY']._serialized_start=2079
-  _globals['_RELAY']._serialized_end=2301
+  _globals['_PUBLISHOPEN']._serialized_start=377
+  _globals['_PUBLISHOPEN']._serialized_end=591
+  _globals['_PUBLISHOPEN_TRACECONTEXTENTRY']._serialized_start=540
+  _globals['_PUBLISHOPEN_TRACECONTEXTENTRY']._serialized_end=591
+  _globals['_PUBLISHEND']._serialized_start=593
+  _globals['_PUBLISHEND']._serialized_end=620
+  _globals['_PUBLISHITEM']._serialized_start=623
+  _globals['_PUBLISHITEM']._serialized_end=785
+  _globals['_PUBLISHREQUEST']._serialized_start=787
+  _globals['_PUBLISHREQUEST']._serialized_end=844
+  _globals['_PUBLISHACCEPTED']._serialized_start=846
+  _globals['_PUBLISHACCEPTED']._serialized_end=863
+  _globals['_PUBLISHENDED']._serialized_start=865
+  _globals['_PUBLISHENDED']._serialized_end=879
+  _globals['_PUBLISHREJECTED']._serialized_start=882
+  _globals['_PUBLISHREJECTED']._serialized_end=1056
+  _globals['_PUBLISHREJECTED_REASON']._serialized_start=970
+  _globals['_PUBLISHREJECTED_REASON']._serialized_end=1056
+  _globals['_PUBLISHREPLY']._serialized_start=1059
+  _globals['_PUBLISHREPLY']._serialized_end=1242
+  _globals['_PUBLISHRESPONSE']._serialized_start=1244
+  _globals['_PUBLISHRESPONSE']._serialized_end=1305
+  _globals['_SUBSCRIBEOPEN']._serialized_start=1308
+  _globals['_SUBSCRIBEOPEN']._serialized_end=1626
+  _globals['_SUBSCRIBEOPEN_TRACECONTEXTENTRY']._serialized_start=540
+  _globals['_SUBSCRIBEOPEN_TRACECONTEXTENTRY']._serialized_end=591
+  _globals['_SUBSCRIBEOPEN_START']._serialized_start=1559
+  _globals['_SUBSCRIBEOPEN_START']._serialized_end=1626
+  _globals['_SUBSCRIBECLOSE']._serialized_start=1628
+  _globals['_SUBSCRIBECLOSE']._serialized_end=1644
+  _globals['_SUBSCRIBEITEM']._serialized_start=1647
+  _globals['_SUBSCRIBEITEM']._serialized_end=1777
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1779
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1840
+  _globals['_STREAMEND']._serialized_start=1843
+  _globals['_STREAMEND']._serialized_end=2083
+  _globals['_STREAMEND_REASON']._serialized_start=1920
+  _globals['_STREAMEND_REASON']._serialized_end=2083
+  _globals['_SUBSCRIBEEVENT']._serialized_start=2086
+  _globals['_SUBSCRIBEEVENT']._serialized_end=2253
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=2255
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=2319
+  _globals['_RELAY']._serialized_start=2322
+  _globals['_RELAY']._serialized_end=2544
 # @@protoc_insertion_point(module_scope)

@@ -43,14 +43,23 @@ class StatsReply(_message.Message):
     def __init__(self, role: _Optional[str] = ..., streams: _Optional[_Iterable[_Union[StreamStats, _Mapping]]] = ...) -> None: ...
 
 class PublishOpen(_message.Message):
-    __slots__ = ("stream", "session_id", "client_addr")
+    __slots__ = ("stream", "session_id", "client_addr", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     STREAM_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ADDR_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     stream: _media_pb2.StreamKey
     session_id: str
     client_addr: str
-    def __init__(self, stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., client_addr: _Optional[str] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., session_id: _Optional[str] = ..., client_addr: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class PublishEnd(_message.Message):
     __slots__ = ("clean",)
@@ -119,7 +128,7 @@ class PublishResponse(_message.Message):
     def __init__(self, replies: _Optional[_Iterable[_Union[PublishReply, _Mapping]]] = ...) -> None: ...
 
 class SubscribeOpen(_message.Message):
-    __slots__ = ("stream", "start", "subscriber_id")
+    __slots__ = ("stream", "start", "subscriber_id", "trace_context")
     class Start(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         START_UNSPECIFIED: _ClassVar[SubscribeOpen.Start]
@@ -128,13 +137,22 @@ class SubscribeOpen(_message.Message):
     START_UNSPECIFIED: SubscribeOpen.Start
     START_GOP_CACHE: SubscribeOpen.Start
     START_LIVE: SubscribeOpen.Start
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     STREAM_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIBER_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     stream: _media_pb2.StreamKey
     start: SubscribeOpen.Start
     subscriber_id: str
-    def __init__(self, stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., start: _Optional[_Union[SubscribeOpen.Start, str]] = ..., subscriber_id: _Optional[str] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., start: _Optional[_Union[SubscribeOpen.Start, str]] = ..., subscriber_id: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SubscribeClose(_message.Message):
     __slots__ = ()
