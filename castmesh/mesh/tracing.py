@@ -19,6 +19,7 @@ per frame, so a viewer's trace leads hop by hop to the publisher's session.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -183,8 +184,9 @@ def shutdown() -> None:
         _provider.shutdown()
 
 
+@functools.cache
 def tracer(name: str) -> trace.Tracer:
-    return trace.get_tracer(name)
+    return trace.get_tracer(name)  # a proxy until setup() sets the provider, then the real one
 
 
 Carrier = Mapping[str, str]
@@ -217,9 +219,26 @@ def links(*contexts: Carrier) -> list[trace.Link]:
 def start(name: str, attributes: dict[str, str | int], kind: trace.SpanKind = trace.SpanKind.INTERNAL,
           context: Carrier | None = None, link: tuple[Carrier, ...] = ()) -> trace.Span:
     """A short span: a child of the span `context` names (else of the current one), linked to those
-    `link` names."""
+    `link` names. With tracing off, the invalid span, whose methods do nothing."""
+    if _provider is None:
+        return trace.INVALID_SPAN
     return tracer("castmesh.media").start_span(name, context=parent(context) if context else None, kind=kind,
                                                attributes=attributes, links=links(*link))
+
+
+def http_span(method: str, route: str, path: str, headers: Mapping[str, str]) -> trace.Span:
+    """An HTTP request's server span, a child of the caller's if its headers carry a trace context."""
+    if _provider is None:
+        return trace.INVALID_SPAN
+    return start(f"{method} {route}", {"http.request.method": method, "http.route": route, "url.path": path},
+                 kind=trace.SpanKind.SERVER, context={key.lower(): value for key, value in headers.items()})
+
+
+def http_done(span: trace.Span, status: int) -> None:
+    span.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        span.set_status(trace.StatusCode.ERROR)
+    span.end()
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from castmesh.media.frames import stream_key, stream_path
-from castmesh.mesh import grpcutil
+from castmesh.mesh import grpcutil, tracing
 from castmesh.mesh.auth import Signer
 from castmesh.mesh.catalog import Catalog
 from castmesh.mesh.logs import event
@@ -82,7 +82,7 @@ class Gateway:
         self.http: aiohttp.ClientSession | None = None
 
     def app(self) -> web.Application:
-        application = web.Application(middlewares=[self._problems])
+        application = web.Application(middlewares=[self._traced, self._problems])
         r = application.router
         r.add_get("/api/v1/streams", self.streams)
         r.add_get(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}", self.stream)
@@ -98,6 +98,25 @@ class Gateway:
         r.add_get(f"/{{app:{NAME}}}/{{file:{NAME}}}", self.redirect)
         application.on_cleanup.append(self._close)
         return application
+
+    @web.middleware
+    async def _traced(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Each request is a server span (a child of the caller's, given a traceparent header); the gRPC
+        calls made for it are its children. The span is named by route, not by path, to keep names few."""
+        resource = request.match_info.route.resource
+        span = tracing.http_span(request.method, resource.canonical if resource else "unmatched", request.path,
+                                 request.headers)
+        status = 500
+        try:
+            with tracing.current(span):
+                response: web.StreamResponse = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:  # redirects are raised
+            status = exc.status
+            raise
+        finally:
+            tracing.http_done(span, status)
 
     @web.middleware
     async def _problems(self, request: web.Request, handler: Any) -> web.StreamResponse:

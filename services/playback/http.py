@@ -20,12 +20,14 @@ from typing import cast
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
+from opentelemetry.trace import Span
 from wsproto import ConnectionType
 from wsproto.connection import Connection as WebSocket
 from wsproto.events import CloseConnection, Ping
 from wsproto.utilities import RemoteProtocolError as WebSocketError
 from wsproto.utilities import generate_accept_token
 
+from castmesh.mesh import tracing
 from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.logs import event
 from services.playback.formats import HTTP_FLV, WEBSOCKET_FLV, OutputFormat
@@ -84,6 +86,7 @@ class HttpSession(asyncio.Protocol):
         self.websocket: WebSocket | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
+        self.span: Span | None = None  # the current request's span, if its route traces it; ended by respond()
         self.received = 0  # bytes since the current request began
         self.format: OutputFormat = HTTP_FLV
         self.requests = 0
@@ -107,6 +110,9 @@ class HttpSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.done = True
         self._disarm()
+        if self.span is not None:  # left before its answer (a playlist waiting for the first segment)
+            tracing.http_done(self.span, 499)
+            self.span = None
         if self.caps is not None and self.ip:
             self.caps.release(self.ip)
             self.ip = ""
@@ -221,6 +227,9 @@ class HttpSession(asyncio.Protocol):
                 status, REASONS.get(status, b""), len(body), body)
         self.transport.write(out)
         self.request = None
+        if self.span is not None:
+            tracing.http_done(self.span, status)
+            self.span = None
         self._end_of_request()
         if close or self.http.our_state is not h11.DONE or self.http.their_state is not h11.DONE:
             self.done = True

@@ -59,6 +59,7 @@ class Viewer:
     hook_body: dict[str, Any]  # what the on_play/on_stop hooks are told
     feed: StreamFeed | None = None  # set once admitted (after the on_play hook, if one is set)
     span: SessionSpan | None = None
+    caller: dict[str, str] | None = None  # HTTP request headers: a traceparent there parents the span
 
 
 @dataclass(slots=True, frozen=True)
@@ -165,8 +166,12 @@ class Playback:
         elif match["ext"] == "flv":
             self._flv(session, request, match["app"], match["stream"])
         elif match["ext"] == "m3u8":
-            self._playlist(session, request, match["app"], match["stream"])
+            session.span = tracing.http_span(request.method, "/{app}/{stream}.m3u8", request.path, request.headers)
+            with tracing.current(session.span):  # the first playlist request starts the stream's feed
+                self._playlist(session, request, match["app"], match["stream"])
         else:
+            session.span = tracing.http_span(request.method, "/{app}/{stream}/hls/{muxer}/{segment}", request.path,
+                                             request.headers)
             self._hls_file(session, request, match["app"], match["stream"], match["muxer"], match["file"])
 
     def _refused(self, session: HttpSession, request: Request, app: str, name: str) -> bool:
@@ -184,7 +189,7 @@ class Playback:
                                 [("Sec-WebSocket-Version", "13")], close=True)
                 return
             session.format = WEBSOCKET_FLV
-        self._watch(app, name, session, str(session.format.key), request.query, session.peer)
+        self._watch(app, name, session, str(session.format.key), request.query, session.peer, request.headers)
 
     def _playlist(self, session: HttpSession, request: Request, app: str, name: str) -> None:
         if self._refused(session, request, app, name):
@@ -234,7 +239,8 @@ class Playback:
         if self.forward_http is None:
             self.forward_http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         query = f"?{urlencode(request.query)}" if request.query else ""
-        headers = {k: v for k, v in request.headers.items() if k in ("authorization", "accept")}
+        headers = {k: v for k, v in request.headers.items()
+                   if k in ("authorization", "accept", "traceparent", "tracestate")}  # the caller's trace goes on
         try:
             async with self.forward_http.request(request.method, f"{self.forward_base}{request.path}{query}",
                                                  headers=headers, allow_redirects=False) as answer:
@@ -286,13 +292,13 @@ class Playback:
         return feed
 
     def _watch(self, app: str, name: str, session: ViewerSink, protocol: str, query: dict[str, str],
-               peer: str) -> None:
+               peer: str, headers: dict[str, str] | None = None) -> None:
         """Start a viewer, once the on_play hook (if one is set) allows it."""
         self.next_client += 1
         client_id = f"{self.node_id}.{self.next_client}"
         viewer = self.sessions[session] = Viewer(client_id, protocol, peer, {
             "app": app, "stream": name, "client_ip": peer.rpartition(":")[0], "client_id": client_id,
-            "node": self.node_id, "protocol": protocol, "query": query})
+            "node": self.node_id, "protocol": protocol, "query": query}, caller=headers)
         if self.hooks.has("on_play"):
             self._spawn(self._ask_then_watch(app, name, session, viewer))
         else:
@@ -313,7 +319,8 @@ class Playback:
         viewer.span = SessionSpan(f"{viewer.protocol}.play", {
             "castmesh.stream": f"{app}/{name}", "castmesh.client": viewer.client_id, "castmesh.node": self.node_id,
             "net.peer": str(viewer.hook_body["client_ip"])},
-            counters=lambda: viewer.feed.viewer_counters(session) if viewer.feed is not None else {})
+            counters=lambda: viewer.feed.viewer_counters(session) if viewer.feed is not None else {},
+            context=viewer.caller)
         with tracing.current(viewer.span.span):
             feed = viewer.feed = self._feed(app, name)
         self.clients[viewer.client_id] = session

@@ -75,10 +75,10 @@ class Up:
         return f"http://127.0.0.1:{self.http_port}/live/{name}.m3u8" + (f"?format={container}" if container else "")
 
 
-def start_up(tmp: Path, *extra: str) -> Up:
+def start_up(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Up:
     rtmp, http = free_port(), free_port()
     proc = Castmesh(["up", "--no-demo", "--host", "127.0.0.1", "--rtmp-port", str(rtmp), "--http-port", str(http),
-                     *extra], tmp / "castmesh.log", "Ctrl-C stops.")
+                     *extra], tmp / "castmesh.log", "Ctrl-C stops.", env)
     return Up(proc, rtmp, http)
 
 

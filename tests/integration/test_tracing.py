@@ -4,6 +4,7 @@ its gRPC calls, client and server, under its own service name; with no endpoint 
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from castmesh.mesh import tracing
 from tests.cluster.harness import Cluster
-from tests.integration.harness import publish, wait_live, watch_in_background
+from tests.integration.harness import publish, start_up, wait_live, watch_in_background
 from tests.otlp_receiver import Receiver
 
 
@@ -136,3 +137,43 @@ def test_a_viewers_trace_leads_hop_by_hop_to_the_publishers_session(tmp_path: Pa
     # No span per frame: the count follows the duration (progress spans once a second), not the ~1300 frames.
     media = [s for svc, s in spans.values() if not s.name.startswith("/")]
     assert len(media) < 6 * lasted, (len(media), lasted)
+
+
+def test_hls_and_gateway_requests_are_spans(tmp_path: Path, receiver: Receiver) -> None:
+    """In `castmesh up` (one process, one HTTP port): an API call carrying a traceparent continues the
+    caller's trace, with the gRPC calls made for it as children; HLS playlist and segment requests are spans."""
+    up = start_up(tmp_path, env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"})
+    caller_trace, caller_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    try:
+        publisher = publish(up.rtmp("hlsspans"), 12, gop=30)
+        try:
+            wait_live(up.flv("hlsspans"))
+            listing = urllib.request.Request(f"http://127.0.0.1:{up.http_port}/api/v1/streams",
+                                             headers={"traceparent": f"00-{caller_trace}-{caller_span}-01"})
+            with urllib.request.urlopen(listing, timeout=10) as answer:
+                assert answer.status == 200
+            with urllib.request.urlopen(up.hls("hlsspans"), timeout=15) as answer:
+                playlist = answer.read().decode()
+            segment = next(line for line in playlist.splitlines() if line and not line.startswith("#"))
+            with urllib.request.urlopen(f"http://127.0.0.1:{up.http_port}/live/{segment}", timeout=10) as answer:
+                assert answer.status == 200 and answer.read()
+        finally:
+            publisher.kill()
+            publisher.wait()
+        wanted = {"GET /api/v1/streams", "GET /{app}/{stream}.m3u8", "GET /{app}/{stream}/hls/{muxer}/{segment}"}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not wanted <= receiver.names():
+            time.sleep(0.2)
+    finally:
+        up.process.stop()
+    spans = {s.span_id: s for _, s in receiver.all()}
+    by_name = {s.name: s for s in spans.values()}
+    api = by_name["GET /api/v1/streams"]
+    assert api.trace_id.hex() == caller_trace and api.parent_span_id.hex() == caller_span
+    assert attribute(api, "http.response.status_code") == 200
+    assert any(s.parent_span_id == api.span_id and s.name.startswith("/castmesh.v1.") for s in spans.values())
+    playlist_span = by_name["GET /{app}/{stream}.m3u8"]
+    assert attribute(playlist_span, "http.response.status_code") == 200
+    segment_span = by_name["GET /{app}/{stream}/hls/{muxer}/{segment}"]
+    assert attribute(segment_span, "http.response.status_code") == 200
+    assert attribute(segment_span, "url.path") == f"/live/{segment}"
