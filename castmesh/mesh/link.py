@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
+from prometheus_client import Counter
 
 from castmesh.mesh.grpcutil import ChannelPool
 from castmesh.mesh.logs import event
@@ -37,6 +38,11 @@ from castmesh.proto.v1.relay_pb2 import (
 from castmesh.proto.v1.relay_pb2_grpc import RelayStub
 
 log = logging.getLogger("castmesh.link")
+
+OPENED = Counter("castmesh_link_calls_opened", "Relay.Publish/Subscribe calls this node opened to relays; more than "
+                 "one per relay means the call was restarted after it broke", ["call"])
+BROKEN = Counter("castmesh_link_calls_broken", "Relay.Publish/Subscribe calls that broke (not closed at shutdown)",
+                 ["call"])
 
 # Media per message at most: a burst (GOP replays after a failover) goes out as several messages, well
 # under grpcutil.MAX_MESSAGE.
@@ -83,8 +89,11 @@ class Write(Generic[Item]):
 
 class Link(Generic[Item, Reply]):
     def __init__(self, address: str, call: grpc.aio.StreamStreamCall, wrap: Callable[[list[Item]], Any],
-                 replies: Callable[[Any], Iterable[Reply]], on_broken: Callable[[Link[Item, Reply]], None]) -> None:
+                 replies: Callable[[Any], Iterable[Reply]], on_broken: Callable[[Link[Item, Reply]], None],
+                 kind: str) -> None:
         self.address = address
+        self.kind = kind  # publish or subscribe
+        OPENED.labels(kind).inc()
         self.call = call
         self.wrap = wrap
         self.replies = replies
@@ -164,6 +173,7 @@ class Link(Generic[Item, Reply]):
         self.lost = why
         self.on_broken(self)
         if not quiet:
+            BROKEN.labels(self.kind).inc()
             event(log, "link.lost", level=logging.WARNING, relay=self.address, reason=why,
                   channels=len(self.channels))
         for channel in list(self.channels.values()):
@@ -189,7 +199,8 @@ class RelayLinks:
         link = self.publishes.get(address)
         if link is None:
             call = RelayStub(self.channels.get(address)).Publish()
-            link = self.publishes[address] = Link(address, call, _publish_request, _publish_replies, self._forget)
+            link = self.publishes[address] = Link(address, call, _publish_request, _publish_replies, self._forget,
+                                                  "publish")
         return link
 
     def subscribe(self, address: str) -> Link[SubscribeItem, SubscribeEvent]:
@@ -197,7 +208,7 @@ class RelayLinks:
         if link is None:
             call = RelayStub(self.channels.get(address)).Subscribe()
             link = self.subscribes[address] = Link(address, call, _subscribe_request, _subscribe_events,
-                                                   self._forget)
+                                                   self._forget, "subscribe")
         return link
 
     def _forget(self, link: Link[Any, Any]) -> None:

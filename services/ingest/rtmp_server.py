@@ -43,10 +43,12 @@ from services.ingest.lease import Lease
 
 log = logging.getLogger("castmesh.ingest")
 
-CONNECTIONS = Gauge("castmesh_ingest_connections", "Open RTMP connections")
 PUBLISHES = Gauge("castmesh_ingest_publishing", "RTMP publishes being forwarded")
 PROTOCOL_ERRORS = Counter("castmesh_ingest_protocol_errors", "RTMP connections closed for a protocol error")
 BYTES_IN = Counter("castmesh_ingest_bytes_in", "Bytes received from RTMP publishers")
+FRAMES_IN = Counter("castmesh_ingest_frames_in", "Audio, video and data frames received from RTMP publishers")
+RELAY_QUEUE = Gauge("castmesh_ingest_relay_queue_batches", "Frame batches waiting to be written to origins, "
+                    "all publishes together (reading a publisher pauses past 64 of its own)")
 
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 30.0  # a publisher sends media many times a second; silence this long is a dead peer
@@ -76,6 +78,7 @@ class Ingest:
         self.batch_ms = batch_ms
         self.limits = limits or RtmpLimits()
         self.sessions: set[RtmpSession] = set()
+        RELAY_QUEUE.set_function(lambda: sum(s.publish.queue.qsize() for s in self.sessions if s.publish is not None))
         self.play: PlayRtmp | None = None
         self.sweeper: asyncio.Task[None] | None = None
 
@@ -135,14 +138,13 @@ class RtmpSession(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.ip = peer[0] if peer else "?"
-        refused = self.ingest.caps.admit(self.ip)
+        refused = self.ingest.caps.admit(self.ip, "rtmp")
         if refused:  # before the handshake RTMP has no way to say why: the log does
             self.closed = True
             self.transport.abort()
             event(log, "rtmp.refused", level=logging.WARNING, peer=self.peer, reason=refused)
             return
         self.ingest.sessions.add(self)
-        CONNECTIONS.inc()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -172,6 +174,7 @@ class RtmpSession(asyncio.Protocol):
             if self.publish is not None and ev.stream_id == self.publish_stream_id:
                 frame = make_frame(ev.kind, ev.timestamp, ev.payload, time.time_ns() // 1000)
                 self.publish.push(frame)
+                FRAMES_IN.inc()
                 if frame.keyframe and not self.keyframe_seen and self.trace is not None:
                     self.keyframe_seen = True
                     self.trace.event("first keyframe", timestamp=frame.timestamp)
@@ -312,8 +315,7 @@ class RtmpSession(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         self.ingest.sessions.discard(self)
-        self.ingest.caps.release(self.ip)
-        CONNECTIONS.dec()
+        self.ingest.caps.release(self.ip, "rtmp")
         event(log, "rtmp.close", level=level, session=self.id, peer=self.peer, reason=reason)
         if self.publish is not None:
             self._spawn(self._stop_publish(reason, clean=clean))

@@ -37,12 +37,16 @@ from services.playback.formats import OutputFormat
 
 log = logging.getLogger("castmesh.playback")
 
-VIEWERS = Gauge("castmesh_playback_viewers", "Viewers (HTTP-FLV and RTMP)")
+VIEWERS = Gauge("castmesh_playback_viewers", "Viewers by protocol (HLS: clients that fetched lately)", ["protocol"])
+FRAMES_OUT = Counter("castmesh_playback_frames_out", "Frames written to viewers")
+FRAMES_DROPPED = Counter("castmesh_playback_frames_dropped", "Frames lagging viewers never got (while they skipped)")
 FEEDS = Gauge("castmesh_playback_streams", "Streams with an upstream subscription on this node")
 BYTES_OUT = Counter("castmesh_playback_bytes_out", "Media bytes written to viewers")
 SKIPS = Counter("castmesh_playback_viewer_skips", "Times a lagging viewer skipped to a keyframe")
 DROPS = Counter("castmesh_playback_viewer_drops", "Viewers disconnected for staying behind")
 FRAME_AGE = frame_age_histogram("castmesh_playback_frame_age_seconds", "this playback node")
+BUFFERED = Gauge("castmesh_playback_viewer_buffered_bytes", "Bytes written to viewers' sockets that the kernel "
+                 "has not taken yet: the viewers' queues, all together")
 JITTER = Counter("castmesh_playback_timestamp_corrections", "Timestamps normalised (backwards or jumping)")
 
 IDLE_LINGER = 5.0  # keep an upstream subscription this long after its last viewer leaves
@@ -152,7 +156,7 @@ class StreamFeed:
     def remove(self, sink: ViewerSink) -> None:
         self.traces.pop(sink, None)
         if self.viewers.pop(sink, None) is not None:
-            VIEWERS.dec()
+            VIEWERS.labels(sink.format.protocol).dec()
         if sink in self.waiting:
             self.waiting.remove(sink)
         self._linger()
@@ -183,7 +187,7 @@ class StreamFeed:
     def _start(self, sink: ViewerSink) -> None:
         if sink.start(sink.format.head(self.cache)):
             self.viewers[sink] = ViewerState(sink, self.traces.get(sink))
-            VIEWERS.inc()
+            VIEWERS.labels(sink.format.protocol).inc()
 
     # Upstream -------------------------------------------------------------------------------------------
 
@@ -259,7 +263,7 @@ class StreamFeed:
         encoded: dict[Hashable, bytes] = {}  # per format: these frames, made once
         resumed: dict[Hashable, bytes] = {}  # per format: from the first resume point on
         resume_at: int | None = -1
-        delivered = 0
+        delivered = sent = 0
         for state in list(self.viewers.values()):
             fmt = state.sink.format
             if state.skipping:
@@ -277,6 +281,7 @@ class StreamFeed:
                     state.skipping = False
                     state.write(data, now)
                     delivered += len(data)
+                    sent += len(frames) - resume_at
                 continue
             if state.lag(now) > self.max_lag:
                 state.skipping = True
@@ -291,7 +296,10 @@ class StreamFeed:
                 data = encoded[fmt.key] = fmt.body(frames)
             state.write(data, now)
             delivered += len(data)
+            sent += len(frames)
         BYTES_OUT.inc(delivered)
+        FRAMES_OUT.inc(sent)
+        FRAMES_DROPPED.inc(max(0, len(frames) * len(self.viewers) - sent))
         if not self.live:
             self._go_live()  # after the writes: the waiting viewers get these frames from the cache
 
@@ -301,7 +309,7 @@ class StreamFeed:
 
     def _drop(self, state: ViewerState, reason: str) -> None:
         self.viewers.pop(state.sink, None)
-        VIEWERS.dec()
+        VIEWERS.labels(state.sink.format.protocol).dec()
         event(log, "viewer.drop", stream=self.path, reason=reason, skips=state.skips)
         if state.trace is not None:
             state.trace.event("disconnect", reason=reason)
@@ -332,7 +340,8 @@ class StreamFeed:
         for tap in list(self.taps):
             tap.end(reason, 0 if self.live else status or 404)
         self.taps.clear()
-        VIEWERS.dec(len(self.viewers))
+        for sink in self.viewers:
+            VIEWERS.labels(sink.format.protocol).dec()
         self.viewers.clear()
         self.waiting.clear()
         self.traces.clear()

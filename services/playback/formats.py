@@ -13,6 +13,8 @@ from castmesh.rtmp.play import play_messages
 
 
 class OutputFormat(Protocol):
+    protocol: str  # for metrics: http-flv, ws-flv, rtmp
+
     @property
     def key(self) -> Hashable:
         """Viewers whose formats have equal keys are sent the same bytes."""
@@ -58,7 +60,7 @@ def start_frames(cache: GopCache) -> list[Frame]:
 class HttpFlv:
     """An FLV file as an HTTP/1.1 chunked body."""
 
-    key = "http-flv"
+    key = protocol = "http-flv"
 
     def head(self, cache: GopCache) -> bytes:
         return http_chunk(flv_start(cache))
@@ -70,7 +72,7 @@ class HttpFlv:
 class WebSocketFlv:
     """An FLV stream in binary WebSocket messages, one per flush (mpegts.js and flv.js reassemble it)."""
 
-    key = "ws-flv"
+    key = protocol = "ws-flv"
 
     def head(self, cache: GopCache) -> bytes:
         return websocket_message(flv_start(cache))
@@ -85,6 +87,7 @@ class RtmpPlay:
     def __init__(self, stream_id: int) -> None:
         self.stream_id = stream_id
         self.key = ("rtmp", stream_id)
+        self.protocol = "rtmp"
 
     def head(self, cache: GopCache) -> bytes:
         return play_messages(start_frames(cache), self.stream_id)

@@ -99,7 +99,7 @@ class HttpSession(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         if self.caps is not None:
             ip = peer[0] if peer else "?"
-            refused = self.caps.admit(ip)
+            refused = self.caps.admit(ip, "http")
             if refused:
                 self.respond(503, f"{refused}\n".encode(), [("Retry-After", "5")], close=True)
                 event(log, "http.refused", level=logging.WARNING, peer=self.peer, reason=refused)
@@ -114,7 +114,7 @@ class HttpSession(asyncio.Protocol):
             tracing.http_done(self.span, 499)
             self.span = None
         if self.caps is not None and self.ip:
-            self.caps.release(self.ip)
+            self.caps.release(self.ip, "http")
             self.ip = ""
         self.on_gone(self)
 

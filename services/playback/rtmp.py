@@ -94,7 +94,7 @@ class RtmpPlaySession(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         if self.caps is not None:
-            refused = self.caps.admit(peer[0] if peer else "?")
+            refused = self.caps.admit(peer[0] if peer else "?", "rtmp")
             if refused:  # before the handshake RTMP has no way to say why: the log does
                 self.closed = True
                 self.transport.abort()
@@ -144,7 +144,7 @@ class RtmpPlaySession(asyncio.Protocol):
             return
         self.closed = True
         if self.caps is not None and self.ip:
-            self.caps.release(self.ip)
+            self.caps.release(self.ip, "rtmp")
             self.ip = ""
         if self.timer is not None:
             self.timer.cancel()

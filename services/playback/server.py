@@ -35,7 +35,7 @@ from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.subscription import Locate
 from castmesh.mesh.tracing import SessionSpan
 from castmesh.rtmp.connection import ServerConnection
-from services.playback.feed import StreamFeed, ViewerSink
+from services.playback.feed import BUFFERED, VIEWERS, StreamFeed, ViewerSink
 from services.playback.formats import WEBSOCKET_FLV
 from services.playback.hls import HlsMuxer
 from services.playback.http import HttpSession, Request
@@ -95,6 +95,9 @@ class Playback:
         self.next_client = 0
         self.muxers: dict[tuple[str, str], HlsMuxer] = {}  # (stream path, container) -> muxer
         self.muxer_ids: dict[str, HlsMuxer] = {}
+        VIEWERS.labels("hls").set_function(lambda: sum(m.watching() for m in self.muxers.values()))
+        BUFFERED.set_function(lambda: sum(sink.transport.get_write_buffer_size()
+                                          for feed in self.feeds.values() for sink in feed.viewers))
 
     async def listen(self, host: str, port: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()

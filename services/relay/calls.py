@@ -38,7 +38,7 @@ from castmesh.proto.v1.relay_pb2 import (
     SubscribeRequest,
     SubscribeResponse,
 )
-from services.relay.fanout import RelayStream, Subscriber
+from services.relay.fanout import BYTES_OUT, FRAMES_OUT, RelayStream, Subscriber
 
 if TYPE_CHECKING:
     from services.relay.service import RelayService
@@ -243,6 +243,8 @@ class SubscribeCall(_Call):
                 break
             items, size, end = sub.take(budget)
             budget -= size
+            BYTES_OUT.inc(size)
+            FRAMES_OUT.inc(sum(len(item.frames) for item in items if isinstance(item, FrameBatch)))
             if sub in self.setups and (end is not None or any(isinstance(i, FrameBatch) for i in items)):
                 self._set_up(sub, self.channels[sub.channel][1], "ended" if end else "first frames")
             batch = None

@@ -30,6 +30,13 @@ from castmesh.proto.v1.relay_pb2 import StreamEnd, StreamStats
 STREAMS = Gauge("castmesh_relay_streams", "Streams in this relay (published, pulled or in grace)")
 SUBSCRIBERS = Gauge("castmesh_relay_subscribers", "Open Relay.Subscribe calls")
 FRAMES_IN = Counter("castmesh_relay_frames_in", "Frames received from publishers or upstream")
+BYTES_IN = Counter("castmesh_relay_bytes_in", "Media bytes received from publishers or upstream")
+FRAMES_OUT = Counter("castmesh_relay_frames_out", "Frames sent to subscribers")
+BYTES_OUT = Counter("castmesh_relay_bytes_out", "Media bytes sent to subscribers")
+FRAMES_DROPPED = Counter("castmesh_relay_frames_dropped", "Frames a lagging subscriber never got: dropped from "
+                         "its queue or passed over until the next keyframe")
+QUEUED = Gauge("castmesh_relay_subscriber_queued_bytes", "Media bytes waiting in subscribers' queues")
+OLDEST = Gauge("castmesh_relay_subscriber_lag_max_seconds", "Age of the oldest item in any subscriber's queue")
 SKIPS = Counter("castmesh_relay_subscriber_skips", "Times a lagging subscriber skipped to a keyframe")
 SLOW_DROPS = Counter("castmesh_relay_subscriber_drops", "Subscribers ended for staying behind")
 FRAME_AGE = frame_age_histogram("castmesh_relay_frame_age_seconds", "this relay")
@@ -75,6 +82,7 @@ class Subscriber:
                 self.on_drop(self)
                 return
             headers = [item for item in self.queue if isinstance(item[1], StreamHeader)]
+            FRAMES_DROPPED.inc(sum(len(item.frames) for _, item, _ in self.queue if isinstance(item, FrameBatch)))
             self.queue.clear()
             self.queue.extend(headers[-1:])  # a session change must still reach the subscriber
             self.skipping = True
@@ -84,6 +92,7 @@ class Subscriber:
         if self.skipping:
             frames = batch.frames
             start = next((i for i, f in enumerate(frames) if is_resume_point(f, has_video)), None)
+            FRAMES_DROPPED.inc(len(frames) if start is None else start)
             if start is None:
                 return
             self.skipping = False
@@ -162,6 +171,7 @@ class RelayStream:
         FRAMES_IN.inc(len(batch.frames))
         has_video = self.cache.has_video
         size = batch.ByteSize()
+        BYTES_IN.inc(size)
         self.rate.add(size)
         for sub in self.subscribers:
             sub.offer(batch, has_video, size)
@@ -203,6 +213,12 @@ class StreamTable:
     def __init__(self, grace: float = 10.0) -> None:
         self.grace = grace
         self.streams: dict[str, RelayStream] = {}
+        QUEUED.set_function(lambda: sum(size for sub in self._subscribers() for _, _, size in sub.queue))
+        OLDEST.set_function(lambda: max((time.monotonic() - sub.queue[0][0] for sub in self._subscribers()
+                                         if sub.queue), default=0.0))
+
+    def _subscribers(self) -> list[Subscriber]:
+        return [sub for stream in self.streams.values() for sub in stream.subscribers]
 
     def claim(self, key: StreamKey, session_id: str,
               publisher_trace: dict[str, str] | None = None) -> RelayStream | None:

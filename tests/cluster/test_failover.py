@@ -9,7 +9,7 @@ from pathlib import Path
 
 from castmesh.media.flv import Tag
 from tests.cluster.harness import Cluster
-from tests.integration.harness import Viewing, decode, publish, wait_live, watch, watch_in_background
+from tests.integration.harness import Viewing, decode, publish, scrape, wait_live, watch, watch_in_background
 
 
 def decode_seen(seen: Viewing) -> tuple[dict[int, int], str]:
@@ -59,6 +59,10 @@ def test_origin_killed_while_publishing_and_viewing(cluster: Cluster) -> None:
     assert errors == "", errors
     assert counts.get(0, 0) > 300  # ~14 s at 30 fps minus the join
     assert "publish.failover" in cluster.nodes["ingest"].log()
+    metrics = scrape(http)  # the playback node followed the stream to the other origin: a restarted call
+    assert metrics['castmesh_failovers_total{kind="upstream"}'] >= 1
+    assert metrics['castmesh_link_calls_broken_total{call="subscribe"}'] >= 1
+    assert metrics['castmesh_link_calls_opened_total{call="subscribe"}'] >= 2
 
 
 def test_publisher_reconnects_within_the_grace_period(cluster: Cluster) -> None:

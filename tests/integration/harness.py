@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -202,3 +203,18 @@ def decode(source: str, timeout: float = 60.0, seconds: float | None = None) -> 
     if lines and lines[-1].endswith("Error during demuxing: Input/output error"):
         lines.pop()
     return counts, "\n".join(lines)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A Prometheus text page as {name{labels}: value}."""
+    text = http_get(f"http://127.0.0.1:{port}/metrics").read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"^([a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", line)
+        if match:
+            values[match[1]] = float(match[2])
+    return values
+
+
+def total(values: dict[str, float], name: str) -> float:
+    return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))

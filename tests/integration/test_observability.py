@@ -4,26 +4,11 @@ latency moving during a stream, and CASTMESH_LOG_FORMAT=json turns the session-e
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
 from tests.cluster.harness import Cluster
-from tests.integration.harness import free_port, http_get, publish, wait_live, watch_in_background
-
-
-def scrape(port: int) -> dict[str, float]:
-    text = http_get(f"http://127.0.0.1:{port}/metrics").read().decode()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        match = re.match(r"^([a-z_]+(?:\{[^}]*\})?) ([0-9.e+-]+)$", line)
-        if match:
-            values[match[1]] = float(match[2])
-    return values
-
-
-def total(values: dict[str, float], name: str) -> float:
-    return sum(v for k, v in values.items() if k == name or k.startswith(name + "{"))
+from tests.integration.harness import free_port, publish, scrape, total, wait_live, watch_in_background
 
 
 def test_each_services_metrics_move_during_a_stream(tmp_path: Path) -> None:
@@ -50,15 +35,28 @@ def test_each_services_metrics_move_during_a_stream(tmp_path: Path) -> None:
         finally:
             publisher.kill()
             publisher.wait()
-        for name, metric in (("ingest", "castmesh_ingest_bytes_in_total"), ("relay", "castmesh_relay_frames_in_total"),
-                             ("playback", "castmesh_playback_bytes_out_total")):
+        moving = [("ingest", "castmesh_ingest_bytes_in_total"), ("ingest", "castmesh_ingest_frames_in_total"),
+                  ("relay", "castmesh_relay_frames_in_total"), ("relay", "castmesh_relay_bytes_in_total"),
+                  ("relay", "castmesh_relay_frames_out_total"), ("relay", "castmesh_relay_bytes_out_total"),
+                  ("playback", "castmesh_playback_bytes_out_total"), ("playback", "castmesh_playback_frames_out_total")]
+        for name, metric in moving:
             assert total(second[name], metric) > total(first[name], metric) > 0, (name, metric)
         for name, histogram in (("relay", "castmesh_relay_frame_age_seconds_count"),
                                 ("playback", "castmesh_playback_frame_age_seconds_count")):
             assert total(second[name], histogram) > total(first[name], histogram) > 0, (name, histogram)
         assert total(second["ingest"], "castmesh_ingest_publishing") == 1
-        assert total(second["playback"], "castmesh_playback_viewers") == 1
+        assert second["ingest"]['castmesh_connections{protocol="rtmp",service="ingest"}'] == 1
+        assert second["playback"]['castmesh_playback_viewers{protocol="http-flv"}'] == 1  # sessions by protocol
+        assert second["playback"]['castmesh_connections{protocol="http",service="playback"}'] >= 1
         assert total(second["relay"], "castmesh_relay_subscribers") >= 1
+        # Queue depths are there (near zero for a viewer that keeps up), and each node opened one call per peer.
+        for name, gauge in (("relay", "castmesh_relay_subscriber_queued_bytes"),
+                            ("relay", "castmesh_relay_subscriber_lag_max_seconds"),
+                            ("ingest", "castmesh_ingest_relay_queue_batches"),
+                            ("playback", "castmesh_playback_viewer_buffered_bytes")):
+            assert gauge in second[name], gauge
+        assert second["ingest"]['castmesh_link_calls_opened_total{call="publish"}'] == 1
+        assert second["playback"]['castmesh_link_calls_opened_total{call="subscribe"}'] == 1
         assert seen.tags
     finally:
         cluster.stop()
