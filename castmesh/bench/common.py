@@ -1,5 +1,6 @@
 """What the benchmarks share: the cached clip, castmesh processes pinned to a CPU, their CPU time and
-memory, and HTTP-FLV viewers that count bytes (and, when sampled, parse FLV to time each video frame)."""
+memory, HTTP-FLV viewers that count bytes (and, when sampled, parse FLV to time each video frame), and a
+sink for spans."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast
 
+import grpc
 import h11
 import imageio_ffmpeg
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from castmesh.media.flv import FlvReader
 
@@ -53,10 +56,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def spawn(args: list[str], cpus: set[int] | None = None, ready: bytes = b"listening") -> subprocess.Popen[bytes]:
-    """A castmesh process, started once it prints `ready`, optionally pinned to `cpus`."""
+def spawn(args: list[str], cpus: set[int] | None = None, ready: bytes = b"listening",
+          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """A castmesh process (with `env` added to this one's), started once it prints `ready`, optionally
+    pinned to `cpus`."""
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args, "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     assert proc.stdout is not None
     seen = b""
     while ready not in seen:
@@ -202,3 +207,23 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+class SpanSink(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver that counts what it is sent and keeps nothing: for measuring what
+    tracing costs the traced process, not a collector's speed."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+        self.server = grpc.aio.server()
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+    async def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,
+                     context: grpc.aio.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.spans += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def env(self) -> dict[str, str]:
+        """What makes a castmesh process trace every call to this sink."""
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.port}", "OTEL_TRACES_SAMPLER": "always_on"}

@@ -6,6 +6,9 @@ in real time, each batch stamped with its send time), and reads each back on one
 an edge or playback node does. Reported: the relay's CPU% and RSS, CPU% per stream and the streams one
 core would carry at that rate (a linear extrapolation, which the fixed per-call costs make pessimistic),
 and the relay hop's latency (arrival at the subscriber minus the send time of the batch's newest frame).
+
+With --traced, the relay and this process trace every call (sampler always_on) into a span sink here:
+what the gRPC interceptors and the per-stream spans cost, against a run without.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from typing import Any
 
 import grpc
 
-from castmesh.bench.common import cpu_seconds, free_port, make_clip, pct, rss_mb, spawn, stop_all
+from castmesh.bench.common import SpanSink, cpu_seconds, free_port, make_clip, pct, rss_mb, spawn, stop_all
 from castmesh.media.flv import FlvReader
 from castmesh.media.frames import make_frame, stream_key
-from castmesh.mesh import grpcutil
+from castmesh.mesh import grpcutil, tracing
 from castmesh.mesh.link import RelayLinks
 from castmesh.proto.v1.media_pb2 import Frame, FrameBatch
 from castmesh.proto.v1.relay_pb2 import (
@@ -43,6 +46,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--streams", type=int, default=200, help="streams published and subscribed (default 200)")
     p.add_argument("--seconds", type=float, default=15, help="measured seconds (default 15)")
     p.add_argument("--batch-ms", type=int, default=10, help="media time per batch, as ingest's --batch-ms (default 10)")
+    p.add_argument("--traced", action="store_true", help="trace every call into a local OTLP sink")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--json", action="store_true")
 
@@ -113,7 +117,13 @@ async def relay(args: argparse.Namespace) -> dict[str, Any]:
     total = args.seconds + 6
     batches = clip_batches(make_clip(Path(args.out), total + 5), total, args.batch_ms)
     port = free_port()
-    proc = spawn(["serve", "relay", "--host", HOST, "--grpc-port", str(port)], {cpus[0]} if pin else None)
+    sink = SpanSink()
+    await sink.server.start()
+    if args.traced:  # this process too: the calls' client side, as an ingest and a playback node trace them
+        os.environ.update(sink.env())
+        tracing.setup("castmesh-bench")
+    proc = spawn(["serve", "relay", "--host", HOST, "--grpc-port", str(port)], {cpus[0]} if pin else None,
+                 env=sink.env() if args.traced else None)
     address = f"{HOST}:{port}"
     links = RelayLinks()
     lags: list[float] = []
@@ -140,6 +150,8 @@ async def relay(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await links.close()
         stop_all([proc])
+        tracing.shutdown()
+        await sink.server.stop(0)
     cpu_pct = (cpu1 - cpu0) / (wall1 - wall0) * 100
     per_stream = cpu_pct / args.streams
     return {
@@ -154,6 +166,8 @@ async def relay(args: argparse.Namespace) -> dict[str, Any]:
         **messages,
         "load_generator_cpu_pct": round((load1 - load0) / (wall1 - wall0) * 100, 1),
         "batch_ms": args.batch_ms,
+        "traced": args.traced,
+        "spans_received": sink.spans,
         "pinned": pin,
         "grpc": grpc.__version__,
     }

@@ -26,8 +26,10 @@ OPTIONS = [
 SERVER_OPTIONS = [*OPTIONS, ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
 
 
-def channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=OPTIONS, interceptors=tracing.client_interceptors())
+def channel(target: str, traced: bool = True) -> grpc.aio.Channel:
+    """A channel to `target`; traced=False for media calls, which trace themselves (tracing.media_call)."""
+    return grpc.aio.insecure_channel(target, options=OPTIONS,
+                                     interceptors=tracing.client_interceptors() if traced else None)
 
 
 def server() -> grpc.aio.Server:
@@ -67,13 +69,14 @@ def bind(srv: grpc.aio.Server, host: str, port: int, what: str) -> int:
 class ChannelPool:
     """One channel per peer address, shared by every call to that peer."""
 
-    def __init__(self) -> None:
+    def __init__(self, traced: bool = True) -> None:
         self.channels: dict[str, grpc.aio.Channel] = {}
+        self.traced = traced
 
     def get(self, target: str) -> grpc.aio.Channel:
         chan = self.channels.get(target)
         if chan is None:
-            chan = self.channels[target] = channel(target)
+            chan = self.channels[target] = channel(target, self.traced)
         return chan
 
     async def close(self) -> None:

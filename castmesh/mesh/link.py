@@ -23,6 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import grpc
 from prometheus_client import Counter
 
+from castmesh.mesh import tracing
 from castmesh.mesh.grpcutil import ChannelPool
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.relay_pb2 import (
@@ -191,14 +192,16 @@ class RelayLinks:
     """This node's links, by relay address."""
 
     def __init__(self, channels: ChannelPool | None = None) -> None:
-        self.channels = channels or ChannelPool()
+        self.channels = channels or ChannelPool(traced=False)  # media calls trace themselves
         self.publishes: dict[str, Link[PublishItem, PublishReply]] = {}
         self.subscribes: dict[str, Link[SubscribeItem, SubscribeEvent]] = {}
 
     def publish(self, address: str) -> Link[PublishItem, PublishReply]:
         link = self.publishes.get(address)
         if link is None:
-            call = RelayStub(self.channels.get(address)).Publish()
+            span, metadata = tracing.media_call("/castmesh.v1.Relay/Publish")
+            call = RelayStub(self.channels.get(address)).Publish(metadata=metadata)
+            tracing.end_at_setup(span, call)
             link = self.publishes[address] = Link(address, call, _publish_request, _publish_replies, self._forget,
                                                   "publish")
         return link
@@ -206,7 +209,9 @@ class RelayLinks:
     def subscribe(self, address: str) -> Link[SubscribeItem, SubscribeEvent]:
         link = self.subscribes.get(address)
         if link is None:
-            call = RelayStub(self.channels.get(address)).Subscribe()
+            span, metadata = tracing.media_call("/castmesh.v1.Relay/Subscribe")
+            call = RelayStub(self.channels.get(address)).Subscribe(metadata=metadata)
+            tracing.end_at_setup(span, call)
             link = self.subscribes[address] = Link(address, call, _subscribe_request, _subscribe_events,
                                                    self._forget, "subscribe")
         return link

@@ -9,8 +9,10 @@ API's no-op tracer costs next to nothing: the process stays silent.
 Every gRPC call, client and server, is traced by opentelemetry-instrumentation-grpc's aio interceptors,
 which castmesh.mesh.grpcutil puts on every channel and server it makes (none at all while tracing is off).
 The two media calls, Relay.Publish and Relay.Subscribe, are the exception: one of them lives as long as
-two nodes talk, hours, and the library's span would only show up when it ends. For them MediaCallClient
-and MediaCallServer make the same kind of span, but end it once the call is set up (its first response).
+two nodes talk, hours, and the library's span would only show up when it ends; and a client interceptor
+costs something on every message. Their channels have no interceptors; media_call, end_at_setup and
+media_call_served make the same kind of spans by hand and end them once the call is set up (its first
+response).
 What flows on those calls is traced per stream instead: trace contexts travel in PublishOpen,
 SubscribeOpen and StreamHeader (carrier() and the parent/link helpers below), once per stream and never
 per frame, so a viewer's trace leads hop by hop to the publisher's session.
@@ -21,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -82,23 +84,25 @@ def _is_media_call(details: Any) -> bool:
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
-    """For a new channel: the library's interceptors for every call but the media calls, which get
-    MediaCallClient's. None while tracing is off: an untraced process pays nothing per call."""
+    """For a new channel: the library's interceptors, for every call but the media calls (see
+    media_call). None while tracing is off: an untraced process pays nothing per call."""
     if _provider is None:
         return []
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
     from opentelemetry.instrumentation.grpc.filters import negate
 
-    return [*aio_client_interceptors(filter_=negate(_is_media_call)), MediaCallClient()]
+    return list(aio_client_interceptors(filter_=negate(_is_media_call)))
 
 
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """For a new server: the library's interceptor, for every call but the media calls (whose handlers
+    make their own span with media_call_served). It works when a call starts, not per message."""
     if _provider is None:
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
     from opentelemetry.instrumentation.grpc.filters import negate
 
-    return [aio_server_interceptor(filter_=negate(_is_media_call)), MediaCallServer()]
+    return [aio_server_interceptor(filter_=negate(_is_media_call))]
 
 
 def _rpc_attributes(method: str) -> dict[str, str]:
@@ -106,33 +110,28 @@ def _rpc_attributes(method: str) -> dict[str, str]:
     return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
 
 
-class MediaCallClient(grpc.aio.StreamStreamClientInterceptor):
-    """A media call's client span, with the call's trace context in its metadata, ended when the call is
-    set up: when the relay's first response (and with it the initial metadata) arrives, or the call fails.
-    The call itself is handed back untouched, so messages cost nothing extra."""
+_pending: set[asyncio.Task[None]] = set()
 
-    def __init__(self) -> None:
-        self.pending: set[asyncio.Task[None]] = set()
 
-    async def intercept_stream_stream(self, continuation: Any, details: grpc.aio.ClientCallDetails,
-                                      request_iterator: Any) -> Any:
-        if not _is_media_call(details):
-            return await continuation(details, request_iterator)
-        method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        span = tracer("castmesh.grpc").start_span(method, kind=trace.SpanKind.CLIENT,
-                                                  attributes=_rpc_attributes(method))
-        context: dict[str, str] = {}
-        propagate.inject(context, context=trace.set_span_in_context(span))
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *context.items())
-        call = await continuation(grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready), request_iterator)
-        task = asyncio.get_running_loop().create_task(self._end_at_setup(span, call))
-        self.pending.add(task)
-        task.add_done_callback(self.pending.discard)
-        return call
+def media_call(method: str) -> tuple[trace.Span, list[tuple[str, str]]]:
+    """A media call's client span (a child of the current span) and the call metadata that carries its
+    context. Media calls go on channels with no interceptors (grpcutil.channel(traced=False)): an
+    interceptor, even one that passes a call through untouched, puts every message through extra queues."""
+    if _provider is None:
+        return trace.INVALID_SPAN, []
+    span = tracer("castmesh.grpc").start_span(method, kind=trace.SpanKind.CLIENT, attributes=_rpc_attributes(method))
+    context: dict[str, str] = {}
+    propagate.inject(context, context=trace.set_span_in_context(span))
+    return span, list(context.items())
 
-    @staticmethod
-    async def _end_at_setup(span: trace.Span, call: Any) -> None:
+
+def end_at_setup(span: trace.Span, call: Any) -> None:
+    """End a media call's client span once the call is set up: when the relay's first response (and with
+    it the initial metadata) arrives, or the call fails first."""
+    if not span.is_recording():
+        return
+
+    async def wait() -> None:
         try:
             await call.initial_metadata()
             if call.done() and (code := await call.code()) != grpc.StatusCode.OK:
@@ -143,39 +142,27 @@ class MediaCallClient(grpc.aio.StreamStreamClientInterceptor):
         finally:
             span.end()
 
+    task = asyncio.get_running_loop().create_task(wait())
+    _pending.add(task)
+    task.add_done_callback(_pending.discard)
 
-class MediaCallServer(grpc.aio.ServerInterceptor):
-    """A media call's server span, a child of the caller's, ended at the call's first response."""
 
-    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
-        if handler is None or not _is_media_call(details) or handler.stream_stream is None:
-            return handler
-        behavior, method = handler.stream_stream, details.method
+def set_up(span: trace.Span, outcome: str = "set up") -> trace.Span:
+    """End a call's span at its setup (or at its end, if it never got that far); the invalid span, which
+    later calls leave alone."""
+    if span is not trace.INVALID_SPAN:
+        span.add_event(outcome)
+        span.end()
+    return trace.INVALID_SPAN
 
-        async def traced(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            incoming = {key: value for key, value in context.invocation_metadata() or ()}
-            span: trace.Span | None = tracer("castmesh.grpc").start_span(
-                method, context=propagate.extract(incoming), kind=trace.SpanKind.SERVER,
-                attributes={**_rpc_attributes(method), "net.peer": context.peer()})
-            try:
-                async for response in behavior(requests, context):
-                    if span is not None:
-                        span.add_event("set up")
-                        span.end()
-                        span = None
-                    yield response
-            except BaseException as exc:
-                if span is not None:
-                    span.record_exception(exc)
-                    span.set_status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
-                raise
-            finally:
-                if span is not None:
-                    span.end()
 
-        return grpc.stream_stream_rpc_method_handler(traced, request_deserializer=handler.request_deserializer,
-                                                     response_serializer=handler.response_serializer)
+def media_call_served(method: str, context: grpc.aio.ServicerContext) -> trace.Span:
+    """A media call's server span, a child of the caller's: its handler ends it at its first response."""
+    if _provider is None:
+        return trace.INVALID_SPAN
+    incoming = {key: value for key, value in context.invocation_metadata() or ()}
+    return tracer("castmesh.grpc").start_span(method, context=propagate.extract(incoming), kind=trace.SpanKind.SERVER,
+                                              attributes={**_rpc_attributes(method), "net.peer": context.peer()})
 
 
 def shutdown() -> None:

@@ -5,7 +5,8 @@ An origin accepts publishes. An edge accepts none: on the first subscription to 
 UpstreamPull, and every later subscriber shares it.
 
 Both streaming handlers are async generators (grpc's route_guide style); the OpenTelemetry server
-interceptor breaks handlers that call `await context.write()` (opentelemetry-python-contrib #3066).
+interceptor breaks handlers that call `await context.write()` (opentelemetry-python-contrib #3066). They
+make their call's span themselves and end it at their first response (castmesh.mesh.tracing).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from castmesh.mesh import grpcutil
+from castmesh.mesh import grpcutil, tracing
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.proto.v1 import relay_pb2_grpc
@@ -55,11 +56,14 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         self, request_iterator: AsyncIterator[PublishRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[PublishResponse]:
         call = PublishCall(self)
+        span = tracing.media_call_served("/castmesh.v1.Relay/Publish", context)
         reader = asyncio.get_running_loop().create_task(call.read(request_iterator))
         try:
             while (replies := await call.next_replies()) is not None:
+                span = tracing.set_up(span)
                 yield PublishResponse(replies=replies)
         finally:
+            tracing.set_up(span, "ended before any response")
             reader.cancel()
             call.vanished()
 
@@ -86,13 +90,16 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         self, request_iterator: AsyncIterator[SubscribeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[SubscribeResponse]:
         call = SubscribeCall(self)
+        span = tracing.media_call_served("/castmesh.v1.Relay/Subscribe", context)
         reader = asyncio.get_running_loop().create_task(call.read(request_iterator))
         try:
             while (response := await call.next_response()) is not None:
+                span = tracing.set_up(span)
                 call.writing_since = time.monotonic()
                 yield response
                 call.writing_since = 0.0
         finally:
+            tracing.set_up(span, "ended before any response")
             reader.cancel()
             call.close_all()
 

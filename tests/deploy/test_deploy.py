@@ -104,3 +104,68 @@ def test_the_dockerfile_installs_as_the_makefile_does_and_runs_unprivileged() ->
     assert re.search(r"^USER castmesh$", dockerfile, re.M) and "--uid 10001" in dockerfile
     assert 'ENTRYPOINT ["castmesh", "serve"]' in dockerfile
     assert "CASTMESH_WEB_ROOT" in dockerfile
+
+
+# Kubernetes ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def kubernetes() -> dict[tuple[str, str], dict[str, Any]]:
+    """deploy/k8s/castmesh.yaml's objects by (kind, name)."""
+    documents = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "castmesh.yaml").read_text()) if d]
+    return {(d["kind"], d["metadata"]["name"]): d for d in documents}
+
+
+def k8s_environment(objects: dict[tuple[str, str], dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment as the kubelet would set it (a pod IP for status.podIP)."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(objects[("ConfigMap", source["configMapRef"]["name"])]["data"])
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            assert item["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+            env[item["name"]] = "10.1.2.3"
+    return env
+
+
+def test_kubernetes_deployments_are_ready_by_grpc_health_and_reachable_by_services(
+        kubernetes: dict[tuple[str, str], dict[str, Any]]) -> None:
+    deployments = {name: d for (kind, name), d in kubernetes.items() if kind == "Deployment"}
+    assert set(CASTMESH) <= set(deployments)
+    for name in CASTMESH:
+        spec = deployments[name]["spec"]
+        assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+        assert spec["template"]["spec"]["securityContext"]["runAsUser"] == 10001
+        container = spec["template"]["spec"]["containers"][0]
+        args = container["args"]
+        grpc_port = int(args[args.index("--grpc-port") + 1])
+        assert container["readinessProbe"]["grpc"]["port"] == grpc_port, name  # the health service's port
+        assert container["livenessProbe"]["grpc"]["port"] == grpc_port, name
+        assert grpc_port in [p["containerPort"] for p in container["ports"]]
+        env = k8s_environment(kubernetes, container)
+        assert env["OTEL_SERVICE_NAME"] == f"castmesh-{name}" and env["CASTMESH_ADVERTISE_HOST"] == "10.1.2.3"
+    for (kind, name), service in kubernetes.items():
+        if kind != "Service":
+            continue
+        target = next(d for d in deployments.values()
+                      if service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items())
+        named = {p["name"] for c in target["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= named, name
+    dispatch_service = kubernetes[("Service", "dispatch")]["spec"]["ports"][0]["port"]
+    assert kubernetes[("ConfigMap", "castmesh")]["data"]["CASTMESH_DISPATCH"] == f"dispatch:{dispatch_service}"
+
+
+@pytest.mark.parametrize("name", CASTMESH)
+def test_each_kubernetes_container_starts_with_its_args_and_environment(
+        kubernetes: dict[tuple[str, str], dict[str, Any]], name: str) -> None:
+    container = kubernetes[("Deployment", name)]["spec"]["template"]["spec"]["containers"][0]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("CASTMESH_", "OTEL_"))},
+           **k8s_environment(kubernetes, container)}
+    result = subprocess.run([sys.executable, "-m", "services.cli", "serve", *container["args"], "--check-config"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)
+    assert resolved["registry"] == "dispatch" and resolved["advertise_host"] == "10.1.2.3"
+    if name != "dispatch":
+        assert resolved["dispatch"] == "dispatch:50050"
