@@ -113,6 +113,7 @@ class PublishCall(_Call):
         if self.relay.role != "origin":
             return reject(PublishRejected.REASON_BAD_REQUEST, "this relay is an edge; publish to an origin")
         waiting = self.relay.table.get(opening.stream)
+        previous = waiting.session_id if waiting is not None else ""
         span = tracing.start("relay.publish", {"castmesh.stream": stream_path(opening.stream),
                                                "castmesh.session": opening.session_id,
                                                "castmesh.node": self.relay.node_id},
@@ -124,8 +125,8 @@ class PublishCall(_Call):
             event(log, "publish.rejected", stream=f"{opening.stream.app}/{opening.stream.name}",
                   session=opening.session_id, reason="already published")
             return reject(PublishRejected.REASON_ALREADY_PUBLISHED, "stream is already being published")
-        if waiting is not None and waiting.session_id != opening.session_id:
-            span.add_event("republish", {"castmesh.previous_session": waiting.session_id,
+        if waiting is not None and previous != opening.session_id:
+            span.add_event("republish", {"castmesh.previous_session": previous,
                                          "castmesh.subscribers": len(waiting.subscribers)})
         self.setups[channel] = span
         self.streams[channel] = (stream, opening.session_id)

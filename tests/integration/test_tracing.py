@@ -177,3 +177,40 @@ def test_hls_and_gateway_requests_are_spans(tmp_path: Path, receiver: Receiver) 
     segment_span = by_name["GET /{app}/{stream}/hls/{muxer}/{segment}"]
     assert attribute(segment_span, "http.response.status_code") == 200
     assert attribute(segment_span, "url.path") == f"/live/{segment}"
+
+
+def test_a_republish_is_a_span_event_for_the_viewer_and_the_origin(tmp_path: Path, receiver: Receiver) -> None:
+    """The publisher vanishes (kill -9) and another takes the stream within the grace period: the viewer,
+    who keeps watching, gets a republish event, and so does the origin's new relay.publish."""
+    up = start_up(tmp_path, env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "200"})
+    try:
+        first = publish(up.rtmp("again"), 30, gop=30)
+        second = None
+        try:
+            wait_live(up.flv("again"))
+            seen, viewer = watch_in_background(up.flv("again"), 9)
+            time.sleep(3)
+            first.kill()
+            first.wait()
+            second = publish(up.rtmp("again"), 30, gop=30)
+            viewer.join(20)
+            assert seen.tags
+        finally:
+            for publisher in (first, second):
+                if publisher is not None:
+                    publisher.kill()
+                    publisher.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "http-flv.play" not in receiver.names():
+            time.sleep(0.2)
+    finally:
+        up.process.stop()
+    spans = [s for _, s in receiver.all()]
+    play = max((s for s in spans if s.name == "http-flv.play"),
+               key=lambda s: s.end_time_unix_nano - s.start_time_unix_nano)
+    assert "republish" in [e.name for e in play.events], [e.name for e in play.events]
+    sessions = [s for s in spans if s.name == "rtmp.publish"]
+    assert len(sessions) == 2 and len({s.trace_id for s in sessions}) == 2
+    assert len({link.span_id for link in play.links} & {s.span_id for s in sessions}) == 2  # linked to both
+    taken_over = [s for s in spans if s.name == "relay.publish" and "republish" in [e.name for e in s.events]]
+    assert len(taken_over) == 1 and taken_over[0].trace_id != play.trace_id
