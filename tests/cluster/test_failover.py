@@ -125,11 +125,14 @@ def test_dispatch_restart_forgets_nothing_viewers_need(cluster: Cluster) -> None
     cluster.kill9("dispatch")
     cluster.start("dispatch-again", ["serve", "dispatch", "--host", "127.0.0.1",
                                      "--grpc-port", str(cluster.dispatch_port)])
-    # Relays re-register and ingest claims its stream again, at the origin where it runs.
-    deadline = time.monotonic() + 8
+    # Relays re-register and ingest claims its stream again, at the origin where it runs. Usually within
+    # 2 s; the bound is loose because it once took over 8 s in a full suite run (Consul variant; not
+    # reproduced alone or under CPU load), and the logs say why if it ever fails.
+    deadline = time.monotonic() + 15
     while cluster.origin_of("steadfast") == "" and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert cluster.name_at(cluster.origin_of("steadfast")) == "origin"
+    origin = cluster.origin_of("steadfast")
+    assert origin and cluster.name_at(origin) == "origin", cluster.logs()
     newcomer = watch(url, 2.0)
     assert newcomer.status == 200 and len(newcomer.video()) > 20
     assert publisher.wait(30) == 0
