@@ -214,3 +214,40 @@ def test_a_republish_is_a_span_event_for_the_viewer_and_the_origin(tmp_path: Pat
     assert len({link.span_id for link in play.links} & {s.span_id for s in sessions}) == 2  # linked to both
     taken_over = [s for s in spans if s.name == "relay.publish" and "republish" in [e.name for e in s.events]]
     assert len(taken_over) == 1 and taken_over[0].trace_id != play.trace_id
+
+
+def test_an_origin_failover_is_a_span_event_at_every_hop_that_moved(tmp_path: Path, receiver: Receiver) -> None:
+    """The origin carrying a stream is killed with -9 under a viewer: ingest's publish session, the
+    playback node's feed and the viewer each get a failover event."""
+    cluster = traced(tmp_path, receiver)
+    try:
+        cluster.relay("origin-1")
+        cluster.relay("origin-2")
+        rtmp, http = cluster.ingest(), cluster.playback()
+        cluster.wait_registered()
+        url = f"http://127.0.0.1:{http}/live/moved.flv"
+        publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/moved", 12, gop=30)
+        try:
+            wait_live(url)
+            seen, viewer = watch_in_background(url, 8)
+            time.sleep(3)
+            cluster.kill9(cluster.name_at(cluster.origin_of("moved")))
+            viewer.join(20)
+            assert seen.error == "" and seen.tags  # it watched through the failover
+        finally:
+            publisher.wait(30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not {"rtmp.publish", "playback.feed"} <= receiver.names():
+            time.sleep(0.2)
+    finally:
+        cluster.stop()
+    spans = [s for _, s in receiver.all()]
+
+    def events(name: str) -> list[str]:
+        found = [s for s in spans if s.name == name]
+        assert found, name
+        return [e.name for s in found for e in s.events]
+
+    assert "failover" in events("rtmp.publish")  # ingest moved the publish to the other origin
+    assert "failover" in events("playback.feed")  # the feed followed the stream there
+    assert "failover" in events("http-flv.play")  # and the viewer, who kept its connection, is told
