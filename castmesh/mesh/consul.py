@@ -28,6 +28,7 @@ import aiohttp
 import consul
 import consul.aio
 
+from castmesh.mesh import runtime
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.dispatch_pb2 import (
     NODE_ROLE_DISPATCH,
@@ -102,11 +103,7 @@ class ConsulRegistry:
             await asyncio.sleep(self.every)
 
     async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await runtime.cancel_all(self.tasks)
         for node in self.nodes:
             with contextlib.suppress(*ERRORS):
                 await self.client.agent.service.deregister(node.id)
@@ -189,9 +186,5 @@ class ConsulNodes:
                     continue
 
     async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await runtime.cancel_all(self.tasks)
         await self.client.close()

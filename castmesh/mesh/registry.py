@@ -8,13 +8,13 @@ A registration is a held call: the node is listed while the call is open and rep
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 import grpc
 
+from castmesh.mesh import runtime
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.dispatch_pb2 import Node, NodeLoad, NodeReport
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
@@ -60,8 +60,4 @@ class DispatchRegistry:
             backoff = min(backoff * 2, 2.0)
 
     async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await runtime.cancel_all(self.tasks)

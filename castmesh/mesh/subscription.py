@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import grpc
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import SpanKind
 
 from castmesh.media.frames import detached, stream_path
 from castmesh.media.timeline import Continuity
@@ -128,15 +128,12 @@ class UpstreamSubscription:
         """Subscribe to one upstream; its end message, or None if the upstream failed."""
         ended: list[StreamEnd] = []
         with tracing.current(self.trace.span):
-            setup: Span | None = tracing.start("relay.subscribe", {"castmesh.stream": self.path,
-                                                                   "castmesh.upstream": address}, kind=SpanKind.CLIENT)
+            setup = tracing.start("relay.subscribe", {"castmesh.stream": self.path, "castmesh.upstream": address},
+                                  kind=SpanKind.CLIENT)
 
         def set_up(outcome: str) -> None:
             nonlocal setup
-            if setup is not None:
-                setup.add_event(outcome)
-                setup.end()
-                setup = None
+            setup = tracing.set_up(setup, outcome)
 
         def on_event(ev: SubscribeEvent) -> None:
             body = ev.WhichOneof("body")
@@ -144,8 +141,7 @@ class UpstreamSubscription:
                 frames = self.continuity.admit(list(detached(ev.batch).frames))
                 if frames:
                     self.on_frames(frames)
-                if setup is not None:
-                    set_up("first frames")
+                set_up("first frames")
             elif body == "header":
                 header = ev.header
                 new_timeline = self.continuity.on_header(header.session_id, header.has_video)

@@ -71,10 +71,6 @@ def setup(service: str) -> bool:
     return True
 
 
-def enabled() -> bool:
-    return _provider is not None
-
-
 MEDIA_CALLS = ("/castmesh.v1.Relay/Publish", "/castmesh.v1.Relay/Subscribe")
 
 
@@ -147,11 +143,11 @@ def end_at_setup(span: trace.Span, call: Any) -> None:
     task.add_done_callback(_pending.discard)
 
 
-def set_up(span: trace.Span, outcome: str = "set up") -> trace.Span:
-    """End a call's span at its setup (or at its end, if it never got that far); the invalid span, which
-    later calls leave alone."""
+def set_up(span: trace.Span, outcome: str = "set up", **attributes: int) -> trace.Span:
+    """End a call's or a stream's span at its setup (or at its end, if it never got that far), with the
+    outcome as an event; the invalid span, which later calls leave alone."""
     if span is not trace.INVALID_SPAN:
-        span.add_event(outcome)
+        span.add_event(outcome, attributes)
         span.end()
     return trace.INVALID_SPAN
 
@@ -204,13 +200,13 @@ def links(*contexts: Carrier) -> list[trace.Link]:
 
 
 def start(name: str, attributes: dict[str, str | int], kind: trace.SpanKind = trace.SpanKind.INTERNAL,
-          context: Carrier | None = None, link: tuple[Carrier, ...] = ()) -> trace.Span:
-    """A short span: a child of the span `context` names (else of the current one), linked to those
-    `link` names. With tracing off, the invalid span, whose methods do nothing."""
+          context: Carrier | None = None) -> trace.Span:
+    """A short span: a child of the span `context` names (else of the current one). With tracing off,
+    the invalid span, whose methods do nothing."""
     if _provider is None:
         return trace.INVALID_SPAN
     return tracer("castmesh.media").start_span(name, context=parent(context) if context else None, kind=kind,
-                                               attributes=attributes, links=links(*link))
+                                               attributes=attributes)
 
 
 def http_span(method: str, route: str, path: str, headers: Mapping[str, str]) -> trace.Span:
@@ -268,8 +264,10 @@ class SessionSpan:
     def link(self, context: Carrier, why: str) -> None:
         """Link this session to the span `context` names (the publisher's session, once a header names
         it), once per span."""
+        if not self.span.is_recording() or not context:
+            return
         key = repr(sorted(context.items()))
-        if not self.span.is_recording() or not context or key in self.linked:
+        if key in self.linked:
             return
         self.linked.add(key)
         for found in links(context):

@@ -24,6 +24,7 @@ import consul.aio
 from google.protobuf import json_format
 
 from castmesh.media.frames import stream_path
+from castmesh.mesh import runtime
 from castmesh.mesh.consul import ERRORS
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.dispatch_pb2 import Node, NodeLoad, StreamChange, StreamInfo
@@ -210,11 +211,7 @@ class ConsulDirectory:
         return await self.memory.nodes()
 
     async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await runtime.cancel_all(self.tasks)
         for session in list(self.sessions.values()):
             with contextlib.suppress(*ERRORS):
                 await self.client.session.destroy(session)

@@ -17,6 +17,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from prometheus_client import Counter
+
 from castmesh.media.gop import GopCache, header_frames
 from castmesh.mesh.link import LinkChannel, RelayLinks
 from castmesh.mesh.logs import event
@@ -35,6 +37,7 @@ RECLAIM_PAUSE = 0.5
 ANSWER_TIMEOUT = 5.0
 
 PublishChannel = LinkChannel[PublishItem, PublishReply]
+FRAMES_IN = Counter("castmesh_ingest_frames_in", "Audio, video and data frames received from RTMP publishers")
 
 
 class PublishRefused(Exception):
@@ -135,6 +138,7 @@ class RelayPublish:
         if not self.pending:
             return
         self.queue.put_nowait((FrameBatch(frames=self.pending), self.pending_bytes))
+        FRAMES_IN.inc(len(self.pending))  # once per batch, not per frame
         self.pending = []
         self.pending_bytes = 0
         if not self.paused and self.queue.qsize() > self.max_queued:

@@ -46,7 +46,6 @@ log = logging.getLogger("castmesh.ingest")
 PUBLISHES = Gauge("castmesh_ingest_publishing", "RTMP publishes being forwarded")
 PROTOCOL_ERRORS = Counter("castmesh_ingest_protocol_errors", "RTMP connections closed for a protocol error")
 BYTES_IN = Counter("castmesh_ingest_bytes_in", "Bytes received from RTMP publishers")
-FRAMES_IN = Counter("castmesh_ingest_frames_in", "Audio, video and data frames received from RTMP publishers")
 RELAY_QUEUE = Gauge("castmesh_ingest_relay_queue_batches", "Frame batches waiting to be written to origins, "
                     "all publishes together (reading a publisher pauses past 64 of its own)")
 
@@ -174,7 +173,6 @@ class RtmpSession(asyncio.Protocol):
             if self.publish is not None and ev.stream_id == self.publish_stream_id:
                 frame = make_frame(ev.kind, ev.timestamp, ev.payload, time.time_ns() // 1000)
                 self.publish.push(frame)
-                FRAMES_IN.inc()
                 if frame.keyframe and not self.keyframe_seen and self.trace is not None:
                     self.keyframe_seen = True
                     self.trace.event("first keyframe", timestamp=frame.timestamp)

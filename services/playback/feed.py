@@ -78,14 +78,12 @@ class FrameTap(Protocol):
 
 
 class ViewerState:
-    """Per-viewer delivery bookkeeping: how far behind the socket is, and whether it is skipping; and the
-    viewer's session span, which gets this feed's key moments as events."""
+    """Per-viewer delivery bookkeeping: how far behind the socket is, and whether it is skipping."""
 
-    __slots__ = ("behind_since", "marks", "sink", "skipping", "skips", "trace", "written")
+    __slots__ = ("behind_since", "marks", "sink", "skipping", "skips", "written")
 
-    def __init__(self, sink: ViewerSink, trace: SessionSpan | None) -> None:
+    def __init__(self, sink: ViewerSink) -> None:
         self.sink = sink
-        self.trace = trace
         self.written = 0
         self.marks: deque[tuple[float, int]] = deque()  # (when, total bytes written after that write)
         self.skipping = False
@@ -186,7 +184,7 @@ class StreamFeed:
 
     def _start(self, sink: ViewerSink) -> None:
         if sink.start(sink.format.head(self.cache)):
-            self.viewers[sink] = ViewerState(sink, self.traces.get(sink))
+            self.viewers[sink] = ViewerState(sink)
             VIEWERS.labels(sink.format.protocol).inc()
 
     # Upstream -------------------------------------------------------------------------------------------
@@ -288,8 +286,7 @@ class StreamFeed:
                 state.behind_since = now
                 state.skips += 1
                 SKIPS.inc()
-                if state.trace is not None:
-                    state.trace.event("skip to keyframe", lag_ms=round(state.lag(now) * 1000))
+                self._tell(state.sink, "skip to keyframe", lag_ms=round(state.lag(now) * 1000))
                 continue
             data = encoded.get(fmt.key)
             if data is None:
@@ -303,6 +300,12 @@ class StreamFeed:
         if not self.live:
             self._go_live()  # after the writes: the waiting viewers get these frames from the cache
 
+    def _tell(self, sink: ViewerSink, moment: str, **attributes: str | int) -> None:
+        """A key moment of one viewer's session, as an event on its span (if it has one)."""
+        trace = self.traces.get(sink)
+        if trace is not None:
+            trace.event(moment, **attributes)
+
     def _resume_point(self, frames: list[Frame]) -> int | None:
         has_video = self.cache.has_video
         return next((i for i, frame in enumerate(frames) if is_resume_point(frame, has_video)), None)
@@ -311,8 +314,7 @@ class StreamFeed:
         self.viewers.pop(state.sink, None)
         VIEWERS.labels(state.sink.format.protocol).dec()
         event(log, "viewer.drop", stream=self.path, reason=reason, skips=state.skips)
-        if state.trace is not None:
-            state.trace.event("disconnect", reason=reason)
+        self._tell(state.sink, "disconnect", reason=reason)
         state.sink.transport.abort()
 
     # Ending ---------------------------------------------------------------------------------------------
@@ -333,9 +335,8 @@ class StreamFeed:
             self.idle_handle.cancel()
         for sink in self.waiting:
             sink.refuse(status or 404, reason)
-        for sink, state in list(self.viewers.items()):
-            if state.trace is not None:
-                state.trace.event("disconnect", reason=reason)
+        for sink in list(self.viewers):
+            self._tell(sink, "disconnect", reason=reason)
             sink.finish(reason)
         for tap in list(self.taps):
             tap.end(reason, 0 if self.live else status or 404)

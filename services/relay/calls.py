@@ -137,8 +137,7 @@ class PublishCall(_Call):
     def _set_up(self, channel: int, outcome: str, **attributes: int) -> None:
         span = self.setups.pop(channel, None)
         if span is not None:
-            span.add_event(outcome, attributes)
-            span.end()
+            tracing.set_up(span, outcome, **attributes)
 
     def _reply(self, reply: PublishReply) -> None:
         self.replies.append(reply)
@@ -211,8 +210,7 @@ class SubscribeCall(_Call):
         if span is not None:
             for link in tracing.links(stream.publisher_trace):
                 span.add_link(link.context, {"castmesh.link": "publisher"})
-            span.add_event(outcome)
-            span.end()
+            tracing.set_up(span, outcome)
 
     def _note(self, channel: int, reason: StreamEnd.Reason, detail: str) -> None:
         self.notes.append(SubscribeEvent(channel=channel, end=StreamEnd(reason=reason, detail=detail)))
@@ -239,13 +237,12 @@ class SubscribeCall(_Call):
         response = SubscribeResponse(events=self.notes)
         self.notes = []
         budget = MAX_RESPONSE_BYTES
+        frames = 0
         for sub in list(self.ready):
             if budget <= 0:
                 break
             items, size, end = sub.take(budget)
             budget -= size
-            BYTES_OUT.inc(size)
-            FRAMES_OUT.inc(sum(len(item.frames) for item in items if isinstance(item, FrameBatch)))
             if sub in self.setups and (end is not None or any(isinstance(i, FrameBatch) for i in items)):
                 self._set_up(sub, self.channels[sub.channel][1], "ended" if end else "first frames")
             batch = None
@@ -257,6 +254,7 @@ class SubscribeCall(_Call):
                     if batch is None:
                         batch = response.events.add(channel=sub.channel).batch
                     batch.MergeFrom(item)
+                    frames += len(item.frames)
             if end is not None:
                 response.events.add(channel=sub.channel).end.CopyFrom(end)
                 entry = self.channels.pop(sub.channel, None)
@@ -264,6 +262,8 @@ class SubscribeCall(_Call):
                     self.relay.unsubscribe(entry[1], sub, StreamEnd.Reason.Name(end.reason))
             if not sub.queue:
                 del self.ready[sub]
+        BYTES_OUT.inc(MAX_RESPONSE_BYTES - budget)
+        FRAMES_OUT.inc(frames)
         return response
 
     def close_all(self) -> None:

@@ -38,6 +38,17 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def check_config(args: list[str], environment: dict[str, str]) -> dict[str, Any]:
+    """`castmesh serve ARGS --check-config` with this environment (and none of ours): the resolved
+    configuration, once the real CLI accepted it."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("CASTMESH_", "OTEL_"))}, **environment}
+    result = subprocess.run([sys.executable, "-m", "services.cli", "serve", *args, "--check-config"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    resolved: dict[str, Any] = json.loads(result.stdout)
+    return resolved
+
+
 def test_the_stack_has_every_service_wired_with_health_and_order(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert {"consul", "jaeger", *CASTMESH} <= set(services)
@@ -64,12 +75,7 @@ def test_the_stack_has_every_service_wired_with_health_and_order(compose: dict[s
 @pytest.mark.parametrize("name", CASTMESH)
 def test_each_service_starts_with_its_compose_command_and_environment(compose: dict[str, Any], name: str) -> None:
     service = compose["services"][name]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("CASTMESH_", "OTEL_"))},
-           **environment(service)}
-    result = subprocess.run([sys.executable, "-m", "services.cli", "serve", *service["command"], "--check-config"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stderr
-    resolved = json.loads(result.stdout)
+    resolved = check_config(service["command"], environment(service))
     assert resolved["registry"] == "consul" and resolved["host"] == "0.0.0.0"
     assert resolved["advertise_host"] == "auto"
     if name != "dispatch":
@@ -160,12 +166,7 @@ def test_kubernetes_deployments_are_ready_by_grpc_health_and_reachable_by_servic
 def test_each_kubernetes_container_starts_with_its_args_and_environment(
         kubernetes: dict[tuple[str, str], dict[str, Any]], name: str) -> None:
     container = kubernetes[("Deployment", name)]["spec"]["template"]["spec"]["containers"][0]
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("CASTMESH_", "OTEL_"))},
-           **k8s_environment(kubernetes, container)}
-    result = subprocess.run([sys.executable, "-m", "services.cli", "serve", *container["args"], "--check-config"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
-    assert result.returncode == 0, result.stderr
-    resolved = json.loads(result.stdout)
+    resolved = check_config(container["args"], k8s_environment(kubernetes, container))
     assert resolved["registry"] == "dispatch" and resolved["advertise_host"] == "10.1.2.3"
     if name != "dispatch":
         assert resolved["dispatch"] == "dispatch:50050"
