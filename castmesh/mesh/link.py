@@ -102,6 +102,7 @@ class Link(Generic[Item, Reply]):
         self.channels: dict[int, LinkChannel[Item, Reply]] = {}
         self.numbers = itertools.count(1)
         self.writes: deque[Write[Item]] = deque()
+        self.in_flight: Write[Item] | None = None  # popped from writes, its call.write not yet returned
         self.wake = asyncio.Event()
         self.lost = ""
         self.messages_out = 0
@@ -138,8 +139,9 @@ class Link(Generic[Item, Reply]):
                 await self.wake.wait()
                 self.wake.clear()
                 while self.writes:
-                    write = self.writes.popleft()
+                    write = self.in_flight = self.writes.popleft()
                     await self.call.write(self.wrap(write.items))
+                    self.in_flight = None
                     self.messages_out += 1
                     write.written.set_result(True)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
@@ -180,6 +182,9 @@ class Link(Generic[Item, Reply]):
         for channel in list(self.channels.values()):
             channel.lost = why
             channel.close()
+        if self.in_flight is not None:  # its sender must hear it too, or it waits for ever
+            self.writes.appendleft(self.in_flight)
+            self.in_flight = None
         while self.writes:
             self.writes.popleft().written.set_result(False)
         self.call.cancel()
