@@ -25,8 +25,7 @@ class Catalog:
     def __init__(self, dispatch: DispatchStub | None, relay: str = "") -> None:
         self.dispatch = dispatch
         self.relay = relay
-        self.stubs: dict[str, RelayStub] = {}
-        self.channels: list[grpc.aio.Channel] = []
+        self.channels = grpcutil.ChannelPool()
 
     async def streams(self) -> list[StreamStats]:
         """Every published stream (waiting for its publisher to come back included), sorted by path."""
@@ -42,17 +41,13 @@ class Catalog:
         return [found[path] for path in sorted(found)]
 
     async def _stats(self, origin: str) -> list[StreamStats]:
-        stub = self.stubs.get(origin)
-        if stub is None:
-            chan = grpcutil.channel(origin)
-            self.channels.append(chan)
-            stub = self.stubs[origin] = RelayStub(chan)
         try:
-            return list((await stub.Stats(StatsRequest(), timeout=TIMEOUT)).streams)
+            return list((await RelayStub(self.channels.get(origin)).Stats(StatsRequest(), timeout=TIMEOUT)).streams)
         except grpc.aio.AioRpcError as exc:
             event(log, "catalog.stats_failed", level=logging.WARNING, relay=origin, error=exc.code().name)
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self.channels.forget(origin)
             return []
 
     async def close(self) -> None:
-        for chan in self.channels:
-            await chan.close()
+        await self.channels.close()

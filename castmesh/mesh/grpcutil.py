@@ -1,8 +1,10 @@
 """gRPC channels and servers with the options every castmesh hop needs.
 
 A frame batch can hold a large keyframe, so the 4 MB default receive limit is raised on both sides.
-Keepalive lets a relay notice a vanished peer (half-open TCP) within seconds, not hours. With tracing on,
-every channel and server carries the tracing interceptors (castmesh.mesh.tracing).
+Keepalive lets a relay notice a vanished peer (half-open TCP) within seconds, not hours. Reconnect backoff
+is capped at 2 s instead of gRPC's 120 s: a dispatch or relay that restarts is reached again within about
+2 s of coming back, not after a backoff that grew while it was down. With tracing on, every channel and
+server carries the tracing interceptors (castmesh.mesh.tracing).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 SERVER_OPTIONS = [*OPTIONS, ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
 
@@ -67,11 +71,13 @@ def bind(srv: grpc.aio.Server, host: str, port: int, what: str) -> int:
 
 
 class ChannelPool:
-    """One channel per peer address, shared by every call to that peer."""
+    """One channel per peer address, shared by every call to that peer. Forget a peer that failed: its
+    channel is closed (it would otherwise retry a dead address for ever) and the next call opens a new one."""
 
     def __init__(self, traced: bool = True) -> None:
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.traced = traced
+        self.closing: set[asyncio.Task[None]] = set()
 
     def get(self, target: str) -> grpc.aio.Channel:
         chan = self.channels.get(target)
@@ -79,7 +85,15 @@ class ChannelPool:
             chan = self.channels[target] = channel(target, self.traced)
         return chan
 
+    def forget(self, target: str) -> None:
+        chan = self.channels.pop(target, None)
+        if chan is not None:
+            task = asyncio.get_running_loop().create_task(chan.close())
+            self.closing.add(task)
+            task.add_done_callback(self.closing.discard)
+
     async def close(self) -> None:
         for chan in self.channels.values():
             await chan.close()
         self.channels.clear()
+        await asyncio.gather(*self.closing)

@@ -225,6 +225,8 @@ class RelayLinks:
         for links in (self.publishes, self.subscribes):
             if links.get(link.address) is link:
                 del links[link.address]
+        if link.address not in self.publishes and link.address not in self.subscribes:
+            self.channels.forget(link.address)  # the relay may be gone for good (a replaced pod)
 
     async def close(self) -> None:
         links: list[Link[Any, Any]] = [*self.publishes.values(), *self.subscribes.values()]

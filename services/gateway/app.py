@@ -75,7 +75,7 @@ class Gateway:
         self.dispatch = dispatch
         self.signer = signer or Signer()
         self.admin_token = admin_token
-        self.admin_channels: dict[str, grpc.aio.Channel] = {}
+        self.admin_channels = grpcutil.ChannelPool()
         self.catalog = catalog
         self.epsilon = epsilon
         self.sent: dict[str, deque[float]] = defaultdict(deque)  # node id -> when this gateway sent viewers
@@ -135,8 +135,7 @@ class Gateway:
     async def _close(self, application: web.Application) -> None:
         if self.http is not None:
             await self.http.close()
-        for channel in self.admin_channels.values():
-            await channel.close()
+        await self.admin_channels.close()
 
     # Streams --------------------------------------------------------------------------------------------
 
@@ -271,10 +270,12 @@ class Gateway:
         if not port:
             raise web.HTTPServiceUnavailable(text=f"node {node.id} has no admin port")
         address = f"{node.address.rpartition(':')[0]}:{port}"
-        channel = self.admin_channels.get(address)
-        if channel is None:
-            channel = self.admin_channels[address] = grpcutil.channel(address)
-        reply = await AdminStub(channel).Kick(kick, timeout=TIMEOUT)
+        try:
+            reply = await AdminStub(self.admin_channels.get(address)).Kick(kick, timeout=TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self.admin_channels.forget(address)
+            raise
         kicked: int = reply.kicked
         return kicked
 

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from castmesh.media.frames import VIDEO, make_frame, stream_key
+from castmesh.mesh.catalog import Catalog
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.subscription import fixed_upstream
 from castmesh.proto.v1.media_pb2 import FrameBatch
@@ -223,3 +224,29 @@ def test_a_late_subscriber_to_an_edge_gets_the_header_before_the_gop() -> None:
             await edge_server.stop(grace=0)
 
     run(scenario)
+
+
+def test_a_relay_that_goes_away_is_forgotten_and_one_on_its_address_is_reached_again() -> None:
+    async def main() -> None:
+        links = RelayLinks()
+        server, port = await relay_service.start("127.0.0.1", 0, RelayService(node_id="first"))
+        address = f"127.0.0.1:{port}"
+        catalog = Catalog(None, relay=address)
+        await publish_all(links, address, ["a"])
+        assert [s.stream.name for s in await catalog.streams()] == ["a"]
+        await server.stop(grace=0)
+        # Calls failed: no link and no channel to the address are kept (it may never come back).
+        await until(lambda: address not in links.publishes, "the link to leave")
+        assert address not in links.channels.channels
+        assert await catalog.streams() == []
+        assert address not in catalog.channels.channels
+        server, _ = await relay_service.start("127.0.0.1", port, RelayService(node_id="second"))
+        try:
+            await publish_all(links, address, ["b"])  # a new call on a new channel, accepted
+            assert [s.stream.name for s in await catalog.streams()] == ["b"]
+        finally:
+            await links.close()
+            await catalog.close()
+            await server.stop(grace=0)
+
+    asyncio.run(asyncio.wait_for(main(), 20))
