@@ -1,6 +1,8 @@
 """The live streams, for listings (the player page): which streams are published (dispatch's directory,
 or the one relay when there is no dispatch) and what they carry (their origin relay's Stats: codecs,
-size, bitrate). One Stats call per origin, however many streams it holds."""
+size, bitrate). One Stats call per origin, however many streams it holds, and at most one listing a second
+(LISTING_TTL): every caller meanwhile, however many player pages poll, shares the last one or the one in
+flight."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import asyncio
 import logging
 
 import grpc
+from async_lru import alru_cache
 
 from castmesh.media.frames import stream_path
 from castmesh.mesh import grpcutil
@@ -19,6 +22,7 @@ from castmesh.proto.v1.relay_pb2_grpc import RelayStub
 
 log = logging.getLogger("castmesh.catalog")
 TIMEOUT = 2.0
+LISTING_TTL = 1.0
 
 
 class Catalog:
@@ -26,8 +30,9 @@ class Catalog:
         self.dispatch = dispatch
         self.relay = relay
         self.channels = grpcutil.ChannelPool()
+        self.streams = alru_cache(maxsize=1, ttl=LISTING_TTL)(self._streams)
 
-    async def streams(self) -> list[StreamStats]:
+    async def _streams(self) -> list[StreamStats]:
         """Every published stream (waiting for its publisher to come back included), sorted by path."""
         wanted: set[str] | None = None
         origins = {self.relay} if self.relay else set()
@@ -50,4 +55,5 @@ class Catalog:
             return []
 
     async def close(self) -> None:
+        await self.streams.cache_close()
         await self.channels.close()

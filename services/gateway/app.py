@@ -14,6 +14,7 @@
 Playback nodes for a stream are chosen by consistent hashing with bounded loads (castmesh.mesh.ring):
 a stream's viewers pack onto few nodes, none above (1 + epsilon) x the average. A node's load is what it
 last reported (its viewers) plus what this gateway sent it since. Errors are RFC 9457 problem details.
+Listings are at most a second old (catalog.LISTING_TTL): one gathering at a time, shared by every caller.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from urllib.parse import urlencode
 import aiohttp
 import grpc
 from aiohttp import web
+from async_lru import alru_cache
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from castmesh.media.frames import stream_key, stream_path
 from castmesh.mesh import grpcutil, tracing
 from castmesh.mesh.auth import Signer
-from castmesh.mesh.catalog import Catalog
+from castmesh.mesh.catalog import LISTING_TTL, Catalog
 from castmesh.mesh.logs import event
 from castmesh.mesh.ring import BoundedRing
 from castmesh.proto.v1.admin_pb2 import KickRequest
@@ -80,6 +82,7 @@ class Gateway:
         self.epsilon = epsilon
         self.sent: dict[str, deque[float]] = defaultdict(deque)  # node id -> when this gateway sent viewers
         self.http: aiohttp.ClientSession | None = None
+        self.listing = alru_cache(maxsize=1, ttl=LISTING_TTL)(self._listing)
 
     def app(self) -> web.Application:
         application = web.Application(middlewares=[self._traced, self._problems])
@@ -133,6 +136,7 @@ class Gateway:
             return problem(503, "Service Unavailable", f"dispatch did not answer: {exc.code().name}")
 
     async def _close(self, application: web.Application) -> None:
+        await self.listing.cache_close()
         if self.http is not None:
             await self.http.close()
         await self.admin_channels.close()
@@ -189,11 +193,11 @@ class Gateway:
         return counts, clients
 
     async def streams(self, request: web.Request) -> web.Response:
-        return web.json_response({"streams": await self._listing()})
+        return web.json_response({"streams": await self.listing()})
 
     async def stream(self, request: web.Request) -> web.Response:
         wanted = (request.match_info["app"], request.match_info["stream"])
-        for entry in await self._listing():
+        for entry in await self.listing():
             if (entry["app"], entry["stream"]) == wanted:
                 return web.json_response(entry)
         return problem(404, "Not Found", f"nobody is publishing {wanted[0]}/{wanted[1]}")

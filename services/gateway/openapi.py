@@ -34,7 +34,8 @@ DOCUMENT: dict[str, Any] = {
                             "nodes. Errors are problem details (RFC 9457)."},
     "paths": {
         "/api/v1/streams": {"get": {
-            "summary": "Live streams: publisher, codecs, resolution, bitrate, viewers and playback nodes",
+            "summary": "Live streams: publisher, codecs, resolution, bitrate, viewers and playback nodes "
+                       "(at most a second old)",
             "operationId": "listStreams",
             "responses": {"200": _json("StreamList", "The live streams"), "503": PROBLEM}}},
         "/api/v1/streams/{app}/{stream}": {"get": {

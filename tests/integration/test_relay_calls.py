@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from castmesh.media.frames import VIDEO, make_frame, stream_key
-from castmesh.mesh.catalog import Catalog
+from castmesh.mesh.catalog import LISTING_TTL, Catalog
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.subscription import fixed_upstream
 from castmesh.proto.v1.media_pb2 import FrameBatch
@@ -20,6 +20,7 @@ from castmesh.proto.v1.relay_pb2 import (
     PublishRejected,
     PublishReply,
     PublishRequest,
+    StatsReply,
     StatsRequest,
     StreamEnd,
     SubscribeClose,
@@ -238,12 +239,48 @@ def test_a_relay_that_goes_away_is_forgotten_and_one_on_its_address_is_reached_a
         # Calls failed: no link and no channel to the address are kept (it may never come back).
         await until(lambda: address not in links.publishes, "the link to leave")
         assert address not in links.channels.channels
+        catalog.streams.cache_clear()  # not the listing of a second ago
         assert await catalog.streams() == []
         assert address not in catalog.channels.channels
         server, _ = await relay_service.start("127.0.0.1", port, RelayService(node_id="second"))
         try:
             await publish_all(links, address, ["b"])  # a new call on a new channel, accepted
+            catalog.streams.cache_clear()
             assert [s.stream.name for s in await catalog.streams()] == ["b"]
+        finally:
+            await links.close()
+            await catalog.close()
+            await server.stop(grace=0)
+
+    asyncio.run(asyncio.wait_for(main(), 20))
+
+
+class CountingRelay(RelayService):
+    def __init__(self) -> None:
+        super().__init__(node_id="counted")
+        self.stats_calls = 0
+
+    async def Stats(self, request: StatsRequest, context: grpc.aio.ServicerContext) -> StatsReply:
+        self.stats_calls += 1
+        return await super().Stats(request, context)
+
+
+def test_listings_asked_for_together_or_within_a_second_cost_the_origin_one_stats_call() -> None:
+    async def main() -> None:
+        relay = CountingRelay()
+        server, port = await relay_service.start("127.0.0.1", 0, relay)
+        address = f"127.0.0.1:{port}"
+        links, catalog = RelayLinks(), Catalog(None, relay=address)
+        try:
+            await publish_all(links, address, ["a"])
+            lists = await asyncio.gather(*(catalog.streams() for _ in range(50)))  # fifty pages at once
+            lists.append(await catalog.streams())  # and one a moment later
+            assert all([s.stream.name for s in found] == ["a"] for found in lists)
+            assert relay.stats_calls == 1
+            await publish_all(links, address, ["b"])
+            await asyncio.sleep(LISTING_TTL + 0.2)
+            assert [s.stream.name for s in await catalog.streams()] == ["a", "b"]  # a new listing
+            assert relay.stats_calls == 2
         finally:
             await links.close()
             await catalog.close()
