@@ -198,6 +198,8 @@ class RelayPublish:
             await self.lease.lost.wait()
             if self.closed:
                 return
+            event(log, "lease.lost", level=logging.WARNING, stream=f"{self.key.app}/{self.key.name}",
+                  origin=self.origin)
             await asyncio.sleep(RECLAIM_PAUSE)  # give relays a moment to register with the new dispatch
             try:
                 origin = await self.lease.reclaim(self.origin)

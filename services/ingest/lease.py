@@ -3,6 +3,8 @@
 DispatchLease holds a Dispatch.Lease call: one publisher per stream cluster-wide, released when the call
 ends (so it dies with this process). If the call breaks on dispatch's side (dispatch restarted), `lost`
 is set and the owner re-claims with `reclaim(origin_hint)`, so the stream is listed again where it runs.
+An answer that does not come within ANSWER_TIMEOUT is a refusal (and the call is dropped), so a dispatch
+that accepted a call but never answers cannot hold a publish or its failover for ever.
 FixedLease is for a single relay given by --relay: that relay alone decides whether the stream is taken.
 """
 
@@ -18,6 +20,7 @@ from castmesh.proto.v1.dispatch_pb2 import LeaseReply, LeaseRequest
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from castmesh.proto.v1.media_pb2 import StreamKey
 
+ANSWER_TIMEOUT = 5.0  # a claim at a Consul-backed dispatch is a few Consul round trips
 
 class LeaseRefused(Exception):
     pass
@@ -87,11 +90,17 @@ class DispatchLease:
             self.lost.set()
 
     async def _answer(self, call: grpc.aio.StreamStreamCall, request: LeaseRequest) -> str:
-        try:
+        async def ask() -> LeaseReply | None:
             await call.write(request)
+            return await self.replies.get()
+
+        try:
+            reply = await asyncio.wait_for(ask(), ANSWER_TIMEOUT)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             raise LeaseRefused(f"dispatch unavailable: {exc}") from exc
-        reply = await self.replies.get()
+        except TimeoutError:
+            call.cancel()
+            raise LeaseRefused(f"dispatch did not answer within {ANSWER_TIMEOUT:g}s") from None
         if reply is None:
             raise LeaseRefused("dispatch unavailable or ended the lease")
         if reply.HasField("rejected"):

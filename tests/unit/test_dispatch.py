@@ -20,10 +20,12 @@ from castmesh.proto.v1.dispatch_pb2 import (
     NodeReport,
     StreamChange,
 )
-from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
+from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub, add_DispatchServicer_to_server
 from services.dispatch import service as dispatch_service
 from services.dispatch.directory import InMemoryDirectory
 from services.dispatch.placement import pick_edge
+from services.dispatch.service import DispatchService
+from services.ingest import lease
 
 
 async def _node_reports(node: Node, load: NodeLoad, stop: asyncio.Event) -> AsyncIterator[NodeReport]:
@@ -154,3 +156,45 @@ def test_rendezvous_edges_are_stable_and_spread() -> None:
     gone = nodes[0][0].address
     moved = [s for s, n in picks.items() if n and n.address != gone and pick_edge(nodes, "a", s, {gone}) != n]
     assert moved == []
+
+
+class SilentDispatch(DispatchService):
+    """Takes Lease calls and never answers (a dispatch stuck behind its directory)."""
+
+    def __init__(self) -> None:
+        super().__init__(InMemoryDirectory())
+        self.ended = asyncio.Event()
+
+    async def Lease(self, request_iterator, context):  # type: ignore[no-untyped-def, override]
+        try:
+            async for _ in request_iterator:
+                pass
+        finally:
+            self.ended.set()
+        return
+        yield
+
+
+def test_a_lease_answer_that_never_comes_is_a_refusal_and_the_call_is_dropped(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(lease, "ANSWER_TIMEOUT", 0.5)
+
+    async def main() -> str:
+        silent = SilentDispatch()
+        server = grpc.aio.server()
+        add_DispatchServicer_to_server(silent, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        chan = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            held = lease.DispatchLease(DispatchStub(chan), stream_key("live", "x"), "ingest-1/rtmp-1", "")
+            try:
+                await asyncio.wait_for(held.reclaim("127.0.0.1:1"), 5)
+            except lease.LeaseRefused as refused:
+                await asyncio.wait_for(silent.ended.wait(), 5)  # dispatch saw the call go
+                return str(refused)
+            return "granted"
+        finally:
+            await chan.close()
+            await server.stop(grace=0)
+
+    assert asyncio.run(main()) == "dispatch did not answer within 0.5s"
