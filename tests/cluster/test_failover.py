@@ -49,11 +49,11 @@ def test_origin_killed_while_publishing_and_viewing(cluster: Cluster) -> None:
     assert publisher.wait(30) == 0, publisher.stderr.read() if publisher.stderr else ""
     viewer.join(30)
 
-    assert survivor_origin and cluster.name_at(survivor_origin) != victim, cluster.logs()
+    assert survivor_origin and cluster.name_at(survivor_origin) != victim
     assert seen.error == "" and seen.ended_cleanly  # the viewer's connection stayed open throughout
     keyframes_after = [at for t, at in zip(seen.tags, seen.arrivals, strict=True)
                        if t.kind == 9 and t.payload[:2] == b"\x17\x01" and at > killed_at]
-    assert keyframes_after and keyframes_after[0] - killed_at < 3.0, cluster.logs()
+    assert keyframes_after and keyframes_after[0] - killed_at < 3.0
     assert_monotonic(seen.tags)
     counts, errors = decode_seen(seen)
     assert errors == "", errors
@@ -126,13 +126,14 @@ def test_dispatch_restart_forgets_nothing_viewers_need(cluster: Cluster) -> None
     cluster.start("dispatch-again", ["serve", "dispatch", "--host", "127.0.0.1",
                                      "--grpc-port", str(cluster.dispatch_port)])
     # Relays re-register and ingest claims its stream again, at the origin where it runs. Usually within
-    # 2 s; the bound is loose because it once took over 8 s in a full suite run (Consul variant; not
-    # reproduced alone or under CPU load), and the logs say why if it ever fails.
+    # 2 s; the bound is loose because it once took over 8 s in a full suite run (Consul variant: ingest's
+    # reclaim waited for an answer with no timeout; now 5 s, then a new claim). A failing cluster test
+    # prints every node's log (conftest).
     deadline = time.monotonic() + 15
     while cluster.origin_of("steadfast") == "" and time.monotonic() < deadline:
         time.sleep(0.2)
     origin = cluster.origin_of("steadfast")
-    assert origin and cluster.name_at(origin) == "origin", cluster.logs()
+    assert origin and cluster.name_at(origin) == "origin"
     newcomer = watch(url, 2.0)
     assert newcomer.status == 200 and len(newcomer.video()) > 20
     assert publisher.wait(30) == 0
