@@ -6,6 +6,8 @@ import pytest
 from tests.cluster.harness import Cluster
 from tests.consul.double import ConsulDouble
 
+FAILED = pytest.StashKey[bool]()  # whether the test itself (not its setup or teardown) failed
+
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport,
@@ -14,9 +16,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.when == "call":
         item.stash[FAILED] = report.failed
     return report
-
-
-FAILED = pytest.StashKey[bool]()
 
 
 def _stop(request: pytest.FixtureRequest, cluster: Cluster) -> None:
