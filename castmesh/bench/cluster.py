@@ -4,9 +4,13 @@ latency: the same real-time 2 Mbps clip, published over RTMP by a separate proce
 each video frame left, played by sampled HTTP-FLV viewers; once through `castmesh up` (one process) and
 once through ingest -> origin -> edge -> playback as separate processes (with dispatch), in one run.
 
-failover: dispatch, two origins, ingest and playback as processes; the origin holding the stream is
-killed with -9 mid-stream. Reported per run: the longest gap between video frames a viewer received
-around the kill (the stall), and the time from the kill to the next keyframe.
+failover: dispatch, two origins, two edges, ingest and playback as processes (viewers on the playback
+node, which pulls through an edge); one fault per run, injected early (4 s into the stream) and late
+(after 30 s, past every retry window and grace period): the origin holding the stream killed with -9, the
+edge serving it killed with -9, or dispatch killed with -9 and started again. Reported per fault kind and
+time: the longest gap between video frames a viewer received around the fault (the stall, p50 and max
+over viewers and runs), the time from the fault to the next keyframe, viewers that were disconnected, and
+for a dispatch restart the time from the new dispatch listening until the stream is listed again.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from castmesh.bench.common import (
 from castmesh.bench.rtmp_publisher import run_in_process
 from castmesh.proto.v1.dispatch_pb2 import ListNodesRequest, ListStreamsRequest
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
+from castmesh.proto.v1.relay_pb2 import StatsRequest
+from castmesh.proto.v1.relay_pb2_grpc import RelayStub
 
 HOST = "127.0.0.1"
 
@@ -50,8 +56,13 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     lat.add_argument("--viewers", type=int, default=5, help="sampled HTTP-FLV viewers (default 5)")
     lat.add_argument("--out", default="bench-out")
     lat.add_argument("--json", action="store_true")
-    fail = commands.add_parser("failover", help="viewer-visible stall when the origin is killed -9")
-    fail.add_argument("--runs", type=int, default=3, help="kills (default 3); medians are reported")
+    fail = commands.add_parser("failover", help="viewer-visible stall when an origin, an edge or dispatch dies")
+    fail.add_argument("--runs", type=int, default=2, help="runs per fault kind and time (default 2)")
+    fail.add_argument("--kinds", default="origin,edge,dispatch", help="faults to inject (default: all three)")
+    fail.add_argument("--after", default="4,30", help="seconds into the stream to inject each fault (default 4,30)")
+    fail.add_argument("--viewers", type=int, default=3, help="HTTP-FLV viewers (default 3)")
+    fail.add_argument("--dispatch-down", type=float, default=2.0,
+                      help="seconds a killed dispatch stays down before it is started again (default 2)")
     fail.add_argument("--out", default="bench-out")
     fail.add_argument("--json", action="store_true")
 
@@ -75,7 +86,7 @@ class Setup:
                           "--http-port", str(self.http_port)], self.http_port, ready=b"Ctrl-C stops.")
         return self
 
-    def cluster(self, origins: int = 1, edge: bool = True) -> Setup:
+    def cluster(self, origins: int = 1, edges: int = 1) -> Setup:
         port = free_port()
         self.dispatch = f"{HOST}:{port}"
         self.start("dispatch", ["serve", "dispatch", "--host", HOST, "--grpc-port", str(port)], port)
@@ -83,10 +94,10 @@ class Setup:
         for i in range(origins):
             port = free_port()
             self.start(f"origin-{i}", ["serve", "relay", *common, "--grpc-port", str(port), "--role", "origin"], port)
-        if edge:
+        for i in range(edges):
             port = free_port()
-            self.start("edge", ["serve", "relay", *common, "--grpc-port", str(port), "--role", "edge", "--zone", "z"],
-                       port)
+            self.start(f"edge-{i}", ["serve", "relay", *common, "--grpc-port", str(port), "--role", "edge",
+                                     "--zone", "z"], port)
         self.rtmp_port, self.http_port = free_port(), free_port()
         self.start("ingest", ["serve", "ingest", *common, "--rtmp-port", str(self.rtmp_port)], self.rtmp_port)
         self.start("playback", ["serve", "playback", *common, "--http-port", str(self.http_port), "--rtmp-port",
@@ -148,47 +159,98 @@ async def latency(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _origin_of(dispatch: str) -> str:
-    async with grpc.aio.insecure_channel(dispatch) as chan:
-        reply = await DispatchStub(chan).ListStreams(ListStreamsRequest(), timeout=5)
+    try:
+        async with grpc.aio.insecure_channel(dispatch) as chan:
+            reply = await DispatchStub(chan).ListStreams(ListStreamsRequest(), timeout=2)
+    except grpc.aio.AioRpcError:
+        return ""
     return next((s.origin for s in reply.streams if s.stream.name == "bench"), "")
 
 
-async def _one_failover(clip: Path) -> dict[str, Any]:
-    setup = Setup().cluster(origins=2, edge=False)
-    publisher, receiver = _publisher(clip, setup.rtmp_port, 14)
-    watching = []
-    try:
-        await wait_live(HOST, setup.http_port, "/live/bench.flv", 20)
-        watching = await open_viewers(HOST, setup.http_port, "/live/bench.flv", 3, Clock(), 3)
-        await asyncio.sleep(4)
+async def _serving_edge(setup: Setup) -> str:
+    for name, port in setup.ports.items():
+        if name.startswith("edge-"):
+            async with grpc.aio.insecure_channel(f"{HOST}:{port}") as chan:
+                if (await RelayStub(chan).Stats(StatsRequest(), timeout=5)).streams:
+                    return name
+    raise RuntimeError("no edge serves the stream")
+
+
+async def _inject(setup: Setup, kind: str, down: float) -> tuple[float, float]:
+    """Inject one fault; when it happened, and when a restarted dispatch listened again. Processes are
+    waited for on a thread: the viewers share this event loop, and a blocked loop would look like a stall."""
+    if kind == "origin":
         origin = await _origin_of(setup.dispatch)
         victim = next(n for n, p in setup.ports.items() if origin.endswith(f":{p}"))
-        setup.procs[victim].send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        await asyncio.sleep(6)
+    elif kind == "edge":
+        victim = await _serving_edge(setup)
+    else:
+        victim = "dispatch"
+    setup.procs[victim].send_signal(signal.SIGKILL)
+    at = time.monotonic()
+    await asyncio.to_thread(setup.procs[victim].wait)
+    if kind == "dispatch":
+        await asyncio.sleep(down)
+        port = setup.ports["dispatch"]
+        await asyncio.to_thread(setup.start, "dispatch", ["serve", "dispatch", "--host", HOST, "--grpc-port",
+                                                          str(port)], port)
+    return at, time.monotonic()
+
+
+async def _one_failover(clip: Path, kind: str, after: float, viewers: int, down: float) -> dict[str, Any]:
+    setup = Setup().cluster(origins=2, edges=2)
+    publisher, receiver = _publisher(clip, setup.rtmp_port, after + 12 + down)
+    watching = []
+    relisted = None
+    disconnected = 0
+    try:
+        await wait_live(HOST, setup.http_port, "/live/bench.flv", 20)
+        watching = await open_viewers(HOST, setup.http_port, "/live/bench.flv", viewers, Clock(), viewers)
+        await asyncio.sleep(after)
+        fault, back = await _inject(setup, kind, down)
+        if kind == "dispatch":
+            while time.monotonic() - back < 6:
+                if await _origin_of(setup.dispatch):
+                    relisted = round(time.monotonic() - back, 3)  # from the new dispatch's listening
+                    break
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(max(0.0, back + 6 - time.monotonic()))
+        disconnected = sum(v.closed for v in watching)  # the stream was still on: none should have ended
     finally:
         close_viewers(watching)
-        publisher.join(40)
+        publisher.join(after + 40)
         if receiver.poll(5):
             receiver.recv()
         setup.stop()
     stalls, to_key = [], []
     for viewer in watching:
-        arrivals = [at for _, at, _ in viewer.video if killed - 1 <= at <= killed + 6]
-        if len(arrivals) > 1:
-            stalls.append(max(b - a for a, b in itertools.pairwise(arrivals)))
-        keys = [at for _, at, key in viewer.video if key and at > killed]
-        to_key.append(keys[0] - killed if keys else float("inf"))
-    return {"stall_s": round(max(stalls), 3) if stalls else None, "to_keyframe_s": round(max(to_key), 3)}
+        arrivals = [at for _, at, _ in viewer.video if fault - 1 <= at <= back + 6]
+        gaps = [b - a for a, b in itertools.pairwise([fault - 1, *arrivals, back + 6])]
+        stalls.append(max(gaps))  # from a second before the fault to six after it (or the restart), ends included
+        keys = [at for _, at, key in viewer.video if key and at > fault]
+        to_key.append(keys[0] - fault if keys else float("inf"))
+    return {"stalls_s": [round(s, 3) for s in stalls], "to_keyframe_s": round(max(to_key), 3),
+            "relisted_s": relisted, "disconnected": disconnected}
 
 
 async def failover(args: argparse.Namespace) -> dict[str, Any]:
-    clip = make_clip(Path(args.out), 30)
-    runs = [await _one_failover(clip) for _ in range(args.runs)]
-    stalls = [r["stall_s"] for r in runs if r["stall_s"] is not None]
-    keys = [r["to_keyframe_s"] for r in runs]
-    return {"runs": runs, "stall_s_median": statistics.median(stalls) if stalls else None,
-            "to_keyframe_s_median": statistics.median(keys)}
+    afters = [float(a) for a in args.after.split(",")]
+    clip = make_clip(Path(args.out), max(afters) + 14 + args.dispatch_down)
+    result: dict[str, Any] = {}
+    for after in afters:
+        for kind in args.kinds.split(","):
+            runs = [await _one_failover(clip, kind, after, args.viewers, args.dispatch_down)
+                    for _ in range(args.runs)]
+            stalls = [s for r in runs for s in r["stalls_s"]]
+            relists = [r["relisted_s"] for r in runs if r["relisted_s"] is not None]
+            result[f"{kind}@{after:g}s"] = {
+                "stall_s_p50": statistics.median(stalls), "stall_s_max": max(stalls),
+                "to_keyframe_s_median": statistics.median(r["to_keyframe_s"] for r in runs),
+                "disconnected": sum(r["disconnected"] for r in runs),
+                **({"relisted_s_median": statistics.median(relists) if relists else None,
+                    "relisted_s": [r["relisted_s"] for r in runs]} if kind == "dispatch" else {}),
+                "runs": runs}
+    return result
 
 
 def report(result: dict[str, Any], as_json: bool) -> None:

@@ -2,9 +2,10 @@
 
 A frame batch can hold a large keyframe, so the 4 MB default receive limit is raised on both sides.
 Keepalive lets a relay notice a vanished peer (half-open TCP) within seconds, not hours. Reconnect backoff
-is capped at 2 s instead of gRPC's 120 s: a dispatch or relay that restarts is reached again within about
-2 s of coming back, not after a backoff that grew while it was down. With tracing on, every channel and
-server carries the tracing interceptors (castmesh.mesh.tracing).
+starts at 200 ms and is capped at 1 s instead of gRPC's 1 s and 120 s: a dispatch or relay that restarts
+is reached again within about a second of coming back, not after a backoff that grew while it was down
+(a refused connect costs next to nothing; BENCHMARKS.md has the dispatch-restart times). With tracing on,
+every channel and server carries the tracing interceptors (castmesh.mesh.tracing).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
 SERVER_OPTIONS = [*OPTIONS, ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
 

@@ -2,7 +2,10 @@
 registers with the dispatch service over Dispatch.Register.
 
 A registration is a held call: the node is listed while the call is open and reports its load every
-`every` seconds. If dispatch goes away, the registration reconnects with backoff until it is closed.
+`every` seconds. If dispatch goes away, the registration is made again until it is closed: the call waits
+for the channel to connect (gRPC wait_for_ready), so it goes out as soon as the channel reaches a restarted
+dispatch (within the reconnect backoff set in grpcutil). The backoff here only spaces out registrations
+that dispatch refused or that broke after connecting.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class DispatchRegistry:
         backoff = 0.2
         while True:
             try:
-                call = self.dispatch.Register(self._reports(node, load))
+                call = self.dispatch.Register(self._reports(node, load), wait_for_ready=True)
                 async for reply in call:
                     if not reply.accepted:
                         event(log, "register.refused", level=logging.ERROR, node=node.id, detail=reply.detail)

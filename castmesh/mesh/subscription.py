@@ -7,7 +7,10 @@ the session changes, so consumers see one unbroken stream.
 
 It ends (run() returns the StreamEnd) when the publisher unpublished, when nobody has the stream at the
 first attempt (NOT_FOUND, so a viewer gets its 404 at once), or when no upstream has had it for
-`retry_for` seconds.
+`retry_for` seconds (UPSTREAM_LOST, never UNPUBLISHED: an edge passes it on, and whoever follows the edge
+looks elsewhere). That window counts from the loss, not from the stream's start or its last header, and is
+given back once new frames flow (castmesh.mesh.retry). A relay that failed, or said it lost the stream, is
+avoided for a few seconds, so one restarted on the same address is used again.
 
 Traced as a span named `span_name` (a child of whatever span is current when it is made: the viewer or
 subscription that started it), linked to the publisher's session once a header names it, with failovers
@@ -31,6 +34,7 @@ from castmesh.mesh import tracing
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.mesh.metrics import FAILOVERS
+from castmesh.mesh.retry import Clock, RecentFailures, RetryWindow
 from castmesh.mesh.tracing import SessionSpan
 from castmesh.proto.v1.dispatch_pb2 import LocateRequest
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
@@ -42,6 +46,9 @@ log = logging.getLogger("castmesh.subscription")
 Locate = Callable[[StreamKey, set[str]], Awaitable[str | None]]
 
 RETRY_EVERY = 0.1
+AVOID_FOR = 3.0  # seconds a relay that failed is passed over when locating
+# Ends that mean "not from here", not "the stream is over": look elsewhere.
+LOOK_ELSEWHERE = (StreamEnd.REASON_SHUTDOWN, StreamEnd.REASON_UPSTREAM_LOST)
 
 
 def fixed_upstream(address: str) -> Locate:
@@ -73,7 +80,7 @@ def dispatch_upstream(dispatch: DispatchStub, zone: str = "", origin_only: bool 
 class UpstreamSubscription:
     def __init__(self, key: StreamKey, locate: Locate, links: RelayLinks, subscriber_id: str,
                  on_header: Callable[[StreamHeader, bool], None], on_frames: Callable[[list[Frame]], None],
-                 retry_for: float = 10.0, span_name: str = "upstream.follow") -> None:
+                 retry_for: float = 10.0, span_name: str = "upstream.follow", clock: Clock = time.monotonic) -> None:
         self.key = key
         self.path = stream_path(key)
         self.locate = locate
@@ -81,11 +88,11 @@ class UpstreamSubscription:
         self.subscriber_id = subscriber_id
         self.on_header = on_header
         self.on_frames = on_frames
-        self.retry_for = retry_for
+        self.window = RetryWindow(retry_for, clock)
+        self.avoid = RecentFailures(AVOID_FOR, clock)
         self.continuity = Continuity()
         self.switches = 0
         self.live = False  # has had the stream from some upstream
-        self.lost_since = 0.0
         self.trace = SessionSpan(span_name, {"castmesh.stream": self.path, "castmesh.subscriber": subscriber_id},
                                  kind=SpanKind.INTERNAL, every=0)
 
@@ -100,29 +107,36 @@ class UpstreamSubscription:
                            repeats_dropped=self.continuity.dropped)
 
     async def _run(self) -> StreamEnd:
-        avoid: set[str] = set()
-        self.lost_since = time.monotonic()
-        while time.monotonic() - self.lost_since < self.retry_for:
-            address = await self.locate(self.key, avoid)
+        self.window.lose()  # nothing yet: the first attempts are retries too
+        while not self.window.expired():
+            address = await self.locate(self.key, self.avoid.current())
             if address is None:
                 if not self.live:
                     return StreamEnd(reason=StreamEnd.REASON_NOT_FOUND, detail="nobody is publishing this stream")
                 await asyncio.sleep(RETRY_EVERY)
                 continue
             outcome = await self._follow(address)
-            if outcome is None or outcome.reason == StreamEnd.REASON_SHUTDOWN:
-                avoid.add(address)  # that relay failed or is going away
+            self.window.lose()
+            if outcome is None or outcome.reason in LOOK_ELSEWHERE:
+                self.avoid.add(address)  # that relay failed, is going away, or lost the stream itself
                 self.switches += 1
                 FAILOVERS.labels("upstream").inc()
                 self.trace.event("failover", failed=address)
             elif outcome.reason == StreamEnd.REASON_NOT_FOUND:
                 if not self.live:
                     return outcome
-                avoid.add(address)  # mid-failover: this relay does not have the stream (yet)
+                self.avoid.add(address)  # mid-failover: this relay does not have the stream (yet)
             elif outcome.reason != StreamEnd.REASON_TOO_SLOW:
                 return outcome  # the publisher unpublished
             await asyncio.sleep(RETRY_EVERY)
-        return StreamEnd(reason=StreamEnd.REASON_UNPUBLISHED, detail=f"no upstream had it for {self.retry_for:g}s")
+        return StreamEnd(reason=StreamEnd.REASON_UPSTREAM_LOST,
+                         detail=f"no upstream had it for {self.window.span:g}s")
+
+    def _flowing(self) -> None:
+        """New frames came: whatever failed before is behind us."""
+        if self.window.losing:
+            self.window.recover()
+            self.avoid.clear()
 
     async def _follow(self, address: str) -> StreamEnd | None:
         """Subscribe to one upstream; its end message, or None if the upstream failed."""
@@ -140,13 +154,13 @@ class UpstreamSubscription:
             if body == "batch":
                 frames = self.continuity.admit(list(detached(ev.batch).frames))
                 if frames:
+                    self._flowing()
                     self.on_frames(frames)
                 set_up("first frames")
             elif body == "header":
                 header = ev.header
                 new_timeline = self.continuity.on_header(header.session_id, header.has_video)
                 self.live = True
-                self.lost_since = time.monotonic()
                 self.trace.link(header.publisher_trace, "publisher")
                 self.on_header(header, new_timeline)
                 event(log, "upstream.header", stream=self.path, upstream=address, session=header.session_id,

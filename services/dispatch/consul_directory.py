@@ -52,7 +52,8 @@ class ConsulDirectory:
     def __init__(self, client: consul.aio.Consul, affinity: float = 10.0) -> None:
         self.client = client
         self.memory = InMemoryDirectory(affinity)  # nodes, loads, recent origins
-        self.sessions: dict[str, str] = {}  # stream path -> the Consul session holding it for this dispatch
+        # stream path -> the Consul session holding it for this dispatch, and the claim it holds
+        self.sessions: dict[str, tuple[str, StreamInfo]] = {}
         self.cache: dict[str, StreamInfo] = {}
         self.watchers: set[asyncio.Queue[StreamChange | None]] = set()
         self.tasks: list[asyncio.Task[None]] = []
@@ -68,7 +69,7 @@ class ConsulDirectory:
         info = StreamInfo(stream=key, holder=holder, client_addr=client_addr, since_us=_now_us())
         session = await self._session(holder)
         if await self.client.kv.put(PREFIX + path, _encode(info), acquire=session):
-            self.sessions[path] = session
+            self.sessions[path] = (session, info)
             return True, info
         _, entry = await self.client.kv.get(PREFIX + path)
         current = _decode(entry["Value"]) if entry else None
@@ -76,7 +77,7 @@ class ConsulDirectory:
             # the same publish session claiming again (this dispatch restarted): it takes its entry over
             await self.client.session.destroy(entry["Session"])
             if await self.client.kv.put(PREFIX + path, _encode(info), acquire=session):
-                self.sessions[path] = session
+                self.sessions[path] = (session, info)
                 event(log, "lease.taken_over", stream=path, holder=holder)
                 return True, info
         await self.client.session.destroy(session)
@@ -95,19 +96,20 @@ class ConsulDirectory:
 
     async def set_origin(self, key: StreamKey, holder: str, origin: str) -> None:
         path = stream_path(key)
-        session = self.sessions.get(path)
+        held = self.sessions.get(path)
         info = await self.get(key)
-        if session is None or info is None or info.holder != holder:
+        if held is None or info is None or info.holder != holder:
             return
         info.origin = origin
-        await self.client.kv.put(PREFIX + path, _encode(info), acquire=session)
+        await self.client.kv.put(PREFIX + path, _encode(info), acquire=held[0])
         self._apply(path, info)
 
-    async def release(self, key: StreamKey, holder: str) -> None:
+    async def release(self, key: StreamKey, claim: StreamInfo) -> None:
         path = stream_path(key)
-        session = self.sessions.pop(path, None)
-        if session is None:
-            return
+        held = self.sessions.get(path)
+        if held is None or held[1] is not claim:
+            return  # released already, or taken over by a newer claim of the same holder
+        session = self.sessions.pop(path)[0]
         info = self.cache.get(path)
         with contextlib.suppress(*ERRORS):
             await self.client.session.destroy(session)  # Behavior "delete": the entry goes with it
@@ -166,7 +168,8 @@ class ConsulDirectory:
             if before.origin:
                 self._notify(StreamChange.KIND_UNPUBLISHED, before)
             if path in self.sessions:  # Consul ended a lease this dispatch held (its ingest died)
-                del self.sessions[path]
+                # The session itself is forgotten by _renew when Consul says it is gone: this answer may
+                # predate a claim that just took the entry over (destroy, then acquire anew).
                 event(log, "lease.released_by_consul", stream=path, holder=before.holder)
             return
         if before == info:
@@ -188,7 +191,7 @@ class ConsulDirectory:
     async def _renew(self) -> None:
         while True:
             await asyncio.sleep(SESSION_TTL / 3)
-            for path, session in list(self.sessions.items()):
+            for path, (session, _) in list(self.sessions.items()):
                 try:
                     await self.client.session.renew(session)
                 except consul.NotFound:
@@ -212,7 +215,7 @@ class ConsulDirectory:
 
     async def close(self) -> None:
         await runtime.cancel_all(self.tasks)
-        for session in list(self.sessions.values()):
+        for session, _ in list(self.sessions.values()):
             with contextlib.suppress(*ERRORS):
                 await self.client.session.destroy(session)
         await self.client.close()

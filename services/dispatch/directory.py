@@ -5,7 +5,9 @@ ConsulDirectory (consul_directory.py: KV entries held by sessions) backs cluster
 
 Invariants: one holder per stream path; a stream leaves when its holder releases it. After a release,
 the stream's origin is remembered for `affinity` seconds, so a publisher that reconnects is placed on the
-relay where its viewers are still waiting.
+relay where its viewers are still waiting. The same holder claiming again takes its entry over (its ingest
+re-opened the lease while the old call was still being torn down), and a release ends only the claim it
+names: the old call's release never removes the claim that replaced it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ WATCH_QUEUE = 1024  # changes a watcher may have unread before it is cut off
 class Directory(Protocol):
     async def claim(self, key: StreamKey, holder: str, client_addr: str) -> tuple[bool, StreamInfo]: ...
     async def set_origin(self, key: StreamKey, holder: str, origin: str) -> None: ...
-    async def release(self, key: StreamKey, holder: str) -> None: ...
+    async def release(self, key: StreamKey, claim: StreamInfo) -> None:
+        """End `claim` (what claim() granted), unless another claim has replaced it since."""
     async def get(self, key: StreamKey) -> StreamInfo | None: ...
     async def streams(self) -> list[StreamInfo]: ...
     def watch(self) -> AsyncIterator[StreamChange]: ...
@@ -56,7 +59,7 @@ class InMemoryDirectory:
     async def claim(self, key: StreamKey, holder: str, client_addr: str) -> tuple[bool, StreamInfo]:
         path = stream_path(key)
         current = self._streams.get(path)
-        if current is not None:
+        if current is not None and current.holder != holder:
             return False, current
         info = StreamInfo(stream=key, holder=holder, client_addr=client_addr, since_us=time.time_ns() // 1000)
         self._streams[path] = info
@@ -70,10 +73,10 @@ class InMemoryDirectory:
         info.origin = origin
         self._notify(StreamChange.KIND_MOVED if moved else StreamChange.KIND_PUBLISHED, info)
 
-    async def release(self, key: StreamKey, holder: str) -> None:
+    async def release(self, key: StreamKey, claim: StreamInfo) -> None:
         path = stream_path(key)
         info = self._streams.get(path)
-        if info is None or info.holder != holder:
+        if info is not claim:
             return
         del self._streams[path]
         if info.origin:

@@ -2,11 +2,19 @@
 
 Leases and registrations are held by open calls, so they die with their holder: a node or an ingest that
 is killed drops its TCP connection, gRPC ends the call, and the finally blocks below clean up at once.
+
+A restarted dispatch knows no nodes until they register again, and ingests claim their streams again with
+the origin they publish into as a hint. For REJOIN seconds after start, such a claim waits for its origin
+to register instead of being refused or sent elsewhere, so the stream is listed again, where it runs, as
+soon as both are back. Origins that failed under a lease are avoided for a few seconds from that failure
+(a restarted origin on the same address is placed on again).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,6 +22,7 @@ import grpc
 from castmesh.media.frames import stream_path
 from castmesh.mesh import grpcutil
 from castmesh.mesh.logs import event
+from castmesh.mesh.retry import RecentFailures
 from castmesh.proto.v1 import dispatch_pb2_grpc
 from castmesh.proto.v1.dispatch_pb2 import (
     LeaseReply,
@@ -34,10 +43,14 @@ from services.dispatch.placement import pick_edge, pick_origin
 
 log = logging.getLogger("castmesh.dispatch")
 
+REJOIN = 3.0  # seconds after start in which a claim waits for its hinted origin to register
+AVOID_FOR = 5.0  # seconds an origin that failed under a lease is not placed on again by that lease
+
 
 class DispatchService(dispatch_pb2_grpc.DispatchServicer):
     def __init__(self, directory: Directory) -> None:
         self.directory = directory
+        self.started = time.monotonic()
 
     async def Register(
         self, request_iterator: AsyncIterator[NodeReport], context: grpc.aio.ServicerContext
@@ -75,13 +88,15 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                                                           holder=info.holder))
             return
         try:
-            avoid: set[str] = set()
+            avoid = RecentFailures(AVOID_FOR)
+            if claim.origin_hint:
+                await self._await_rejoin(claim.origin_hint)
             request: LeaseRequest | None = first
             while request is not None:
                 if request.HasField("relocate"):
                     avoid.add(request.relocate.failed_origin)
                 prefer = claim.origin_hint or await self.directory.recent_origin(key)
-                origin = pick_origin(await self.directory.nodes(), avoid, prefer=prefer)
+                origin = pick_origin(await self.directory.nodes(), avoid.current(), prefer=prefer)
                 if origin is None:
                     yield LeaseReply(rejected=LeaseReply.Rejected(detail="no live origin relay"))
                     return
@@ -91,8 +106,15 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                 yield LeaseReply(granted=LeaseReply.Granted(origin=origin.address, origin_id=origin.id))
                 request = await anext(request_iterator, None)
         finally:
-            await self.directory.release(key, holder)
+            await self.directory.release(key, info)
             event(log, "lease.released", stream=path, holder=holder)
+
+    async def _await_rejoin(self, origin: str) -> None:
+        """Just after a restart, wait (until REJOIN after start) for `origin` to register again."""
+        while time.monotonic() - self.started < REJOIN:
+            if any(node.address == origin for node, _ in await self.directory.nodes()):
+                return
+            await asyncio.sleep(0.02)
 
     async def Locate(self, request: LocateRequest, context: grpc.aio.ServicerContext) -> LocateReply:
         info = await self.directory.get(request.stream)

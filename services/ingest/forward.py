@@ -8,13 +8,14 @@ then slows the publisher instead of ingest buffering without end.
 Ingest keeps the stream's header and GOP cache. When the origin dies, the lease names another origin and
 the publish continues there under the same session id: first the header and the GOP cache, then live
 frames. Downstream nodes see the same session and drop what they already have (castmesh.media.timeline).
+The search for another origin lasts FAILOVER_FOR seconds from the failure, however long the stream ran
+before, and goes on through a dispatch restart (the lease is claimed again on the new dispatch).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 
 from prometheus_client import Counter
@@ -23,6 +24,7 @@ from castmesh.media.gop import GopCache, header_frames
 from castmesh.mesh.link import LinkChannel, RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.mesh.metrics import FAILOVERS
+from castmesh.mesh.retry import RetryWindow
 from castmesh.mesh.tracing import SessionSpan
 from castmesh.proto.v1.media_pb2 import Frame, FrameBatch, StreamKey
 from castmesh.proto.v1.relay_pb2 import PublishEnd, PublishItem, PublishOpen, PublishReply
@@ -31,9 +33,9 @@ from services.ingest.lease import Lease, LeaseRefused
 log = logging.getLogger("castmesh.ingest")
 
 MAX_BATCH_BYTES = 1 << 20
-FAILOVER_ATTEMPTS = 20
+FAILOVER_FOR = 10.0  # seconds from an origin's failure to find another, before the publish is lost
 FAILOVER_PAUSE = 0.1
-RECLAIM_PAUSE = 0.5
+RECLAIM_PAUSE = 0.1
 ANSWER_TIMEOUT = 5.0
 
 PublishChannel = LinkChannel[PublishItem, PublishReply]
@@ -74,6 +76,8 @@ class RelayPublish:
         self.failovers = 0
         self.sequence = 0
         self.switched = asyncio.Event()  # set when a new origin channel is in place (or on close)
+        self.steady = asyncio.Event()  # clear while a failover looks for an origin (it claims the lease itself)
+        self.steady.set()
 
     async def open(self) -> None:
         """Get the lease and the origin's acceptance; PublishRefused (with the reason) if either says no."""
@@ -163,33 +167,40 @@ class RelayPublish:
                 self.on_pause(False)
 
     async def _failover(self, cause: str) -> bool:
-        """The origin failed: publish into another one. False if there is none (the publish is lost)."""
-        failed, started = self.origin, time.monotonic()
+        """The origin failed: publish into another one. False if none took it within FAILOVER_FOR seconds."""
+        failed, window = self.origin, RetryWindow(FAILOVER_FOR)
+        window.lose()
+        avoid = failed  # the origin to name as failed in the next relocate: the last one that did
         if self.channel is not None:
             self.channel.close()
-        for _ in range(FAILOVER_ATTEMPTS):
-            try:
-                self.origin = await self.lease.relocate(failed)
-                # What was queued is in the GOP cache, which the new origin gets first.
-                while not self.queue.empty():
-                    if self.queue.get_nowait() is None:
-                        self.queue.put_nowait(None)
-                        break
-                await self._connect(replay=True)
-            except (LeaseRefused, PublishRefused, ConnectionError) as error:
-                event(log, "publish.failover_retry", level=logging.WARNING, stream=self.key.name,
-                      failed=failed, error=str(error))
-                await asyncio.sleep(FAILOVER_PAUSE)
-                continue
-            self.failovers += 1
-            FAILOVERS.labels("origin").inc()
-            if self.trace is not None:
-                self.trace.event("failover", failed=failed, origin=self.origin, cause=cause)
-            event(log, "publish.failover", stream=f"{self.key.app}/{self.key.name}", session=self.session_id,
-                  failed=failed, origin=self.origin, took_ms=round((time.monotonic() - started) * 1000),
-                  cause=cause)
-            return True
-        self.on_lost(f"origin {failed} failed and no other origin took the stream")
+        self.steady.clear()
+        try:
+            while not window.expired():
+                try:
+                    self.origin = await self.lease.relocate(avoid)
+                    # What was queued is in the GOP cache, which the new origin gets first.
+                    while not self.queue.empty():
+                        if self.queue.get_nowait() is None:
+                            self.queue.put_nowait(None)
+                            break
+                    await self._connect(replay=True)
+                except (LeaseRefused, PublishRefused, ConnectionError) as error:
+                    if isinstance(error, ConnectionError):
+                        avoid = self.origin
+                    event(log, "publish.failover_retry", level=logging.WARNING, stream=self.key.name,
+                          failed=failed, error=str(error))
+                    await asyncio.sleep(FAILOVER_PAUSE)
+                    continue
+                self.failovers += 1
+                FAILOVERS.labels("origin").inc()
+                if self.trace is not None:
+                    self.trace.event("failover", failed=failed, origin=self.origin, cause=cause)
+                event(log, "publish.failover", stream=f"{self.key.app}/{self.key.name}", session=self.session_id,
+                      failed=failed, origin=self.origin, took_ms=round(window.elapsed() * 1000), cause=cause)
+                return True
+        finally:
+            self.steady.set()
+        self.on_lost(f"origin {failed} failed and no other origin took the stream within {FAILOVER_FOR:g}s")
         return False
 
     async def _keep_lease(self) -> None:
@@ -200,7 +211,10 @@ class RelayPublish:
                 return
             event(log, "lease.lost", level=logging.WARNING, stream=f"{self.key.app}/{self.key.name}",
                   origin=self.origin)
-            await asyncio.sleep(RECLAIM_PAUSE)  # give relays a moment to register with the new dispatch
+            await asyncio.sleep(RECLAIM_PAUSE)  # paces repeated attempts; dispatch waits for our origin to rejoin
+            await self.steady.wait()  # a failover in progress claims the lease itself, for its new origin
+            if not self.lease.lost.is_set():
+                continue
             try:
                 origin = await self.lease.reclaim(self.origin)
             except LeaseRefused as exc:

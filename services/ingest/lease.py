@@ -3,6 +3,10 @@
 DispatchLease holds a Dispatch.Lease call: one publisher per stream cluster-wide, released when the call
 ends (so it dies with this process). If the call breaks on dispatch's side (dispatch restarted), `lost`
 is set and the owner re-claims with `reclaim(origin_hint)`, so the stream is listed again where it runs.
+A claim made again waits for dispatch to be reachable (gRPC wait_for_ready, within ANSWER_TIMEOUT), so it
+goes out the moment dispatch is back. A relocate on a lost lease claims again first, so an origin that
+dies while dispatch restarts is still replaced. One request at a time: the keeper's reclaim and a
+failover's relocate never interleave on the call.
 An answer that does not come within ANSWER_TIMEOUT is a refusal (and the call is dropped), so a dispatch
 that accepted a call but never answers cannot hold a publish or its failover for ever.
 FixedLease is for a single relay given by --relay: that relay alone decides whether the stream is taken.
@@ -68,15 +72,16 @@ class DispatchLease:
         self.replies: asyncio.Queue[LeaseReply | None] = asyncio.Queue()
         self.reader: asyncio.Task[None] | None = None
         self.released = False
+        self.busy = asyncio.Lock()
 
-    def _open(self) -> grpc.aio.StreamStreamCall:
+    def _open(self, wait_for_ready: bool = False) -> grpc.aio.StreamStreamCall:
         if self.reader is not None:
             self.reader.cancel()
         if self.call is not None:
             self.call.cancel()
         self.lost.clear()
         self.replies = asyncio.Queue()
-        self.call = self.dispatch.Lease()
+        self.call = self.dispatch.Lease(wait_for_ready=wait_for_ready)
         self.reader = asyncio.get_running_loop().create_task(self._read(self.call, self.replies))
         return self.call
 
@@ -109,18 +114,28 @@ class DispatchLease:
         return reply.granted.origin
 
     async def acquire(self) -> str:
-        return await self._answer(self._open(), LeaseRequest(claim=self.claim))
+        async with self.busy:
+            return await self._answer(self._open(), LeaseRequest(claim=self.claim))
 
     async def relocate(self, failed_origin: str) -> str:
-        assert self.call is not None
-        request = LeaseRequest(relocate=LeaseRequest.Relocate(failed_origin=failed_origin))
-        return await self._answer(self.call, request)
+        async with self.busy:
+            if self.call is None or self.lost.is_set():  # dispatch restarted: claim again, anywhere
+                origin = await self._claim_again("")
+                if origin != failed_origin:
+                    return origin
+            assert self.call is not None
+            request = LeaseRequest(relocate=LeaseRequest.Relocate(failed_origin=failed_origin))
+            return await self._answer(self.call, request)
 
     async def reclaim(self, origin_hint: str) -> str:
+        async with self.busy:
+            return await self._claim_again(origin_hint)
+
+    async def _claim_again(self, origin_hint: str) -> str:
         claim = LeaseRequest.Claim()
         claim.CopyFrom(self.claim)
         claim.origin_hint = origin_hint
-        return await self._answer(self._open(), LeaseRequest(claim=claim))
+        return await self._answer(self._open(wait_for_ready=True), LeaseRequest(claim=claim))
 
     def release(self) -> None:
         self.released = True

@@ -51,6 +51,7 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         self.node_id = node_id
         self.links = RelayLinks()
         self.pulls: dict[str, UpstreamPull] = {}
+        self.lingers: dict[str, asyncio.TimerHandle] = {}  # pulls with no subscriber left, by stream path
 
     async def Publish(
         self, request_iterator: AsyncIterator[PublishRequest], context: grpc.aio.ServicerContext
@@ -119,8 +120,11 @@ class RelayService(relay_pb2_grpc.RelayServicer):
 
     def unsubscribe(self, stream: RelayStream, sub: Subscriber, outcome: str) -> None:
         stream.unsubscribe(sub)
-        if stream.pulled and not stream.subscribers:
-            asyncio.get_running_loop().call_later(PULL_LINGER, self._maybe_stop_pull, stream)
+        if stream.pulled and not stream.subscribers:  # PULL_LINGER from the last subscriber's leaving
+            if (old := self.lingers.pop(stream.path, None)) is not None:
+                old.cancel()
+            self.lingers[stream.path] = asyncio.get_running_loop().call_later(PULL_LINGER, self._maybe_stop_pull,
+                                                                              stream)
         event(log, "subscribe.stop", stream=stream.path, subscriber=sub.id, outcome=outcome, skips=sub.skips)
 
     def _pull(self, opening: SubscribeOpen) -> RelayStream:
@@ -137,6 +141,7 @@ class RelayService(relay_pb2_grpc.RelayServicer):
             del self.pulls[pull.stream.path]
 
     def _maybe_stop_pull(self, stream: RelayStream) -> None:
+        self.lingers.pop(stream.path, None)
         pull = self.pulls.get(stream.path)
         if pull is not None and pull.stream is stream and not stream.subscribers:
             pull.task.cancel()

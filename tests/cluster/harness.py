@@ -22,6 +22,8 @@ class Cluster:
     nodes: dict[str, Castmesh] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # for every node: CASTMESH_REGISTRY=consul, say
+    args: dict[str, list[str]] = field(default_factory=dict)
+    gone: list[tuple[str, Castmesh]] = field(default_factory=list)  # nodes killed or restarted, for logs()
 
     def __post_init__(self) -> None:
         self.dispatch_port = free_port()
@@ -32,8 +34,11 @@ class Cluster:
         return f"127.0.0.1:{self.dispatch_port}"
 
     def start(self, name: str, args: list[str], port: int | None = None) -> Castmesh:
-        node = Castmesh([*args, "--log-level", "info"], self.tmp / f"{name}.log", "listening", self.env)
+        runs = 1 + sum(1 for gone, _ in self.gone if gone == name)
+        log = self.tmp / (f"{name}.log" if runs == 1 else f"{name}.{runs}.log")
+        node = Castmesh([*args, "--log-level", "info"], log, "listening", self.env)
         self.nodes[name] = node
+        self.args[name] = args
         if port is not None:
             self.ports[name] = port
         return node
@@ -92,6 +97,18 @@ class Cluster:
         node.proc.send_signal(signal.SIGKILL)
         node.proc.wait(10)
 
+    def restart(self, name: str) -> None:
+        """Start a node that was killed again, with the same arguments (so the same ports and node id)."""
+        old = self.nodes[name]
+        assert old.proc.poll() is not None, f"{name} is still running"
+        old.stop()
+        self.gone.append((name, old))
+        self.start(name, self.args[name])
+
+    def restart_dispatch(self) -> None:
+        self.kill9("dispatch")
+        self.restart("dispatch")
+
     def stats(self, name: str) -> StatsReply:
         with grpc.insecure_channel(f"127.0.0.1:{self.ports[name]}") as chan:
             return RelayStub(chan).Stats(StatsRequest(), timeout=5)
@@ -108,7 +125,8 @@ class Cluster:
         return next(name for name, p in self.ports.items() if p == port)
 
     def logs(self) -> str:
-        return "\n".join(f"== {name}\n{node.log()}" for name, node in self.nodes.items())
+        nodes = [*((f"{name} (before its restart)", node) for name, node in self.gone), *self.nodes.items()]
+        return "\n".join(f"== {name}\n{node.log()}" for name, node in nodes)
 
     def stop(self) -> None:
         for node in reversed(list(self.nodes.values())):

@@ -1,4 +1,6 @@
-"""Failures that viewers must not notice: an origin killed with -9, a publisher that reconnects."""
+"""Failures that viewers must not notice: an origin killed with -9, a publisher that reconnects, a
+dispatch restart. Each fault is injected early in a stream and again after it has run for 30 s, longer
+than every retry window and grace period (10 s each), since a stream's first seconds hide clock bugs."""
 
 from __future__ import annotations
 
@@ -7,9 +9,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from castmesh.media.flv import Tag
 from tests.cluster.harness import Cluster
 from tests.integration.harness import Viewing, decode, publish, scrape, wait_live, watch, watch_in_background
+
+# How long a stream runs before its fault: early, and past every retry window and grace period.
+RAN = pytest.mark.parametrize("ran", [4, 30], ids=["early", "late"])
 
 
 def decode_seen(seen: Viewing) -> tuple[dict[int, int], str]:
@@ -26,17 +33,18 @@ def assert_monotonic(tags: list[Tag]) -> None:
         assert not backwards, f"kind {kind} went backwards: {backwards[:3]}"
 
 
-def test_origin_killed_while_publishing_and_viewing(cluster: Cluster) -> None:
+@RAN
+def test_origin_killed_while_publishing_and_viewing(cluster: Cluster, ran: int) -> None:
     cluster.relay("origin-1", "origin")
     cluster.relay("origin-2", "origin")
     rtmp = cluster.ingest()
     http = cluster.playback()
     cluster.wait_registered()
-    publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/survivor", 14, fps=30, gop=30)
+    publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/survivor", ran + 10, fps=30, gop=30)
     url = f"http://127.0.0.1:{http}/live/survivor.flv"
     wait_live(url)
-    seen, viewer = watch_in_background(url, 30)
-    time.sleep(4)
+    seen, viewer = watch_in_background(url, ran + 26)
+    time.sleep(ran)
     victim = cluster.name_at(cluster.origin_of("survivor"))
     cluster.kill9(victim)
     killed_at = time.monotonic()
@@ -57,7 +65,7 @@ def test_origin_killed_while_publishing_and_viewing(cluster: Cluster) -> None:
     assert_monotonic(seen.tags)
     counts, errors = decode_seen(seen)
     assert errors == "", errors
-    assert counts.get(0, 0) > 300  # ~14 s at 30 fps minus the join
+    assert counts.get(0, 0) > 30 * (ran + 6)  # the whole publish at 30 fps, minus the join
     assert "publish.failover" in cluster.nodes["ingest"].log()
     metrics = scrape(http)  # the playback node followed the stream to the other origin: a restarted call
     assert metrics['castmesh_failovers_total{kind="upstream"}'] >= 1
@@ -65,16 +73,17 @@ def test_origin_killed_while_publishing_and_viewing(cluster: Cluster) -> None:
     assert metrics['castmesh_link_calls_opened_total{call="subscribe"}'] >= 2
 
 
-def test_publisher_reconnects_within_the_grace_period(cluster: Cluster) -> None:
+@RAN
+def test_publisher_reconnects_within_the_grace_period(cluster: Cluster, ran: int) -> None:
     cluster.relay("origin", "origin")
     rtmp = cluster.ingest()
     http = cluster.playback()
     cluster.wait_registered()
     rtmp_url, url = f"rtmp://127.0.0.1:{rtmp}/live/phoenix", f"http://127.0.0.1:{http}/live/phoenix.flv"
-    first = publish(rtmp_url, 30, fps=25, gop=25)
+    first = publish(rtmp_url, ran + 26, fps=25, gop=25)
     wait_live(url)
-    seen, viewer = watch_in_background(url, 40)
-    time.sleep(4)
+    seen, viewer = watch_in_background(url, ran + 36)
+    time.sleep(ran)
     first.kill()  # no unpublish: the publisher just vanishes
     first.wait()
     killed_at = time.monotonic()
@@ -86,7 +95,7 @@ def test_publisher_reconnects_within_the_grace_period(cluster: Cluster) -> None:
     assert seen.error == "" and seen.ended_cleanly
     before = [t for t, at in zip(seen.tags, seen.arrivals, strict=True) if t.kind == 9 and at < killed_at]
     after = [t for t, at in zip(seen.tags, seen.arrivals, strict=True) if t.kind == 9 and at > killed_at + 1]
-    assert len(before) > 60 and len(after) > 100  # both publishers' pictures reached the same viewer
+    assert len(before) > 15 * ran and len(after) > 100  # both publishers' pictures reached the same viewer
     assert_monotonic(seen.tags)
     counts, errors = decode_seen(seen)
     assert errors == "", errors
@@ -112,23 +121,20 @@ def test_duplicate_publish_through_two_ingests_is_rejected(cluster: Cluster) -> 
 
 
 
-def test_dispatch_restart_forgets_nothing_viewers_need(cluster: Cluster) -> None:
+@RAN
+def test_dispatch_restart_forgets_nothing_viewers_need(cluster: Cluster, ran: int) -> None:
     cluster.relay("origin", "origin")
     rtmp = cluster.ingest()
     http = cluster.playback()
     cluster.wait_registered()
-    publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/steadfast", 14, fps=25, gop=25)
+    publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/steadfast", ran + 12, fps=25, gop=25)
     url = f"http://127.0.0.1:{http}/live/steadfast.flv"
     wait_live(url)
-    seen, viewer = watch_in_background(url, 30)
-    time.sleep(2)
-    cluster.kill9("dispatch")
-    cluster.start("dispatch-again", ["serve", "dispatch", "--host", "127.0.0.1",
-                                     "--grpc-port", str(cluster.dispatch_port)])
-    # Relays re-register and ingest claims its stream again, at the origin where it runs. Usually within
-    # 2 s; the bound is loose because it twice took longer in full suite runs (Consul variant; ingest logged
-    # nothing after the kill: likely its reclaim waiting with no timeout, now 5 s, not proven). A failing
-    # cluster test prints every node's log (conftest).
+    seen, viewer = watch_in_background(url, ran + 28)
+    time.sleep(ran)
+    cluster.restart_dispatch()
+    # Relays re-register and ingest claims its stream again, at the origin where it runs: within a second
+    # or two (`castmesh bench failover` measures it). The bound here is only what a test may wait.
     deadline = time.monotonic() + 15
     while cluster.origin_of("steadfast") == "" and time.monotonic() < deadline:
         time.sleep(0.2)

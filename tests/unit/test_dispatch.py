@@ -198,3 +198,97 @@ def test_a_lease_answer_that_never_comes_is_a_refusal_and_the_call_is_dropped(mo
             await server.stop(grace=0)
 
     assert asyncio.run(main()) == "dispatch did not answer within 0.5s"
+
+
+def test_a_restarted_dispatch_holds_a_hinted_claim_until_its_origin_registers_again() -> None:
+    """After a dispatch restart ingest claims again naming the origin it publishes into; the origin may
+    register a moment later. The claim waits for it (instead of "no live origin relay", or another origin
+    that would list the stream where it does not run)."""
+
+    async def scenario(stub: DispatchStub) -> str:
+        await register(stub, Node(id="other", role=NODE_ROLE_ORIGIN, address="other:1"))  # back first
+        lease = stub.Lease()
+        hinted = LeaseRequest.Claim(stream=stream_key("live", "h"), holder="ingest", origin_hint="mine:1")
+        await lease.write(LeaseRequest(claim=hinted))
+        answer = asyncio.ensure_future(lease.read())
+        await asyncio.sleep(0.3)
+        assert not answer.done()
+        await register(stub, Node(id="mine", role=NODE_ROLE_ORIGIN, address="mine:1"))
+        origin = (await asyncio.wait_for(answer, 5)).granted.origin
+        lease.cancel()
+        return origin
+
+    assert run(scenario) == "mine:1"
+
+
+def test_a_failed_origin_is_avoided_for_a_few_seconds_not_for_the_whole_lease(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """One lease, two origins that each die and come back on the same address: the third relocate may go
+    back to the first origin (it restarted); with the old set of every failed origin, it was refused."""
+    monkeypatch.setattr(dispatch_service, "AVOID_FOR", 0.2)
+
+    async def scenario(stub: DispatchStub) -> list[str]:
+        await register(stub, Node(id="o1", role=NODE_ROLE_ORIGIN, address="o1:1"))
+        await register(stub, Node(id="o2", role=NODE_ROLE_ORIGIN, address="o2:1"), streams=5)
+        lease = stub.Lease()
+        await lease.write(claim("a", "ingest"))
+        origins = [(await lease.read()).granted.origin]
+        for _ in range(2):
+            await asyncio.sleep(0.3)
+            await lease.write(LeaseRequest(relocate=LeaseRequest.Relocate(failed_origin=origins[-1])))
+            reply = await lease.read()
+            origins.append(reply.granted.origin or reply.rejected.detail)
+        lease.cancel()
+        return origins
+
+    assert run(scenario) == ["o1:1", "o2:1", "o1:1"]
+
+
+def test_the_same_holder_claiming_again_takes_over_and_the_old_call_does_not_release_it() -> None:
+    """Ingest re-opens its lease while dispatch is still tearing the old call down: the new claim wins, and
+    the old call's end must not remove it."""
+
+    async def scenario(stub: DispatchStub) -> list[str]:
+        await register(stub, Node(id="o1", role=NODE_ROLE_ORIGIN, address="o1:1"))
+        old = stub.Lease()
+        await old.write(claim("t", "ingest-1/rtmp-7"))
+        assert (await old.read()).HasField("granted")
+        new = stub.Lease()
+        await new.write(claim("t", "ingest-1/rtmp-7"))
+        assert (await new.read()).HasField("granted")
+        old.cancel()
+        await asyncio.sleep(0.3)  # the old call's release has run by now
+        listed = [info.holder for info in (await stub.ListStreams(ListStreamsRequest())).streams]
+        new.cancel()
+        return listed
+
+    assert run(scenario) == ["ingest-1/rtmp-7"]
+
+
+def test_an_origin_that_dies_while_dispatch_restarts_is_still_replaced() -> None:
+    """Ingest's relocate on a lease whose call broke (dispatch restarted) claims again, at the new
+    dispatch, for an origin other than the failed one; it used to be refused until the keeper had
+    re-claimed, which it could not do for the dead origin."""
+
+    async def main() -> str:
+        server, port = await dispatch_service.start("127.0.0.1", 0, InMemoryDirectory())
+        chan = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        stub = DispatchStub(chan)
+        try:
+            await register(stub, Node(id="o1", role=NODE_ROLE_ORIGIN, address="o1:1"))
+            held = lease.DispatchLease(stub, stream_key("live", "r"), "ingest-1/rtmp-1", "")
+            assert await held.acquire() == "o1:1"
+            await server.stop(None)  # dispatch goes away...
+            await asyncio.wait_for(held.lost.wait(), 5)
+            server, _ = await dispatch_service.start("127.0.0.1", port, InMemoryDirectory())  # ...and comes back
+            await register(stub, Node(id="o1", role=NODE_ROLE_ORIGIN, address="o1:1"))  # still registered there
+            await register(stub, Node(id="o2", role=NODE_ROLE_ORIGIN, address="o2:1"), streams=3)
+            origin = await asyncio.wait_for(held.relocate("o1:1"), 5)  # o1 died meanwhile
+            listed = (await stub.ListStreams(ListStreamsRequest())).streams
+            assert [info.origin for info in listed] == ["o2:1"]
+            held.release()
+            return origin
+        finally:
+            await chan.close()
+            await server.stop(None)
+
+    assert asyncio.run(main()) == "o2:1"

@@ -185,6 +185,7 @@ class StreamEnd(_message.Message):
         REASON_SHUTDOWN: _ClassVar[StreamEnd.Reason]
         REASON_BAD_REQUEST: _ClassVar[StreamEnd.Reason]
         REASON_CLOSED: _ClassVar[StreamEnd.Reason]
+        REASON_UPSTREAM_LOST: _ClassVar[StreamEnd.Reason]
     REASON_UNSPECIFIED: StreamEnd.Reason
     REASON_NOT_FOUND: StreamEnd.Reason
     REASON_UNPUBLISHED: StreamEnd.Reason
@@ -192,6 +193,7 @@ class StreamEnd(_message.Message):
     REASON_SHUTDOWN: StreamEnd.Reason
     REASON_BAD_REQUEST: StreamEnd.Reason
     REASON_CLOSED: StreamEnd.Reason
+    REASON_UPSTREAM_LOST: StreamEnd.Reason
     REASON_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     reason: StreamEnd.Reason
