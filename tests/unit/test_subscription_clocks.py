@@ -98,11 +98,17 @@ def no_pause(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(subscription, "RETRY_EVERY", 0)
 
 
-def follow(upstreams: Upstreams, links: FakeLinks, clock: FakeClock,
-           received: list[Frame]) -> UpstreamSubscription:
-    return UpstreamSubscription(stream_key("live", "x"), upstreams.locate, links, "viewer",  # type: ignore[arg-type]
-                                on_header=lambda h, new: None, on_frames=received.extend, retry_for=10.0,
-                                clock=clock)
+class Following:
+    """A subscription on a fake clock, its task, and what it was given."""
+
+    def __init__(self, *relays: str) -> None:
+        self.clock, self.links, self.received = FakeClock(), FakeLinks(), list[Frame]()
+        self.upstreams = Upstreams(self.clock)
+        self.upstreams.relays = list(relays)
+        self.sub = UpstreamSubscription(stream_key("live", "x"), self.upstreams.locate, self.links,  # type: ignore[arg-type]
+                                        "viewer", on_header=lambda h, new: None, on_frames=self.received.extend,
+                                        retry_for=10.0, clock=self.clock)
+        self.task = asyncio.create_task(self.sub.run())
 
 
 async def opened(links: FakeLinks, count: int) -> FakeChannel:
@@ -119,79 +125,68 @@ def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 def test_a_loss_after_an_hour_of_following_retries_for_the_whole_window() -> None:
     async def scenario() -> None:
-        clock, links, received = FakeClock(), FakeLinks(), []
-        upstreams = Upstreams(clock)
-        sub = follow(upstreams, links, clock, received)
-        task = asyncio.create_task(sub.run())
-        first = await opened(links, 1)
+        f = Following("origin-1")
+        first = await opened(f.links, 1)
         first.header()
         first.frames(1)
         for minute in range(60):  # an hour of frames from the same upstream, and no header since
-            clock.now += 60
+            f.clock.now += 60
             first.frames(2 + minute)
-        upstreams.relays = []  # nobody has it any more: every locate from now on finds nothing
-        calls_before, lost_at = upstreams.calls, clock.now
+        f.upstreams.relays = []  # nobody has it any more: every locate from now on finds nothing
+        calls_before, lost_at = f.upstreams.calls, f.clock.now
         first.fail()
-        end = await task
+        end = await f.task
         assert end.reason == StreamEnd.REASON_UPSTREAM_LOST  # not UNPUBLISHED: it may live on elsewhere
-        assert upstreams.calls - calls_before == 20  # 10 s of retries, 0.5 s each, counted from the loss
-        assert clock.now - lost_at == pytest.approx(10.0)
-        assert len(received) == 61
+        assert f.upstreams.calls - calls_before == 20  # 10 s of retries, 0.5 s each, counted from the loss
+        assert f.clock.now - lost_at == pytest.approx(10.0)
+        assert len(f.received) == 61
 
     run(scenario)
 
 
 def test_a_loss_during_a_retry_keeps_the_first_deadline() -> None:
     async def scenario() -> None:
-        clock, links, received = FakeClock(), FakeLinks(), []
-        upstreams = Upstreams(clock)
-        upstreams.relays = ["origin-1", "origin-2"]
-        sub = follow(upstreams, links, clock, received)
-        task = asyncio.create_task(sub.run())
-        first = await opened(links, 1)
+        f = Following("origin-1", "origin-2")
+        first = await opened(f.links, 1)
         first.header()
         first.frames(1, 5)
-        clock.now += 3600
-        lost_at = clock.now
+        f.clock.now += 3600
+        lost_at = f.clock.now
         first.fail()  # origin-1 dies after an hour
-        second = await opened(links, 2)
+        second = await opened(f.links, 2)
         assert second.address == "origin-2"
-        clock.now += 4
+        f.clock.now += 4
         second.header()  # origin-2 answers with the header and the GOP replay, all of it already seen
         second.frames(1, 5)
-        assert len(received) == 5
-        upstreams.relays = []
+        assert len(f.received) == 5
+        f.upstreams.relays = []
         second.fail()  # and dies too, before any new frame: the deadline is still lost_at + 10
-        end = await task
+        end = await f.task
         assert end.reason == StreamEnd.REASON_UPSTREAM_LOST
-        assert clock.now - lost_at == pytest.approx(10.0)
+        assert f.clock.now - lost_at == pytest.approx(10.0)
 
     run(scenario)
 
 
 def test_frames_flowing_again_give_the_window_back() -> None:
     async def scenario() -> None:
-        clock, links, received = FakeClock(), FakeLinks(), []
-        upstreams = Upstreams(clock)
-        upstreams.relays = ["origin-1", "origin-2"]
-        sub = follow(upstreams, links, clock, received)
-        task = asyncio.create_task(sub.run())
-        first = await opened(links, 1)
+        f = Following("origin-1", "origin-2")
+        first = await opened(f.links, 1)
         first.header()
         first.frames(1)
         first.fail()
-        second = await opened(links, 2)
-        assert upstreams.avoided[-1] == {"origin-1"}
-        clock.now += 8  # most of the window spent finding origin-2
+        second = await opened(f.links, 2)
+        assert f.upstreams.avoided[-1] == {"origin-1"}
+        f.clock.now += 8  # most of the window spent finding origin-2
         second.header()
         second.frames(2)  # a new frame: recovered
-        assert not sub.window.losing and not sub.avoid.current()
-        clock.now += 100
-        upstreams.relays = []
-        lost_at = clock.now
+        assert not f.sub.window.losing and not f.sub.avoid.current()
+        f.clock.now += 100
+        f.upstreams.relays = []
+        lost_at = f.clock.now
         second.fail()
-        end = await task
-        assert clock.now - lost_at == pytest.approx(10.0)  # a whole window again, not the 2 s left of the first
+        end = await f.task
+        assert f.clock.now - lost_at == pytest.approx(10.0)  # a whole window again, not the 2 s left of the first
         assert end.reason == StreamEnd.REASON_UPSTREAM_LOST
 
     run(scenario)
@@ -202,27 +197,23 @@ def test_an_upstream_that_lost_the_stream_is_left_for_another_one() -> None:
     only UNPUBLISHED ends it."""
 
     async def scenario() -> None:
-        clock, links, received = FakeClock(), FakeLinks(), []
-        upstreams = Upstreams(clock)
-        upstreams.relays = ["edge-1", "edge-2", "origin"]
-        sub = follow(upstreams, links, clock, received)
-        task = asyncio.create_task(sub.run())
-        first = await opened(links, 1)
+        f = Following("edge-1", "edge-2", "origin")
+        first = await opened(f.links, 1)
         first.header()
         first.frames(1)
         first.end(StreamEnd.REASON_UPSTREAM_LOST)
-        second = await opened(links, 2)
+        second = await opened(f.links, 2)
         assert second.address == "edge-2"
         second.header()
         second.end(StreamEnd.REASON_SHUTDOWN)
-        third = await opened(links, 3)
+        third = await opened(f.links, 3)
         assert third.address == "origin"
         third.header()
         third.frames(2)
         third.end(StreamEnd.REASON_UNPUBLISHED)
-        end = await task
+        end = await f.task
         assert end.reason == StreamEnd.REASON_UNPUBLISHED
-        assert sub.switches == 2 and [f.sequence for f in received] == [1, 2]
+        assert f.sub.switches == 2 and [f.sequence for f in f.received] == [1, 2]
 
     run(scenario)
 
