@@ -40,6 +40,9 @@ class RtmpLimits:
     amf: amf0.AmfLimits = field(default_factory=amf0.AmfLimits)
     max_message_streams: int = 16
     max_stream_name: int = 1024
+    # FLV tags in one aggregate message: a server's aggregate carries a few hundred ms of media (tens of
+    # tags); a message of empty tags would otherwise make tens of thousands of frames from one 1 MB message.
+    max_aggregate_tags: int = 1024
 
 
 # Events -----------------------------------------------------------------------------------------------
@@ -247,7 +250,11 @@ class ServerConnection:
         data = message.payload
         pos = 0
         base: int | None = None
+        tags = 0
         while pos + 11 <= len(data):
+            tags += 1
+            if tags > self.limits.max_aggregate_tags:
+                raise CommandError(f"aggregate message carries more than {self.limits.max_aggregate_tags} tags")
             tag_type = data[pos] & 0x1F
             size = int.from_bytes(data[pos + 1 : pos + 4], "big")
             ts = int.from_bytes(data[pos + 4 : pos + 7], "big") | (data[pos + 7] << 24)

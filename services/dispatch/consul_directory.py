@@ -29,7 +29,7 @@ from castmesh.mesh.consul import ERRORS
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.dispatch_pb2 import Node, NodeLoad, StreamChange, StreamInfo
 from castmesh.proto.v1.media_pb2 import StreamKey
-from services.dispatch.directory import WATCH_QUEUE, InMemoryDirectory
+from services.dispatch.directory import InMemoryDirectory, WatchHub
 
 log = logging.getLogger("castmesh.dispatch")
 
@@ -55,7 +55,7 @@ class ConsulDirectory:
         # stream path -> the Consul session holding it for this dispatch, and the claim it holds
         self.sessions: dict[str, tuple[str, StreamInfo]] = {}
         self.cache: dict[str, StreamInfo] = {}
-        self.watchers: set[asyncio.Queue[StreamChange | None]] = set()
+        self.hub = WatchHub()
         self.tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -129,17 +129,8 @@ class ConsulDirectory:
     async def recent_origin(self, key: StreamKey) -> str | None:
         return await self.memory.recent_origin(key)
 
-    async def watch(self) -> AsyncIterator[StreamChange]:
-        queue: asyncio.Queue[StreamChange | None] = asyncio.Queue(WATCH_QUEUE)
-        self.watchers.add(queue)
-        try:
-            for info in list(self.cache.values()):
-                if info.origin:
-                    yield StreamChange(kind=StreamChange.KIND_PUBLISHED, stream=info)
-            while (change := await queue.get()) is not None:
-                yield change
-        finally:
-            self.watchers.discard(queue)
+    def watch(self) -> AsyncIterator[StreamChange]:
+        return self.hub.watch(self.cache.values)
 
     async def _follow(self) -> None:
         """Keep the local copy in step with Consul, whoever changes it (this dispatch, another, Consul)."""
@@ -166,7 +157,7 @@ class ConsulDirectory:
                 return
             del self.cache[path]
             if before.origin:
-                self._notify(StreamChange.KIND_UNPUBLISHED, before)
+                self.hub.notify(StreamChange.KIND_UNPUBLISHED, before)
             if path in self.sessions:  # Consul ended a lease this dispatch held (its ingest died)
                 # The session itself is forgotten by _renew when Consul says it is gone: this answer may
                 # predate a claim that just took the entry over (destroy, then acquire anew).
@@ -176,17 +167,9 @@ class ConsulDirectory:
             return
         self.cache[path] = info
         if info.origin and (before is None or not before.origin):
-            self._notify(StreamChange.KIND_PUBLISHED, info)
+            self.hub.notify(StreamChange.KIND_PUBLISHED, info)
         elif info.origin and before is not None and before.origin != info.origin:
-            self._notify(StreamChange.KIND_MOVED, info)
-
-    def _notify(self, kind: StreamChange.Kind, info: StreamInfo) -> None:
-        change = StreamChange(kind=kind, stream=info)
-        for queue in list(self.watchers):
-            try:
-                queue.put_nowait(change)
-            except asyncio.QueueFull:
-                self.watchers.discard(queue)
+            self.hub.notify(StreamChange.KIND_MOVED, info)
 
     async def _renew(self) -> None:
         while True:

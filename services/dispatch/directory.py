@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 from castmesh.media.frames import stream_path
+from castmesh.mesh.retry import Clock
 from castmesh.proto.v1.dispatch_pb2 import Node, NodeLoad, StreamChange, StreamInfo
 from castmesh.proto.v1.media_pb2 import StreamKey
 
@@ -40,6 +41,38 @@ class Directory(Protocol):
     async def nodes(self) -> list[tuple[Node, NodeLoad]]: ...
 
 
+class WatchHub:
+    """Stream changes for every watcher (WatchStreams), each behind a bounded queue: a watcher that stops
+    reading is cut off (its iterator ends, so its call ends) instead of being buffered for."""
+
+    def __init__(self, limit: int = WATCH_QUEUE) -> None:
+        self.limit = limit
+        self.queues: set[asyncio.Queue[StreamChange | None]] = set()
+
+    async def watch(self, current: Callable[[], Iterable[StreamInfo]]) -> AsyncIterator[StreamChange]:
+        """The published streams of `current()` first, then every change."""
+        queue: asyncio.Queue[StreamChange | None] = asyncio.Queue(self.limit)
+        self.queues.add(queue)  # before the snapshot, so no change falls between the two
+        try:
+            for info in list(current()):
+                if info.origin:
+                    yield StreamChange(kind=StreamChange.KIND_PUBLISHED, stream=info)
+            while (change := await queue.get()) is not None:
+                yield change
+        finally:
+            self.queues.discard(queue)
+
+    def notify(self, kind: StreamChange.Kind, info: StreamInfo) -> None:
+        change = StreamChange(kind=kind, stream=info)
+        for queue in list(self.queues):
+            try:
+                queue.put_nowait(change)
+            except asyncio.QueueFull:  # cut off: the sentinel takes the oldest change's place
+                self.queues.discard(queue)
+                queue.get_nowait()
+                queue.put_nowait(None)
+
+
 @dataclass(slots=True)
 class _NodeEntry:
     node: Node
@@ -47,12 +80,13 @@ class _NodeEntry:
 
 
 class InMemoryDirectory:
-    def __init__(self, affinity: float = 10.0) -> None:
+    def __init__(self, affinity: float = 10.0, clock: Clock = time.monotonic) -> None:
         self.affinity = affinity
+        self.clock = clock
         self._streams: dict[str, StreamInfo] = {}
-        self._recent: dict[str, tuple[str, float]] = {}
+        self._recent: dict[str, tuple[str, float]] = {}  # path -> (origin, until), oldest first
         self._nodes: dict[str, _NodeEntry] = {}
-        self._watchers: set[asyncio.Queue[StreamChange | None]] = set()
+        self.hub = WatchHub()
 
     # Streams --------------------------------------------------------------------------------------------
 
@@ -71,7 +105,7 @@ class InMemoryDirectory:
             return
         moved = bool(info.origin)
         info.origin = origin
-        self._notify(StreamChange.KIND_MOVED if moved else StreamChange.KIND_PUBLISHED, info)
+        self.hub.notify(StreamChange.KIND_MOVED if moved else StreamChange.KIND_PUBLISHED, info)
 
     async def release(self, key: StreamKey, claim: StreamInfo) -> None:
         path = stream_path(key)
@@ -81,11 +115,18 @@ class InMemoryDirectory:
         del self._streams[path]
         if info.origin:
             await self.remember(key, info.origin)
-            self._notify(StreamChange.KIND_UNPUBLISHED, info)
+            self.hub.notify(StreamChange.KIND_UNPUBLISHED, info)
 
     async def remember(self, key: StreamKey, origin: str) -> None:
-        """Where a stream that just ended was, for `affinity` seconds (recent_origin)."""
-        self._recent[stream_path(key)] = (origin, time.monotonic() + self.affinity)
+        """Where a stream that just ended was, for `affinity` seconds (recent_origin). Each release also
+        forgets the releases older than that, so the memory holds one affinity period of them."""
+        now = self.clock()
+        path = stream_path(key)
+        recent = self._recent
+        recent.pop(path, None)  # insertion order is expiry order: every entry lives `affinity`
+        recent[path] = (origin, now + self.affinity)
+        while (oldest := next(iter(recent))) != path and recent[oldest][1] < now:
+            del recent[oldest]
 
     async def get(self, key: StreamKey) -> StreamInfo | None:
         return self._streams.get(stream_path(key))
@@ -98,32 +139,13 @@ class InMemoryDirectory:
         entry = self._recent.get(path)
         if entry is None:
             return None
-        if entry[1] < time.monotonic():
+        if entry[1] < self.clock():
             del self._recent[path]
             return None
         return entry[0]
 
-    async def watch(self) -> AsyncIterator[StreamChange]:
-        queue: asyncio.Queue[StreamChange | None] = asyncio.Queue(WATCH_QUEUE)
-        self._watchers.add(queue)
-        try:
-            for info in list(self._streams.values()):
-                if info.origin:
-                    yield StreamChange(kind=StreamChange.KIND_PUBLISHED, stream=info)
-            while (change := await queue.get()) is not None:
-                yield change
-        finally:
-            self._watchers.discard(queue)
-
-    def _notify(self, kind: StreamChange.Kind, info: StreamInfo) -> None:
-        change = StreamChange(kind=kind, stream=info)
-        for queue in list(self._watchers):
-            try:
-                queue.put_nowait(change)
-            except asyncio.QueueFull:  # a watcher that stopped reading is cut off, not buffered for
-                self._watchers.discard(queue)
-                queue.get_nowait()
-                queue.put_nowait(None)
+    def watch(self) -> AsyncIterator[StreamChange]:
+        return self.hub.watch(self._streams.values)
 
     # Nodes ----------------------------------------------------------------------------------------------
 

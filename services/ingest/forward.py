@@ -2,7 +2,8 @@
 
 Frames are gathered for batch_ms and sent as one FrameBatch on this stream's channel of the link to the
 origin (castmesh.mesh.link), which carries every stream this ingest sends there. When the relay falls
-behind, the queue grows past max_queued and the owner is told to pause reading the publisher's socket: TCP
+behind, the queue grows past max_queued batches or max_queued_bytes and the owner is told to pause reading
+the publisher's socket: TCP
 then slows the publisher instead of ingest buffering without end.
 
 Ingest keeps the stream's header and GOP cache. When the origin dies, the lease names another origin and
@@ -33,6 +34,7 @@ from services.ingest.lease import Lease, LeaseRefused
 log = logging.getLogger("castmesh.ingest")
 
 MAX_BATCH_BYTES = 1 << 20
+MAX_QUEUED_BYTES = 8 << 20  # media waiting for the origin before reading the publisher pauses
 FAILOVER_FOR = 10.0  # seconds from an origin's failure to find another, before the publish is lost
 FAILOVER_PAUSE = 0.1
 RECLAIM_PAUSE = 0.1
@@ -49,7 +51,8 @@ class PublishRefused(Exception):
 class RelayPublish:
     def __init__(self, links: RelayLinks, lease: Lease, key: StreamKey, session_id: str, client_addr: str,
                  batch_ms: float, on_pause: Callable[[bool], None], on_lost: Callable[[str], None],
-                 max_queued: int = 64, trace: SessionSpan | None = None) -> None:
+                 max_queued: int = 64, trace: SessionSpan | None = None,
+                 max_queued_bytes: int = MAX_QUEUED_BYTES) -> None:
         self.links = links
         self.lease = lease
         self.key = key
@@ -59,6 +62,8 @@ class RelayPublish:
         self.on_pause = on_pause
         self.on_lost = on_lost
         self.max_queued = max_queued
+        self.max_queued_bytes = max_queued_bytes
+        self.queued_bytes = 0
         self.trace = trace  # the publish session's span: its context goes to the origin with each open
         self.cache = GopCache(key)
         self.pending: list[Frame] = []
@@ -142,10 +147,11 @@ class RelayPublish:
         if not self.pending:
             return
         self.queue.put_nowait((FrameBatch(frames=self.pending), self.pending_bytes))
+        self.queued_bytes += self.pending_bytes
         FRAMES_IN.inc(len(self.pending))  # once per batch, not per frame
         self.pending = []
         self.pending_bytes = 0
-        if not self.paused and self.queue.qsize() > self.max_queued:
+        if not self.paused and (self.queue.qsize() > self.max_queued or self.queued_bytes > self.max_queued_bytes):
             self.paused = True
             self.on_pause(True)
 
@@ -159,10 +165,12 @@ class RelayPublish:
                 self.channel.close()
                 return
             batch, size = queued
+            self.queued_bytes -= size
             if not await self.channel.send(PublishItem(batch=batch), size):
                 if not await self._failover(self.channel.lost):
                     return
-            if self.paused and self.queue.qsize() <= self.max_queued // 2:
+            if (self.paused and self.queue.qsize() <= self.max_queued // 2
+                    and self.queued_bytes <= self.max_queued_bytes // 2):
                 self.paused = False
                 self.on_pause(False)
 
@@ -174,21 +182,25 @@ class RelayPublish:
         if self.channel is not None:
             self.channel.close()
         self.steady.clear()
+        attempt = 0
         try:
             while not window.expired():
+                attempt += 1
                 try:
                     self.origin = await self.lease.relocate(avoid)
                     # What was queued is in the GOP cache, which the new origin gets first.
                     while not self.queue.empty():
-                        if self.queue.get_nowait() is None:
+                        if (drained := self.queue.get_nowait()) is None:
                             self.queue.put_nowait(None)
                             break
+                        self.queued_bytes -= drained[1]
                     await self._connect(replay=True)
                 except (LeaseRefused, PublishRefused, ConnectionError) as error:
                     if isinstance(error, ConnectionError):
                         avoid = self.origin
-                    event(log, "publish.failover_retry", level=logging.WARNING, stream=self.key.name,
-                          failed=failed, error=str(error))
+                    if attempt & (attempt - 1) == 0:  # attempts 1, 2, 4, 8...: a few lines, not one per 0.1 s
+                        event(log, "publish.failover_retry", level=logging.WARNING, stream=self.key.name,
+                              failed=failed, attempt=attempt, error=str(error))
                     await asyncio.sleep(FAILOVER_PAUSE)
                     continue
                 self.failovers += 1

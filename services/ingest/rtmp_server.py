@@ -52,7 +52,10 @@ RELAY_QUEUE = Gauge("castmesh_ingest_relay_queue_batches", "Frame batches waitin
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 30.0  # a publisher sends media many times a second; silence this long is a dead peer
 SWEEP_EVERY = 2.0
-MAX_EARLY_FRAMES = 256  # media a client sends before its publish is answered
+# Media a client sends before its publish is answered (while the hook and the lease are asked), kept to
+# forward once it is: at most this many messages and bytes; the rest is dropped.
+MAX_EARLY_FRAMES = 256
+MAX_EARLY_BYTES = 4 << 20
 
 _session_ids = itertools.count(1)
 
@@ -122,6 +125,7 @@ class RtmpSession(asyncio.Protocol):
         self.publish: RelayPublish | None = None
         self.publish_stream_id = 0
         self.early: list[MediaReceived] = []
+        self.early_bytes = 0
         self.stop_play: Callable[[], None] | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.opened = self.last_data = time.monotonic()
@@ -176,8 +180,9 @@ class RtmpSession(asyncio.Protocol):
                 if frame.keyframe and not self.keyframe_seen and self.trace is not None:
                     self.keyframe_seen = True
                     self.trace.event("first keyframe", timestamp=frame.timestamp)
-            elif len(self.early) < MAX_EARLY_FRAMES:
+            elif len(self.early) < MAX_EARLY_FRAMES and self.early_bytes + len(ev.payload) <= MAX_EARLY_BYTES:
                 self.early.append(ev)
+                self.early_bytes += len(ev.payload)
         elif isinstance(ev, Connected):
             self.app = ev.app
             event(log, "rtmp.connect", session=self.id, peer=self.peer, app=ev.app, tc_url=ev.tc_url,
@@ -264,6 +269,7 @@ class RtmpSession(asyncio.Protocol):
             if early.stream_id == ev.stream_id:
                 forward.push(make_frame(early.kind, early.timestamp, early.payload))
         self.early.clear()
+        self.early_bytes = 0
         self._spawn(forward.watch())
 
     def _relay_lost(self, reason: str) -> None:
@@ -310,6 +316,8 @@ class RtmpSession(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        self.early.clear()  # now, not when a pending publish's hook or lease answers
+        self.early_bytes = 0
         if self.transport is not None:
             self.transport.close()
         self.ingest.sessions.discard(self)

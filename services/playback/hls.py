@@ -31,6 +31,7 @@ MUXERS = Gauge("castmesh_playback_hls_muxers", "HLS muxers running")
 SEGMENTS = Counter("castmesh_playback_hls_segments", "HLS segments made")
 HLS_REQUESTS = Counter("castmesh_playback_hls_requests", "HLS playlist and segment requests", ["kind"])
 CLIENT_WINDOW = 3  # target durations: a client that fetched a playlist within this is counted as watching
+MAX_CLIENTS = 100_000  # per muxer: clients remembered for the viewer count (the oldest go first)
 
 Answer = Callable[[int, bytes, str], None]  # status, body, reason
 
@@ -46,7 +47,7 @@ class HlsMuxer:
         self.on_stop = on_stop
         self.waiters: list[Answer] = []
         self.rendered: dict[tuple[str, str], bytes] = {}  # (prefix, suffix) -> the playlist, until it changes
-        self.clients: dict[str, float] = {}
+        self.clients: dict[str, float] = {}  # client -> last playlist request, oldest first
         self.last_request = time.monotonic()
         self.stopped = False
         self.ended = ""
@@ -90,7 +91,9 @@ class HlsMuxer:
     def playlist(self, prefix: str, client: str, answer: Answer, wait: bool = True, suffix: str = "") -> None:
         """Answer with the playlist now, or once the first segment is done."""
         now = self.last_request = time.monotonic()
+        self.clients.pop(client, None)
         self.clients[client] = now
+        self._forget_clients(now)
         HLS_REQUESTS.labels("playlist").inc()
         body = self.rendered.get((prefix, suffix))
         if body is None:
@@ -135,9 +138,18 @@ class HlsMuxer:
         return segment.data, "video/mp2t" if extension == "ts" else "video/mp4"
 
     def watching(self) -> int:
-        horizon = time.monotonic() - CLIENT_WINDOW * self.segmenter.target_duration
-        self.clients = {c: t for c, t in self.clients.items() if t >= horizon}
+        self._forget_clients(time.monotonic())
         return len(self.clients)
+
+    def _forget_clients(self, now: float) -> None:
+        """Drop clients that stopped asking (every request prunes, so the map holds one window of them)."""
+        horizon = now - CLIENT_WINDOW * self.segmenter.target_duration
+        clients = self.clients
+        while clients:
+            oldest = next(iter(clients))
+            if clients[oldest] >= horizon and len(clients) <= MAX_CLIENTS:
+                break
+            del clients[oldest]
 
     # Stopping -------------------------------------------------------------------------------------------
 

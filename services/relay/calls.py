@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("castmesh.relay")
 
 MAX_CHANNELS = 10_000  # per call: a node carries thousands of streams, not millions
+# Answers (accepted/rejected/ended) and notes (ends) waiting to be sent on one call. A peer that keeps
+# sending opens and ends but reads nothing would grow them without end: past this, its call is ended.
+MAX_PENDING = 2 * MAX_CHANNELS
 MAX_RESPONSE_BYTES = 8 << 20  # media per response; the rest goes in the next one
 
 
@@ -56,6 +59,16 @@ class _Call:
         self.relay = relay
         self.wake = asyncio.Event()  # set when there is something to send, or reading has ended
         self.reading = True
+        self.task = asyncio.current_task()  # the handler's: cancelled to end the call
+
+    def _overflowing(self, pending: int) -> bool:
+        """True (and the call is being ended) if `pending` answers are more than the peer may leave unread."""
+        if pending < MAX_PENDING:
+            return False
+        if self.task is not None and not self.task.done():
+            event(log, "call.overflow", level=logging.WARNING, call=type(self).__name__, pending=pending)
+            self.task.cancel()
+        return True
 
     def handle(self, item: Any) -> None:
         raise NotImplementedError
@@ -140,6 +153,8 @@ class PublishCall(_Call):
             tracing.set_up(span, outcome, **attributes)
 
     def _reply(self, reply: PublishReply) -> None:
+        if self._overflowing(len(self.replies)):
+            return
         self.replies.append(reply)
         self.wake.set()
 
@@ -168,7 +183,6 @@ class SubscribeCall(_Call):
 
     def __init__(self, relay: RelayService) -> None:
         super().__init__(relay)
-        self.task = asyncio.current_task()  # the handler's: cancelled when the peer stops reading
         self.channels: dict[int, tuple[Subscriber, RelayStream]] = {}
         self.setups: dict[Subscriber, Span] = {}
         self.ready: dict[Subscriber, None] = {}  # an ordered set: subscribers with something to send
@@ -213,6 +227,8 @@ class SubscribeCall(_Call):
             tracing.set_up(span, outcome)
 
     def _note(self, channel: int, reason: StreamEnd.Reason, detail: str) -> None:
+        if self._overflowing(len(self.notes)):
+            return
         self.notes.append(SubscribeEvent(channel=channel, end=StreamEnd(reason=reason, detail=detail)))
         self.wake.set()
 

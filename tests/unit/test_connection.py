@@ -170,3 +170,22 @@ def test_random_bytes_after_the_handshake_raise_only_rtmp_errors(garbage):
         conn.receive_data(garbage)
     except RtmpError:
         pass
+
+
+def _aggregate(tags: int, body: bytes = b"") -> bytes:
+    """An aggregate message body: `tags` video tags back to back, each with its back pointer."""
+    one = bytes([chunks.VIDEO]) + len(body).to_bytes(3, "big") + b"\x00\x00\x00\x00" + b"\x00\x00\x00" + body
+    return (one + (len(one)).to_bytes(4, "big")) * tags
+
+
+def test_an_aggregate_message_may_carry_only_so_many_tags():
+    """Twenty 1 MB aggregates of empty tags made 1.4 million frames: a cap on tags per aggregate."""
+    client = ClientMessages()
+    conn = ServerConnection()
+    conn.receive_data(handshake() + client.publish_sequence())
+    conn.accept_publish(1)
+    limit = conn.limits.max_aggregate_tags
+    events = conn.receive_data(client.writer.write(6, 0, chunks.AGGREGATE, 1, _aggregate(limit, b"\x17\x01")))
+    assert len(events) == limit and all(isinstance(e, MediaReceived) for e in events)
+    with pytest.raises(CommandError, match=f"more than {limit} tags"):
+        conn.receive_data(client.writer.write(6, 0, chunks.AGGREGATE, 1, _aggregate(limit + 1)))

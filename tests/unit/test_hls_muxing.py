@@ -3,6 +3,7 @@ the segmenter's cutting, windowing and discontinuity rules."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import pytest
@@ -294,3 +295,24 @@ def test_ts_refuses_hevc_and_auto_picks_fmp4() -> None:
     seg = Segmenter("auto", target_ms=1000, has_audio=False)
     seg.push([hevc, keyframe, make_frame(VIDEO, 1000, keyframe.payload)])
     assert seg.resolved() == "fmp4" and seg.listed()[0].extension == "m4s"
+
+
+def test_a_muxer_remembers_only_the_clients_of_the_last_window(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Each playlist request from a new connection is a new client: without pruning on requests, a muxer
+    that nobody scraped /metrics for grew one entry per connection for as long as it ran."""
+    from services.playback import hls as playback_hls
+
+    monkeypatch.setattr(playback_hls, "CLIENT_WINDOW", 0.02)  # target durations: 20 ms here
+
+    async def scenario() -> tuple[int, int]:
+        muxer = playback_hls.HlsMuxer("live/x", "ts", 1000, 6, 30, on_stop=lambda m: None)
+        for i in range(1000):
+            muxer.playlist("p/", f"10.0.0.1:{i}", lambda status, body, reason: None, wait=False)
+        before = len(muxer.clients)
+        await asyncio.sleep(0.05)
+        muxer.playlist("p/", "10.0.0.2:1", lambda status, body, reason: None, wait=False)
+        after = len(muxer.clients)
+        muxer.stop("test over")
+        return before, after
+
+    assert asyncio.run(scenario()) == (1000, 1)
