@@ -40,7 +40,7 @@ up: $(STAMP) $(WEB_STAMP)
 	$(VENV)/bin/castmesh up $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check castmesh services tests tools
+	$(VENV)/bin/ruff check castmesh castmesh_bench services tests tools
 	$(VENV)/bin/mypy
 
 test: lint browser web

@@ -15,6 +15,8 @@ import os
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 # The demo publisher and the bench spawn ffmpeg; gRPC's fork handlers are for children that use gRPC.
@@ -160,11 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(container health checks)")
     health.add_argument("address", help="host:port of the node's gRPC port")
     health.add_argument("--service", default="", help="the service name to ask about (default: the whole node)")
-    import castmesh.bench
-
-    castmesh.bench.add_parsers(commands.add_parser("bench", help="benchmarks on loopback").add_subparsers(
-        dest="bench", required=True, metavar="BENCH"))
+    bench = _bench()
+    benches = commands.add_parser("bench", help="benchmarks on loopback (from a source checkout)")
+    if bench is not None:
+        bench.add_parsers(benches.add_subparsers(dest="bench", required=True, metavar="BENCH"))
     return parser
+
+
+def _bench() -> ModuleType | None:
+    """The benchmarks: castmesh_bench, beside castmesh/ and services/ in a source checkout. They are not
+    part of the installed package, so a checkout's root is put on the path for them."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "castmesh_bench").is_dir() and str(root) not in sys.path:
+        sys.path.append(str(root))
+    try:
+        import castmesh_bench
+    except ImportError:
+        return None
+    return castmesh_bench
 
 
 async def _connect(target: str, what: str) -> grpc.aio.Channel:
@@ -541,9 +556,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "bench":
-            import castmesh.bench
-
-            return castmesh.bench.run(args)
+            bench = _bench()
+            if bench is None:
+                print("castmesh bench runs from a source checkout (git clone, then make up or make test)",
+                      file=sys.stderr)
+                return 2
+            return bench.run(args)
         if args.command == "health":
             return runtime.run(_health(args.address, args.service))
         options = UP if args.command == "up" else SERVE[args.service]

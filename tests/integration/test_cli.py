@@ -90,3 +90,19 @@ def test_services_as_separate_processes(tmp_path: Path) -> None:
     finally:
         for proc in procs:
             proc.stop()
+
+
+def test_the_benchmarks_run_from_a_checkout_and_are_not_in_the_installed_package(tmp_path: Path) -> None:
+    import tomllib
+
+    from setuptools import find_packages
+
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packaged = find_packages(str(ROOT), include=found["include"])
+    assert "castmesh.rtmp" in packaged and "services.playback" in packaged
+    assert not [p for p in packaged if p.startswith(("castmesh_bench", "tests"))], packaged
+    # The console script, from anywhere, finds the checkout's benchmarks (make up / make test install it).
+    script = Path(sys.executable).parent / "castmesh"
+    ran = subprocess.run([str(script), "bench", "failover", "--help"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=30, check=False)
+    assert ran.returncode == 0 and "--kinds" in ran.stdout, ran.stderr

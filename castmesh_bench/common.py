@@ -180,7 +180,7 @@ async def open_viewers(host: str, port: int, path: str, count: int, clock: Clock
 
 
 class Watching(Protocol):
-    """What the reports need of any viewer (HTTP-FLV here, RTMP in castmesh.bench.viewers)."""
+    """What the reports need of any viewer (HTTP-FLV here, RTMP in castmesh_bench.viewers)."""
 
     transport: asyncio.Transport | None
     video: list[tuple[int, float, bool]]

@@ -9,7 +9,7 @@ from castmesh.mesh import runtime
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
-    from castmesh.bench import cluster, fanout, relay
+    from castmesh_bench import cluster, fanout, relay
 
     fanout.add_parser(commands)
     relay.add_parsers(commands)
@@ -17,7 +17,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from castmesh.bench import cluster, fanout, relay
+    from castmesh_bench import cluster, fanout, relay
 
     if args.bench == "fanout":
         return fanout.run(args)

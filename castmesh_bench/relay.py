@@ -23,7 +23,6 @@ from typing import Any
 
 import grpc
 
-from castmesh.bench.common import SpanSink, cpu_seconds, free_port, make_clip, pct, rss_mb, spawn, stop_all
 from castmesh.media.flv import FlvReader
 from castmesh.media.frames import make_frame, stream_key
 from castmesh.mesh import grpcutil, tracing
@@ -37,6 +36,7 @@ from castmesh.proto.v1.relay_pb2 import (
     SubscribeItem,
     SubscribeOpen,
 )
+from castmesh_bench.common import SpanSink, cpu_seconds, free_port, make_clip, pct, rss_mb, spawn, stop_all
 
 HOST = "127.0.0.1"
 

@@ -17,11 +17,11 @@ import os
 import time
 from typing import cast
 
-from castmesh.bench.common import Clock
 from castmesh.media import amf0
 from castmesh.rtmp import chunks
 from castmesh.rtmp.chunks import ChunkReader, ChunkWriter
 from castmesh.rtmp.handshake import HANDSHAKE_SIZE
+from castmesh_bench.common import Clock
 
 _ACK_WINDOW = 2_500_000
 

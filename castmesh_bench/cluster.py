@@ -29,7 +29,11 @@ from typing import Any
 
 import grpc
 
-from castmesh.bench.common import (
+from castmesh.proto.v1.dispatch_pb2 import ListNodesRequest, ListStreamsRequest
+from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
+from castmesh.proto.v1.relay_pb2 import StatsRequest
+from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+from castmesh_bench.common import (
     Clock,
     close_viewers,
     free_port,
@@ -41,11 +45,7 @@ from castmesh.bench.common import (
     stop_all,
     wait_live,
 )
-from castmesh.bench.rtmp_publisher import run_in_process
-from castmesh.proto.v1.dispatch_pb2 import ListNodesRequest, ListStreamsRequest
-from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
-from castmesh.proto.v1.relay_pb2 import StatsRequest
-from castmesh.proto.v1.relay_pb2_grpc import RelayStub
+from castmesh_bench.rtmp_publisher import run_in_process
 
 HOST = "127.0.0.1"
 

@@ -6,7 +6,7 @@ H.264 + AAC clip at 2 Mbps is encoded once (cached under --out) and published in
 process that records when each video frame left. Viewers connect at --ramp per second; most only count
 bytes, --sampled of them also decode the HTTP chunking and the FLV tags (or the RTMP chunk stream) to
 measure lag (arrival minus publish time of the same frame) and time to first frame. HLS clients
-(castmesh.bench.viewers.HlsClient) poll the playlist and fetch every new segment on kept-alive connections.
+(castmesh_bench.viewers.HlsClient) poll the playlist and fetch every new segment on kept-alive connections.
 
 Reported: delivered Mbps, playback CPU% of one core and RSS over the measured window, time to first
 frame, lag p50/p95/max, and stalled viewers (no data for over a second, or disconnected; for HLS, no new
@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from castmesh.bench.common import (
+from castmesh.mesh import runtime
+from castmesh_bench.common import (
     STALL,
     Clock,
     Viewer,
@@ -42,9 +43,8 @@ from castmesh.bench.common import (
     stop_all,
     wait_live,
 )
-from castmesh.bench.rtmp_publisher import run_in_process
-from castmesh.bench.viewers import HlsClient, RtmpViewer, open_rtmp_viewers
-from castmesh.mesh import runtime
+from castmesh_bench.rtmp_publisher import run_in_process
+from castmesh_bench.viewers import HlsClient, RtmpViewer, open_rtmp_viewers
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
