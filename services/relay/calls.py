@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from opentelemetry.trace import Span, SpanKind, StatusCode
 
@@ -35,13 +35,11 @@ from castmesh.proto.v1.relay_pb2 import (
     StreamEnd,
     SubscribeEvent,
     SubscribeItem,
+    SubscribeOpen,
     SubscribeRequest,
     SubscribeResponse,
 )
-from services.relay.fanout import BYTES_OUT, FRAMES_OUT, RelayStream, Subscriber
-
-if TYPE_CHECKING:
-    from services.relay.service import RelayService
+from services.relay.fanout import BYTES_OUT, FRAMES_OUT, RelayStream, StreamTable, Subscriber
 
 log = logging.getLogger("castmesh.relay")
 
@@ -52,10 +50,24 @@ MAX_PENDING = 2 * MAX_CHANNELS
 MAX_RESPONSE_BYTES = 8 << 20  # media per response; the rest goes in the next one
 
 
+class Relay(Protocol):
+    """What the calls need of their relay (services.relay.service.RelayService): this module does not
+    import it, so the two do not import each other."""
+
+    table: StreamTable
+    max_lag: float
+    node_id: str
+    role: str
+
+    def subscribe(self, opening: SubscribeOpen, sub: Subscriber) -> RelayStream | StreamEnd: ...
+    def unsubscribe(self, stream: RelayStream, sub: Subscriber, outcome: str) -> None: ...
+    def unpublished(self, stream: RelayStream, session_id: str, clean: bool, reason: str) -> None: ...
+
+
 class _Call:
     """What both calls share: the peer's items, read in a task of their own and handled as they come."""
 
-    def __init__(self, relay: RelayService) -> None:
+    def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.wake = asyncio.Event()  # set when there is something to send, or reading has ended
         self.reading = True
@@ -88,7 +100,7 @@ class _Call:
 class PublishCall(_Call):
     """Each open is a `relay.publish` span in the publisher's trace, ended by the channel's first frames."""
 
-    def __init__(self, relay: RelayService) -> None:
+    def __init__(self, relay: Relay) -> None:
         super().__init__(relay)
         self.streams: dict[int, tuple[RelayStream, str]] = {}  # channel -> (stream, publish session id)
         self.setups: dict[int, Span] = {}  # channel -> its span, until its first frames
@@ -181,7 +193,7 @@ class SubscribeCall(_Call):
     """Each open is a `relay.subscribe` span in the subscriber's trace, linked to the publisher's session,
     ended once the subscriber's first frames go out."""
 
-    def __init__(self, relay: RelayService) -> None:
+    def __init__(self, relay: Relay) -> None:
         super().__init__(relay)
         self.channels: dict[int, tuple[Subscriber, RelayStream]] = {}
         self.setups: dict[Subscriber, Span] = {}
