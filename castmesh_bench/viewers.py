@@ -1,8 +1,8 @@
 """Load clients for `castmesh bench fanout --protocol rtmp|hls`, next to the HTTP-FLV Viewer in common.
 
-RtmpViewer: a player as ffplay is one: plain handshake, connect, createStream, play, then it reads; it
-acknowledges what it received at the window the server asked for. Sampled ones parse the chunk stream
-to time video frames (lag); the others only count bytes.
+RtmpViewer: a player as ffplay is one, on castmesh's own RTMP client state machine (castmesh.rtmp.client):
+plain handshake, connect, createStream, play, then it reads and acknowledges at the server's window.
+Sampled ones parse the chunk stream to time video frames (lag); the others only count bytes.
 
 HlsClient: a live HLS player as hls.js is one, on one kept-alive connection: it reloads the playlist
 every target duration and fetches every segment it has not fetched yet, starting three segments from
@@ -13,74 +13,59 @@ the live edge. What it measures: bytes, requests, errors, and its longest wait b
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import cast
 
-from castmesh.media import amf0
 from castmesh.rtmp import chunks
-from castmesh.rtmp.chunks import ChunkReader, ChunkWriter
-from castmesh.rtmp.handshake import HANDSHAKE_SIZE
+from castmesh.rtmp.client import ClientConnection, PlayStarted
+from castmesh.rtmp.connection import MediaReceived
 from castmesh_bench.common import Clock
-
-_ACK_WINDOW = 2_500_000
 
 
 class RtmpViewer(asyncio.Protocol):
+    """castmesh's RTMP client state machine as a player. Past the start, an unsampled viewer only counts
+    bytes (and acknowledges them), so a thousand of them cost the load generator little."""
+
     def __init__(self, app: str, name: str, clock: Clock, sampled: bool) -> None:
-        self.app, self.name = app, name
+        self.conn = ClientConnection(app, name, mode="play", tc_url=f"rtmp://127.0.0.1/{app}")
         self.clock = clock
         self.sampled = sampled
+        self.playing = False
         self.started = time.monotonic()
         self.first_byte = self.first_video = self.last = self.max_gap = 0.0
         self.bytes = 0
-        self.acked = 0
         self.closed = False
-        self.pending = b""  # S0S1S2 while the handshake is on
-        self.handshaken = False
-        self.reader = ChunkReader() if sampled else None
         self.video: list[tuple[int, float, bool]] = []
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(b"\x03" + bytes(8) + os.urandom(HANDSHAKE_SIZE - 8))
+        self.transport.write(self.conn.data_to_send())
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
         now = time.monotonic()
-        if not self.handshaken:
-            self.pending += data
-            if len(self.pending) < 1 + 2 * HANDSHAKE_SIZE:
-                return
-            data, s1 = self.pending[1 + 2 * HANDSHAKE_SIZE:], self.pending[1:1 + HANDSHAKE_SIZE]
-            self.handshaken, self.pending = True, b""
-            out = ChunkWriter()
-            connect = {"app": self.app, "tcUrl": f"rtmp://127.0.0.1/{self.app}"}
-            self.transport.write(s1 + b"".join([
-                out.write(3, 0, chunks.COMMAND_AMF0, 0, amf0.encode("connect", 1.0, connect)),
-                out.write(3, 0, chunks.COMMAND_AMF0, 0, amf0.encode("createStream", 2.0, None)),
-                out.write(8, 0, chunks.COMMAND_AMF0, 1, amf0.encode("play", 3.0, None, self.name, -1000.0)),
-            ]))
-            if not data:
-                return
+        if self.playing and not self.sampled:
+            self.conn.received_unparsed(len(data))
+            events = []
+        else:
+            events = self.conn.receive_data(data)
         if not self.first_byte:
             self.first_byte = now
         elif self.clock.measuring and now - self.last > self.max_gap:
             self.max_gap = now - self.last
         self.last = now
         self.bytes += len(data)
-        if self.bytes - self.acked >= _ACK_WINDOW:
-            self.acked = self.bytes
-            ack = ChunkWriter().write(2, 0, chunks.ACKNOWLEDGEMENT, 0, (self.bytes & 0xFFFFFFFF).to_bytes(4, "big"))
-            self.transport.write(ack)
-        if self.reader is None:
-            return
-        for message in self.reader.feed(data):
-            if message.type_id == chunks.VIDEO and len(message.payload) > 1:
+        for ev in events:
+            if isinstance(ev, PlayStarted):
+                self.playing = True
+            elif isinstance(ev, MediaReceived) and ev.kind == chunks.VIDEO and len(ev.payload) > 1:
                 if not self.first_video:
                     self.first_video = now
-                self.video.append((message.timestamp, now, message.payload[:1] in (b"\x17", b"\x91", b"\x93")))
+                self.video.append((ev.timestamp, now, ev.payload[:1] in (b"\x17", b"\x91", b"\x93")))
+        out = self.conn.data_to_send()
+        if out:
+            self.transport.write(out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -11,7 +11,7 @@ from castmesh.rtmp import chunks
 from castmesh.rtmp.connection import MediaReceived, ServerConnection
 from castmesh.rtmp.errors import RtmpError
 from castmesh.rtmp.handshake import HANDSHAKE_SIZE
-from tests.rtmp_client import DATA, ClientMessages, handshake
+from tests.rtmp_bytes import DATA, ClientMessages, handshake
 
 CAPTURE = (DATA / "ffmpeg-h264-aac.rtmp").read_bytes()
 HEAD = 1 + 2 * HANDSHAKE_SIZE

@@ -10,7 +10,7 @@ import time
 
 from castmesh.rtmp import chunks
 from tests.integration.harness import Up, publish, wait_live, watch_in_background
-from tests.rtmp_client import ClientMessages, handshake
+from tests.rtmp_bytes import ClientMessages, handshake
 
 
 def closed_by_server(port: int, payload: bytes, timeout: float = 3.0) -> bool:

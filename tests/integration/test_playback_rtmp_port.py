@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
+from castmesh.mesh.rtmp_client import RtmpClient, RtmpRefused
 from castmesh.proto.v1.media_pb2 import StreamKey
 from castmesh.rtmp.handshake import HANDSHAKE_SIZE
 from services.playback.server import Playback, PlaybackSettings
-from tests.rtmp_client import ClientMessages, decoded_commands, handshake
+from tests.rtmp_bytes import ClientMessages, decoded_commands, handshake
 
 
 async def nowhere(key: StreamKey, avoid: set[str]) -> str | None:
@@ -41,19 +44,22 @@ def test_publish_garbage_and_silence_on_the_play_port() -> None:
         server = await playback.listen_rtmp("127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
-            answer, closed = await exchange(port, handshake() + ClientMessages().publish_sequence("x"))
-            commands = decoded_commands(answer[1 + 2 * HANDSHAKE_SIZE:])
-            statuses = [c[3]["code"] for c in commands if c[0] == "onStatus"]
-            assert statuses == ["NetStream.Publish.BadName"] and closed
+            with pytest.raises(RtmpRefused) as refused:  # a real client's publish
+                await RtmpClient.open("127.0.0.1", port, "live", "x")
+            assert refused.value.code == "NetStream.Publish.BadName"
             _, closed = await exchange(port, b"\x09" + b"\x00" * 1600)  # not RTMP version 3
             assert closed
             _, closed = await exchange(port, b"", timeout=3)  # connects and says nothing
             assert closed
+            # A play without createStream's answer, on a stream id of its own (some clients do): refused too.
             answer, closed = await exchange(port, handshake() + ClientMessages().connect()
                                             + ClientMessages().command("play", 2.0, None, "nobody", stream_id=1))
             statuses = [c[3]["code"] for c in decoded_commands(answer[1 + 2 * HANDSHAKE_SIZE:])
                         if c[0] == "onStatus"]
             assert statuses == ["NetStream.Play.StreamNotFound"] and closed
+            with pytest.raises(RtmpRefused) as refused:
+                await RtmpClient.open("127.0.0.1", port, "live", "nobody", mode="play")
+            assert refused.value.code == "NetStream.Play.StreamNotFound"
         finally:
             server.close()
 

@@ -19,7 +19,7 @@ from tests.integration.harness import (
     wait_live,
     watch_in_background,
 )
-from tests.rtmp_client import ClientMessages, handshake
+from tests.rtmp_bytes import ClientMessages, handshake
 
 
 def test_a_viewer_that_stops_reading_is_skipped_then_dropped_and_others_see_nothing(tmp_path: Path) -> None:

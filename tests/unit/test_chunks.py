@@ -10,7 +10,7 @@ from castmesh.rtmp import chunks
 from castmesh.rtmp.chunks import ChunkLimits, ChunkReader, ChunkWriter, Message, basic_header
 from castmesh.rtmp.errors import ChunkError, LimitExceeded
 from castmesh.rtmp.handshake import HANDSHAKE_SIZE
-from tests.rtmp_client import DATA
+from tests.rtmp_bytes import DATA
 
 CAPTURES = ["ffmpeg-h264-aac.rtmp", "ffmpeg-hevc.rtmp"]
 

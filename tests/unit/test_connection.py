@@ -16,7 +16,7 @@ from castmesh.rtmp.connection import (
 )
 from castmesh.rtmp.errors import CommandError, HandshakeError, LimitExceeded, RtmpError
 from castmesh.rtmp.handshake import HANDSHAKE_SIZE
-from tests.rtmp_client import DATA, ClientMessages, connected, decoded_commands, handshake, server_messages
+from tests.rtmp_bytes import DATA, ClientMessages, connected, decoded_commands, handshake, server_messages
 
 
 def replies(conn: ServerConnection) -> bytes:

@@ -13,7 +13,7 @@ from services.ingest import rtmp_server
 from services.ingest.forward import RelayPublish
 from services.ingest.lease import FixedLease
 from services.ingest.rtmp_server import Ingest, RtmpSession
-from tests.rtmp_client import ClientMessages, handshake
+from tests.rtmp_bytes import ClientMessages, handshake
 
 
 class Transport:

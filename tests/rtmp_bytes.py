@@ -1,5 +1,7 @@
-"""Client-side RTMP bytes for tests: a handshake and chunked messages built with castmesh's own writer
-(the reader under test is checked against captures from ffmpeg separately)."""
+"""Hand-made client bytes for the server's unit, fuzz and bad-input tests: a handshake and chunked messages
+built with castmesh's own writer, sent without waiting for answers, malformed ones included (the reader
+under test is checked against captures from ffmpeg separately). This is not a client: a real RTMP session
+is castmesh.rtmp.client, which the bench and the client-side tests use."""
 
 from __future__ import annotations
 
