@@ -61,15 +61,24 @@ def fixed_upstream(address: str) -> Locate:
 
 
 def dispatch_upstream(dispatch: DispatchStub, zone: str = "", origin_only: bool = False) -> Locate:
-    """Ask dispatch: the zone's edge for this stream if there is one, else its origin."""
+    """Ask dispatch: the zone's edge for this stream if there is one, else its origin. One node's
+    subscriptions share it: an unreachable dispatch is logged once until it answers again, not once per
+    subscription every RETRY_EVERY."""
+    failing = False
 
     async def locate(key: StreamKey, avoid: set[str]) -> str | None:
+        nonlocal failing
         try:
             reply = await dispatch.Locate(LocateRequest(stream=key, zone=zone, avoid=sorted(avoid),
                                                         origin_only=origin_only), timeout=2)
         except grpc.aio.AioRpcError as exc:
-            event(log, "locate.failed", level=logging.WARNING, error=exc.code().name)
+            if not failing:
+                event(log, "locate.failed", level=logging.WARNING, error=exc.code().name)
+            failing = True
             return None
+        if failing:
+            event(log, "locate.recovered")
+            failing = False
         if not reply.found:
             return None
         return next((a for a in (reply.edge, reply.origin) if a and a not in avoid), None)

@@ -245,3 +245,33 @@ def test_the_retry_window_counts_from_the_first_loss() -> None:
     assert window.expired()
     window.recover()
     assert not window.expired() and not window.losing
+
+
+def test_an_unreachable_dispatch_is_logged_once_per_outage_not_per_retry(caplog: pytest.LogCaptureFixture) -> None:
+    import grpc
+
+    from castmesh.mesh.subscription import dispatch_upstream
+    from castmesh.proto.v1.dispatch_pb2 import LocateReply
+
+    class Dispatch:
+        down = True
+
+        async def Locate(self, request: object, timeout: float) -> LocateReply:
+            if self.down:
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
+            return LocateReply(found=True, origin="o:1")
+
+    async def scenario() -> list[str | None]:
+        dispatch = Dispatch()
+        locate = dispatch_upstream(dispatch)  # type: ignore[arg-type]
+        found = [await locate(stream_key("live", f"s{i % 7}"), set()) for i in range(200)]  # many feeds, retrying
+        dispatch.down = False
+        found.append(await locate(stream_key("live", "s1"), set()))
+        return found
+
+    with caplog.at_level("INFO", logger="castmesh.subscription"):
+        found = asyncio.run(scenario())
+    assert found[:200] == [None] * 200 and found[200] == "o:1"
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("locate.failed" in m for m in messages) == 1
+    assert sum("locate.recovered" in m for m in messages) == 1
