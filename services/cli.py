@@ -202,6 +202,13 @@ def _advertise(cfg: dict[str, Any], port: int) -> str:
     return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
 
 
+def _node_id(kind: str, cfg: dict[str, Any], port: int) -> str:
+    """A node's id in dispatch's directory and in Consul, unique in the cluster: pods and hosts that all
+    listen on the same port are told apart by their advertised host; on one machine the port does it."""
+    host = _advertise(cfg, port).rsplit(":", 1)[0]
+    return f"{kind}-{port}" if host in ("127.0.0.1", "localhost", "[::1]") else f"{kind}-{host}-{port}"
+
+
 def _check(cfg: dict[str, Any]) -> None:
     """What --check-config validates beyond each option's own type."""
     Signer.parse(cfg.get("secret", ""))
@@ -433,7 +440,8 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
         if service == "relay":
             await _serve_relay(cfg, wiring, closers)
         elif service == "ingest":
-            ingest = _ingest(cfg, wiring, Signer.parse(cfg["secret"]), closers, node_id=f"ingest-{cfg['rtmp_port']}")
+            ingest = _ingest(cfg, wiring, Signer.parse(cfg["secret"]), closers,
+                             node_id=_node_id("ingest", cfg, cfg["rtmp_port"]))
             closers.append(ingest.links.close)
             closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
             health_port = await _health_server(cfg, closers, lambda r: ingest.kick(r.stream, r.reason))
@@ -441,7 +449,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             print(f"castmesh ingest listening on {cfg['host']}:{cfg['rtmp_port']} (RTMP), "
                   f"{_peer_text(cfg)}", flush=True)
         else:
-            node_id = f"playback-{cfg['http_port']}"
+            node_id = _node_id("playback", cfg, cfg["http_port"])
             catalog = Catalog(wiring.dispatch, "" if wiring.dispatch is not None else wiring.relay)
             closers.append(catalog.close)
             playback = Playback(wiring.upstream(), _playback_settings(cfg), node_id=node_id,
@@ -539,7 +547,7 @@ async def _serve_relay(cfg: dict[str, Any], wiring: Wiring, closers: list[Callab
             locate = wiring.upstream(origin_only=True)
         else:
             raise ConfigError("an edge relay needs --upstream or --dispatch")
-    node_id = f"relay-{role}-{cfg['grpc_port']}"
+    node_id = _node_id(f"relay-{role}", cfg, cfg["grpc_port"])
     relay = RelayService(max_lag=cfg["max_lag_ms"] / 1000, grace=cfg["grace_ms"] / 1000, role=role, locate=locate,
                          node_id=node_id)
     server, port = await relay_service.start(cfg["host"], cfg["grpc_port"], relay)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from castmesh.rtmp.client import ClientConnection, ClientEvent, PlayStarted, PublishStarted, Refused, StreamEnded
 from castmesh.rtmp.connection import MediaReceived
+from castmesh.rtmp.errors import RtmpError
 
 READ_SIZE = 1 << 16
 
@@ -29,6 +30,7 @@ class RtmpClient:
         self.writer = writer
         self.pending: list[ClientEvent] = []  # events that came with the start, for media()
         self.listener: asyncio.Task[None] | None = None
+        self.error: Exception | None = None  # why the listener stopped, raised at the next send
 
     @classmethod
     async def open(cls, host: str, port: int, app: str, name: str, mode: str = "publish", tc_url: str = "",
@@ -61,10 +63,13 @@ class RtmpClient:
                     return
 
     async def _listen(self) -> None:
-        with contextlib.suppress(ConnectionError):
+        try:
             while data := await self.reader.read(READ_SIZE):
                 self.conn.receive_data(data)
                 self._flush()
+            self.error = ConnectionError("the server closed the connection")
+        except (ConnectionError, RtmpError) as exc:
+            self.error = exc
 
     def _flush(self) -> None:
         out = self.conn.data_to_send()
@@ -72,6 +77,8 @@ class RtmpClient:
             self.writer.write(out)
 
     def send_media(self, kind: int, timestamp: int, payload: bytes) -> None:
+        if self.error is not None:
+            raise self.error
         self.conn.send_media(kind, timestamp, payload)
         self._flush()
 
@@ -79,7 +86,8 @@ class RtmpClient:
         await self.writer.drain()
 
     async def media(self) -> AsyncIterator[MediaReceived]:
-        """What the played stream carries, until it ends or the connection closes."""
+        """What the played stream carries, until it ends or the connection closes; RtmpRefused if the
+        server ends the play with an error."""
         events = self.pending
         self.pending = []
         while True:
@@ -88,6 +96,8 @@ class RtmpClient:
                     yield ev
                 elif isinstance(ev, StreamEnded):
                     return
+                elif isinstance(ev, Refused):
+                    raise RtmpRefused(ev.code, ev.description)
             data = await self.reader.read(READ_SIZE)
             if not data:
                 return

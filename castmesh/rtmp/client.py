@@ -134,9 +134,7 @@ class ClientConnection:
         events: list[ClientEvent] = []
         for message in self.reader.feed(data):
             self._dispatch(message, events)
-        if self._ack_window and self._received - self._acked >= self._ack_window:
-            self._acked = self._received
-            self._control(chunks.ACKNOWLEDGEMENT, _U32.pack(self._received & 0xFFFFFFFF))
+        self._acknowledge()
         return events
 
     def data_to_send(self) -> bytes:
@@ -149,9 +147,7 @@ class ClientConnection:
         plays): acknowledged at the server's window like parsed ones. Nothing may be fed after this."""
         self._received += size
         self.reader = None  # type: ignore[assignment]  # a later receive_data fails loudly
-        if self._ack_window and self._received - self._acked >= self._ack_window:
-            self._acked = self._received
-            self._control(chunks.ACKNOWLEDGEMENT, _U32.pack(self._received & 0xFFFFFFFF))
+        self._acknowledge()
 
     # What the owner does --------------------------------------------------------------------------------
 
@@ -237,6 +233,12 @@ class ClientConnection:
             events.append(StreamEnded(self.stream_id, code))
 
     # Outgoing helpers -----------------------------------------------------------------------------------
+
+    def _acknowledge(self) -> None:
+        """An Acknowledgement each time what came in since the last one reaches the server's window."""
+        if self._ack_window and self._received - self._acked >= self._ack_window:
+            self._acked = self._received
+            self._control(chunks.ACKNOWLEDGEMENT, _U32.pack(self._received & 0xFFFFFFFF))
 
     def _command(self, stream_id: int, name: str, tid: float, *args: Any) -> None:
         self._out += self.writer.write(CSID_COMMAND if stream_id == 0 else 8, 0, chunks.COMMAND_AMF0, stream_id,

@@ -74,7 +74,9 @@ class ConsulDirectory:
         _, entry = await self.client.kv.get(PREFIX + path)
         current = _decode(entry["Value"]) if entry else None
         if current is not None and current.holder == holder and entry.get("Session"):
-            # the same publish session claiming again (this dispatch restarted): it takes its entry over
+            # the same publish session claiming again (this dispatch restarted): it takes its entry over,
+            # where it runs, so the stream stays listed until the claim names its origin again
+            info.origin = current.origin
             await self.client.session.destroy(entry["Session"])
             if await self.client.kv.put(PREFIX + path, _encode(info), acquire=session):
                 self.sessions[path] = (session, info)
@@ -177,8 +179,9 @@ class ConsulDirectory:
             for path, (session, _) in list(self.sessions.items()):
                 try:
                     await self.client.session.renew(session)
-                except consul.NotFound:
-                    self.sessions.pop(path, None)  # invalidated by Consul: the watch reports the release
+                except consul.NotFound:  # invalidated by Consul: the watch reports the release
+                    if self.sessions.get(path, ("",))[0] == session:  # not a newer claim's session
+                        del self.sessions[path]
                 except ERRORS as exc:
                     event(log, "consul.renew_failed", level=logging.WARNING, stream=path, error=str(exc)[:200])
 

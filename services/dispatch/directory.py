@@ -96,6 +96,8 @@ class InMemoryDirectory:
         if current is not None and current.holder != holder:
             return False, current
         info = StreamInfo(stream=key, holder=holder, client_addr=client_addr, since_us=time.time_ns() // 1000)
+        if current is not None:  # the same holder again: it takes its entry over, still listed where it runs
+            info.origin, info.since_us = current.origin, current.since_us
         self._streams[path] = info
         return True, info
 
@@ -103,6 +105,8 @@ class InMemoryDirectory:
         info = self._streams.get(stream_path(key))
         if info is None or info.holder != holder:
             return
+        if info.origin == origin:
+            return  # a takeover where it already ran: nothing changed for watchers
         moved = bool(info.origin)
         info.origin = origin
         self.hub.notify(StreamChange.KIND_MOVED if moved else StreamChange.KIND_PUBLISHED, info)

@@ -91,11 +91,14 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             avoid = RecentFailures(AVOID_FOR)
             if claim.origin_hint:
                 await self._await_rejoin(claim.origin_hint)
+            hint = claim.origin_hint
             request: LeaseRequest | None = first
             while request is not None:
                 if request.HasField("relocate"):
                     avoid.add(request.relocate.failed_origin)
-                prefer = claim.origin_hint or await self.directory.recent_origin(key)
+                    if request.relocate.failed_origin == hint:
+                        hint = ""  # it failed under this lease: not preferred again once its avoid expires
+                prefer = hint or await self.directory.recent_origin(key)
                 origin = pick_origin(await self.directory.nodes(), avoid.current(), prefer=prefer)
                 if origin is None:
                     yield LeaseReply(rejected=LeaseReply.Rejected(detail="no live origin relay"))

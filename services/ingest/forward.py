@@ -37,7 +37,8 @@ MAX_BATCH_BYTES = 1 << 20
 MAX_QUEUED_BYTES = 8 << 20  # media waiting for the origin before reading the publisher pauses
 FAILOVER_FOR = 10.0  # seconds from an origin's failure to find another, before the publish is lost
 FAILOVER_PAUSE = 0.1
-RECLAIM_PAUSE = 0.1
+RECLAIM_PAUSE = 0.1  # before the first re-claim; doubling after each failed one, up to RECLAIM_PAUSE_MAX
+RECLAIM_PAUSE_MAX = 2.0
 ANSWER_TIMEOUT = 5.0
 
 PublishChannel = LinkChannel[PublishItem, PublishReply]
@@ -184,7 +185,7 @@ class RelayPublish:
         self.steady.clear()
         attempt = 0
         try:
-            while not window.expired():
+            while not window.expired() and not self.closed:
                 attempt += 1
                 try:
                     self.origin = await self.lease.relocate(avoid)
@@ -216,26 +217,34 @@ class RelayPublish:
         return False
 
     async def _keep_lease(self) -> None:
-        """If dispatch forgets the lease (it restarted), claim it again where the stream runs now."""
+        """If dispatch forgets the lease (it restarted), claim it again where the stream runs now. Attempts
+        that fail back off from RECLAIM_PAUSE to RECLAIM_PAUSE_MAX and are logged at 1, 2, 4, 8..."""
+        attempt = 0
         while not self.closed:
             await self.lease.lost.wait()
             if self.closed:
                 return
-            event(log, "lease.lost", level=logging.WARNING, stream=f"{self.key.app}/{self.key.name}",
-                  origin=self.origin)
-            await asyncio.sleep(RECLAIM_PAUSE)  # paces repeated attempts; dispatch waits for our origin to rejoin
+            if attempt == 0:
+                event(log, "lease.lost", level=logging.WARNING, stream=f"{self.key.app}/{self.key.name}",
+                      origin=self.origin)
+            await asyncio.sleep(min(RECLAIM_PAUSE * 2 ** attempt, RECLAIM_PAUSE_MAX))
             await self.steady.wait()  # a failover in progress claims the lease itself, for its new origin
             if not self.lease.lost.is_set():
+                attempt = 0
                 continue
+            attempt += 1
             try:
                 origin = await self.lease.reclaim(self.origin)
             except LeaseRefused as exc:
-                event(log, "lease.reclaim_retry", level=logging.WARNING, stream=self.key.name, error=str(exc))
+                if attempt & (attempt - 1) == 0:
+                    event(log, "lease.reclaim_retry", level=logging.WARNING, stream=self.key.name, attempt=attempt,
+                          error=str(exc))
                 continue
             if origin != self.origin:
                 # Dispatch does not know our origin (yet): do not let the directory point elsewhere.
                 self.lease.lost.set()
                 continue
+            attempt = 0
             event(log, "lease.reclaimed", stream=f"{self.key.app}/{self.key.name}", origin=origin)
 
     async def watch(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
@@ -58,6 +59,9 @@ MAX_EARLY_FRAMES = 256
 MAX_EARLY_BYTES = 4 << 20
 
 _session_ids = itertools.count(1)
+# A publish session id must never repeat: downstream nodes drop frames whose sequence they have passed
+# within one session, so an ingest restarted with the same node id must not reuse its old session ids.
+_RUN = secrets.token_hex(3)
 
 LeaseFactory = Callable[[StreamKey, str, str], Lease]  # (stream, holder, client address) -> lease
 # (app, stream name, message stream id, connection, transport, peer) -> what to call when the play ends
@@ -118,7 +122,7 @@ class RtmpSession(asyncio.Protocol):
     def __init__(self, ingest: Ingest) -> None:
         self.ingest = ingest
         self.conn = ServerConnection(ingest.limits)
-        self.id = f"{ingest.node_id}/rtmp-{next(_session_ids)}"
+        self.id = f"{ingest.node_id}/rtmp-{_RUN}-{next(_session_ids)}"
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.app = ""
@@ -126,6 +130,7 @@ class RtmpSession(asyncio.Protocol):
         self.publish_stream_id = 0
         self.early: list[MediaReceived] = []
         self.early_bytes = 0
+        self.early_full = False
         self.stop_play: Callable[[], None] | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.opened = self.last_data = time.monotonic()
@@ -180,9 +185,12 @@ class RtmpSession(asyncio.Protocol):
                 if frame.keyframe and not self.keyframe_seen and self.trace is not None:
                     self.keyframe_seen = True
                     self.trace.event("first keyframe", timestamp=frame.timestamp)
-            elif len(self.early) < MAX_EARLY_FRAMES and self.early_bytes + len(ev.payload) <= MAX_EARLY_BYTES:
-                self.early.append(ev)
-                self.early_bytes += len(ev.payload)
+            elif not self.early_full:
+                if len(self.early) < MAX_EARLY_FRAMES and self.early_bytes + len(ev.payload) <= MAX_EARLY_BYTES:
+                    self.early.append(ev)
+                    self.early_bytes += len(ev.payload)
+                else:  # keep nothing after a gap: a frame after a dropped one may not decode
+                    self.early_full = True
         elif isinstance(ev, Connected):
             self.app = ev.app
             event(log, "rtmp.connect", session=self.id, peer=self.peer, app=ev.app, tc_url=ev.tc_url,

@@ -106,3 +106,16 @@ def test_the_benchmarks_run_from_a_checkout_and_are_not_in_the_installed_package
     ran = subprocess.run([str(script), "bench", "failover", "--help"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=30, check=False)
     assert ran.returncode == 0 and "--kinds" in ran.stdout, ran.stderr
+
+
+def test_node_ids_are_unique_across_hosts_that_listen_on_the_same_port() -> None:
+    """Pods of one Deployment all listen on 50051: ids by port alone collided in dispatch's node table and
+    in Consul (one origin listed for two). The advertised host tells them apart; on loopback the port does."""
+    from services.cli import _node_id
+
+    pod = {"host": "0.0.0.0", "advertise_host": "10.1.2.3"}
+    other = {"host": "0.0.0.0", "advertise_host": "10.1.2.4"}
+    assert _node_id("relay-origin", pod, 50051) == "relay-origin-10.1.2.3-50051"
+    assert _node_id("relay-origin", pod, 50051) != _node_id("relay-origin", other, 50051)
+    assert _node_id("ingest", {"advertise": "ingest-0.ingest:1935"}, 1935) == "ingest-ingest-0.ingest-1935"
+    assert _node_id("playback", {"host": "127.0.0.1"}, 8080) == "playback-8080"
