@@ -94,7 +94,26 @@ class Clock:
     measuring: bool = False
 
 
-class Viewer(asyncio.Protocol):
+class Arrivals:
+    """What every load viewer keeps of its bytes' arrival: the first, the last, the longest gap between two
+    (while the clock measures) and how many."""
+
+    clock: Clock
+    first_byte: float
+    last: float
+    max_gap: float
+    bytes: int
+
+    def arrived(self, now: float, size: int) -> None:
+        if not self.first_byte:
+            self.first_byte = now
+        elif self.clock.measuring and now - self.last > self.max_gap:
+            self.max_gap = now - self.last
+        self.last = now
+        self.bytes += size
+
+
+class Viewer(Arrivals, asyncio.Protocol):
     def __init__(self, request: bytes, clock: Clock, sampled: bool) -> None:
         self.request = request
         self.clock = clock
@@ -116,12 +135,7 @@ class Viewer(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
-        if not self.first_byte:
-            self.first_byte = now
-        elif self.clock.measuring and now - self.last > self.max_gap:
-            self.max_gap = now - self.last
-        self.last = now
-        self.bytes += len(data)
+        self.arrived(now, len(data))
         if self.http is None or self.flv is None:
             return
         self.http.receive_data(data)

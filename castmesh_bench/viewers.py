@@ -19,10 +19,10 @@ from typing import cast
 from castmesh.rtmp import chunks
 from castmesh.rtmp.client import ClientConnection, PlayStarted
 from castmesh.rtmp.connection import MediaReceived
-from castmesh_bench.common import Clock
+from castmesh_bench.common import Arrivals, Clock
 
 
-class RtmpViewer(asyncio.Protocol):
+class RtmpViewer(Arrivals, asyncio.Protocol):
     """castmesh's RTMP client state machine as a player. Past the start, an unsampled viewer only counts
     bytes (and acknowledges them), so a thousand of them cost the load generator little."""
 
@@ -50,12 +50,7 @@ class RtmpViewer(asyncio.Protocol):
             events = []
         else:
             events = self.conn.receive_data(data)
-        if not self.first_byte:
-            self.first_byte = now
-        elif self.clock.measuring and now - self.last > self.max_gap:
-            self.max_gap = now - self.last
-        self.last = now
-        self.bytes += len(data)
+        self.arrived(now, len(data))
         for ev in events:
             if isinstance(ev, PlayStarted):
                 self.playing = True
