@@ -89,6 +89,13 @@ def test_which_server_answers_follow_the_bounded_load_rule_and_errors_are_proble
     publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/busy", 20, gop=30)
     try:
         wait_live(f"http://127.0.0.1:{ports[0]}/live/busy.flv")
+        # The replay below assumes no node reports viewers. wait_live's own request was one, on playback-0,
+        # and a load report (every second) may have caught it (CI saw that once): wait until none does.
+        for _ in range(50):
+            nodes = get(f"{base}/api/v1/nodes")[2]["nodes"]
+            if not any(n["load"]["subscribers"] for n in nodes if n["role"] == "playback"):
+                break
+            time.sleep(0.1)
         answers = [get(f"{base}/api/v1/streams/live/busy/play?protocol=hls")[2] for _ in range(12)]
         assert all(a["protocol"] == "hls" and a["url"].endswith("/live/busy.m3u8") for a in answers)
         ring = BoundedRing([f"playback-{p}" for p in ports])
