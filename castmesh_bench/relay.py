@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import os
 import time
 from pathlib import Path
@@ -26,16 +25,10 @@ import grpc
 from castmesh.media.flv import FlvReader
 from castmesh.media.frames import make_frame, stream_key
 from castmesh.mesh import grpcutil, tracing
+from castmesh.mesh.channels import Accepted, Batch, End, Header
 from castmesh.mesh.link import RelayLinks
 from castmesh.proto.v1.media_pb2 import Frame, FrameBatch
-from castmesh.proto.v1.relay_pb2 import (
-    PublishItem,
-    PublishOpen,
-    PublishReply,
-    SubscribeEvent,
-    SubscribeItem,
-    SubscribeOpen,
-)
+from castmesh.proto.v1.relay_pb2 import PublishOpen, SubscribeOpen
 from castmesh_bench.common import SpanSink, cpu_seconds, free_port, make_clip, pct, rss_mb, spawn, stop_all
 
 HOST = "127.0.0.1"
@@ -66,24 +59,14 @@ def clip_batches(clip: Path, seconds: float, batch_ms: int) -> list[tuple[int, l
     return batches
 
 
-def _answer(answer: asyncio.Future[PublishReply], reply: PublishReply) -> None:
-    if not answer.done():
-        answer.set_result(reply)
-
-
 async def _publish(links: RelayLinks, address: str, count: int, batches: list[tuple[int, list[Frame]]],
                    start: float) -> None:
     """Publish `count` copies of the clip on one link, staggered over a second, paced in real time."""
     link = links.publish(address)
-    accepted: list[asyncio.Future[PublishReply]] = []
-    channels = []
-    for i in range(count):
-        answer: asyncio.Future[PublishReply] = asyncio.get_running_loop().create_future()
-        channel = link.open(functools.partial(_answer, answer))
-        channel.send(PublishItem(open=PublishOpen(stream=stream_key("bench", f"s{i}"), session_id=f"s{i}")))
-        channels.append(channel)
-        accepted.append(answer)
-    await asyncio.gather(*accepted)
+    channels = [link.open(PublishOpen(stream=stream_key("bench", f"s{i}"), session_id=f"s{i}")) for i in range(count)]
+    answers = await asyncio.gather(*(channel.answer(10) for channel in channels))
+    if not all(isinstance(a, Accepted) for a in answers):
+        raise RuntimeError(f"the relay did not accept every publish: {answers[:3]}")
     schedule = sorted((start + (i * 0.037) % 1 + media_ms / 1000, i, n)
                       for i in range(count) for n, (media_ms, _) in enumerate(batches))
     for due, i, n in schedule:
@@ -91,22 +74,21 @@ async def _publish(links: RelayLinks, address: str, count: int, batches: list[tu
         if delay > 0.001:
             await asyncio.sleep(delay)
         frames = batches[n][1]
-        item = PublishItem(batch=FrameBatch(frames=frames))
-        item.batch.frames[-1].ingest_time_us = time.time_ns() // 1000
-        channels[i].send(item, sum(len(f.payload) for f in frames))
+        batch = FrameBatch(frames=frames)
+        batch.frames[-1].ingest_time_us = time.time_ns() // 1000
+        channels[i].batch(batch, sum(len(f.payload) for f in frames))
 
 
 def _subscribe(links: RelayLinks, address: str, count: int, lags: list[float], window: list[float]) -> None:
     link = links.subscribe(address)
 
-    def on_event(ev: SubscribeEvent) -> None:
-        if ev.HasField("batch") and ev.batch.frames:
+    def on_event(ev: Header | Batch | End) -> None:
+        if isinstance(ev, Batch) and ev.batch.frames:
             if window[0] <= time.monotonic() <= window[1]:
                 lags.append((time.time() - ev.batch.frames[-1].ingest_time_us / 1e6) * 1000)
 
     for i in range(count):
-        link.open(on_event).send(SubscribeItem(open=SubscribeOpen(stream=stream_key("bench", f"s{i}"),
-                                                                  subscriber_id=f"s{i}")))
+        link.open(SubscribeOpen(stream=stream_key("bench", f"s{i}"), subscriber_id=f"s{i}"), on_event)
 
 
 async def relay(args: argparse.Namespace) -> dict[str, Any]:

@@ -56,7 +56,7 @@ from services.dispatch.consul_directory import ConsulDirectory
 from services.dispatch.directory import Directory, InMemoryDirectory
 from services.gateway.app import Gateway
 from services.ingest.lease import DispatchLease, FixedLease, Lease
-from services.ingest.rtmp_server import Ingest
+from services.ingest.session import Ingest
 from services.playback.server import Playback, PlaybackSettings
 from services.relay import service as relay_service
 from services.relay.service import RelayService
@@ -291,12 +291,13 @@ async def up(cfg: dict[str, Any]) -> int:
         signer = Signer.parse(cfg["secret"])
         ingest = _ingest(cfg, wiring, signer, closers)
         closers.append(ingest.links.close)
-        closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
+        rtmp = ingest.rtmp()  # one RTMP port for publish and play: the plays go to playback, below
+        closers.append(_closing(await rtmp.listen(cfg["host"], cfg["rtmp_port"])))
         catalog = Catalog(wiring.dispatch)
         closers.append(catalog.close)
         playback = Playback(wiring.upstream(), _playback_settings(cfg), list_streams=catalog.streams, signer=signer,
                             caps=_caps("playback", cfg), hooks=_hooks(cfg, "on_play", "on_stop"))
-        ingest.play = playback.play_rtmp  # one RTMP port for publish and play
+        rtmp.plays = playback
         closers.append(playback.links.close)
         closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
         assert wiring.registry is not None
@@ -359,7 +360,7 @@ def _register_playback(wiring: Wiring, playback: Playback, cfg: dict[str, Any], 
     wiring.register(Node(id=playback.node_id, role=NODE_ROLE_PLAYBACK, address=_advertise(cfg, cfg["http_port"]),
                          zone=cfg.get("zone", ""), meta={"http": str(cfg["http_port"]), "rtmp": str(rtmp_port or ""),
                                                          "grpc": str(grpc_port)}),
-                    lambda: NodeLoad(streams=len(playback.feeds), subscribers=len(playback.sessions)))
+                    lambda: NodeLoad(streams=len(playback.feeds), subscribers=len(playback.clients)))
 
 
 def _caps(name: str, cfg: dict[str, Any]) -> ConnectionCaps:

@@ -31,6 +31,7 @@ from opentelemetry.trace import SpanKind
 from castmesh.media.frames import detached, stream_path
 from castmesh.media.timeline import Continuity
 from castmesh.mesh import tracing
+from castmesh.mesh.channels import Batch, End, Header
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.mesh.metrics import FAILOVERS
@@ -39,7 +40,7 @@ from castmesh.mesh.tracing import SessionSpan
 from castmesh.proto.v1.dispatch_pb2 import LocateRequest
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from castmesh.proto.v1.media_pb2 import Frame, StreamHeader, StreamKey
-from castmesh.proto.v1.relay_pb2 import StreamEnd, SubscribeClose, SubscribeEvent, SubscribeItem, SubscribeOpen
+from castmesh.proto.v1.relay_pb2 import StreamEnd, SubscribeOpen
 
 log = logging.getLogger("castmesh.subscription")
 
@@ -158,15 +159,14 @@ class UpstreamSubscription:
             nonlocal setup
             setup = tracing.set_up(setup, outcome)
 
-        def on_event(ev: SubscribeEvent) -> None:
-            body = ev.WhichOneof("body")
-            if body == "batch":
+        def on_event(ev: Header | Batch | End) -> None:
+            if isinstance(ev, Batch):
                 frames = self.continuity.admit(list(detached(ev.batch).frames))
                 if frames:
                     self._flowing()
                     self.on_frames(frames)
                 set_up("first frames")
-            elif body == "header":
+            elif isinstance(ev, Header):
                 header = ev.header
                 new_timeline = self.continuity.on_header(header.session_id, header.has_video)
                 self.live = True
@@ -174,21 +174,17 @@ class UpstreamSubscription:
                 self.on_header(header, new_timeline)
                 event(log, "upstream.header", stream=self.path, upstream=address, session=header.session_id,
                       new_timeline=new_timeline)
-            elif body == "end":
+            else:
                 ended.append(ev.end)
-                channel.close()
 
         with tracing.current(setup):  # the link's call, if this opens it, is a child too
-            channel = self.links.subscribe(address).open(on_event)
-        channel.send(SubscribeItem(open=SubscribeOpen(
-            stream=self.key, start=SubscribeOpen.START_GOP_CACHE, subscriber_id=self.subscriber_id,
-            trace_context=tracing.carrier(setup))))
+            channel = self.links.subscribe(address).open(SubscribeOpen(
+                stream=self.key, start=SubscribeOpen.START_GOP_CACHE, subscriber_id=self.subscriber_id,
+                trace_context=tracing.carrier(setup)), on_event)
         try:
             await channel.done.wait()
         finally:
-            if not channel.done.is_set():  # cancelled: tell the relay
-                channel.send(SubscribeItem(close=SubscribeClose()))
-                channel.close()
+            channel.close()  # if cancelled: the relay is told
             set_up(channel.lost or (StreamEnd.Reason.Name(ended[0].reason) if ended else "cancelled"))
         if channel.lost:
             event(log, "upstream.lost", level=logging.WARNING, stream=self.path, upstream=address, error=channel.lost)

@@ -22,13 +22,14 @@ from collections.abc import Callable
 from prometheus_client import Counter
 
 from castmesh.media.gop import GopCache, header_frames
-from castmesh.mesh.link import LinkChannel, RelayLinks
+from castmesh.mesh.channels import Accepted, Rejected
+from castmesh.mesh.link import PublishChannel, RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.mesh.metrics import FAILOVERS
 from castmesh.mesh.retry import RetryWindow
 from castmesh.mesh.tracing import SessionSpan
 from castmesh.proto.v1.media_pb2 import Frame, FrameBatch, StreamKey
-from castmesh.proto.v1.relay_pb2 import PublishEnd, PublishItem, PublishOpen, PublishReply
+from castmesh.proto.v1.relay_pb2 import PublishOpen
 from services.ingest.lease import Lease, LeaseRefused
 
 log = logging.getLogger("castmesh.ingest")
@@ -41,7 +42,6 @@ RECLAIM_PAUSE = 0.1  # before the first re-claim; doubling after each failed one
 RECLAIM_PAUSE_MAX = 2.0
 ANSWER_TIMEOUT = 5.0
 
-PublishChannel = LinkChannel[PublishItem, PublishReply]
 FRAMES_IN = Counter("castmesh_ingest_frames_in", "Audio, video and data frames received from RTMP publishers")
 
 
@@ -74,7 +74,6 @@ class RelayPublish:
         self.paused = False
         self.origin = ""
         self.channel: PublishChannel | None = None
-        self.answer: asyncio.Future[PublishReply] | None = None
         self.writer: asyncio.Task[None] | None = None
         self.keeper: asyncio.Task[None] | None = None
         self.closed = False
@@ -96,35 +95,20 @@ class RelayPublish:
         self.writer = loop.create_task(self._write_loop())
         self.keeper = loop.create_task(self._keep_lease())
 
-    def _on_reply(self, reply: PublishReply) -> None:
-        if self.answer is not None and not self.answer.done():
-            self.answer.set_result(reply)
-
-    async def _ask(self, channel: PublishChannel, item: PublishItem, size: int = 0) -> PublishReply | None:
-        """Send `item` and wait for the relay's answer; None if the link broke or no answer came."""
-        self.answer = answer = asyncio.get_running_loop().create_future()
-        channel.send(item, size)
-        lost = asyncio.ensure_future(channel.done.wait())
-        try:
-            await asyncio.wait({answer, lost}, timeout=ANSWER_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            lost.cancel()
-        return answer.result() if answer.done() else None
-
     async def _connect(self, replay: bool) -> None:
-        channel = self.links.publish(self.origin).open(self._on_reply)
-        answer = await self._ask(channel, PublishItem(open=PublishOpen(
+        channel = self.links.publish(self.origin).open(PublishOpen(
             stream=self.key, session_id=self.session_id, client_addr=self.client_addr,
-            trace_context=self.trace.carrier() if self.trace is not None else {})))
-        if answer is None or not answer.HasField("accepted"):
+            trace_context=self.trace.carrier() if self.trace is not None else {}))
+        answer = await channel.answer(ANSWER_TIMEOUT)
+        if not isinstance(answer, Accepted):
             channel.close()
-            if answer is None:
-                raise ConnectionError(f"origin {self.origin}: {channel.lost or 'no answer'}")
-            raise PublishRefused(f"origin {self.origin}: {answer.rejected.detail}")
+            if isinstance(answer, Rejected):
+                raise PublishRefused(f"origin {self.origin}: {answer.detail}")
+            raise ConnectionError(f"origin {self.origin}: {channel.lost or 'no answer'}")
         if replay:
             frames = [*header_frames(self.cache.header()), *self.cache.frames]
             if frames:
-                channel.send(PublishItem(batch=FrameBatch(frames=frames)), self.cache.size)
+                channel.batch(FrameBatch(frames=frames), self.cache.size)
         self.channel = channel
         self.switched.set()
 
@@ -162,12 +146,13 @@ class RelayPublish:
             assert self.channel is not None
             if queued is None:
                 # Wait until the relay has processed the end, so the stream is free when the lease is.
-                await self._ask(self.channel, PublishItem(end=PublishEnd(clean=self.clean_end)))
+                self.channel.end(self.clean_end)
+                await self.channel.answer(ANSWER_TIMEOUT)
                 self.channel.close()
                 return
             batch, size = queued
             self.queued_bytes -= size
-            if not await self.channel.send(PublishItem(batch=batch), size):
+            if not await self.channel.batch(batch, size):
                 if not await self._failover(self.channel.lost):
                     return
             if (self.paused and self.queue.qsize() <= self.max_queued // 2
@@ -286,7 +271,6 @@ class RelayPublish:
             self.flush_handle.cancel()
         if self.writer is not None:
             self.writer.cancel()
-        if self.channel is not None and not self.channel.done.is_set():
-            self.channel.send(PublishItem(end=PublishEnd(clean=False)))
-            self.channel.close()
+        if self.channel is not None:
+            self.channel.close()  # ends it (not cleanly) if the origin still holds it
         self.lease.release()

@@ -15,11 +15,11 @@ FixedLease is for a single relay given by --relay: that relay alone decides whet
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Protocol
 
 import grpc
 
+from castmesh.mesh.channels import LeaseClient, ProtocolError
 from castmesh.proto.v1.dispatch_pb2 import LeaseReply, LeaseRequest
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from castmesh.proto.v1.media_pb2 import StreamKey
@@ -64,12 +64,16 @@ class FixedLease:
 
 
 class DispatchLease:
+    """The asyncio adapter of a Dispatch.Lease call around its sans-IO side (castmesh.mesh.channels.LeaseClient):
+    one question at a time, one reader per call."""
+
     def __init__(self, dispatch: DispatchStub, key: StreamKey, holder: str, client_addr: str) -> None:
         self.dispatch = dispatch
         self.claim = LeaseRequest.Claim(stream=key, holder=holder, client_addr=client_addr)
         self.lost = asyncio.Event()
         self.call: grpc.aio.StreamStreamCall | None = None
-        self.replies: asyncio.Queue[LeaseReply | None] = asyncio.Queue()
+        self.protocol = LeaseClient()
+        self.answer: asyncio.Future[LeaseReply | None] | None = None  # the question being asked
         self.reader: asyncio.Task[None] | None = None
         self.released = False
         self.busy = asyncio.Lock()
@@ -80,24 +84,43 @@ class DispatchLease:
         if self.call is not None:
             self.call.cancel()
         self.lost.clear()
-        self.replies = asyncio.Queue()
+        self.protocol = LeaseClient()
         self.call = self.dispatch.Lease(wait_for_ready=wait_for_ready)
-        self.reader = asyncio.get_running_loop().create_task(self._read(self.call, self.replies))
+        self.reader = asyncio.get_running_loop().create_task(self._read(self.call, self.protocol))
         return self.call
 
-    async def _read(self, call: grpc.aio.StreamStreamCall, replies: asyncio.Queue[LeaseReply | None]) -> None:
-        """The one reader of the call: replies go to the queue; the call's end sets `lost`."""
-        with contextlib.suppress(grpc.aio.AioRpcError):
+    async def _read(self, call: grpc.aio.StreamStreamCall, protocol: LeaseClient) -> None:
+        """The one reader of the call: answers go to the question asked; the call's end sets `lost`."""
+
+        def answer(reply: LeaseReply | None) -> None:
+            if call is self.call and self.answer is not None and not self.answer.done():
+                self.answer.set_result(reply)  # not a newer call's question: that one has its own reader
+
+        why = "dispatch unavailable or ended the lease"
+        try:
             while (reply := await call.read()) is not grpc.aio.EOF:
-                replies.put_nowait(reply)
-        replies.put_nowait(None)
+                answer(protocol.receive(reply))
+        except grpc.aio.AioRpcError:
+            pass
+        except ProtocolError as exc:
+            why = f"dispatch broke the lease protocol: {exc}"
+            call.cancel()
+        finally:
+            if protocol.broken(why):
+                answer(None)
         if call is self.call and not self.released:
             self.lost.set()
 
     async def _answer(self, call: grpc.aio.StreamStreamCall, request: LeaseRequest) -> str:
+        try:
+            message = self.protocol.ask(request)
+        except ProtocolError as exc:
+            raise LeaseRefused(f"dispatch unavailable: {exc}") from None
+        self.answer = answer = asyncio.get_running_loop().create_future()
+
         async def ask() -> LeaseReply | None:
-            await call.write(request)
-            return await self.replies.get()
+            await call.write(message)
+            return await answer
 
         try:
             reply = await asyncio.wait_for(ask(), ANSWER_TIMEOUT)

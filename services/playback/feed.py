@@ -8,8 +8,9 @@ gets the cache, then the next flush, with no duplicate.
 
 Each viewer's backlog is measured in time: the age of the oldest byte still in its transport buffer.
 Past max_lag the viewer stops receiving, and once its buffer drains it resumes at the next keyframe
-(a skip). If it does not drain within another max_lag it is disconnected. So a stuck viewer holds at most
-about max_lag of data and costs the others nothing.
+(a skip). If it does not drain within another max_lag it is disconnected (castmesh.media.lag, the policy
+relay subscribers follow too). So a stuck viewer holds at most about max_lag of data and costs the others
+nothing.
 """
 
 from __future__ import annotations
@@ -17,23 +18,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Protocol
 
 from prometheus_client import Counter, Gauge
 
 from castmesh.media.frames import stream_path
-from castmesh.media.gop import GopCache, is_resume_point
+from castmesh.media.gop import GopCache
+from castmesh.media.lag import Verdict
 from castmesh.media.timeline import Jitter
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.mesh.metrics import frame_age_histogram, observe_age
 from castmesh.mesh.subscription import Locate, UpstreamSubscription
-from castmesh.mesh.tracing import SessionSpan
 from castmesh.proto.v1.media_pb2 import Frame, StreamHeader, StreamKey
 from castmesh.proto.v1.relay_pb2 import StreamEnd
-from services.playback.formats import OutputFormat
+from services.playback.viewer import Viewer
 
 log = logging.getLogger("castmesh.playback")
 
@@ -52,17 +52,6 @@ JITTER = Counter("castmesh_playback_timestamp_corrections", "Timestamps normalis
 IDLE_LINGER = 5.0  # keep an upstream subscription this long after its last viewer leaves
 
 
-class ViewerSink(Protocol):
-    """What a feed needs from a viewer's connection (an HTTP-FLV session, an RTMP player)."""
-
-    transport: asyncio.Transport
-    format: OutputFormat
-
-    def start(self, body: bytes) -> bool: ...
-    def refuse(self, status: int, reason: str) -> None: ...
-    def finish(self, reason: str) -> None: ...
-
-
 class FrameTap(Protocol):
     """Something that consumes a stream's frames without a socket of its own (an HLS muxer)."""
 
@@ -77,38 +66,6 @@ class FrameTap(Protocol):
     def end(self, reason: str, status: int) -> None: ...
 
 
-class ViewerState:
-    """Per-viewer delivery bookkeeping: how far behind the socket is, and whether it is skipping."""
-
-    __slots__ = ("behind_since", "marks", "sink", "skipping", "skips", "written")
-
-    def __init__(self, sink: ViewerSink) -> None:
-        self.sink = sink
-        self.written = 0
-        self.marks: deque[tuple[float, int]] = deque()  # (when, total bytes written after that write)
-        self.skipping = False
-        self.behind_since = 0.0
-        self.skips = 0
-
-    def lag(self, now: float) -> float:
-        """Age of the oldest byte not yet handed to the kernel."""
-        unsent = self.sink.transport.get_write_buffer_size()
-        if unsent == 0:
-            self.marks.clear()
-            return 0.0
-        oldest = self.written - unsent
-        marks = self.marks
-        while len(marks) > 1 and marks[0][1] <= oldest:
-            marks.popleft()
-        return now - marks[0][0] if marks else 0.0
-
-    def write(self, data: bytes, now: float) -> None:
-        self.sink.transport.write(data)
-        self.written += len(data)
-        if self.sink.transport.get_write_buffer_size():
-            self.marks.append((now, self.written))
-
-
 class StreamFeed:
     def __init__(self, locate: Locate, links: RelayLinks, key: StreamKey, merge_ms: float, max_lag: float,
                  on_closed: Callable[[StreamFeed], None], node_id: str = "playback") -> None:
@@ -120,8 +77,8 @@ class StreamFeed:
         self.cache = GopCache(key)
         self.live = False
         self.closed = False
-        self.viewers: dict[ViewerSink, ViewerState] = {}
-        self.waiting: list[ViewerSink] = []
+        self.viewers: dict[Viewer, None] = {}  # an ordered set: the viewers being sent the stream
+        self.waiting: list[Viewer] = []  # admitted before the stream is live
         self.taps: list[FrameTap] = []
         self.pending: list[Frame] = []
         self.flush_handle: asyncio.TimerHandle | None = None
@@ -130,7 +87,6 @@ class StreamFeed:
         self.close_reason = ""
         self.jitter = Jitter()
         self.publisher_trace: dict[str, str] = {}
-        self.traces: dict[ViewerSink, SessionSpan] = {}  # viewers' session spans, waiting ones included
         self.subscription = UpstreamSubscription(key, locate, links, f"{node_id}:{self.path}",
                                                  self._on_header, self._on_frames, span_name="playback.feed")
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -138,31 +94,24 @@ class StreamFeed:
 
     # Viewers --------------------------------------------------------------------------------------------
 
-    def add(self, sink: ViewerSink, trace: SessionSpan | None = None) -> None:
-        if trace is not None:
-            self.traces[sink] = trace
-            trace.link(self.subscription.trace.carrier(), "feed")
-            trace.link(self.publisher_trace, "publisher")
+    def add(self, viewer: Viewer) -> None:
+        if viewer.span is not None:
+            viewer.span.link(self.subscription.trace.carrier(), "feed")
+            viewer.span.link(self.publisher_trace, "publisher")
         if self.idle_handle is not None:
             self.idle_handle.cancel()
             self.idle_handle = None
         if self.live:
-            self._start(sink)
+            self._start(viewer)
         else:
-            self.waiting.append(sink)
+            self.waiting.append(viewer)
 
-    def remove(self, sink: ViewerSink) -> None:
-        self.traces.pop(sink, None)
-        if self.viewers.pop(sink, None) is not None:
-            VIEWERS.labels(sink.format.protocol).dec()
-        if sink in self.waiting:
-            self.waiting.remove(sink)
+    def remove(self, viewer: Viewer) -> None:
+        if self.viewers.pop(viewer, 0) is None:
+            VIEWERS.labels(viewer.sink.format.protocol).dec()
+        if viewer in self.waiting:
+            self.waiting.remove(viewer)
         self._linger()
-
-    def viewer_counters(self, sink: ViewerSink) -> dict[str, int]:
-        """What one viewer has been sent so far (for its session span), read only when asked."""
-        state = self.viewers.get(sink)
-        return {"bytes": state.written, "skips": state.skips} if state is not None else {}
 
     def add_tap(self, tap: FrameTap) -> None:
         if self.idle_handle is not None:
@@ -182,9 +131,10 @@ class StreamFeed:
             self.idle_handle = asyncio.get_running_loop().call_later(
                 IDLE_LINGER, self.close, "no viewers left")
 
-    def _start(self, sink: ViewerSink) -> None:
+    def _start(self, viewer: Viewer) -> None:
+        sink = viewer.sink
         if sink.start(sink.format.head(self.cache)):
-            self.viewers[sink] = ViewerState(sink)
+            self.viewers[viewer] = None
             VIEWERS.labels(sink.format.protocol).inc()
 
     # Upstream -------------------------------------------------------------------------------------------
@@ -206,10 +156,11 @@ class StreamFeed:
             for tap in self.taps:
                 tap.discontinuity()
         self.publisher_trace = dict(header.publisher_trace)
-        for trace in self.traces.values():
-            trace.link(self.publisher_trace, "publisher")
-            if self.live:  # a new publish session, or the same one from another upstream
-                trace.event("republish" if new_timeline else "failover", session=header.session_id)
+        for viewer in (*self.viewers, *self.waiting):
+            if viewer.span is not None:
+                viewer.span.link(self.publisher_trace, "publisher")
+                if self.live:  # a new publish session, or the same one from another upstream
+                    viewer.span.event("republish" if new_timeline else "failover", session=header.session_id)
         self.cache.apply_header(header)
         if not self.live:
             self._go_live()
@@ -224,8 +175,8 @@ class StreamFeed:
             return
         self.live = True
         waiting, self.waiting = self.waiting, []
-        for sink in waiting:
-            self._start(sink)
+        for viewer in waiting:
+            self._start(viewer)
         for tap in self.taps:
             tap.begin(self.cache)
         event(log, "feed.start", stream=self.path, viewers=len(self.viewers))
@@ -258,64 +209,43 @@ class StreamFeed:
         if self.live:
             for tap in self.taps:
                 tap.frames(frames)
-        encoded: dict[Hashable, bytes] = {}  # per format: these frames, made once
-        resumed: dict[Hashable, bytes] = {}  # per format: from the first resume point on
-        resume_at: int | None = -1
+        encoded: dict[tuple[Hashable, int], bytes] = {}  # per format and first frame: these frames, made once
+        has_video = self.cache.has_video
         delivered = sent = 0
-        for state in list(self.viewers.values()):
-            fmt = state.sink.format
-            if state.skipping:
-                if state.sink.transport.get_write_buffer_size():
-                    if now - state.behind_since > self.max_lag:
-                        DROPS.inc()
-                        self._drop(state, f"stayed more than {2 * self.max_lag:g}s behind")
-                    continue
-                if resume_at == -1:
-                    resume_at = self._resume_point(frames)
-                if resume_at is not None:
-                    data = resumed.get(fmt.key)
-                    if data is None:
-                        data = resumed[fmt.key] = fmt.body(frames[resume_at:])
-                    state.skipping = False
-                    state.write(data, now)
-                    delivered += len(data)
-                    sent += len(frames) - resume_at
+        for viewer in list(self.viewers):
+            behind = viewer.behind(now)
+            if behind == 0.0:
+                viewer.lag.progressed()  # its socket drained
+            verdict = viewer.lag.check(now, behind, caught_up=behind == 0.0)
+            if verdict is Verdict.DROP:
+                DROPS.inc()
+                self._drop(viewer, f"stayed more than {2 * self.max_lag:g}s behind")
                 continue
-            if state.lag(now) > self.max_lag:
-                state.skipping = True
-                state.behind_since = now
-                state.skips += 1
+            if verdict is Verdict.SKIP:  # the bytes its socket holds cannot be taken back: it waits for them
                 SKIPS.inc()
-                self._tell(state.sink, "skip to keyframe", lag_ms=round(state.lag(now) * 1000))
+                viewer.moment("skip to keyframe", lag_ms=round(behind * 1000))
+            start = viewer.lag.resume_at(frames, has_video, caught_up=behind == 0.0)
+            if start is None:
                 continue
-            data = encoded.get(fmt.key)
+            fmt = viewer.sink.format
+            data = encoded.get((fmt.key, start))
             if data is None:
-                data = encoded[fmt.key] = fmt.body(frames)
-            state.write(data, now)
+                data = encoded[(fmt.key, start)] = fmt.body(frames[start:] if start else frames)
+            viewer.write(data, now)
             delivered += len(data)
-            sent += len(frames)
+            sent += len(frames) - start
         BYTES_OUT.inc(delivered)
         FRAMES_OUT.inc(sent)
         FRAMES_DROPPED.inc(max(0, len(frames) * len(self.viewers) - sent))
         if not self.live:
             self._go_live()  # after the writes: the waiting viewers get these frames from the cache
 
-    def _tell(self, sink: ViewerSink, moment: str, **attributes: str | int) -> None:
-        """A key moment of one viewer's session, as an event on its span (if it has one)."""
-        trace = self.traces.get(sink)
-        if trace is not None:
-            trace.event(moment, **attributes)
-
-    def _resume_point(self, frames: list[Frame]) -> int | None:
-        has_video = self.cache.has_video
-        return next((i for i, frame in enumerate(frames) if is_resume_point(frame, has_video)), None)
-
-    def _drop(self, state: ViewerState, reason: str) -> None:
-        self.viewers.pop(state.sink, None)
-        VIEWERS.labels(state.sink.format.protocol).dec()
-        event(log, "viewer.drop", stream=self.path, reason=reason, skips=state.skips)
-        self._tell(state.sink, "disconnect", reason=reason)
-        state.sink.transport.abort()
+    def _drop(self, viewer: Viewer, reason: str) -> None:
+        self.viewers.pop(viewer, None)
+        VIEWERS.labels(viewer.sink.format.protocol).dec()
+        event(log, "viewer.drop", stream=self.path, reason=reason, skips=viewer.lag.skips)
+        viewer.moment("disconnect", reason=reason)
+        viewer.sink.transport.abort()
 
     # Ending ---------------------------------------------------------------------------------------------
 
@@ -333,19 +263,18 @@ class StreamFeed:
             self.flush()
         if self.idle_handle is not None:
             self.idle_handle.cancel()
-        for sink in self.waiting:
-            sink.refuse(status or 404, reason)
-        for sink in list(self.viewers):
-            self._tell(sink, "disconnect", reason=reason)
-            sink.finish(reason)
+        for viewer in self.waiting:
+            viewer.sink.refuse(status or 404, reason)
+        for viewer in list(self.viewers):
+            viewer.moment("disconnect", reason=reason)
+            viewer.sink.finish(reason)
         for tap in list(self.taps):
             tap.end(reason, 0 if self.live else status or 404)
         self.taps.clear()
-        for sink in self.viewers:
-            VIEWERS.labels(sink.format.protocol).dec()
+        for viewer in self.viewers:
+            VIEWERS.labels(viewer.sink.format.protocol).dec()
         self.viewers.clear()
         self.waiting.clear()
-        self.traces.clear()
         FEEDS.dec()
         event(log, "feed.stop", stream=self.path, reason=reason, switches=self.subscription.switches,
               repeats_dropped=self.subscription.continuity.dropped, timestamp_fixes=self.jitter.corrections)

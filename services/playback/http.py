@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
@@ -31,6 +31,9 @@ from castmesh.mesh import tracing
 from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.logs import event
 from services.playback.formats import HTTP_FLV, WEBSOCKET_FLV, OutputFormat
+
+if TYPE_CHECKING:
+    from services.playback.viewer import Viewer
 
 log = logging.getLogger("castmesh.playback")
 
@@ -89,6 +92,7 @@ class HttpSession(asyncio.Protocol):
         self.span: Span | None = None  # the current request's span, if its route traces it; ended by respond()
         self.received = 0  # bytes since the current request began
         self.format: OutputFormat = HTTP_FLV
+        self.viewer: Viewer | None = None  # once a request of it is a viewer
         self.requests = 0
         self.paused = False  # the transport's buffer is full: answer nothing more until it drains
         self.reading = False

@@ -32,14 +32,16 @@ from castmesh.mesh.auth import Signer
 from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.hooks import Hooks
 from castmesh.mesh.link import RelayLinks
+from castmesh.mesh.rtmp_server import RtmpPlay, RtmpServer
+from castmesh.mesh.sessions import StreamRequest
 from castmesh.mesh.subscription import Locate
 from castmesh.mesh.tracing import SessionSpan
-from castmesh.rtmp.connection import ServerConnection
-from services.playback.feed import BUFFERED, VIEWERS, StreamFeed, ViewerSink
+from services.playback.feed import BUFFERED, VIEWERS, StreamFeed
 from services.playback.formats import WEBSOCKET_FLV
 from services.playback.hls import HlsMuxer
 from services.playback.http import HttpSession, Request
-from services.playback.rtmp import RtmpPlayer, RtmpPlaySession
+from services.playback.rtmp import RtmpPlayer
+from services.playback.viewer import Viewer, ViewerSink
 from services.playback.web import ListStreams, WebPage, streams_json
 
 STREAM_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})"
@@ -47,19 +49,6 @@ STREAM_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0
 NO_CACHE = ("Cache-Control", "no-cache")
 FORWARDED = ("/api/v1/", "/healthz", "/openapi.json", "/docs")
 CACHEABLE = ("Cache-Control", "max-age=600")  # a segment's name always means the same bytes
-
-
-@dataclass(slots=True)
-class Viewer:
-    """What this node keeps of one connected viewer (HTTP-FLV, WebSocket-FLV or RTMP)."""
-
-    client_id: str
-    protocol: str
-    peer: str
-    hook_body: dict[str, Any]  # what the on_play/on_stop hooks are told
-    feed: StreamFeed | None = None  # set once admitted (after the on_play hook, if one is set)
-    span: SessionSpan | None = None
-    caller: dict[str, str] | None = None  # HTTP request headers: a traceparent there parents the span
 
 
 @dataclass(slots=True, frozen=True)
@@ -90,14 +79,13 @@ class Playback:
         self.links = RelayLinks()
         self.node_id = node_id
         self.feeds: dict[str, StreamFeed] = {}
-        self.sessions: dict[ViewerSink, Viewer] = {}
-        self.clients: dict[str, ViewerSink] = {}  # client id -> an admitted viewer, for kicks
+        self.clients: dict[str, Viewer] = {}  # by client id: connected viewers, admitted or waiting for on_play
         self.next_client = 0
         self.muxers: dict[tuple[str, str], HlsMuxer] = {}  # (stream path, container) -> muxer
         self.muxer_ids: dict[str, HlsMuxer] = {}
         VIEWERS.labels("hls").set_function(lambda: sum(m.watching() for m in self.muxers.values()))
-        BUFFERED.set_function(lambda: sum(sink.transport.get_write_buffer_size()
-                                          for feed in self.feeds.values() for sink in feed.viewers))
+        BUFFERED.set_function(lambda: sum(viewer.sink.transport.get_write_buffer_size()
+                                          for feed in self.feeds.values() for viewer in feed.viewers))
 
     async def listen(self, host: str, port: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -107,28 +95,22 @@ class Playback:
             raise OSError(f"cannot listen on {host}:{port} (HTTP): {exc.strerror or exc}") from exc
 
     async def listen_rtmp(self, host: str, port: int) -> asyncio.Server:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.create_server(lambda: RtmpPlaySession(self.play_rtmp, caps=self.caps,
-                                                                    setup_timeout=self.settings.handshake_timeout),
-                                            host, port,
-                                            reuse_address=True, backlog=1024)
-        except OSError as exc:
-            raise OSError(f"cannot listen on {host}:{port} (RTMP play): {exc.strerror or exc}") from exc
+        """This node's own RTMP port: plays only (publishes are refused: they go to ingest)."""
+        return await RtmpServer(None, self, caps=self.caps, handshake_timeout=self.settings.handshake_timeout,
+                                setup_timeout=self.settings.handshake_timeout, role="playback").listen(host, port)
 
-    def play_rtmp(self, app: str, name: str, query: dict[str, str], stream_id: int, conn: ServerConnection,
-                  transport: asyncio.Transport, peer: str) -> Callable[[], None]:
-        """Start an RTMP play (from this node's RTMP port, or handed over by ingest in `castmesh up`); the
+    def play_rtmp(self, request: StreamRequest, play: RtmpPlay) -> Callable[[], None]:
+        """Start an RTMP play (from this node's RTMP port, or from the one port of `castmesh up`); the
         function to call once the connection is gone."""
-        player = RtmpPlayer(conn, transport, stream_id, peer, f"/{app}/{name}")
-        if not app:
+        player = RtmpPlayer(play, request.peer, f"/{request.app}/{request.name}")
+        if not request.app:
             player.refuse(404, "connect named no application (rtmp://host/APP/stream)")
             return lambda: None
-        refused = self.signer.refuse(app, name, query)
+        refused = self.signer.refuse(request.app, request.name, request.query)
         if refused:
             player.refuse(403, refused)
             return lambda: None
-        self._watch(app, name, player, "rtmp", query, peer)
+        self._watch(request.app, request.name, player, "rtmp", request.query, request.peer)
         return lambda: self._gone(player)
 
     # HTTP -----------------------------------------------------------------------------------------------
@@ -294,71 +276,66 @@ class Playback:
                                                  self._feed_closed, self.node_id)
         return feed
 
-    def _watch(self, app: str, name: str, session: ViewerSink, protocol: str, query: dict[str, str],
+    def _watch(self, app: str, name: str, sink: ViewerSink, protocol: str, query: dict[str, str],
                peer: str, headers: dict[str, str] | None = None) -> None:
         """Start a viewer, once the on_play hook (if one is set) allows it."""
         self.next_client += 1
         client_id = f"{self.node_id}.{self.next_client}"
-        viewer = self.sessions[session] = Viewer(client_id, protocol, peer, {
+        viewer = self.clients[client_id] = Viewer(client_id, protocol, peer, sink, {
             "app": app, "stream": name, "client_ip": peer.rpartition(":")[0], "client_id": client_id,
-            "node": self.node_id, "protocol": protocol, "query": query}, caller=headers)
+            "node": self.node_id, "protocol": protocol, "query": query}, self.settings.max_lag, caller=headers)
         if self.hooks.has("on_play"):
-            self._spawn(self._ask_then_watch(app, name, session, viewer))
+            self._spawn(self._ask_then_watch(app, name, viewer))
         else:
-            self._admit(app, name, session, viewer)
+            self._admit(app, name, viewer)
 
-    async def _ask_then_watch(self, app: str, name: str, session: ViewerSink, viewer: Viewer) -> None:
+    async def _ask_then_watch(self, app: str, name: str, viewer: Viewer) -> None:
         refused = await self.hooks.ask("on_play", viewer.hook_body)
-        if session not in self.sessions:
+        if viewer.client_id not in self.clients:
             return  # it left while the hook thought
         if refused:
-            session.refuse(403, refused)
+            viewer.sink.refuse(403, refused)
             return
-        self._admit(app, name, session, viewer)
+        self._admit(app, name, viewer)
 
-    def _admit(self, app: str, name: str, session: ViewerSink, viewer: Viewer) -> None:
+    def _admit(self, app: str, name: str, viewer: Viewer) -> None:
         """Start the viewer's session span, then the viewer: the span is the parent of the stream's feed
         if this viewer is the one that starts it, and linked to it otherwise."""
         viewer.span = SessionSpan(f"{viewer.protocol}.play", {
             "castmesh.stream": f"{app}/{name}", "castmesh.client": viewer.client_id, "castmesh.node": self.node_id,
-            "net.peer": str(viewer.hook_body["client_ip"])},
-            counters=lambda: viewer.feed.viewer_counters(session) if viewer.feed is not None else {},
-            context=viewer.caller)
+            "net.peer": str(viewer.hook_body["client_ip"])}, counters=viewer.counters, context=viewer.caller)
         with tracing.current(viewer.span.span):
             feed = viewer.feed = self._feed(app, name)
-        self.clients[viewer.client_id] = session
-        feed.add(session, viewer.span)
+        feed.add(viewer)
 
-    def _gone(self, session: ViewerSink) -> None:
-        viewer = self.sessions.pop(session, None)
-        if viewer is None or viewer.feed is None:
+    def _gone(self, sink: ViewerSink) -> None:
+        viewer = sink.viewer
+        if viewer is None or self.clients.pop(viewer.client_id, None) is None:
+            return
+        if viewer.feed is None:
             return  # never admitted: refused, or it left while the on_play hook thought
-        self.clients.pop(viewer.client_id, None)
         if viewer.span is not None:
-            viewer.span.end("left")  # before the feed forgets its delivery counters
-        viewer.feed.remove(session)
+            viewer.span.end("left")
+        viewer.feed.remove(viewer)
         self.hooks.tell("on_stop", viewer.hook_body)
 
     def kick(self, client_id: str, reason: str = "") -> int:
         """Disconnect one viewer (an operator's kick through the gateway)."""
-        session = self.clients.get(client_id)
-        if session is None:
+        viewer = self.clients.get(client_id)
+        if viewer is None or viewer.feed is None:
             return 0
         why = f"kicked: {reason or 'by an administrator'}"
-        viewer = self.sessions.get(session)
-        if viewer is not None and viewer.span is not None:
-            viewer.span.event("disconnect", reason=why)
-        session.finish(why)
+        viewer.moment("disconnect", reason=why)
+        viewer.sink.finish(why)
         return 1
 
     def viewer_list(self) -> dict[str, object]:
         """This node's viewers per stream (HLS clients included), and its connected viewers by id."""
         counts = {f"{f.key.app}/{f.key.name}": self.viewers(path) for path, f in self.feeds.items()}
         clients: dict[str, list[dict[str, str]]] = {}
-        for viewer in self.sessions.values():
+        for viewer in self.clients.values():
             if viewer.feed is not None:
-                body = viewer.hook_body
-                clients.setdefault(f"{body['app']}/{body['stream']}", []).append(
+                clients.setdefault(viewer.path, []).append(
                     {"id": viewer.client_id, "protocol": viewer.protocol, "peer": viewer.peer})
         return {"streams": counts, "clients": clients}
 

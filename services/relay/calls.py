@@ -1,4 +1,5 @@
-"""The relay's end of the multiplexed calls (see castmesh.mesh.link for the other end).
+"""The relay's end of the multiplexed calls: asyncio adapters around the sans-IO relay side of the channel
+protocol (castmesh.mesh.channels; castmesh.mesh.link is the other end).
 
 A PublishCall holds the streams that one ingest publishes through one Relay.Publish call, by channel.
 When the call breaks, each of them is treated as a publisher that vanished (the stream waits in grace).
@@ -16,25 +17,32 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
-from opentelemetry.trace import Span, SpanKind, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, StatusCode
 
 from castmesh.media.frames import detached, stream_path
 from castmesh.mesh import tracing
+from castmesh.mesh.channels import (
+    MAX_MESSAGE_BYTES,
+    Closed,
+    Frames,
+    LimitExceeded,
+    PublishOpened,
+    PublishServer,
+    SubscribeOpened,
+    SubscribeServer,
+    Unpublished,
+)
 from castmesh.mesh.logs import event
-from castmesh.proto.v1.media_pb2 import FrameBatch, StreamHeader
+from castmesh.proto.v1.media_pb2 import FrameBatch
 from castmesh.proto.v1.relay_pb2 import (
-    PublishAccepted,
-    PublishEnded,
-    PublishItem,
     PublishOpen,
     PublishRejected,
-    PublishReply,
     PublishRequest,
+    PublishResponse,
     StreamEnd,
-    SubscribeEvent,
-    SubscribeItem,
     SubscribeOpen,
     SubscribeRequest,
     SubscribeResponse,
@@ -42,12 +50,6 @@ from castmesh.proto.v1.relay_pb2 import (
 from services.relay.fanout import BYTES_OUT, FRAMES_OUT, RelayStream, StreamTable, Subscriber
 
 log = logging.getLogger("castmesh.relay")
-
-MAX_CHANNELS = 10_000  # per call: a node carries thousands of streams, not millions
-# Answers (accepted/rejected/ended) and notes (ends) waiting to be sent on one call. A peer that keeps
-# sending opens and ends but reads nothing would grow them without end: past this, its call is ended.
-MAX_PENDING = 2 * MAX_CHANNELS
-MAX_RESPONSE_BYTES = 8 << 20  # media per response; the rest goes in the next one
 
 
 class Relay(Protocol):
@@ -64,8 +66,26 @@ class Relay(Protocol):
     def unpublished(self, stream: RelayStream, session_id: str, clean: bool, reason: str) -> None: ...
 
 
+@dataclass(slots=True)
+class Publishing:
+    """One publish on a call."""
+
+    stream: RelayStream
+    session_id: str
+    setup: Span  # its `relay.publish` span until its first frames, then INVALID_SPAN
+
+
+@dataclass(slots=True)
+class Watching:
+    """One subscription on a call."""
+
+    sub: Subscriber
+    stream: RelayStream
+    setup: Span  # its `relay.subscribe` span until its first frames go out, then INVALID_SPAN
+
+
 class _Call:
-    """What both calls share: the peer's items, read in a task of their own and handled as they come."""
+    """What both calls share: the peer's messages, read in a task of their own and handled as they come."""
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -73,23 +93,26 @@ class _Call:
         self.reading = True
         self.task = asyncio.current_task()  # the handler's: cancelled to end the call
 
-    def _overflowing(self, pending: int) -> bool:
-        """True (and the call is being ended) if `pending` answers are more than the peer may leave unread."""
-        if pending < MAX_PENDING:
-            return False
-        if self.task is not None and not self.task.done():
-            event(log, "call.overflow", level=logging.WARNING, call=type(self).__name__, pending=pending)
-            self.task.cancel()
-        return True
+    def received(self, message: PublishRequest | SubscribeRequest) -> None:
+        try:
+            self._handle(message)
+        except LimitExceeded as exc:
+            self._overflowed(exc)
 
-    def handle(self, item: Any) -> None:
+    def _handle(self, message: PublishRequest | SubscribeRequest) -> None:
         raise NotImplementedError
+
+    def _overflowed(self, exc: LimitExceeded) -> None:
+        """The peer leaves more answers unread than it may (castmesh.mesh.channels.MAX_PENDING): end its call."""
+        if self.task is not None and not self.task.done():
+            event(log, "call.overflow", level=logging.WARNING, call=type(self).__name__, error=str(exc))
+            self.task.cancel()
 
     async def read(self, requests: AsyncIterator[PublishRequest] | AsyncIterator[SubscribeRequest]) -> None:
         try:
             async for request in requests:
-                for item in request.items:
-                    self.handle(item)
+                self.received(request)
+                self.wake.set()
         except Exception:
             log.exception("%s failed while reading", type(self).__name__)
         finally:
@@ -102,37 +125,27 @@ class PublishCall(_Call):
 
     def __init__(self, relay: Relay) -> None:
         super().__init__(relay)
-        self.streams: dict[int, tuple[RelayStream, str]] = {}  # channel -> (stream, publish session id)
-        self.setups: dict[int, Span] = {}  # channel -> its span, until its first frames
-        self.replies: list[PublishReply] = []
+        self.protocol = PublishServer()
 
-    def handle(self, item: PublishItem) -> None:
-        body = item.WhichOneof("body")
-        if body == "batch":
-            entry = self.streams.get(item.channel)
-            if entry is not None and item.batch.frames:
-                entry[0].publish(detached(item.batch))
-                if self.setups:
-                    self._set_up(item.channel, "first frames", frames=len(item.batch.frames))
-        elif body == "open":
-            self._open(item.channel, item.open)
-        elif body == "end":
-            self._set_up(item.channel, "ended before any frame")
-            entry = self.streams.pop(item.channel, None)
-            if entry is not None:
-                clean = item.end.clean
-                self.relay.unpublished(entry[0], entry[1], clean,
-                                       "publisher unpublished" if clean else "publisher vanished")
-            self._reply(PublishReply(channel=item.channel, ended=PublishEnded()))
+    def _handle(self, request: PublishRequest) -> None:
+        for ev in self.protocol.receive(request):
+            if isinstance(ev, Frames):
+                if ev.batch.frames:
+                    ev.owner.stream.publish(detached(ev.batch))
+                    if ev.owner.setup is not INVALID_SPAN:
+                        ev.owner.setup = tracing.set_up(ev.owner.setup, "first frames", frames=len(ev.batch.frames))
+            elif isinstance(ev, PublishOpened):
+                self._open(ev.channel, ev.open)
+            elif isinstance(ev, Unpublished):
+                publishing: Publishing = ev.owner
+                publishing.setup = tracing.set_up(publishing.setup, "ended before any frame")
+                self.relay.unpublished(publishing.stream, publishing.session_id, ev.clean,
+                                       "publisher unpublished" if ev.clean else "publisher vanished")
 
     def _open(self, channel: int, opening: PublishOpen) -> None:
         def reject(reason: PublishRejected.Reason, detail: str) -> None:
-            self._reply(PublishReply(channel=channel, rejected=PublishRejected(reason=reason, detail=detail)))
+            self.protocol.reject(channel, reason, detail)
 
-        if channel in self.streams:
-            return reject(PublishRejected.REASON_BAD_REQUEST, f"channel {channel} is already open")
-        if len(self.streams) >= MAX_CHANNELS:
-            return reject(PublishRejected.REASON_BAD_REQUEST, f"more than {MAX_CHANNELS} streams on one call")
         if not opening.stream.name:
             return reject(PublishRejected.REASON_BAD_REQUEST, "open named no stream")
         if self.relay.role != "origin":
@@ -153,40 +166,25 @@ class PublishCall(_Call):
         if waiting is not None and previous != opening.session_id:
             span.add_event("republish", {"castmesh.previous_session": previous,
                                          "castmesh.subscribers": len(waiting.subscribers)})
-        self.setups[channel] = span
-        self.streams[channel] = (stream, opening.session_id)
         event(log, "publish.start", stream=stream.path, session=opening.session_id, client=opening.client_addr,
               subscribers=len(stream.subscribers))
-        self._reply(PublishReply(channel=channel, accepted=PublishAccepted()))
+        self.protocol.accept(channel, Publishing(stream, opening.session_id, span))
 
-    def _set_up(self, channel: int, outcome: str, **attributes: int) -> None:
-        span = self.setups.pop(channel, None)
-        if span is not None:
-            tracing.set_up(span, outcome, **attributes)
-
-    def _reply(self, reply: PublishReply) -> None:
-        if self._overflowing(len(self.replies)):
-            return
-        self.replies.append(reply)
-        self.wake.set()
-
-    async def next_replies(self) -> list[PublishReply] | None:
+    async def next_response(self) -> PublishResponse | None:
         """What to answer next; None once the publisher has stopped sending."""
-        while not self.replies:
+        while (response := self.protocol.data_to_send()) is None:
             if not self.reading:
                 return None
             self.wake.clear()
             await self.wake.wait()
-        replies, self.replies = self.replies, []
-        return replies
+        return response
 
     def vanished(self) -> None:
         """The call is over: what it still published lost its publisher."""
-        for stream, session_id in self.streams.values():
-            self.relay.unpublished(stream, session_id, False, "publish call ended")
-        self.streams.clear()
-        for channel in list(self.setups):
-            self._set_up(channel, "call ended before any frame")
+        for ev in self.protocol.broken():
+            publishing: Publishing = ev.owner
+            publishing.setup = tracing.set_up(publishing.setup, "call ended before any frame")
+            self.relay.unpublished(publishing.stream, publishing.session_id, False, "publish call ended")
 
 
 class SubscribeCall(_Call):
@@ -195,108 +193,91 @@ class SubscribeCall(_Call):
 
     def __init__(self, relay: Relay) -> None:
         super().__init__(relay)
-        self.channels: dict[int, tuple[Subscriber, RelayStream]] = {}
-        self.setups: dict[Subscriber, Span] = {}
-        self.ready: dict[Subscriber, None] = {}  # an ordered set: subscribers with something to send
-        self.notes: list[SubscribeEvent] = []  # ends for opens that never started, and for closes
+        self.protocol = SubscribeServer()
+        self.ready: dict[int, None] = {}  # an ordered set: channels whose subscriber has something to send
         self.writing_since = 0.0
 
-    def handle(self, item: SubscribeItem) -> None:
-        channel = item.channel
-        body = item.WhichOneof("body")
-        if body == "open":
-            if channel in self.channels:
-                return self._note(channel, StreamEnd.REASON_BAD_REQUEST, f"channel {channel} is already open")
-            if len(self.channels) >= MAX_CHANNELS:
-                return self._note(channel, StreamEnd.REASON_BAD_REQUEST, f"more than {MAX_CHANNELS} streams")
-            sub = Subscriber(item.open.subscriber_id, self.relay.max_lag, self._ready, channel)
-            sub.on_drop = self._dropped
-            span = tracing.start("relay.subscribe", {"castmesh.stream": stream_path(item.open.stream),
-                                                     "castmesh.subscriber": item.open.subscriber_id,
-                                                     "castmesh.node": self.relay.node_id},
-                                 kind=SpanKind.SERVER, context=item.open.trace_context)
-            with tracing.current(span):  # an edge's pull starts inside it
-                found = self.relay.subscribe(item.open, sub)
-            if isinstance(found, StreamEnd):
-                span.set_status(StatusCode.ERROR, StreamEnd.Reason.Name(found.reason))
-                span.end()
-                return self._note(channel, found.reason, found.detail)
-            self.setups[sub] = span
-            self.channels[channel] = (sub, found)
-        elif body == "close":
-            entry = self.channels.pop(channel, None)
-            if entry is not None:
-                self._set_up(entry[0], entry[1], "closed before any frame")
-                self.ready.pop(entry[0], None)
-                self.relay.unsubscribe(entry[1], entry[0], "closed")
-                self._note(channel, StreamEnd.REASON_CLOSED, "closed by the subscriber")
+    def _handle(self, request: SubscribeRequest) -> None:
+        for ev in self.protocol.receive(request):
+            if isinstance(ev, SubscribeOpened):
+                self._open(ev.channel, ev.open)
+            elif isinstance(ev, Closed):
+                watching: Watching = ev.owner
+                self._set_up(watching, "closed before any frame")
+                self.ready.pop(ev.channel, None)
+                self.relay.unsubscribe(watching.stream, watching.sub, "closed")
 
-    def _set_up(self, sub: Subscriber, stream: RelayStream, outcome: str) -> None:
-        span = self.setups.pop(sub, None)
-        if span is not None:
-            for link in tracing.links(stream.publisher_trace):
-                span.add_link(link.context, {"castmesh.link": "publisher"})
-            tracing.set_up(span, outcome)
-
-    def _note(self, channel: int, reason: StreamEnd.Reason, detail: str) -> None:
-        if self._overflowing(len(self.notes)):
+    def _open(self, channel: int, opening: SubscribeOpen) -> None:
+        sub = Subscriber(opening.subscriber_id, self.relay.max_lag, self._ready, channel)
+        sub.on_drop = self._dropped
+        span = tracing.start("relay.subscribe", {"castmesh.stream": stream_path(opening.stream),
+                                                 "castmesh.subscriber": opening.subscriber_id,
+                                                 "castmesh.node": self.relay.node_id},
+                             kind=SpanKind.SERVER, context=opening.trace_context)
+        with tracing.current(span):  # an edge's pull starts inside it
+            found = self.relay.subscribe(opening, sub)
+        if isinstance(found, StreamEnd):
+            span.set_status(StatusCode.ERROR, StreamEnd.Reason.Name(found.reason))
+            span.end()
+            self.protocol.refuse(channel, found)
             return
-        self.notes.append(SubscribeEvent(channel=channel, end=StreamEnd(reason=reason, detail=detail)))
-        self.wake.set()
+        self.protocol.start(channel, Watching(sub, found, span))
+
+    @staticmethod
+    def _set_up(watching: Watching, outcome: str) -> None:
+        if watching.setup is not INVALID_SPAN:
+            for link in tracing.links(watching.stream.publisher_trace):
+                watching.setup.add_link(link.context, {"castmesh.link": "publisher"})
+            watching.setup = tracing.set_up(watching.setup, outcome)
 
     def _ready(self, sub: Subscriber) -> None:
-        self.ready[sub] = None
+        self.ready[sub.channel] = None
         self.wake.set()
 
     def _dropped(self, sub: Subscriber) -> None:
         if self.writing_since and time.monotonic() - self.writing_since > self.relay.max_lag and self.task:
-            event(log, "subscribe.stalled", level=logging.WARNING, subscriber=sub.id, channels=len(self.channels),
-                  stalled_s=round(time.monotonic() - self.writing_since, 1))
+            event(log, "subscribe.stalled", level=logging.WARNING, subscriber=sub.id,
+                  channels=len(self.protocol.channels), stalled_s=round(time.monotonic() - self.writing_since, 1))
             self.task.cancel()
 
     async def next_response(self) -> SubscribeResponse | None:
-        """Everything ready subscribers have, up to MAX_RESPONSE_BYTES; None once the subscriber has
+        """Everything ready subscribers have, up to MAX_MESSAGE_BYTES; None once the subscriber has
         stopped sending and no subscription is left."""
-        while not self.ready and not self.notes:
-            if not self.reading and not self.channels:
+        while not self.ready and not self.protocol.has_notes():
+            if not self.reading and not self.protocol.channels:
                 return None
             self.wake.clear()
             await self.wake.wait()
-        response = SubscribeResponse(events=self.notes)
-        self.notes = []
-        budget = MAX_RESPONSE_BYTES
+        response = self.protocol.response()
+        budget = MAX_MESSAGE_BYTES
         frames = 0
-        for sub in list(self.ready):
+        for channel in list(self.ready):
             if budget <= 0:
                 break
-            items, size, end = sub.take(budget)
+            watching: Watching | None = self.protocol.owner(channel)
+            if watching is None:  # not started yet (its GOP came during the open), or over
+                if channel not in self.protocol.channels:
+                    del self.ready[channel]
+                continue
+            items, size, end = watching.sub.take(budget)
             budget -= size
-            if sub in self.setups and (end is not None or any(isinstance(i, FrameBatch) for i in items)):
-                self._set_up(sub, self.channels[sub.channel][1], "ended" if end else "first frames")
-            batch = None
-            for item in items:
-                if isinstance(item, StreamHeader):
-                    response.events.add(channel=sub.channel).header.CopyFrom(item)
-                    batch = None
-                else:
-                    if batch is None:
-                        batch = response.events.add(channel=sub.channel).batch
-                    batch.MergeFrom(item)
-                    frames += len(item.frames)
+            started = end is not None or any(isinstance(i, FrameBatch) for i in items)
+            if started and watching.setup is not INVALID_SPAN:
+                self._set_up(watching, "ended" if end else "first frames")
+            frames += self.protocol.write(response, channel, items, end)
             if end is not None:
-                response.events.add(channel=sub.channel).end.CopyFrom(end)
-                entry = self.channels.pop(sub.channel, None)
-                if entry is not None:
-                    self.relay.unsubscribe(entry[1], sub, StreamEnd.Reason.Name(end.reason))
-            if not sub.queue:
-                del self.ready[sub]
-        BYTES_OUT.inc(MAX_RESPONSE_BYTES - budget)
+                self.relay.unsubscribe(watching.stream, watching.sub, StreamEnd.Reason.Name(end.reason))
+            if not watching.sub.queue or end is not None:
+                del self.ready[channel]
+        BYTES_OUT.inc(MAX_MESSAGE_BYTES - budget)
         FRAMES_OUT.inc(frames)
         return response
 
     def close_all(self) -> None:
-        for sub, stream in self.channels.values():
-            self._set_up(sub, stream, "call ended before any frame")
-            self.relay.unsubscribe(stream, sub, StreamEnd.Reason.Name(sub.end.reason) if sub.end else "cancelled")
-        self.channels.clear()
+        for ev in self.protocol.broken():
+            watching: Watching = ev.owner
+            self._set_up(watching, "call ended before any frame")
+            end = watching.sub.end
+            outcome = StreamEnd.Reason.Name(end.reason) if end else "cancelled"
+            self.relay.unsubscribe(watching.stream, watching.sub, outcome)
         self.ready.clear()

@@ -5,9 +5,10 @@ Invariants:
 - One publisher per stream in this relay. When a publisher vanishes without unpublishing, the stream
   waits `grace` seconds for a publisher of the same stream; its subscribers stay and continue with the new
   publish session, announced in-band with a new header.
-- A subscriber's queue is bounded in time (max_lag): when its oldest item is older than that, the queued
-  frames are dropped and the subscriber resumes at the next keyframe (a skip, counted). A subscriber that
-  has taken nothing since its last skip when the bound is hit again is ended with REASON_TOO_SLOW.
+- A subscriber's queue is bounded in time (max_lag), by the lag policy playback viewers follow too
+  (castmesh.media.lag): when its oldest item is older than that, the queued frames are dropped and the
+  subscriber resumes at the next keyframe (a skip, counted). A subscriber that has taken nothing since its
+  last skip when the bound is hit again is ended with REASON_TOO_SLOW.
 - The source never waits for a subscriber: offering a batch is a few list operations per subscriber.
 """
 
@@ -22,7 +23,8 @@ from prometheus_client import Counter, Gauge
 
 from castmesh.media.describe import RateMeter, describe
 from castmesh.media.frames import stream_path
-from castmesh.media.gop import GopCache, is_resume_point
+from castmesh.media.gop import GopCache
+from castmesh.media.lag import LagPolicy, Verdict
 from castmesh.mesh.metrics import frame_age_histogram, observe_age
 from castmesh.proto.v1.media_pb2 import FrameBatch, StreamHeader, StreamKey
 from castmesh.proto.v1.relay_pb2 import StreamEnd, StreamStats
@@ -56,12 +58,14 @@ class Subscriber:
         self.on_ready = on_ready
         self.queue: deque[tuple[float, Item, int]] = deque()  # (when queued, item, its size in bytes)
         self.end: StreamEnd | None = None
-        self.skipping = False
-        self.took_since_skip = True
-        self.skips = 0
+        self.lag = LagPolicy(max_lag)
         # Told when the subscriber is dropped for being slow: its call may be parked in a flow-controlled
         # write that never returns, so an end in the queue may never be sent.
         self.on_drop: Callable[[Subscriber], object] = lambda s: None
+
+    @property
+    def skips(self) -> int:
+        return self.lag.skips
 
     def offer_header(self, header: StreamHeader) -> None:
         if self.end is None:
@@ -73,32 +77,29 @@ class Subscriber:
         if self.end is not None:
             return
         now = time.monotonic()
-        if self.queue and now - self.queue[0][0] > self.max_lag:
-            if not self.took_since_skip:
-                SLOW_DROPS.inc()
-                self.finish(StreamEnd(reason=StreamEnd.REASON_TOO_SLOW,
-                                      detail=f"stayed more than {self.max_lag:g}s behind after skipping"))
-                self.queue.clear()
-                self.on_drop(self)
-                return
+        # Its queue is all the backlog it has, and a skip empties it: it is always caught up for the policy.
+        verdict = self.lag.check(now, now - self.queue[0][0] if self.queue else 0.0, caught_up=True)
+        if verdict is Verdict.DROP:
+            SLOW_DROPS.inc()
+            self.finish(StreamEnd(reason=StreamEnd.REASON_TOO_SLOW,
+                                  detail=f"stayed more than {self.max_lag:g}s behind after skipping"))
+            self.queue.clear()
+            self.on_drop(self)
+            return
+        if verdict is Verdict.SKIP:
             headers = [item for item in self.queue if isinstance(item[1], StreamHeader)]
             FRAMES_DROPPED.inc(sum(len(item.frames) for _, item, _ in self.queue if isinstance(item, FrameBatch)))
             self.queue.clear()
             self.queue.extend(headers[-1:])  # a session change must still reach the subscriber
-            self.skipping = True
-            self.took_since_skip = False
-            self.skips += 1
             SKIPS.inc()
-        if self.skipping:
-            frames = batch.frames
-            start = next((i for i, f in enumerate(frames) if is_resume_point(f, has_video)), None)
-            FRAMES_DROPPED.inc(len(frames) if start is None else start)
-            if start is None:
-                return
-            self.skipping = False
-            if start:
-                batch = FrameBatch(frames=frames[start:])
-                size = batch.ByteSize()
+        start = self.lag.resume_at(batch.frames, has_video, caught_up=True)
+        if start is None:
+            FRAMES_DROPPED.inc(len(batch.frames))
+            return
+        if start:
+            FRAMES_DROPPED.inc(start)
+            batch = FrameBatch(frames=batch.frames[start:])
+            size = batch.ByteSize()
         self.queue.append((now, batch, size))
         self.on_ready(self)
 
@@ -117,7 +118,7 @@ class Subscriber:
             items.append(item)
             size += item_size
         if items:
-            self.took_since_skip = True
+            self.lag.progressed()
         return items, size, (self.end if not self.queue else None)
 
 

@@ -60,9 +60,9 @@ class RelayService(relay_pb2_grpc.RelayServicer):
         span = tracing.media_call_served("/castmesh.v1.Relay/Publish", context)
         reader = asyncio.get_running_loop().create_task(call.read(request_iterator))
         try:
-            while (replies := await call.next_replies()) is not None:
+            while (response := await call.next_response()) is not None:
                 span = tracing.set_up(span)
-                yield PublishResponse(replies=replies)
+                yield response
         finally:
             tracing.set_up(span, "ended before any response")
             reader.cancel()

@@ -11,9 +11,10 @@ import pytest
 
 from castmesh.media.frames import VIDEO, make_frame, stream_key
 from castmesh.mesh.catalog import LISTING_TTL, Catalog
-from castmesh.mesh.link import RelayLinks
+from castmesh.mesh.channels import Accepted, Batch, End, Header
+from castmesh.mesh.link import PublishChannel, RelayLinks
 from castmesh.mesh.subscription import fixed_upstream
-from castmesh.proto.v1.media_pb2 import FrameBatch
+from castmesh.proto.v1.media_pb2 import Frame, FrameBatch
 from castmesh.proto.v1.relay_pb2 import (
     PublishItem,
     PublishOpen,
@@ -23,7 +24,6 @@ from castmesh.proto.v1.relay_pb2 import (
     StatsReply,
     StatsRequest,
     StreamEnd,
-    SubscribeClose,
     SubscribeEvent,
     SubscribeItem,
     SubscribeOpen,
@@ -52,6 +52,13 @@ def frame(ts: int, tag: bytes) -> FrameBatch:
     return FrameBatch(frames=[make_frame(VIDEO, ts, (b"\x17\x01" if ts == 0 else b"\x27\x01") + tag)])
 
 
+Event = Header | Batch | End
+
+
+def frames_of(events: list[Event]) -> list[Frame]:
+    return [f for e in events if isinstance(e, Batch) for f in e.batch.frames]
+
+
 async def until(check: Callable[[], bool], what: str) -> None:
     for _ in range(400):
         if check():
@@ -60,16 +67,11 @@ async def until(check: Callable[[], bool], what: str) -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
-async def publish_all(links: RelayLinks, address: str, names: list[str]) -> list:
+async def publish_all(links: RelayLinks, address: str, names: list[str]) -> list[PublishChannel]:
     link = links.publish(address)
-    replies: dict[str, list[PublishReply]] = {name: [] for name in names}
-    channels = []
-    for name in names:
-        channel = link.open(replies[name].append)
-        channel.send(PublishItem(open=PublishOpen(stream=stream_key("live", name), session_id=name)))
-        channels.append(channel)
-    await until(lambda: all(replies.values()), "every publish to be answered")
-    assert all(r[0].HasField("accepted") for r in replies.values())
+    channels = [link.open(PublishOpen(stream=stream_key("live", name), session_id=name)) for name in names]
+    answers = await asyncio.gather(*(channel.answer(4) for channel in channels))
+    assert all(isinstance(answer, Accepted) for answer in answers), answers
     return channels
 
 
@@ -78,18 +80,17 @@ def test_streams_share_one_call_each_way_and_every_subscriber_gets_only_its_stre
         links = RelayLinks()
         names = [f"s{i}" for i in range(20)]
         publishers = await publish_all(links, address, names)
-        got: dict[str, list[SubscribeEvent]] = {name: [] for name in names}
+        got: dict[str, list[Event]] = {name: [] for name in names}
         link = links.subscribe(address)
         for name in names:
-            link.open(got[name].append).send(SubscribeItem(open=SubscribeOpen(
-                stream=stream_key("live", name), subscriber_id=f"viewer-{name}")))
-        await until(lambda: all(any(e.HasField("header") for e in evs) for evs in got.values()), "headers")
+            link.open(SubscribeOpen(stream=stream_key("live", name), subscriber_id=f"viewer-{name}"), got[name].append)
+        await until(lambda: all(any(isinstance(e, Header) for e in evs) for evs in got.values()), "headers")
         for ts in range(0, 400, 40):  # ten batches per stream, sent without waiting in between
             for name, channel in zip(names, publishers, strict=True):
-                channel.send(PublishItem(batch=frame(ts, name.encode())))
-        await until(lambda: all(sum(len(e.batch.frames) for e in evs) == 10 for evs in got.values()), "frames")
+                channel.batch(frame(ts, name.encode()), 0)
+        await until(lambda: all(len(frames_of(evs)) == 10 for evs in got.values()), "frames")
         for name, events in got.items():
-            frames = [f for e in events for f in e.batch.frames]
+            frames = frames_of(events)
             assert [f.timestamp for f in frames] == list(range(0, 400, 40))
             assert {f.payload[2:] for f in frames} == {name.encode()}
         publish_link = links.publishes[address]
@@ -106,20 +107,18 @@ def test_a_closed_subscription_ends_and_the_others_on_the_call_continue() -> Non
     async def scenario(address: str, relay: RelayService) -> None:
         links = RelayLinks()
         a, b = await publish_all(links, address, ["a", "b"])
-        got: dict[str, list[SubscribeEvent]] = {"a": [], "b": []}
+        got: dict[str, list[Event]] = {"a": [], "b": []}
         link = links.subscribe(address)
-        sub_a = link.open(got["a"].append)
-        sub_a.send(SubscribeItem(open=SubscribeOpen(stream=stream_key("live", "a"), subscriber_id="va")))
-        link.open(got["b"].append).send(SubscribeItem(open=SubscribeOpen(stream=stream_key("live", "b"),
-                                                                         subscriber_id="vb")))
+        sub_a = link.open(SubscribeOpen(stream=stream_key("live", "a"), subscriber_id="va"), got["a"].append)
+        link.open(SubscribeOpen(stream=stream_key("live", "b"), subscriber_id="vb"), got["b"].append)
         await until(lambda: bool(got["a"]) and bool(got["b"]), "headers")
-        sub_a.send(SubscribeItem(close=SubscribeClose()))
-        await until(lambda: any(e.HasField("end") for e in got["a"]), "the closed channel's end")
-        assert [e.end.reason for e in got["a"] if e.HasField("end")] == [StreamEnd.REASON_CLOSED]
-        a.send(PublishItem(batch=frame(0, b"a")))
-        b.send(PublishItem(batch=frame(0, b"b")))
-        await until(lambda: any(e.HasField("batch") for e in got["b"]), "b's frame")
-        assert not any(e.HasField("batch") for e in got["a"])
+        sub_a.stop()
+        await until(lambda: any(isinstance(e, End) for e in got["a"]), "the closed channel's end")
+        assert [e.end.reason for e in got["a"] if isinstance(e, End)] == [StreamEnd.REASON_CLOSED]
+        a.batch(frame(0, b"a"), 0)
+        b.batch(frame(0, b"b"), 0)
+        await until(lambda: any(isinstance(e, Batch) for e in got["b"]), "b's frame")
+        assert not any(isinstance(e, Batch) for e in got["a"])
         stats = await RelayStub(links.channels.get(address)).Stats(StatsRequest())
         assert {s.stream.name: list(s.subscribers) for s in stats.streams} == {"a": [], "b": ["vb"]}
         await links.close()
@@ -177,9 +176,7 @@ def test_when_the_call_breaks_every_channel_on_it_is_told_and_streams_wait_for_t
         publisher, subscriber = RelayLinks(), RelayLinks()
         await publish_all(publisher, address, ["a", "b", "c"])
         link = subscriber.subscribe(address)
-        channels = [link.open(lambda e: None) for _ in range(3)]
-        for name, channel in zip("abc", channels, strict=True):
-            channel.send(SubscribeItem(open=SubscribeOpen(stream=stream_key("live", name))))
+        channels = [link.open(SubscribeOpen(stream=stream_key("live", name)), lambda e: None) for name in "abc"]
         await until(lambda: all(len(s.subscribers) == 1 for s in relay.table.streams.values()), "subscribers")
         # The publishing node goes away: its streams wait in grace, their subscribers stay.
         publisher.publishes[address].call.cancel()
@@ -204,19 +201,19 @@ def test_a_late_subscriber_to_an_edge_gets_the_header_before_the_gop() -> None:
         links = RelayLinks()
         try:
             (publisher,) = await publish_all(links, address, ["x"])
-            publisher.send(PublishItem(batch=FrameBatch(frames=[make_frame(VIDEO, 0, b"\x17\x00cfg")])))
+            publisher.batch(FrameBatch(frames=[make_frame(VIDEO, 0, b"\x17\x00cfg")]), 0)
             link = links.subscribe(f"127.0.0.1:{edge_port}")
-            first: list[SubscribeEvent] = []
-            link.open(first.append).send(SubscribeItem(open=SubscribeOpen(stream=stream_key("live", "x"))))
-            await until(lambda: any(e.HasField("header") for e in first), "the first subscriber's header")
+            first: list[Event] = []
+            link.open(SubscribeOpen(stream=stream_key("live", "x")), first.append)
+            await until(lambda: any(isinstance(e, Header) for e in first), "the first subscriber's header")
             for ts in (0, 40, 80):
-                publisher.send(PublishItem(batch=frame(ts, b"x")))
-            await until(lambda: sum(len(e.batch.frames) for e in first) == 3, "frames through the edge")
-            late: list[SubscribeEvent] = []
-            link.open(late.append).send(SubscribeItem(open=SubscribeOpen(stream=stream_key("live", "x"))))
-            await until(lambda: any(e.HasField("batch") for e in late), "the late subscriber's GOP")
-            assert late[0].HasField("header") and late[0].header.video_config.payload == b"\x17\x00cfg"
-            assert [f.timestamp for e in late if e.HasField("batch") for f in e.batch.frames] == [0, 40, 80]
+                publisher.batch(frame(ts, b"x"), 0)
+            await until(lambda: len(frames_of(first)) == 3, "frames through the edge")
+            late: list[Event] = []
+            link.open(SubscribeOpen(stream=stream_key("live", "x")), late.append)
+            await until(lambda: any(isinstance(e, Batch) for e in late), "the late subscriber's GOP")
+            assert isinstance(late[0], Header) and late[0].header.video_config.payload == b"\x17\x00cfg"
+            assert [f.timestamp for f in frames_of(late)] == [0, 40, 80]
             stats = await RelayStub(links.channels.get(address)).Stats(StatsRequest())
             assert list(stats.streams[0].subscribers) == ["edge"]  # one upstream subscription for both
         finally:

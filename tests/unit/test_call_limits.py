@@ -8,15 +8,22 @@ import asyncio
 import pytest
 
 from castmesh.media.frames import stream_key
-from castmesh.proto.v1.relay_pb2 import PublishEnd, PublishItem, SubscribeItem, SubscribeOpen
-from services.relay import calls
+from castmesh.mesh import channels
+from castmesh.proto.v1.relay_pb2 import (
+    PublishEnd,
+    PublishItem,
+    PublishRequest,
+    SubscribeItem,
+    SubscribeOpen,
+    SubscribeRequest,
+)
 from services.relay.calls import PublishCall, SubscribeCall
 from services.relay.service import RelayService
 
 
 @pytest.mark.parametrize("kind", ["publish", "subscribe"])
 def test_a_call_whose_peer_reads_no_answers_is_ended_at_the_cap(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(calls, "MAX_PENDING", 100)
+    monkeypatch.setattr(channels, "MAX_PENDING", 100)
 
     async def scenario() -> int:
         relay = RelayService()
@@ -26,11 +33,12 @@ def test_a_call_whose_peer_reads_no_answers_is_ended_at_the_cap(kind: str, monke
             call: PublishCall | SubscribeCall = PublishCall(relay) if kind == "publish" else SubscribeCall(relay)
             for channel in range(1, 1000):
                 if isinstance(call, PublishCall):  # an end for a channel never opened: answered "ended"
-                    call.handle(PublishItem(channel=channel, end=PublishEnd()))
-                    pending.append(len(call.replies))
+                    call.received(PublishRequest(items=[PublishItem(channel=channel, end=PublishEnd())]))
+                    pending.append(len(call.protocol.replies))
                 else:  # an open for a stream nobody publishes: answered with an end
-                    call.handle(SubscribeItem(channel=channel, open=SubscribeOpen(stream=stream_key("live", "x"))))
-                    pending.append(len(call.notes))
+                    call.received(SubscribeRequest(items=[
+                        SubscribeItem(channel=channel, open=SubscribeOpen(stream=stream_key("live", "x")))]))
+                    pending.append(len(call.protocol.notes))
                 await asyncio.sleep(0)
             await asyncio.sleep(30)
 

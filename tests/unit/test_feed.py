@@ -9,6 +9,7 @@ from castmesh.mesh.link import RelayLinks
 from castmesh.proto.v1.media_pb2 import StreamHeader, StreamKey
 from services.playback.feed import StreamFeed
 from services.playback.formats import HTTP_FLV
+from services.playback.viewer import Viewer
 
 
 class Transport:
@@ -27,6 +28,7 @@ class Sink:
 
     def __init__(self) -> None:
         self.transport = Transport()
+        self.viewer: Viewer | None = None
         self.head = b""
 
     def start(self, head: bytes) -> bool:
@@ -45,7 +47,7 @@ def test_viewers_wait_for_the_first_media_when_the_header_is_empty() -> None:
 
         feed = StreamFeed(nowhere, RelayLinks(), stream_key("live", "a"), merge_ms=0, max_lag=3, on_closed=print)
         sink = Sink()
-        feed.add(sink)
+        feed.add(Viewer("v1", "flv", "127.0.0.1:1", sink, {"app": "live", "stream": "a"}, max_lag=3))
         feed._on_header(StreamHeader(session_id="s"), new_timeline=True)  # the publisher sent nothing yet
         assert sink.head == b"" and not feed.live
         meta = amf0.encode("onMetaData", {"audiocodecid": 10.0, "audiosamplerate": 44100.0})

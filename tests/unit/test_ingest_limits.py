@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 
 from castmesh.media.frames import stream_key
+from castmesh.mesh.rtmp_server import RtmpServerSession
 from castmesh.proto.v1.media_pb2 import Frame
 from castmesh.rtmp import chunks
-from services.ingest import rtmp_server
+from services.ingest import session as ingest_session
 from services.ingest.forward import RelayPublish
 from services.ingest.lease import FixedLease
-from services.ingest.rtmp_server import Ingest, RtmpSession
+from services.ingest.session import Ingest, PublishSession
 from tests.rtmp_bytes import ClientMessages, handshake
 
 
@@ -51,7 +52,7 @@ class StuckLease(FixedLease):
 def test_media_before_the_publish_is_answered_is_capped_and_freed_on_close() -> None:
     async def scenario() -> tuple[int, int, int]:
         ingest = Ingest(lambda key, holder, peer: StuckLease("127.0.0.1:1"))
-        session = RtmpSession(ingest)
+        session = RtmpServerSession(ingest.rtmp())
         session.connection_made(Transport())  # type: ignore[arg-type]
         client = ClientMessages()
         session.data_received(handshake() + client.publish_sequence("flood"))
@@ -59,15 +60,17 @@ def test_media_before_the_publish_is_answered_is_capped_and_freed_on_close() -> 
         big = b"\x17\x01\x00\x00\x00" + b"x" * (1 << 20)
         for i in range(40):  # 40 MiB of video before the publish is answered
             session.data_received(client.writer.write(6, i * 40, chunks.VIDEO, 1, big))
-        held = (len(session.early), sum(len(e.payload) for e in session.early))
+        publish = session.publish
+        assert isinstance(publish, PublishSession)
+        held = (len(publish.early), sum(len(e.payload) for e in publish.early))
         session.connection_lost(None)
-        freed = len(session.early)
-        for task in session.tasks:
+        freed = len(publish.early)
+        for task in (*session.tasks, *publish.tasks):
             task.cancel()
         return held[0], held[1], freed
 
     messages, held, freed = asyncio.run(scenario())
-    assert held <= rtmp_server.MAX_EARLY_BYTES and messages <= rtmp_server.MAX_EARLY_FRAMES
+    assert held <= ingest_session.MAX_EARLY_BYTES and messages <= ingest_session.MAX_EARLY_FRAMES
     assert messages == 3  # as many 1 MiB messages as fit in 4 MiB
     assert freed == 0
 

@@ -13,10 +13,13 @@ import pytest
 
 from castmesh.media.frames import AUDIO, make_frame, stream_key
 from castmesh.mesh import subscription
+from castmesh.mesh.channels import Batch, End, Header
 from castmesh.mesh.retry import RecentFailures, RetryWindow
 from castmesh.mesh.subscription import UpstreamSubscription
 from castmesh.proto.v1.media_pb2 import Frame, FrameBatch, StreamHeader, StreamKey
-from castmesh.proto.v1.relay_pb2 import StreamEnd, SubscribeEvent, SubscribeItem
+from castmesh.proto.v1.relay_pb2 import StreamEnd, SubscribeOpen
+
+Event = Header | Batch | End
 
 
 class FakeClock:
@@ -28,20 +31,19 @@ class FakeClock:
 
 
 class FakeChannel:
-    def __init__(self, address: str, on_event: Callable[[SubscribeEvent], None]) -> None:
+    """A subscription on a fake relay: delivers what a link would, and is over once its end came."""
+
+    def __init__(self, address: str, on_event: Callable[[Event], None]) -> None:
         self.address = address
         self.on_event = on_event
         self.done = asyncio.Event()
         self.lost = ""
 
-    def send(self, item: SubscribeItem, size: int = 0) -> None:
-        pass
-
     def close(self) -> None:
         self.done.set()
 
     def header(self, session: str = "s1") -> None:
-        self.on_event(SubscribeEvent(header=StreamHeader(session_id=session, has_video=False, has_audio=True)))
+        self.on_event(Header(1, self, StreamHeader(session_id=session, has_video=False, has_audio=True)))
 
     def frames(self, first: int, count: int = 1) -> None:
         frames = []
@@ -49,14 +51,15 @@ class FakeChannel:
             frame = make_frame(AUDIO, seq * 20, b"\xaf\x01" + b"x" * 8)
             frame.sequence = seq
             frames.append(frame)
-        self.on_event(SubscribeEvent(batch=FrameBatch(frames=frames)))
+        self.on_event(Batch(1, self, FrameBatch(frames=frames)))
 
     def fail(self) -> None:
         self.lost = "UNAVAILABLE"
         self.done.set()
 
     def end(self, reason: StreamEnd.Reason.ValueType) -> None:
-        self.on_event(SubscribeEvent(end=StreamEnd(reason=reason)))
+        self.on_event(End(1, self, StreamEnd(reason=reason)))
+        self.done.set()
 
 
 class FakeLinks:
@@ -69,7 +72,7 @@ class FakeLinks:
         self.address = address
         return self
 
-    def open(self, on_event: Callable[[SubscribeEvent], None]) -> FakeChannel:
+    def open(self, opening: SubscribeOpen, on_event: Callable[[Event], None]) -> FakeChannel:
         channel = FakeChannel(self.address, on_event)
         self.opened.append(channel)
         return channel
