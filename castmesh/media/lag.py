@@ -9,7 +9,8 @@ owner at each offer:
   resume point (a keyframe; any frame of an audio-only stream) once it has caught up.
 - flowing, backlog older than max_lag again with no progress since its last skip (a relay subscriber that
   took nothing; a socket that never drained): it is dropped.
-- skipping and not caught up max_lag after the skip began: it is dropped.
+- skipping and not caught up max_lag after the skip began: it is dropped. (One that dropped its backlog is
+  caught up: what it holds while it waits for a resume point, a pending header, is judged as above.)
 So a stuck consumer holds about max_lag of data at most, and costs the others nothing.
 """
 
@@ -45,10 +46,8 @@ class LagPolicy:
     def check(self, now: float, behind: float, caught_up: bool) -> Verdict:
         """Before an offer: `behind` is the age of its oldest untaken item (0 if none), `caught_up` whether
         it holds no backlog that must drain first."""
-        if self.skipping:
-            if not caught_up and now - self.skipped_at > self.max_lag:
-                return Verdict.DROP
-            return Verdict.GO
+        if self.skipping and not caught_up:
+            return Verdict.DROP if now - self.skipped_at > self.max_lag else Verdict.GO
         if behind <= self.max_lag:
             return Verdict.GO
         if not self.progress:

@@ -479,13 +479,15 @@ class PublishServer(_Relay):
                     continue
                 yield Frames(item.channel, channel.owner, item.batch)
             elif body == "end":
-                channel = self._move(item.channel, "recv end")
+                # The answer first: past MAX_PENDING it raises with the channel still open, so the call's
+                # end (broken()) still finds the publish, which then waits in grace like any vanished one.
                 self._reply(PublishReply(channel=item.channel, ended=PublishEnded()))
+                channel = self._move(item.channel, "recv end")
                 if channel.state is OPEN:
                     yield Unpublished(item.channel, channel.owner, item.end.clean)
 
     def accept(self, number: int, owner: Any) -> None:
-        self._move(number, "send accepted", owner)
+        self._move(number, "send accepted", owner)  # owned before the answer, which may raise: broken() finds it
         self._reply(PublishReply(channel=number, accepted=PublishAccepted()))
 
     def reject(self, number: int, reason: PublishRejected.Reason, detail: str) -> None:
@@ -530,8 +532,8 @@ class SubscribeServer(_Relay):
                 if channel is None or channel.state is not OPEN:
                     self.ignored += 1  # already ended: the end crossed the close
                     continue
-                self._move(item.channel, "recv close")
                 self._note(item.channel, StreamEnd(reason=StreamEnd.REASON_CLOSED, detail="closed by the subscriber"))
+                self._move(item.channel, "recv close")  # after the note: see PublishServer's end
                 yield Closed(item.channel, channel.owner)
 
     def start(self, number: int, owner: Any) -> None:

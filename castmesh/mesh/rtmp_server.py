@@ -91,7 +91,7 @@ class RtmpPlays(Protocol):
 class RtmpServer:
     def __init__(self, publishes: Publishes | None, plays: RtmpPlays | None, limits: RtmpLimits | None = None,
                  caps: ConnectionCaps | None = None, handshake_timeout: float = 10.0, idle_timeout: float = 30.0,
-                 setup_timeout: float | None = None, role: str = "ingest", bytes_in: Counter | None = None,
+                 setup_timeout: float | None = None, node_id: str = "ingest", bytes_in: Counter | None = None,
                  protocol_errors: Counter | None = None) -> None:
         self.publishes = publishes
         self.plays = plays
@@ -100,7 +100,7 @@ class RtmpServer:
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.setup_timeout = setup_timeout
-        self.role = role
+        self.node_id = node_id
         self.bytes_in = bytes_in
         self.protocol_errors = protocol_errors
         self.connections: set[RtmpServerSession] = set()
@@ -118,7 +118,7 @@ class RtmpServer:
 
     async def _sweep(self, server: asyncio.Server) -> None:
         """Close connections that never finish the handshake, never play, or go silent (half-open, stuck)."""
-        every = min(SWEEP_EVERY, self.handshake_timeout / 2, (self.setup_timeout or SWEEP_EVERY) / 2)
+        every = min(SWEEP_EVERY, self.handshake_timeout / 2, *([self.setup_timeout / 2] if self.setup_timeout else []))
         while server.is_serving() or self.connections:
             await asyncio.sleep(every)
             now = time.monotonic()
@@ -136,7 +136,7 @@ class RtmpServerSession(asyncio.Protocol):
     def __init__(self, server: RtmpServer) -> None:
         self.server = server
         self.conn = ServerConnection(server.limits)
-        self.id = f"{server.role}/rtmp-conn-{next(_connections)}"
+        self.id = f"{server.node_id}/rtmp-conn-{next(_connections)}"
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.peer = "?"
         self.ip = ""  # set once counted against the caps
@@ -201,6 +201,8 @@ class RtmpServerSession(asyncio.Protocol):
             self._publish(ev)
         elif isinstance(ev, PublishFinished):
             if ev.stream_id == self.publish_stream_id and self.publish is not None:
+                # Before its answer too: the publisher gave up waiting, and gets no answer (the stream may
+                # be gone from the connection already).
                 publish, self.publish = self.publish, None
                 publish.end("publisher unpublished", clean=True)
         elif isinstance(ev, PlayRequested):
@@ -228,12 +230,14 @@ class RtmpServerSession(asyncio.Protocol):
         try:
             await publish.start()
         except Refused as exc:
-            if self.closed:
-                return
+            if self.closed or self.publish is not publish:
+                return  # the publisher left or unpublished while it was asked for
             self.publish = None
             self.conn.reject_publish(stream_id, exc.reason, code=REFUSAL_CODES.get(exc.kind, REFUSAL_CODES["rejected"]))
             self._send()
             self.close(f"publish {exc.kind}: {exc.reason}")
+            return
+        if self.closed or self.publish is not publish:
             return
         self.conn.accept_publish(stream_id)
         self._send()
@@ -281,8 +285,9 @@ class RtmpServerSession(asyncio.Protocol):
         self.server.connections.discard(self)
         if self.server.caps is not None and self.ip:
             self.server.caps.release(self.ip, "rtmp")
-        event(log, "rtmp.close", level=level, connection=self.id, peer=self.peer, reason=reason)
+        event(log, "rtmp.close", level=level, connection=self.id, peer=self.peer, reason=reason,
+              session=self.publish.id if self.publish is not None else "")
         if self.publish is not None:
-            self.publish.end(reason, clean=False)
+            self.publish.end(reason, clean=False)  # a publish still being asked for is dropped
         if self.stop_play is not None:
             self.stop_play()

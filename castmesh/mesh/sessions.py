@@ -43,6 +43,8 @@ class Publish(Protocol):
     """One publish, as its adapter drives it. Frames pushed before start() returns are kept (up to a cap)
     and sent once the publish is accepted."""
 
+    id: str  # the publish session's id: in its logs, hooks and spans
+
     async def start(self) -> None:
         """Ask for the stream (auth, hooks, lease, origin); Refused if it is not taken."""
 

@@ -82,7 +82,7 @@ class Ingest:
         """This node's RTMP listener: publishes come here; plays go to `plays` (a playback in the same
         process), or are refused."""
         return RtmpServer(self, plays, self.limits, self.caps, self.handshake_timeout, self.idle_timeout,
-                          role="ingest", bytes_in=BYTES_IN, protocol_errors=PROTOCOL_ERRORS)
+                          node_id=self.node_id, bytes_in=BYTES_IN, protocol_errors=PROTOCOL_ERRORS)
 
     async def listen(self, host: str, port: int) -> asyncio.Server:
         return await self.rtmp().listen(host, port)

@@ -97,7 +97,7 @@ class Playback:
     async def listen_rtmp(self, host: str, port: int) -> asyncio.Server:
         """This node's own RTMP port: plays only (publishes are refused: they go to ingest)."""
         return await RtmpServer(None, self, caps=self.caps, handshake_timeout=self.settings.handshake_timeout,
-                                setup_timeout=self.settings.handshake_timeout, role="playback").listen(host, port)
+                                setup_timeout=self.settings.handshake_timeout, node_id=self.node_id).listen(host, port)
 
     def play_rtmp(self, request: StreamRequest, play: RtmpPlay) -> Callable[[], None]:
         """Start an RTMP play (from this node's RTMP port, or from the one port of `castmesh up`); the

@@ -429,3 +429,32 @@ def test_a_lease_call_asks_one_question_at_a_time() -> None:
     assert lease.broken("again") is False
     with pytest.raises(ProtocolError, match="lost"):
         lease.ask(claim)
+
+
+@pytest.mark.parametrize("side", ["publish", "subscribe"])
+def test_an_end_or_close_past_the_limit_leaves_the_channel_for_the_calls_end(side: str,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The call is being ended for its unread answers: the stream it published (or the subscriber it had)
+    must still be let go by broken(), not forgotten with the answer that did not fit."""
+    monkeypatch.setattr(channels, "MAX_PENDING", 2)
+    if side == "publish":
+        relay = PublishServer()
+        for ev in relay.receive(PublishRequest(items=[PublishItem(channel=1, open=PublishOpen(stream=KEY))])):
+            relay.accept(ev.channel, owner="stream")
+        list(relay.receive(PublishRequest(items=[PublishItem(channel=9, end={})])))  # type: ignore[arg-type]
+        with pytest.raises(LimitExceeded):
+            list(relay.receive(PublishRequest(items=[PublishItem(channel=1, end={"clean": True})])))  # type: ignore[arg-type]
+        assert [(v.channel, v.owner) for v in relay.broken()] == [(1, "stream")]
+    else:
+        sub = SubscribeServer()
+        for opened in sub.receive(SubscribeRequest(items=[SubscribeItem(channel=1, open=SubscribeOpen(stream=KEY)),
+                                                         SubscribeItem(channel=2, open=SubscribeOpen(stream=KEY))])):
+            if opened.channel == 1:
+                sub.start(opened.channel, owner="subscriber")
+            else:
+                sub.refuse(opened.channel, StreamEnd(reason=StreamEnd.REASON_NOT_FOUND))
+        # One note waits (channel 2's end); a second open of channel 1 (in use) fills the cap.
+        list(sub.receive(SubscribeRequest(items=[SubscribeItem(channel=1, open=SubscribeOpen())])))
+        with pytest.raises(LimitExceeded):
+            list(sub.receive(SubscribeRequest(items=[SubscribeItem(channel=1, close={})])))  # type: ignore[arg-type]
+        assert [(v.channel, v.owner) for v in sub.broken()] == [(1, "subscriber")]

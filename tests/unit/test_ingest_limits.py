@@ -12,7 +12,7 @@ from castmesh.proto.v1.media_pb2 import Frame
 from castmesh.rtmp import chunks
 from services.ingest import session as ingest_session
 from services.ingest.forward import RelayPublish
-from services.ingest.lease import FixedLease
+from services.ingest.lease import FixedLease, LeaseRefused
 from services.ingest.session import Ingest, PublishSession
 from tests.rtmp_bytes import ClientMessages, handshake
 
@@ -88,3 +88,41 @@ def test_media_waiting_for_the_origin_pauses_reading_past_a_byte_cap() -> None:
     paused, queued = asyncio.run(scenario())
     assert paused  # six 1 MiB batches is far below 64 batches, but past 4 MiB
     assert queued == 6 << 20
+
+
+class RefusedLater(FixedLease):
+    """A lease that answers no, once told to."""
+
+    def __init__(self, relay: str) -> None:
+        super().__init__(relay)
+        self.go = asyncio.Event()
+
+    async def acquire(self) -> str:
+        await self.go.wait()
+        raise LeaseRefused("taken")
+
+
+def test_a_publisher_that_deletes_its_stream_before_the_answer_gets_none_and_harms_nothing() -> None:
+    async def scenario() -> tuple[list[bytes], bool, bool]:
+        lease = RefusedLater("127.0.0.1:1")
+        ingest = Ingest(lambda key, holder, peer: lease)
+        session = RtmpServerSession(ingest.rtmp())
+        transport = Transport()
+        written: list[bytes] = []
+        transport.write = written.append  # type: ignore[method-assign]
+        session.connection_made(transport)  # type: ignore[arg-type]
+        client = ClientMessages()
+        session.data_received(handshake() + client.publish_sequence("gone"))
+        await asyncio.sleep(0)
+        publish = session.publish
+        assert isinstance(publish, PublishSession)
+        before = len(written)
+        session.data_received(client.command("deleteStream", 4.0, None, 1.0))  # gives up waiting
+        lease.go.set()
+        for task in list(session.tasks):
+            await task  # no KeyError for a stream the connection no longer has
+        return written[before:], publish.ended, transport.closing
+
+    after, ended, closed = asyncio.run(scenario())
+    assert ended and not closed  # the publish is over; the connection may go on
+    assert not any(b"NetStream.Publish" in data for data in after)  # no answer to a publish it withdrew
