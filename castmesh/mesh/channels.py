@@ -129,106 +129,88 @@ def _next(table: dict[tuple[State | None, str], Any], state: State | None, what:
         raise ProtocolError(f"channel {channel}: {what} when {state.value if state else 'not open'}") from None
 
 
+@dataclass(slots=True)
+class ChannelEvent:
+    """Something that happened to one channel; `owner` is what its owner attached to it (None before)."""
+
+    channel: int
+    owner: Any
+
+
 # Events a caller's side yields: answers and media for its channels, and their loss.
 @dataclass(slots=True)
-class Accepted:
-    channel: int
-    owner: Any
+class Accepted(ChannelEvent):
+    pass
 
 
 @dataclass(slots=True)
-class Rejected:
-    channel: int
-    owner: Any
+class Rejected(ChannelEvent):
     reason: PublishRejected.Reason
     detail: str
 
 
 @dataclass(slots=True)
-class Ended:
+class Ended(ChannelEvent):
     """The relay processed the publish's end: the stream is free for another publisher."""
-
-    channel: int
-    owner: Any
 
 
 @dataclass(slots=True)
-class Header:
-    channel: int
-    owner: Any
+class Header(ChannelEvent):
     header: StreamHeader
 
 
 @dataclass(slots=True)
-class Batch:
-    channel: int
-    owner: Any
+class Batch(ChannelEvent):
     batch: FrameBatch
 
 
 @dataclass(slots=True)
-class End:
-    channel: int
-    owner: Any
+class End(ChannelEvent):
     end: StreamEnd
 
 
 @dataclass(slots=True)
-class Lost:
+class Lost(ChannelEvent):
     """The call broke under the channel."""
 
-    channel: int
-    owner: Any
     why: str
 
 
 # Events the relay's side yields.
 @dataclass(slots=True)
-class PublishOpened:
+class PublishOpened(ChannelEvent):
     """Decide with accept() or reject() before taking the next event."""
 
-    channel: int
     open: PublishOpen
 
 
 @dataclass(slots=True)
-class Frames:
-    channel: int
-    owner: Any
+class Frames(ChannelEvent):
     batch: FrameBatch
 
 
 @dataclass(slots=True)
-class Unpublished:
+class Unpublished(ChannelEvent):
     """The caller ended the publish (clean: the publisher unpublished); "ended" is answered already."""
 
-    channel: int
-    owner: Any
     clean: bool
 
 
 @dataclass(slots=True)
-class SubscribeOpened:
+class SubscribeOpened(ChannelEvent):
     """Decide with start() or refuse() before taking the next event."""
 
-    channel: int
     open: SubscribeOpen
 
 
 @dataclass(slots=True)
-class Closed:
+class Closed(ChannelEvent):
     """The caller closed a subscription; its end (closed) is answered already."""
-
-    channel: int
-    owner: Any
 
 
 @dataclass(slots=True)
-class Vanished:
+class Vanished(ChannelEvent):
     """The call broke under an open channel (its publisher or subscriber is gone without an end)."""
-
-    channel: int
-    owner: Any
 
 
 CallerEvent = Accepted | Rejected | Ended | Header | Batch | End | Lost
@@ -469,7 +451,7 @@ class PublishServer(_Relay):
                         reason=PublishRejected.REASON_BAD_REQUEST, detail=why)))
                     continue
                 self._move(item.channel, "recv open")
-                yield PublishOpened(item.channel, item.open)
+                yield PublishOpened(item.channel, None, item.open)
                 if self.channels.get(item.channel, Channel(0, DONE)).state is OPENING:
                     raise ProtocolError(f"channel {item.channel}: no decision on its open")
             elif body == "batch":
@@ -524,7 +506,7 @@ class SubscribeServer(_Relay):
                     self._note(item.channel, StreamEnd(reason=StreamEnd.REASON_BAD_REQUEST, detail=why))
                     continue
                 self._move(item.channel, "recv open")
-                yield SubscribeOpened(item.channel, item.open)
+                yield SubscribeOpened(item.channel, None, item.open)
                 if self.channels.get(item.channel, Channel(0, DONE)).state is OPENING:
                     raise ProtocolError(f"channel {item.channel}: no decision on its open")
             elif body == "close":
