@@ -12,6 +12,8 @@ owner at each offer:
 - skipping and not caught up max_lag after the skip began: it is dropped. (One that dropped its backlog is
   caught up: what it holds while it waits for a resume point, a pending header, is judged as above.)
 So a stuck consumer holds about max_lag of data at most, and costs the others nothing.
+The common case (flowing, backlog within max_lag: go) is tested inline by the owners' per-frame loops
+(`not lag.skipping and behind <= lag.max_lag`), a call saved per consumer per batch; all else comes here.
 """
 
 from __future__ import annotations

@@ -122,6 +122,9 @@ SUBSCRIBE_RELAY: dict[tuple[State | None, str], State | None] = {
 }
 
 
+_RECV = {body: f"recv {body}" for body in ("accepted", "rejected", "ended", "header", "batch", "end")}
+
+
 def _next(table: dict[tuple[State | None, str], Any], state: State | None, what: str, channel: int) -> Any:
     try:
         return table[(state, what)]
@@ -224,28 +227,38 @@ class Channel:
     owner: Any = None
 
 
+class _Message:
+    __slots__ = ("items", "number", "size")
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.items: list[Any] = []
+        self.size = 0  # media bytes
+
+
 class _Outbox:
     """The caller's items not yet written, gathered into numbered messages of at most MAX_MESSAGE_BYTES of
     media: whatever is sent while a write is in flight goes out together in the next message."""
 
     def __init__(self) -> None:
-        self.messages: deque[tuple[int, list[Any], int]] = deque()  # (number, items, media bytes)
+        self.messages: deque[_Message] = deque()
         self.numbers = itertools.count(1)
 
     def add(self, item: Any, size: int) -> int:
         """Queue `item`; the number of the message it will go out in."""
-        if not self.messages or (self.messages[-1][1] and self.messages[-1][2] + size > MAX_MESSAGE_BYTES):
-            self.messages.append((next(self.numbers), [], 0))
-        number, items, queued = self.messages[-1]
-        items.append(item)
-        self.messages[-1] = (number, items, queued + size)
-        return number
+        last = self.messages[-1] if self.messages else None
+        if last is None or (last.items and last.size + size > MAX_MESSAGE_BYTES):
+            last = _Message(next(self.numbers))
+            self.messages.append(last)
+        last.items.append(item)
+        last.size += size
+        return last.number
 
     def take(self) -> tuple[int, list[Any]] | None:
         if not self.messages:
             return None
-        number, items, _ = self.messages.popleft()
-        return number, items
+        message = self.messages.popleft()
+        return message.number, message.items
 
 
 class _Caller:
@@ -319,7 +332,9 @@ class PublishClient(_Caller):
 
     def batch(self, number: int, batch: FrameBatch, size: int) -> int:
         """Send frames (about `size` bytes of media); the message number they go out in."""
-        self._move(number, "send batch")
+        channel = self.channels.get(number)
+        if channel is None or channel.state is not OPEN:  # (OPEN, "send batch") -> OPEN, the one way to send
+            self._move(number, "send batch")  # raises
         return self.outbox.add(PublishItem(channel=number, batch=batch), size)
 
     def end(self, number: int, clean: bool) -> int:
@@ -340,7 +355,7 @@ class PublishClient(_Caller):
     def receive(self, response: PublishResponse) -> Iterator[Accepted | Rejected | Ended]:
         for reply in response.replies:
             body = reply.WhichOneof("body")
-            channel = self._move(reply.channel, f"recv {body}")
+            channel = self._move(reply.channel, _RECV.get(body, f"recv {body}"))
             if channel.owner is None:
                 continue
             if body == "accepted":
@@ -372,9 +387,16 @@ class SubscribeClient(_Caller):
         return SubscribeRequest(items=items)
 
     def receive(self, response: SubscribeResponse) -> Iterator[Header | Batch | End]:
+        channels = self.channels
         for ev in response.events:
             body = ev.WhichOneof("body")
-            channel = self._move(ev.channel, f"recv {body}")
+            channel = channels.get(ev.channel)
+            if body == "batch" and channel is not None and channel.state is OPEN:
+                # (OPEN, "recv batch") -> OPEN: most of what arrives, so not looked up in the table
+                if channel.owner is not None:
+                    yield Batch(ev.channel, channel.owner, ev.batch)
+                continue
+            channel = self._move(ev.channel, _RECV.get(body, f"recv {body}"))
             if channel.owner is None or (channel.state is CLOSING and body != "end"):
                 continue
             if body == "batch":
@@ -542,8 +564,8 @@ class SubscribeServer(_Relay):
               end: StreamEnd | None) -> int:
         """Add a started channel's headers and frames (consecutive batches merged) and its end, if it has
         one (then the channel is over); the number of frames added."""
-        if items:
-            self._move(number, "send media")
+        if items and (number not in self.channels or self.channels[number].state is not OPEN):
+            self._move(number, "send media")  # raises: (OPEN, "send media") -> OPEN is the one way
         frames = 0
         batch = None
         for item in items:

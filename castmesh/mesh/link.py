@@ -100,10 +100,16 @@ class PublishChannel(LinkChannel):
     def batch(self, batch: FrameBatch, size: int) -> asyncio.Future[bool]:
         """Send frames (about `size` bytes of media); the future says True once they are written, False if
         the link broke first."""
-        return self.link.send(self, lambda p: p.batch(self.number, batch, size))
+        link = self.link
+        if link.lost or self.done.is_set():
+            return link.failed()
+        return link.queued(link.protocol.batch(self.number, batch, size))
 
     def end(self, clean: bool) -> asyncio.Future[bool]:
-        return self.link.send(self, lambda p: p.end(self.number, clean))
+        link = self.link
+        if link.lost or self.done.is_set():
+            return link.failed()
+        return link.queued(link.protocol.end(self.number, clean))
 
     async def answer(self, timeout: float) -> PublishAnswer | None:
         """The relay's next answer; None if the link broke or none came within `timeout` seconds."""
@@ -167,16 +173,18 @@ class Link(Generic[P]):
             return
         self.wake.set()
 
-    def send(self, channel: LinkChannel, make: Callable[[P], int]) -> asyncio.Future[bool]:
-        """Hand the protocol an item of `channel` (`make` does); a future for the write of the message it
-        joins, False at once if the channel is over."""
+    def failed(self) -> asyncio.Future[bool]:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if self.lost or channel.done.is_set():
-            future.set_result(False)
-            return future
-        number = make(self.protocol)
+        future.set_result(False)
+        return future
+
+    def queued(self, number: int) -> asyncio.Future[bool]:
+        """An item joined message `number`: wake the writer; the future of that message's write."""
         self.wake.set()
-        return self.waiting.setdefault(number, future)
+        future = self.waiting.get(number)
+        if future is None:
+            future = self.waiting[number] = asyncio.get_running_loop().create_future()
+        return future
 
     def close_channel(self, number: int) -> None:
         if not self.lost and number:

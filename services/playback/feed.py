@@ -209,28 +209,39 @@ class StreamFeed:
         if self.live:
             for tap in self.taps:
                 tap.frames(frames)
-        encoded: dict[tuple[Hashable, int], bytes] = {}  # per format and first frame: these frames, made once
+        encoded: dict[Hashable, bytes] = {}  # per format: these frames, made once
+        resumed: dict[tuple[Hashable, int], bytes] = {}  # per format and resume point: from there on
         has_video = self.cache.has_video
+        max_lag = self.max_lag
         delivered = sent = 0
         for viewer in list(self.viewers):
             behind = viewer.behind(now)
+            lag = viewer.lag
+            fmt = viewer.sink.format
+            if not lag.skipping and behind <= max_lag:  # flowing and close enough: the policy says go, at once
+                data = encoded.get(fmt.key)
+                if data is None:
+                    data = encoded[fmt.key] = fmt.body(frames)
+                viewer.write(data, now)
+                delivered += len(data)
+                sent += len(frames)
+                continue
             if behind == 0.0:
-                viewer.lag.progressed()  # its socket drained
-            verdict = viewer.lag.check(now, behind, caught_up=behind == 0.0)
+                lag.progressed()  # its socket drained
+            verdict = lag.check(now, behind, caught_up=behind == 0.0)
             if verdict is Verdict.DROP:
                 DROPS.inc()
-                self._drop(viewer, f"stayed more than {2 * self.max_lag:g}s behind")
+                self._drop(viewer, f"stayed more than {2 * max_lag:g}s behind")
                 continue
             if verdict is Verdict.SKIP:  # the bytes its socket holds cannot be taken back: it waits for them
                 SKIPS.inc()
                 viewer.moment("skip to keyframe", lag_ms=round(behind * 1000))
-            start = viewer.lag.resume_at(frames, has_video, caught_up=behind == 0.0)
+            start = lag.resume_at(frames, has_video, caught_up=behind == 0.0)
             if start is None:
                 continue
-            fmt = viewer.sink.format
-            data = encoded.get((fmt.key, start))
+            data = resumed.get((fmt.key, start))
             if data is None:
-                data = encoded[(fmt.key, start)] = fmt.body(frames[start:] if start else frames)
+                data = resumed[(fmt.key, start)] = fmt.body(frames[start:])
             viewer.write(data, now)
             delivered += len(data)
             sent += len(frames) - start

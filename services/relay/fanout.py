@@ -77,8 +77,14 @@ class Subscriber:
         if self.end is not None:
             return
         now = time.monotonic()
+        lag = self.lag
+        behind = now - self.queue[0][0] if self.queue else 0.0
+        if not lag.skipping and behind <= lag.max_lag:  # flowing and close enough: the policy says go, at once
+            self.queue.append((now, batch, size))
+            self.on_ready(self)
+            return
         # Its queue is all the backlog it has, and a skip empties it: it is always caught up for the policy.
-        verdict = self.lag.check(now, now - self.queue[0][0] if self.queue else 0.0, caught_up=True)
+        verdict = lag.check(now, behind, caught_up=True)
         if verdict is Verdict.DROP:
             SLOW_DROPS.inc()
             self.finish(StreamEnd(reason=StreamEnd.REASON_TOO_SLOW,
