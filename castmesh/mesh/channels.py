@@ -564,7 +564,8 @@ class SubscribeServer(_Relay):
               end: StreamEnd | None) -> int:
         """Add a started channel's headers and frames (consecutive batches merged) and its end, if it has
         one (then the channel is over); the number of frames added."""
-        if items and (number not in self.channels or self.channels[number].state is not OPEN):
+        channel = self.channels.get(number)
+        if items and (channel is None or channel.state is not OPEN):
             self._move(number, "send media")  # raises: (OPEN, "send media") -> OPEN is the one way
         frames = 0
         batch = None

@@ -251,24 +251,26 @@ class SubscribeCall(_Call):
         response = self.protocol.response()
         budget = MAX_MESSAGE_BYTES
         frames = 0
-        for channel in list(self.ready):
+        channels = self.protocol.channels
+        for number in list(self.ready):
             if budget <= 0:
                 break
-            watching: Watching | None = self.protocol.owner(channel)
+            channel = channels.get(number)
+            watching: Watching | None = channel.owner if channel is not None else None
             if watching is None:  # not started yet (its GOP came during the open), or over
-                if channel not in self.protocol.channels:
-                    del self.ready[channel]
+                if channel is None:
+                    del self.ready[number]
                 continue
             items, size, end = watching.sub.take(budget)
             budget -= size
-            started = end is not None or any(isinstance(i, FrameBatch) for i in items)
-            if started and watching.setup is not INVALID_SPAN:
+            if watching.setup is not INVALID_SPAN and (end is not None or any(isinstance(i, FrameBatch)
+                                                                              for i in items)):
                 self._set_up(watching, "ended" if end else "first frames")
-            frames += self.protocol.write(response, channel, items, end)
+            frames += self.protocol.write(response, number, items, end)
             if end is not None:
                 self.relay.unsubscribe(watching.stream, watching.sub, StreamEnd.Reason.Name(end.reason))
             if not watching.sub.queue or end is not None:
-                del self.ready[channel]
+                del self.ready[number]
         BYTES_OUT.inc(MAX_MESSAGE_BYTES - budget)
         FRAMES_OUT.inc(frames)
         return response
