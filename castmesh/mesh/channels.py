@@ -216,7 +216,6 @@ class Vanished(ChannelEvent):
     """The call broke under an open channel (its publisher or subscriber is gone without an end)."""
 
 
-CallerEvent = Accepted | Rejected | Ended | Header | Batch | End | Lost
 FINAL = (Rejected, Ended, End, Lost)  # the last event a caller's channel gets
 
 
@@ -442,11 +441,6 @@ class _Relay:
         if len(self.channels) >= MAX_CHANNELS:
             return f"more than {MAX_CHANNELS} streams on one call"
         return ""
-
-    def owner(self, number: int) -> Any:
-        """The owner of a started channel, or None."""
-        channel = self.channels.get(number)
-        return channel.owner if channel is not None else None
 
     def broken(self) -> list[Vanished]:
         """The call is over: every channel the relay had open lost its peer."""

@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("castmesh.playback")
 
-SETUP_TIMEOUT = 10.0  # from connecting to asking for a stream, on a play-only port
-
 
 class RtmpPlayer:
     """One RTMP play as a viewer of its stream's feed, on a connection the RTMP adapter owns."""
