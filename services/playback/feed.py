@@ -2,7 +2,8 @@
 
 Serialize once, write many: frames from upstream are gathered for merge_ms, turned into each format's
 bytes once (HTTP-FLV chunks, RTMP messages: services.playback.formats), and the same bytes object is
-written to every viewer of that format (SRS's merged writes). The feed keeps its own GOP cache, filled
+written to every viewer of that format (SRS's merged writes). An HLS muxer is a viewer too, one per
+container, that takes the frames themselves (services.playback.hls). The feed keeps its own GOP cache, filled
 at flush time so that it always matches what viewers have been sent: a viewer joining between flushes
 gets the cache, then the next flush, with no duplicate.
 
@@ -19,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Hashable
-from typing import Protocol
+from typing import Any
 
 from prometheus_client import Counter, Gauge
 
@@ -37,7 +38,6 @@ from services.playback.viewer import Viewer
 
 log = logging.getLogger("castmesh.playback")
 
-VIEWERS = Gauge("castmesh_playback_viewers", "Viewers by protocol (HLS: clients that fetched lately)", ["protocol"])
 FRAMES_OUT = Counter("castmesh_playback_frames_out", "Frames written to viewers")
 FRAMES_DROPPED = Counter("castmesh_playback_frames_dropped", "Frames lagging viewers never got (while they skipped)")
 FEEDS = Gauge("castmesh_playback_streams", "Streams with an upstream subscription on this node")
@@ -50,20 +50,6 @@ BUFFERED = Gauge("castmesh_playback_viewer_buffered_bytes", "Bytes written to vi
 JITTER = Counter("castmesh_playback_timestamp_corrections", "Timestamps normalised (backwards or jumping)")
 
 IDLE_LINGER = 5.0  # keep an upstream subscription this long after its last viewer leaves
-
-
-class FrameTap(Protocol):
-    """Something that consumes a stream's frames without a socket of its own (an HLS muxer)."""
-
-    def begin(self, cache: GopCache) -> None:
-        """The stream is live: what it carries is in `cache`, with the current GOP."""
-
-    def frames(self, frames: list[Frame]) -> None: ...
-
-    def discontinuity(self) -> None:
-        """What follows comes from a new upstream or a new publish session."""
-
-    def end(self, reason: str, status: int) -> None: ...
 
 
 class StreamFeed:
@@ -79,7 +65,6 @@ class StreamFeed:
         self.closed = False
         self.viewers: dict[Viewer, None] = {}  # an ordered set: the viewers being sent the stream
         self.waiting: list[Viewer] = []  # admitted before the stream is live
-        self.taps: list[FrameTap] = []
         self.pending: list[Frame] = []
         self.flush_handle: asyncio.TimerHandle | None = None
         self.last_flush = 0.0
@@ -107,27 +92,10 @@ class StreamFeed:
             self.waiting.append(viewer)
 
     def remove(self, viewer: Viewer) -> None:
-        if self.viewers.pop(viewer, 0) is None:
-            VIEWERS.labels(viewer.sink.format.protocol).dec()
+        self.viewers.pop(viewer, None)
         if viewer in self.waiting:
             self.waiting.remove(viewer)
-        self._linger()
-
-    def add_tap(self, tap: FrameTap) -> None:
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
-            self.idle_handle = None
-        self.taps.append(tap)
-        if self.live:
-            tap.begin(self.cache)
-
-    def remove_tap(self, tap: FrameTap) -> None:
-        if tap in self.taps:
-            self.taps.remove(tap)
-        self._linger()
-
-    def _linger(self) -> None:
-        if not self.viewers and not self.waiting and not self.taps and not self.closed and self.idle_handle is None:
+        if not self.viewers and not self.waiting and not self.closed and self.idle_handle is None:
             self.idle_handle = asyncio.get_running_loop().call_later(
                 IDLE_LINGER, self.close, "no viewers left")
 
@@ -135,7 +103,6 @@ class StreamFeed:
         sink = viewer.sink
         if sink.start(sink.format.head(self.cache)):
             self.viewers[viewer] = None
-            VIEWERS.labels(sink.format.protocol).inc()
 
     # Upstream -------------------------------------------------------------------------------------------
 
@@ -151,10 +118,10 @@ class StreamFeed:
             self._finish(self.close_reason or reason, status)
 
     def _on_header(self, header: StreamHeader, new_timeline: bool) -> None:
-        if self.live and self.taps:
+        if self.live and self.viewers:
             self.flush()  # what came before belongs before the discontinuity
-            for tap in self.taps:
-                tap.discontinuity()
+            for viewer in self.viewers:
+                viewer.sink.discontinuity()
         self.publisher_trace = dict(header.publisher_trace)
         for viewer in (*self.viewers, *self.waiting):
             if viewer.span is not None:
@@ -177,8 +144,6 @@ class StreamFeed:
         waiting, self.waiting = self.waiting, []
         for viewer in waiting:
             self._start(viewer)
-        for tap in self.taps:
-            tap.begin(self.cache)
         event(log, "feed.start", stream=self.path, viewers=len(self.viewers))
 
     def _on_frames(self, frames: list[Frame]) -> None:
@@ -206,11 +171,8 @@ class StreamFeed:
         now = time.monotonic()
         self.last_flush = now
         self.cache.add_all(frames)
-        if self.live:
-            for tap in self.taps:
-                tap.frames(frames)
-        encoded: dict[Hashable, bytes] = {}  # per format: these frames, made once
-        resumed: dict[tuple[Hashable, int], bytes] = {}  # per format and resume point: from there on
+        encoded: dict[Hashable, tuple[Any, int]] = {}  # per format: these frames, made once, and their size
+        resumed: dict[tuple[Hashable, int], tuple[Any, int]] = {}  # per format and resume point: from there on
         has_video = self.cache.has_video
         max_lag = self.max_lag
         delivered = sent = 0
@@ -219,11 +181,13 @@ class StreamFeed:
             lag = viewer.lag
             fmt = viewer.sink.format
             if not lag.skipping and behind <= max_lag:  # flowing and close enough: the policy says go, at once
-                data = encoded.get(fmt.key)
-                if data is None:
-                    data = encoded[fmt.key] = fmt.body(frames)
-                viewer.write(data, now)
-                delivered += len(data)
+                made = encoded.get(fmt.key)
+                if made is None:
+                    body = fmt.body(frames)
+                    made = encoded[fmt.key] = (body, fmt.size(body))
+                data, size = made
+                viewer.write(data, size, now)
+                delivered += size
                 sent += len(frames)
                 continue
             if behind == 0.0:
@@ -239,11 +203,13 @@ class StreamFeed:
             start = lag.resume_at(frames, has_video, caught_up=behind == 0.0)
             if start is None:
                 continue
-            data = resumed.get((fmt.key, start))
-            if data is None:
-                data = resumed[(fmt.key, start)] = fmt.body(frames[start:])
-            viewer.write(data, now)
-            delivered += len(data)
+            made = resumed.get((fmt.key, start))
+            if made is None:
+                body = fmt.body(frames[start:])
+                made = resumed[(fmt.key, start)] = (body, fmt.size(body))
+            data, size = made
+            viewer.write(data, size, now)
+            delivered += size
             sent += len(frames) - start
         BYTES_OUT.inc(delivered)
         FRAMES_OUT.inc(sent)
@@ -253,7 +219,6 @@ class StreamFeed:
 
     def _drop(self, viewer: Viewer, reason: str) -> None:
         self.viewers.pop(viewer, None)
-        VIEWERS.labels(viewer.sink.format.protocol).dec()
         event(log, "viewer.drop", stream=self.path, reason=reason, skips=viewer.lag.skips)
         viewer.moment("disconnect", reason=reason)
         viewer.sink.transport.abort()
@@ -279,11 +244,6 @@ class StreamFeed:
         for viewer in list(self.viewers):
             viewer.moment("disconnect", reason=reason)
             viewer.sink.finish(reason)
-        for tap in list(self.taps):
-            tap.end(reason, 0 if self.live else status or 404)
-        self.taps.clear()
-        for viewer in self.viewers:
-            VIEWERS.labels(viewer.sink.format.protocol).dec()
         self.viewers.clear()
         self.waiting.clear()
         FEEDS.dec()

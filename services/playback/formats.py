@@ -1,10 +1,13 @@
 """What each kind of viewer is sent, made from a stream's frames once per flush and shared by every viewer
-of that kind (the serialize-once path). A format's key says which viewers can share its bytes."""
+of that kind (the serialize-once path). A format's key says which viewers can share its bytes.
+
+A socket's formats make bytes; an in-memory viewer's (an HLS muxer, which cuts its own segments) passes
+the frames on as they are and counts no bytes: HLS bytes are counted as its segments are served."""
 
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Protocol
+from typing import Any, Protocol
 
 from castmesh.media import flv
 from castmesh.media.gop import GopCache, header_frames
@@ -13,16 +16,20 @@ from castmesh.rtmp.play import play_messages
 
 
 class OutputFormat(Protocol):
-    protocol: str  # for metrics: http-flv, ws-flv, rtmp
+    protocol: str  # for metrics: http-flv, ws-flv, rtmp, hls
 
     @property
     def key(self) -> Hashable:
         """Viewers whose formats have equal keys are sent the same bytes."""
 
-    def head(self, cache: GopCache) -> bytes:
+    def head(self, cache: GopCache) -> Any:
         """What a viewer joining now gets first: what a decoder needs, then the GOP cache."""
 
-    def body(self, frames: list[Frame]) -> bytes: ...
+    def body(self, frames: list[Frame]) -> Any:
+        """These frames as its viewers' sinks take them (bytes, for a socket)."""
+
+    def size(self, body: Any) -> int:
+        """The bytes a body puts on the wire (for the bytes-out counter)."""
 
 
 def http_chunk(data: bytes) -> bytes:
@@ -57,7 +64,13 @@ def start_frames(cache: GopCache) -> list[Frame]:
     return heads + cache.frames
 
 
-class HttpFlv:
+class Bytes:
+    """A format whose bodies are bytes for a socket."""
+
+    size = staticmethod(len)
+
+
+class HttpFlv(Bytes):
     """An FLV file as an HTTP/1.1 chunked body."""
 
     key = protocol = "http-flv"
@@ -69,7 +82,7 @@ class HttpFlv:
         return http_chunk(flv.tags(frames))
 
 
-class WebSocketFlv:
+class WebSocketFlv(Bytes):
     """An FLV stream in binary WebSocket messages, one per flush (mpegts.js and flv.js reassemble it)."""
 
     key = protocol = "ws-flv"
@@ -81,7 +94,7 @@ class WebSocketFlv:
         return websocket_message(flv.tags(frames))
 
 
-class RtmpPlay:
+class RtmpPlay(Bytes):
     """RTMP messages on the message stream the viewer plays."""
 
     def __init__(self, stream_id: int) -> None:
@@ -96,5 +109,21 @@ class RtmpPlay:
         return play_messages(frames, self.stream_id)
 
 
+class HlsFrames:
+    """What an HLS muxer takes: the stream's cache when it starts, then the frames as they come."""
+
+    key = protocol = "hls"
+
+    def head(self, cache: GopCache) -> GopCache:
+        return cache
+
+    def body(self, frames: list[Frame]) -> list[Frame]:
+        return frames
+
+    def size(self, body: list[Frame]) -> int:
+        return 0
+
+
 HTTP_FLV = HttpFlv()
 WEBSOCKET_FLV = WebSocketFlv()
+HLS_FRAMES = HlsFrames()

@@ -1,5 +1,6 @@
-"""HLS on a playback node: one muxer per stream and container, fed by the stream's StreamFeed like any
-viewer, and answering playlist and segment requests from memory.
+"""HLS on a playback node: one muxer per stream and container, a viewer of the stream's StreamFeed like
+any other (its sink, taking frames where a socket takes bytes), answering playlist and segment requests
+from memory.
 
 A muxer exists only while someone asks for it: the first playlist request starts it (from the feed's GOP
 cache, so the first segment begins at once), and it stops after `idle` seconds without a request, which
@@ -16,6 +17,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge
 
@@ -23,7 +25,10 @@ from castmesh.media.gop import GopCache
 from castmesh.media.hls import HlsError, Segmenter
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.media_pb2 import Frame
-from services.playback.formats import start_frames
+from services.playback.formats import HLS_FRAMES, start_frames
+
+if TYPE_CHECKING:
+    from services.playback.viewer import Viewer
 
 log = logging.getLogger("castmesh.playback")
 
@@ -40,6 +45,9 @@ class HlsMuxer:
     def __init__(self, path: str, container: str, target_ms: int, window: int, idle: float,
                  on_stop: Callable[[HlsMuxer], None]) -> None:
         self.id = secrets.token_hex(4)
+        self.transport = self  # its output is its own memory, which never falls behind
+        self.format = HLS_FRAMES
+        self.viewer: Viewer | None = None
         self.path = path
         self.container = container
         self.segmenter = Segmenter(container, target_ms, window)
@@ -56,13 +64,15 @@ class HlsMuxer:
         MUXERS.inc()
         event(log, "hls.start", stream=path, muxer=self.id, container=container)
 
-    # FrameTap -------------------------------------------------------------------------------------------
+    # The feed's viewer --------------------------------------------------------------------------------
 
-    def begin(self, cache: GopCache) -> None:
+    def start(self, cache: GopCache) -> bool:
+        """The stream is live: what it carries is in `cache`, with the current GOP."""
         self.segmenter.has_video, self.segmenter.has_audio = cache.has_video, cache.has_audio
-        self.frames(start_frames(cache))
+        self.write(start_frames(cache))
+        return not self.stopped
 
-    def frames(self, frames: list[Frame]) -> None:
+    def write(self, frames: list[Frame]) -> None:
         try:
             done = self.segmenter.push(frames)
         except HlsError as exc:
@@ -77,6 +87,18 @@ class HlsMuxer:
 
     def discontinuity(self) -> None:
         self.segmenter.mark_discontinuity()
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def abort(self) -> None:
+        self.stop("dropped by its feed")
+
+    def refuse(self, status: int, reason: str) -> None:
+        self.end(reason, status)
+
+    def finish(self, reason: str) -> None:
+        self.end(reason, 0)
 
     def end(self, reason: str, status: int) -> None:
         """The stream ended: waiting requests get `status` (404 when it never started); the muxer goes."""

@@ -296,6 +296,12 @@ class HttpSession(asyncio.Protocol):
         self.transport.close()
         event(log, "viewer.stop", peer=self.peer, path=self.request.path if self.request else "?", reason=reason)
 
+    def discontinuity(self) -> None:
+        """FLV carries on across a new upstream or publish session: the feed keeps its timestamps going."""
+
+    def watching(self) -> int:
+        return 1
+
     def _websocket_input(self, data: bytes) -> None:
         """Control frames from a WebSocket-FLV viewer; its data messages mean nothing here and are dropped."""
         assert self.websocket is not None

@@ -47,6 +47,12 @@ class RtmpPlayer:
     def finish(self, reason: str) -> None:
         self._end(self.play.end, reason)
 
+    def discontinuity(self) -> None:
+        """RTMP carries on across a new upstream or publish session: the feed keeps its timestamps going."""
+
+    def watching(self) -> int:
+        return 1
+
     def _end(self, tell: Callable[[], None], reason: str) -> None:
         if self.done:
             return

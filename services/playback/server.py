@@ -18,12 +18,13 @@ import json
 import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
 import grpc
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 from castmesh.media.frames import stream_key, stream_path
 from castmesh.media.hls import CONTAINERS
@@ -36,8 +37,8 @@ from castmesh.mesh.rtmp_server import RtmpPlay, RtmpServer
 from castmesh.mesh.sessions import StreamRequest
 from castmesh.mesh.subscription import Locate
 from castmesh.mesh.tracing import SessionSpan
-from services.playback.feed import BUFFERED, VIEWERS, StreamFeed
-from services.playback.formats import WEBSOCKET_FLV
+from services.playback.feed import BUFFERED, BYTES_OUT, StreamFeed
+from services.playback.formats import HLS_FRAMES, HTTP_FLV, WEBSOCKET_FLV
 from services.playback.hls import HlsMuxer
 from services.playback.http import HttpSession, Request
 from services.playback.rtmp import RtmpPlayer
@@ -49,6 +50,9 @@ STREAM_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0
 NO_CACHE = ("Cache-Control", "no-cache")
 FORWARDED = ("/api/v1/", "/healthz", "/openapi.json", "/docs")
 CACHEABLE = ("Cache-Control", "max-age=600")  # a segment's name always means the same bytes
+PROTOCOLS = (HTTP_FLV.protocol, WEBSOCKET_FLV.protocol, "rtmp", HLS_FRAMES.protocol)
+
+VIEWERS = Gauge("castmesh_playback_viewers", "Viewers by protocol (HLS: clients that fetched lately)", ["protocol"])
 
 
 @dataclass(slots=True, frozen=True)
@@ -81,9 +85,9 @@ class Playback:
         self.feeds: dict[str, StreamFeed] = {}
         self.clients: dict[str, Viewer] = {}  # by client id: connected viewers, admitted or waiting for on_play
         self.next_client = 0
-        self.muxers: dict[tuple[str, str], HlsMuxer] = {}  # (stream path, container) -> muxer
-        self.muxer_ids: dict[str, HlsMuxer] = {}
-        VIEWERS.labels("hls").set_function(lambda: sum(m.watching() for m in self.muxers.values()))
+        self.muxers: dict[tuple[str, str], HlsMuxer] = {}  # (stream path, container) -> its HLS viewer
+        for protocol in PROTOCOLS:
+            VIEWERS.labels(protocol).set_function(partial(self.watching, protocol))
         BUFFERED.set_function(lambda: sum(viewer.sink.transport.get_write_buffer_size()
                                           for feed in self.feeds.values() for viewer in feed.viewers))
 
@@ -183,15 +187,9 @@ class Playback:
         if container not in CONTAINERS:
             session.respond(400, f"format is one of {', '.join(CONTAINERS)}\n".encode())
             return
-        feed = self._feed(app, name)
-        key = (feed.path, container)
-        muxer = self.muxers.get(key)
+        muxer = self.muxers.get((stream_path(stream_key(app, name)), container))
         if muxer is None:
-            settings = self.settings
-            muxer = HlsMuxer(feed.path, container, settings.hls_segment_ms, settings.hls_window, settings.hls_idle,
-                             lambda m: self._muxer_stopped(m, feed))
-            self.muxers[key] = self.muxer_ids[muxer.id] = muxer
-            feed.add_tap(muxer)
+            muxer = self._hls_viewer(app, name, container)
 
         def answer(status: int, body: bytes, reason: str) -> None:
             if status == 200:
@@ -207,13 +205,28 @@ class Playback:
                   file: str) -> None:
         if self._refused(session, request, app, name):
             return
-        muxer = self.muxer_ids.get(muxer_id)
-        found = muxer.file(file) if muxer is not None and muxer.path == stream_path(stream_key(app, name)) else None
+        path = stream_path(stream_key(app, name))
+        found = next((muxer.file(file) for container in CONTAINERS
+                      if (muxer := self.muxers.get((path, container))) is not None and muxer.id == muxer_id), None)
         if found is None:
             session.respond(404, b"no such segment (it may have left the window)\n")
             return
         data, content_type = found
+        BYTES_OUT.inc(len(data))
         session.respond(200, data, [("Content-Type", content_type), CACHEABLE])
+
+    def _hls_viewer(self, app: str, name: str, container: str) -> HlsMuxer:
+        """A stream's HLS muxer for one container: a viewer of its feed that stands for every HLS client."""
+        feed = self._feed(app, name)
+        settings = self.settings
+        muxer = HlsMuxer(feed.path, container, settings.hls_segment_ms, settings.hls_window, settings.hls_idle,
+                         self._muxer_stopped)
+        self.muxers[(feed.path, container)] = muxer
+        viewer = Viewer(f"{self.node_id}.hls-{muxer.id}", HLS_FRAMES.protocol, "", muxer, {
+            "app": app, "stream": name, "node": self.node_id, "protocol": HLS_FRAMES.protocol}, settings.max_lag)
+        viewer.feed = feed
+        feed.add(viewer)
+        return muxer
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -255,14 +268,19 @@ class Playback:
     def viewers(self, path: str) -> int:
         """Viewers of a stream on this node: FLV and RTMP connections, and HLS clients seen lately."""
         feed = self.feeds.get(path)
-        hls = sum(m.watching() for (p, _), m in self.muxers.items() if p == path)
-        return (len(feed.viewers) if feed is not None else 0) + hls
+        return sum(viewer.sink.watching() for viewer in feed.viewers) if feed is not None else 0
 
-    def _muxer_stopped(self, muxer: HlsMuxer, feed: StreamFeed) -> None:
+    def watching(self, protocol: str) -> int:
+        """Viewers by protocol on this node (read when /metrics is scraped)."""
+        return sum(viewer.sink.watching() for feed in self.feeds.values() for viewer in feed.viewers
+                   if viewer.protocol == protocol)
+
+    def _muxer_stopped(self, muxer: HlsMuxer) -> None:
         if self.muxers.get((muxer.path, muxer.container)) is muxer:
             del self.muxers[(muxer.path, muxer.container)]
-        self.muxer_ids.pop(muxer.id, None)
-        feed.remove_tap(muxer)
+        viewer = muxer.viewer
+        if viewer is not None and viewer.feed is not None:
+            viewer.feed.remove(viewer)
 
     # Feeds ----------------------------------------------------------------------------------------------
 

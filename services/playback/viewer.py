@@ -1,15 +1,16 @@
-"""One viewer on a playback node, whatever carries it: who it is, the connection its bytes go to (a sink: an
-HTTP-FLV or WebSocket-FLV session, an RTMP play), the stream feed it watches, how far behind its socket is,
-its session span and counters. One record per viewer; the server finds it by client id, the feed by
-itself, the sink by its `viewer` attribute.
+"""One viewer on a playback node, whatever carries it: who it is, where its media goes (a sink: an HTTP-FLV
+or WebSocket-FLV session, an RTMP play, an HLS muxer), the stream feed it watches, how far behind its
+output is, its session span and counters. One record per viewer; the server finds it by client id, the
+feed by itself, the sink by its `viewer` attribute.
 
-A sink is the protocol's adapter: it turns the feed's bytes into its own framing once per format
-(services.playback.formats) and knows how to start, refuse and finish a play in its protocol's words.
+A sink is the protocol's adapter: its format (services.playback.formats) makes what it takes once per
+flush for every sink of that format, and it knows how to start, refuse and finish a play in its
+protocol's words. An HLS muxer is one viewer however many clients fetch its playlist: it stands for
+them (`watching`), and its output is memory that never falls behind.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from typing import Any, Protocol
 
@@ -18,16 +19,34 @@ from castmesh.mesh.tracing import SessionSpan
 from services.playback.formats import OutputFormat
 
 
-class ViewerSink(Protocol):
-    """What a feed needs from a viewer's connection (an HTTP-FLV session, an RTMP player)."""
+class Output(Protocol):
+    """Where a sink's media goes: its socket's transport, or the sink itself when it keeps media in memory."""
 
-    transport: asyncio.Transport
-    format: OutputFormat
+    def write(self, data: Any) -> None: ...
+    def get_write_buffer_size(self) -> int: ...
+    def abort(self) -> None: ...
+
+
+class ViewerSink(Protocol):
+    """What a feed needs from a viewer's adapter (an HTTP-FLV session, an RTMP player, an HLS muxer)."""
+
     viewer: Viewer | None
 
-    def start(self, body: bytes) -> bool: ...
+    @property
+    def transport(self) -> Output: ...
+
+    @property
+    def format(self) -> OutputFormat: ...
+
+    def start(self, head: Any) -> bool: ...
     def refuse(self, status: int, reason: str) -> None: ...
     def finish(self, reason: str) -> None: ...
+
+    def discontinuity(self) -> None:
+        """What follows comes from a new upstream or a new publish session."""
+
+    def watching(self) -> int:
+        """The people it stands for: 1 for a connection, an HLS muxer's recent clients."""
 
 
 class Watched(Protocol):
@@ -71,9 +90,9 @@ class Viewer:
             marks.popleft()
         return now - marks[0][0] if marks else 0.0
 
-    def write(self, data: bytes, now: float) -> None:
+    def write(self, data: Any, size: int, now: float) -> None:
         self.sink.transport.write(data)
-        self.written += len(data)
+        self.written += size
         if self.sink.transport.get_write_buffer_size():
             self.marks.append((now, self.written))
 

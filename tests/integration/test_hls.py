@@ -4,6 +4,7 @@ fMP4, and a muxer nobody asks for stops."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -250,6 +251,10 @@ def test_keep_alive_serves_playlist_and_segments_on_one_connection(suite: Up, co
             conn.request("GET", f"/live/{playlist.segments[-1][1]}")
             response = conn.getresponse()
             assert response.status == 200 and len(response.read()) > 1000
+        # the muxer is one viewer of the stream's feed that stands for its clients: they are counted
+        listing = json.loads(http_get(f"http://127.0.0.1:{suite.http_port}/api/viewers").read())
+        assert listing["streams"][f"live/ka-{container}"] >= 1, listing
+        assert metric(suite, re.escape('castmesh_playback_viewers{protocol="hls"}')) >= 1
         conn.close()
     finally:
         publisher.kill()
