@@ -1,8 +1,9 @@
 """The playback node's HTTP/1.1 connections: short responses (playlists, segments, pages, /metrics) with
 keep-alive, long ones (an HTTP-FLV body, a WebSocket-FLV upgrade) that last as long as the stream.
 
-h11 parses requests, bounded: a request head over 16 KiB, or one that takes longer than REQUEST_TIMEOUT
-to arrive, is refused, and bytes a client sends while its answer is pending are capped too. The session
+h11 parses requests, bounded: a request head over 16 KiB, a body over 64 KiB (only POST and PATCH have
+one: a WHEP offer, a trickle-ICE fragment), or a request that takes longer than REQUEST_TIMEOUT to
+arrive, is refused, and bytes a client sends while its answer is pending are capped too. The session
 only speaks HTTP; what a path means is the router's business (services.playback.server).
 
 For a stream, h11 (or the WebSocket handshake) writes the response head and the feed then writes
@@ -40,16 +41,21 @@ log = logging.getLogger("castmesh.playback")
 REQUEST_TIMEOUT = 10.0
 IDLE_TIMEOUT = 60.0  # a kept-alive connection with no request for this long is closed
 MAX_REQUEST_HEAD = 16 * 1024
+MAX_REQUEST_BODY = 64 * 1024  # an SDP offer is a few KiB
+BODY_METHODS = ("POST", "PATCH")
 MAX_WEBSOCKET_INPUT = 64 * 1024  # what a viewer may send between two reads of it
 CORS = [
     ("Access-Control-Allow-Origin", "*"),
-    ("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS"),
-    ("Access-Control-Allow-Headers", "*"),
-    ("Access-Control-Expose-Headers", "*"),
+    ("Access-Control-Allow-Methods", "GET, HEAD, POST, PATCH, DELETE, OPTIONS"),
+    ("Access-Control-Allow-Headers", "*, Authorization"),  # the wildcard never covers Authorization
+    ("Access-Control-Expose-Headers", "*, Location, ETag, Link"),
 ]
 SERVER = ("Server", "castmesh")
-REASONS = {200: b"OK", 204: b"No Content", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-           408: b"Request Timeout", 413: b"Content Too Large", 415: b"Unsupported Media Type",
+REASONS = {200: b"OK", 201: b"Created", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",
+           403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed", 406: b"Not Acceptable",
+           408: b"Request Timeout", 409: b"Conflict", 411: b"Length Required", 412: b"Precondition Failed",
+           413: b"Content Too Large", 415: b"Unsupported Media Type", 422: b"Unprocessable Content",
+           428: b"Precondition Required",
            426: b"Upgrade Required", 431: b"Request Header Fields Too Large", 502: b"Bad Gateway",
            503: b"Service Unavailable", 504: b"Gateway Timeout"}
 
@@ -62,6 +68,7 @@ class Request:
     path: str
     query: dict[str, str]
     headers: dict[str, str]  # names in lower case
+    body: bytes = b""  # POST and PATCH only, whole
 
     @property
     def websocket(self) -> bool:
@@ -91,6 +98,7 @@ class HttpSession(asyncio.Protocol):
         self.done = False
         self.span: Span | None = None  # the current request's span, if its route traces it; ended by respond()
         self.received = 0  # bytes since the current request began
+        self.reading_body: Request | None = None  # a POST or PATCH whose body is arriving
         self.format: OutputFormat = HTTP_FLV
         self.viewer: Viewer | None = None  # once a request of it is a viewer
         self.requests = 0
@@ -131,17 +139,21 @@ class HttpSession(asyncio.Protocol):
         if self.streaming:
             return  # an HTTP-FLV viewer has nothing more to say; what it sends is dropped, never buffered
         self.received += len(data)
-        if self.received > MAX_REQUEST_HEAD:
-            # h11's own cap only applies while a head is incomplete; a big head in one read passes it,
-            # and so would requests piled up behind one that is still being answered.
-            self.respond(431, f"request head over {MAX_REQUEST_HEAD} bytes\n".encode(), close=True)
-            return
         try:
             self.http.receive_data(data)
         except h11.RemoteProtocolError as exc:
             self.respond(exc.error_status_hint, f"bad request: {exc}\n".encode(), close=True)
             return
         self._next_request()
+        body = self.reading_body is not None or (self.request is not None and self.request.method in BODY_METHODS)
+        if self.done or self.received <= MAX_REQUEST_HEAD + (MAX_REQUEST_BODY if body else 0):
+            return
+        # h11's own cap only applies while a head is incomplete; a big head in one read passes it,
+        # and so would requests piled up behind one that is still being answered.
+        if body:
+            self.respond(413, f"request body over {MAX_REQUEST_BODY} bytes\n".encode(), close=True)
+        else:
+            self.respond(431, f"request head over {MAX_REQUEST_HEAD} bytes\n".encode(), close=True)
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -165,12 +177,27 @@ class HttpSession(asyncio.Protocol):
                     self.respond(exc.error_status_hint, f"bad request: {exc}\n".encode(), close=True)
                     return
                 if isinstance(ev, h11.Request):
-                    self._disarm()
+                    if len(ev.target) + sum(len(k) + len(v) + 4 for k, v in ev.headers) > MAX_REQUEST_HEAD:
+                        self.respond(431, f"request head over {MAX_REQUEST_HEAD} bytes\n".encode(), close=True)
+                        return  # (a whole head in one read passes h11's own cap, which is for incomplete ones)
                     target = urlsplit(ev.target.decode("ascii", "replace"))
-                    self.request = Request(ev.method.decode("ascii", "replace"), target.path,
-                                           dict(parse_qsl(target.query)),
-                                           {k.decode("latin-1"): v.decode("latin-1") for k, v in ev.headers})
+                    request = Request(ev.method.decode("ascii", "replace"), target.path, dict(parse_qsl(target.query)),
+                                      {k.decode("latin-1"): v.decode("latin-1") for k, v in ev.headers})
                     self.requests += 1
+                    if request.method in BODY_METHODS:
+                        self._read_body(request)
+                        continue
+                    self._disarm()
+                    self.request = request
+                    self._dispatch(request)
+                elif isinstance(ev, h11.Data) and self.reading_body is not None:
+                    self.reading_body.body += ev.data
+                    if len(self.reading_body.body) > MAX_REQUEST_BODY:
+                        self.respond(413, f"request body over {MAX_REQUEST_BODY} bytes\n".encode(), close=True)
+                        return
+                elif isinstance(ev, h11.EndOfMessage) and self.reading_body is not None:
+                    self._disarm()
+                    self.request, self.reading_body = self.reading_body, None
                     self._dispatch(self.request)
                 elif isinstance(ev, h11.ConnectionClosed):
                     self.transport.close()
@@ -180,13 +207,24 @@ class HttpSession(asyncio.Protocol):
         finally:
             self.reading = False
 
-    def _dispatch(self, request: Request) -> None:
-        if request.method == "OPTIONS":
-            self.respond(204, b"")
-        elif request.method not in ("GET", "HEAD", "DELETE"):
-            self.respond(405, b"only GET, HEAD, DELETE and OPTIONS\n", [("Allow", "GET, HEAD, DELETE, OPTIONS")])
+    def _read_body(self, request: Request) -> None:
+        """A POST or PATCH: its body is read whole (it must say its length, within MAX_REQUEST_BODY) before
+        it is routed."""
+        self.request = request  # so that a refusal answers this request
+        length = request.headers.get("content-length", "")
+        if not length:
+            self.respond(411, b"say the body's Content-Length\n", close=True)
+        elif int(length) > MAX_REQUEST_BODY:  # h11 has checked it is a number
+            self.respond(413, f"request body over {MAX_REQUEST_BODY} bytes\n".encode(), close=True)
         else:
-            self.route(self, request)  # DELETE only means something to the gateway's API
+            self.request, self.reading_body = None, request
+
+    def _dispatch(self, request: Request) -> None:
+        if request.method not in ("GET", "HEAD", "OPTIONS", "DELETE", *BODY_METHODS):
+            self.respond(405, b"only GET, HEAD, POST, PATCH, DELETE and OPTIONS\n",
+                         [("Allow", "GET, HEAD, POST, PATCH, DELETE, OPTIONS")])
+        else:
+            self.route(self, request)
 
     def _arm(self, delay: float) -> None:
         self._disarm()

@@ -131,8 +131,12 @@ class Playback:
         if self.forward_base and request.path.startswith(FORWARDED):
             self._spawn(self._forward(session, request))
             return
-        if request.method == "DELETE":
-            session.respond(405, b"DELETE is for the gateway's API\n", [("Allow", "GET, HEAD, OPTIONS")])
+        if request.method == "OPTIONS":
+            session.respond(204, b"")
+            return
+        if request.method not in ("GET", "HEAD"):
+            session.respond(405, f"{request.method} is for the gateway's API\n".encode(),
+                            [("Allow", "GET, HEAD, OPTIONS")])
             return
         if request.path == "/metrics":
             session.respond(200, generate_latest(), [("Content-Type", CONTENT_TYPE_LATEST), NO_CACHE])
@@ -237,11 +241,12 @@ class Playback:
         if self.forward_http is None:
             self.forward_http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         query = f"?{urlencode(request.query)}" if request.query else ""
-        headers = {k: v for k, v in request.headers.items()
-                   if k in ("authorization", "accept", "traceparent", "tracestate")}  # the caller's trace goes on
+        headers = {k: v for k, v in request.headers.items()  # the caller's trace goes on
+                   if k in ("authorization", "accept", "content-type", "traceparent", "tracestate")}
         try:
             async with self.forward_http.request(request.method, f"{self.forward_base}{request.path}{query}",
-                                                 headers=headers, allow_redirects=False) as answer:
+                                                 headers=headers, data=request.body or None,
+                                                 allow_redirects=False) as answer:
                 body = await answer.read()
                 passed = [(k, v) for k, v in answer.headers.items()
                           if k.lower() in ("content-type", "location", "www-authenticate", "cache-control")]

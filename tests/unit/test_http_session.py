@@ -83,7 +83,13 @@ def test_request_heads_are_bounded_even_when_pipelined() -> None:
         http.data_received(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n" * (MAX_REQUEST_HEAD // 20))
         assert transport.closed and b"431" in transport.data
 
+    def whole_in_one_read() -> None:  # complete, so h11's cap (for incomplete heads) does not see it
+        http, transport, served = session()
+        http.data_received(b"GET /live/a.flv HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 4000 + b"\r\n")
+        assert transport.closed and b"431" in transport.data and served == []
+
     run(test)
+    run(whole_in_one_read)
 
 
 def test_hundreds_of_tiny_pipelined_requests_are_answered_without_recursion() -> None:
@@ -94,3 +100,63 @@ def test_hundreds_of_tiny_pipelined_requests_are_answered_without_recursion() ->
         assert len(served) == MAX_REQUEST_HEAD // len(request) > 500 and not transport.closed
 
     run(test)
+
+
+def test_a_post_body_is_read_whole_and_bounded() -> None:
+    """A WHEP offer arrives as a POST body: the route sees it whole, in whatever pieces it came; a body
+    that does not say its length, says too much, or sends more than it said is refused, and a request
+    after it on the same connection is still answered."""
+    from services.playback.http import MAX_REQUEST_BODY
+
+    bodies: list[bytes] = []
+
+    def session_seeing_bodies() -> tuple[HttpSession, Transport]:
+        def route(s: HttpSession, request: Request) -> None:
+            bodies.append(request.body)
+            s.respond(201, b"answer")
+
+        http = HttpSession(route, lambda s: None)
+        transport = Transport()
+        http.connection_made(transport)  # type: ignore[arg-type]
+        return http, transport
+
+    def test() -> None:
+        offer = b"v=0\r\n" + b"a=x\r\n" * 6000  # 30 KiB: over the head's cap, within the body's
+        http, transport = session_seeing_bodies()
+        head = b"POST /live/a/whep HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\nContent-Length: %d\r\n\r\n"
+        request = head % len(offer) + offer
+        http.data_received(request[:100])
+        http.data_received(request[100:20_000])
+        assert bodies == []  # not routed before the body is whole
+        http.data_received(request[20_000:] + b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert bodies == [offer, b""] and transport.data.count(b"HTTP/1.1 201") == 2 and not transport.closed
+
+        http, transport = session_seeing_bodies()  # in one read, with the head
+        http.data_received(request)
+        assert bodies[-1] == offer and not transport.closed
+
+        http, transport = session_seeing_bodies()
+        http.data_received(b"POST /live/a/whep HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        assert b"HTTP/1.1 411" in transport.data and transport.closed
+
+        http, transport = session_seeing_bodies()
+        http.data_received(head % (MAX_REQUEST_BODY + 1))
+        assert b"HTTP/1.1 413" in transport.data and transport.closed
+
+        http, transport = session_seeing_bodies()  # says little, sends a lot: the rest is a bad next request
+        http.data_received(head % 10 + b"x" * (MAX_REQUEST_BODY + MAX_REQUEST_HEAD))
+        assert bodies[-1] == b"x" * 10 and transport.closed and b"HTTP/1.1 4" in transport.data.split(b"answer")[-1]
+
+    run(test)
+
+
+def test_a_body_that_stops_arriving_times_out() -> None:
+    async def main() -> bytes:
+        http = HttpSession(lambda s, r: s.respond(201, b""), lambda s: None, request_timeout=0.05)
+        transport = Transport()
+        http.connection_made(transport)  # type: ignore[arg-type]
+        http.data_received(b"POST /live/a/whep HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nv=0")
+        await asyncio.sleep(0.2)
+        return transport.data
+
+    assert b"HTTP/1.1 408" in asyncio.run(main())
