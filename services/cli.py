@@ -50,6 +50,7 @@ from castmesh.proto.v1.dispatch_pb2 import (
 )
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from castmesh.proto.v1.media_pb2 import StreamKey
+from castmesh.webrtc.peer import IceSettings
 from services.demo import run_demo
 from services.dispatch import service as dispatch_service
 from services.dispatch.consul_directory import ConsulDirectory
@@ -121,12 +122,27 @@ ADMIN_TOKEN = Option("--admin-token", "", "bearer token the gateway's admin call
 REGISTRY = Option("--registry", "dispatch", "where nodes register: dispatch (its Register call) or consul (the "
                   "agent at CONSUL_HTTP_ADDR; dispatch then watches Consul)")
 
+ICE_SERVERS = Option("--webrtc-ice-servers", (), "STUN/TURN servers for WebRTC, comma-separated "
+                     "(stun:host:port, turn:host:port); default: none (host candidates only)", config.words)
+ICE_USERNAME = Option("--webrtc-ice-username", "", "username for the TURN servers")
+ICE_CREDENTIAL = Option("--webrtc-ice-credential", "", "credential for the TURN servers")
+WEBRTC_PORTS = Option("--webrtc-ports", None, "UDP ports for WebRTC media, LOW-HIGH (containers publish this "
+                      "range); default: any free port", config.port_range)
+WEBRTC_BIND = Option("--webrtc-bind", "", "address to receive WebRTC media on (default: every interface but "
+                     "loopback)")
+WEBRTC_ADVERTISE = Option("--webrtc-advertise", "", "address to name in WebRTC candidates instead of the bound one "
+                          "(NAT 1:1, containers: the host's public address)")
+MAX_WEBRTC = Option("--max-webrtc", 200, "WebRTC viewers this playback node takes; the next gets 503",
+                    config.positive)
+WEBRTC = [ICE_SERVERS, ICE_USERNAME, ICE_CREDENTIAL, WEBRTC_PORTS, WEBRTC_BIND, WEBRTC_ADVERTISE, MAX_WEBRTC]
+
 COMMON = [LOG_LEVEL, ADVERTISE_HOST, CHECK_CONFIG]
 HLS = [HLS_SEGMENT_MS, HLS_WINDOW, HLS_IDLE_MS]
 LIMITS = [MAX_CONNECTIONS, MAX_PER_IP]
 PUBLISH_HOOKS = [ON_PUBLISH, ON_UNPUBLISH, HOOK_TIMEOUT_MS]
 PLAY_HOOKS = [ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS]
-UP = [HOST, RTMP_PORT, HTTP_PORT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, GRACE_MS, SECRET, *LIMITS,
+UP = [HOST, RTMP_PORT, HTTP_PORT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, *WEBRTC, GRACE_MS, SECRET,
+      *LIMITS,
       HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, ON_PUBLISH, ON_UNPUBLISH, ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS, NO_DEMO,
       *COMMON]
 SERVE = {
@@ -136,7 +152,7 @@ SERVE = {
     "ingest": [HOST, RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT, REGISTRY, SECRET, *LIMITS,
                HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, *PUBLISH_HOOKS, *COMMON],
     "playback": [HOST, HTTP_PORT, PLAY_RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *HLS,
-                 REGISTRY, SECRET, *LIMITS, HANDSHAKE_TIMEOUT_MS, HTTP_IDLE_TIMEOUT_MS, *PLAY_HOOKS, *COMMON],
+                 *WEBRTC, REGISTRY, SECRET, *LIMITS, HANDSHAKE_TIMEOUT_MS, HTTP_IDLE_TIMEOUT_MS, *PLAY_HOOKS, *COMMON],
     "gateway": [HOST, GATEWAY_PORT, HEALTH_PORT, DISPATCH, ADMIN_TOKEN, SECRET, REGISTRY, *COMMON],
 }
 WAIT_FOR_PEER = 5.0
@@ -384,7 +400,10 @@ def _playback_settings(cfg: dict[str, Any]) -> PlaybackSettings:
     return PlaybackSettings(merge_ms=cfg["merge_ms"], max_lag=cfg["max_lag_ms"] / 1000,
                             hls_segment_ms=cfg["hls_segment_ms"], hls_window=cfg["hls_window"],
                             hls_idle=cfg["hls_idle_ms"] / 1000, handshake_timeout=cfg["handshake_timeout_ms"] / 1000,
-                            idle_timeout=cfg["idle_timeout_ms"] / 1000)
+                            idle_timeout=cfg["idle_timeout_ms"] / 1000, max_webrtc=cfg["max_webrtc"],
+                            ice=IceSettings(servers=cfg["webrtc_ice_servers"], username=cfg["webrtc_ice_username"],
+                                            credential=cfg["webrtc_ice_credential"], bind=cfg["webrtc_bind"],
+                                            ports=cfg["webrtc_ports"], advertise=cfg["webrtc_advertise"]))
 
 
 def _closing(server: asyncio.Server) -> Callable[[], Awaitable[None]]:

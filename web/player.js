@@ -1,5 +1,6 @@
 // castmesh's player page: lists the live streams (/api/streams) and plays one with mpegts.js (HTTP-FLV,
-// WebSocket-FLV) or hls.js (HLS). window.report says what the player did, for people and for tests.
+// WebSocket-FLV), hls.js (HLS) or the browser's own WebRTC (WHEP: POST an offer to /{stream}/whep, DELETE
+// the session it names when done). window.report says what the player did, for people and for tests.
 "use strict";
 
 const video = document.getElementById("video");
@@ -13,7 +14,9 @@ window.report = { protocol: null, stream: null, errors: [], warnings: [], suppor
 window.report.supported = {
   flv: typeof mpegts !== "undefined" && mpegts.isSupported(),
   hls: typeof Hls !== "undefined" && (Hls.isSupported() || !!video.canPlayType("application/vnd.apple.mpegurl")),
+  webrtc: typeof RTCPeerConnection !== "undefined",
 };
+const NAMES = { flv: "HTTP-FLV", ws: "WebSocket-FLV", hls: "HLS", webrtc: "WebRTC (WHEP)" };
 
 function protocol() {
   return document.querySelector("input[name=protocol]:checked").value;
@@ -35,8 +38,11 @@ function play(path, kind) {
   stop();
   window.report = { supported: window.report.supported, protocol: kind, stream: path, errors: [], warnings: [] };
   const base = `${location.origin}/${path}`;
-  nowPlaying.textContent = `${path} over ${kind === "hls" ? "HLS" : kind === "ws" ? "WebSocket-FLV" : "HTTP-FLV"}`;
-  if (kind === "hls") {
+  nowPlaying.textContent = `${path} over ${NAMES[kind]}`;
+  if (kind === "webrtc") {
+    if (!window.report.supported.webrtc) return fail("this browser has no WebRTC");
+    current = whep(path, `${base}/whep`);
+  } else if (kind === "hls") {
     if (typeof Hls !== "undefined" && Hls.isSupported()) {
       const hls = new Hls({ liveSyncDurationCount: 3 });
       hls.on(Hls.Events.ERROR, (_, data) => {
@@ -63,6 +69,57 @@ function play(path, kind) {
   }
   video.play().catch((e) => window.report.warnings.push(`play(): ${e.message}`));
   for (const row of table.rows) row.classList.toggle("selected", row.dataset.stream === path);
+}
+
+// WHEP (draft-ietf-wish-whep): receive-only audio and video, every ICE candidate in the offer (castmesh
+// answers with all of its own, so nothing trickles), the session's URL from Location, DELETE to leave.
+function whep(path, endpoint) {
+  const pc = new RTCPeerConnection();
+  const state = { path, protocol: "webrtc", session: null, timer: null };
+  pc.addTransceiver("video", { direction: "recvonly" });
+  pc.addTransceiver("audio", { direction: "recvonly" });
+  const stream = new MediaStream();
+  pc.ontrack = (event) => { stream.addTrack(event.track); video.srcObject = stream; };
+  pc.onconnectionstatechange = () => {
+    window.report.connectionState = pc.connectionState;
+    if (pc.connectionState === "failed") fail("WebRTC: the connection failed");
+  };
+  state.destroy = () => {
+    clearInterval(state.timer);
+    pc.close();
+    video.srcObject = null;
+    if (state.session) fetch(state.session, { method: "DELETE" }).catch(() => {});
+  };
+  (async () => {
+    await pc.setLocalDescription(await pc.createOffer());
+    await new Promise((done) => {
+      if (pc.iceGatheringState === "complete") return done();
+      pc.onicegatheringstatechange = () => { if (pc.iceGatheringState === "complete") done(); };
+      setTimeout(done, 2000);  // enough candidates by then on any network worth waiting for
+    });
+    const response = await fetch(endpoint, { method: "POST", headers: { "Content-Type": "application/sdp" },
+                                             body: pc.localDescription.sdp });
+    const body = await response.text();
+    if (response.status !== 201) {
+      let detail = body;
+      try { detail = JSON.parse(body).detail; } catch (e) { /* a plain-text error */ }
+      return fail(`WHEP: ${response.status} ${detail}`);
+    }
+    state.session = new URL(response.headers.get("Location"), endpoint).href;
+    await pc.setRemoteDescription({ type: "answer", sdp: body });
+    state.timer = setInterval(async () => {  // what arrives and is decoded, as getStats sees it
+      const stats = {};
+      (await pc.getStats()).forEach((s) => {
+        if (s.type === "inbound-rtp") {
+          stats[s.kind] = { packets: s.packetsReceived, lost: s.packetsLost, bytes: s.bytesReceived,
+                            framesDecoded: s.framesDecoded, samples: s.totalSamplesReceived,
+                            concealed: s.concealedSamples, codec: s.codecId };
+        }
+      });
+      window.report.stats = stats;
+    }, 500);
+  })().catch((e) => fail(`WHEP: ${e.message}`));
+  return state;
 }
 
 function cell(text) {

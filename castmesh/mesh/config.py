@@ -55,6 +55,24 @@ def non_negative(text: str) -> int:
     return value
 
 
+def port_range(text: str) -> tuple[int, int] | None:
+    """"LOW-HIGH" (inclusive), or empty for none."""
+    if not text.strip():
+        return None
+    low, sep, high = text.partition("-")
+    if not sep:
+        raise ValueError(f"{text!r} is not LOW-HIGH")
+    first, last = port(low.strip()), port(high.strip())
+    if not 0 < first <= last:
+        raise ValueError(f"{text!r} is not a range of ports")
+    return first, last
+
+
+def words(text: str) -> tuple[str, ...]:
+    """A comma-separated list."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def flag(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):

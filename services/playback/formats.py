@@ -109,10 +109,14 @@ class RtmpPlay(Bytes):
         return play_messages(frames, self.stream_id)
 
 
-class HlsFrames:
-    """What an HLS muxer takes: the stream's cache when it starts, then the frames as they come."""
+class Frames:
+    """What an in-memory viewer takes (an HLS muxer, a stream's WebRTC packetizer): the stream's cache when
+    it starts, then the frames as they come."""
 
-    key = protocol = "hls"
+    key = "frames"
+
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol
 
     def head(self, cache: GopCache) -> GopCache:
         return cache
@@ -126,4 +130,5 @@ class HlsFrames:
 
 HTTP_FLV = HttpFlv()
 WEBSOCKET_FLV = WebSocketFlv()
-HLS_FRAMES = HlsFrames()
+HLS_FRAMES = Frames("hls")
+WEBRTC_FRAMES = Frames("webrtc")

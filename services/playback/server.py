@@ -5,6 +5,8 @@ HTTP paths:
   /{app}/{stream}.flv                      HTTP-FLV, or WebSocket-FLV with an Upgrade
   /{app}/{stream}.m3u8[?format=ts|fmp4]    HLS (default: TS for H.264, fMP4 for HEVC/AV1/VP9)
   /{app}/{stream}/hls/{muxer}/{segment}    its segments and initialization segments
+  /{app}/{stream}/whep                     WebRTC (WHEP): POST an SDP offer, 201 with the answer
+  /{app}/{stream}/whep/{session}           DELETE ends the session (services.playback.webrtc)
   /metrics                                 Prometheus
   /, /api/streams                          the player page and its stream list (services.playback.web)
   /api/viewers                             this node's viewers per stream (for the gateway)
@@ -15,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode
 
 import aiohttp
@@ -33,24 +36,32 @@ from castmesh.mesh.auth import Signer
 from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.hooks import Hooks
 from castmesh.mesh.link import RelayLinks
+from castmesh.mesh.logs import event
 from castmesh.mesh.rtmp_server import RtmpPlay, RtmpServer
 from castmesh.mesh.sessions import StreamRequest
 from castmesh.mesh.subscription import Locate
 from castmesh.mesh.tracing import SessionSpan
+from castmesh.webrtc.peer import IceSettings, OfferError, Peer, answer
 from services.playback.feed import BUFFERED, BYTES_OUT, StreamFeed
-from services.playback.formats import HLS_FRAMES, HTTP_FLV, WEBSOCKET_FLV
+from services.playback.formats import HLS_FRAMES, HTTP_FLV, WEBRTC_FRAMES, WEBSOCKET_FLV
 from services.playback.hls import HlsMuxer
 from services.playback.http import HttpSession, Request
 from services.playback.rtmp import RtmpPlayer
 from services.playback.viewer import Viewer, ViewerSink
 from services.playback.web import ListStreams, WebPage, streams_json
+from services.playback.webrtc import WebRtcStream, WhepSession
 
+WHEP_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})/whep"
+                       r"(?:/(?P<session>[A-Za-z0-9_.~-]{1,128}))?$")
 STREAM_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})"
                          r"(?:\.(?P<ext>flv|m3u8)|/hls/(?P<muxer>[0-9a-f]{8})/(?P<file>[A-Za-z0-9_.-]{1,32}))$")
 NO_CACHE = ("Cache-Control", "no-cache")
 FORWARDED = ("/api/v1/", "/healthz", "/openapi.json", "/docs")
 CACHEABLE = ("Cache-Control", "max-age=600")  # a segment's name always means the same bytes
-PROTOCOLS = (HTTP_FLV.protocol, WEBSOCKET_FLV.protocol, "rtmp", HLS_FRAMES.protocol)
+log = logging.getLogger("castmesh.playback")
+PROTOCOLS = (HTTP_FLV.protocol, WEBSOCKET_FLV.protocol, "rtmp", HLS_FRAMES.protocol, WEBRTC_FRAMES.protocol)
+WHEP_METHODS = ("Allow", "POST, DELETE, OPTIONS")
+PROBLEM = ("Content-Type", "application/problem+json")
 
 VIEWERS = Gauge("castmesh_playback_viewers", "Viewers by protocol (HLS: clients that fetched lately)", ["protocol"])
 
@@ -64,6 +75,8 @@ class PlaybackSettings:
     hls_idle: float = 30.0
     handshake_timeout: float = 10.0  # an HTTP request head or an RTMP play must arrive within this
     idle_timeout: float = 60.0  # a kept-alive HTTP connection with no request is closed after this
+    ice: IceSettings = field(default_factory=IceSettings)  # where WebRTC media is reachable
+    max_webrtc: int = 200  # WebRTC viewers on this node (each costs far more than an FLV viewer)
 
 
 class Playback:
@@ -86,6 +99,8 @@ class Playback:
         self.clients: dict[str, Viewer] = {}  # by client id: connected viewers, admitted or waiting for on_play
         self.next_client = 0
         self.muxers: dict[tuple[str, str], HlsMuxer] = {}  # (stream path, container) -> its HLS viewer
+        self.webrtc: dict[str, WebRtcStream] = {}  # stream path -> its packets for WHEP viewers
+        self.whep_pending = 0  # offers being answered
         for protocol in PROTOCOLS:
             VIEWERS.labels(protocol).set_function(partial(self.watching, protocol))
         BUFFERED.set_function(lambda: sum(viewer.sink.transport.get_write_buffer_size()
@@ -130,6 +145,10 @@ class Playback:
     def route(self, session: HttpSession, request: Request) -> None:
         if self.forward_base and request.path.startswith(FORWARDED):
             self._spawn(self._forward(session, request))
+            return
+        whep = WHEP_PATH.match(request.path)
+        if whep is not None:
+            self._whep(session, request, whep["app"], whep["stream"], whep["session"])
             return
         if request.method == "OPTIONS":
             session.respond(204, b"")
@@ -232,6 +251,130 @@ class Playback:
         feed.add(viewer)
         return muxer
 
+    # WHEP -----------------------------------------------------------------------------------------------
+
+    def _whep(self, session: HttpSession, request: Request, app: str, name: str, client_id: str | None) -> None:
+        if request.method == "OPTIONS":
+            session.respond(204, b"", [("Accept-Post", "application/sdp"), WHEP_METHODS])
+        elif client_id is None and request.method == "POST":
+            session.span = tracing.http_span("POST", "/{app}/{stream}/whep", request.path, request.headers)
+            self._spawn(self._whep_offer(session, request, app, name))
+        elif client_id is not None and request.method == "DELETE":
+            viewer = self.clients.get(client_id)
+            if viewer is None or viewer.protocol != WEBRTC_FRAMES.protocol or viewer.path != f"{app}/{name}":
+                problem(session, 404, "no such WHEP session (it may have ended)")
+                return
+            viewer.sink.finish("deleted by the viewer")
+            session.respond(200, b"")
+        elif client_id is not None and request.method == "PATCH":
+            problem(session, 405, "trickle ICE and ICE restarts are not supported: put every candidate in the "
+                    "offer (castmesh answers with all of its own)", [WHEP_METHODS])
+        else:
+            problem(session, 405, f"{request.method} is not a WHEP request here", [WHEP_METHODS])
+
+    async def _whep_offer(self, session: HttpSession, request: Request, app: str, name: str) -> None:
+        """A WHEP offer: checked, answered once the stream is live, and the viewer started."""
+        self.whep_pending += 1  # counted against the cap while it is being answered
+        try:
+            await self._answer_whep(session, request, app, name)
+        finally:
+            self.whep_pending -= 1
+
+    async def _answer_whep(self, session: HttpSession, request: Request, app: str, name: str) -> None:
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/sdp":
+            problem(session, 415, "a WHEP offer is an SDP body with Content-Type: application/sdp")
+            return
+        refused = self.signer.refuse(app, name, bearer_query(request))
+        if refused:
+            problem(session, 403, refused)
+            return
+        if self.watching(WEBRTC_FRAMES.protocol) + self.whep_pending > self.settings.max_webrtc:
+            problem(session, 503, f"this node has its {self.settings.max_webrtc} WebRTC viewers",
+                    [("Retry-After", "5")])
+            return
+        self.next_client += 1
+        client_id = f"{self.node_id}.{self.next_client}"
+        hook_body: dict[str, Any] = {
+            "app": app, "stream": name, "client_ip": session.peer.rpartition(":")[0], "client_id": client_id,
+            "node": self.node_id, "protocol": WEBRTC_FRAMES.protocol, "query": request.query}
+        if self.hooks.has("on_play"):
+            refused = await self.hooks.ask("on_play", hook_body)
+            if refused:
+                problem(session, 403, refused)
+                return
+        stream = self._webrtc_stream(app, name)
+        stream.pending += 1
+        try:
+            peer, text = await self._whep_answer(session, request, stream)
+            if peer is not None:
+                self._whep_start(session, request, stream, peer, text, hook_body)
+        finally:
+            stream.pending -= 1
+            if not stream.viewers and not stream.pending:
+                stream.stop("no WebRTC viewers left")
+
+    def _whep_start(self, session: HttpSession, request: Request, stream: WebRtcStream, peer: Peer, text: str,
+                    hook_body: dict[str, Any]) -> None:
+        """The viewer of an answered offer, and the 201 that tells it where its session is."""
+        client_id, app, name = hook_body["client_id"], hook_body["app"], hook_body["stream"]
+        sink = WhepSession(stream, peer, client_id, self._gone, self.settings.handshake_timeout)
+        viewer = self.clients[client_id] = Viewer(client_id, WEBRTC_FRAMES.protocol, session.peer, sink, hook_body,
+                                                  self.settings.max_lag, caller=request.headers)
+        viewer.span = SessionSpan(f"{viewer.protocol}.play", {
+            "castmesh.stream": f"{app}/{name}", "castmesh.client": client_id, "castmesh.node": self.node_id,
+            "net.peer": str(hook_body["client_ip"])}, counters=viewer.counters, context=viewer.caller)
+        if stream.viewer is not None and stream.viewer.feed is not None:
+            viewer.span.link(cast(StreamFeed, stream.viewer.feed).subscription.trace.carrier(), "feed")
+        viewer.feed = stream
+        stream.add(viewer)
+        event(log, "viewer.start", peer=session.peer, path=f"/{app}/{name}", protocol="webrtc", client=client_id)
+        session.respond(201, text.encode(), [("Content-Type", "application/sdp"), NO_CACHE,
+                                             ("Location", f"/{app}/{name}/whep/{client_id}"),
+                                             ("ETag", f'"{client_id}"')])
+
+    def _webrtc_stream(self, app: str, name: str) -> WebRtcStream:
+        """The stream's WebRTC packets: a viewer of its feed, started by its first WHEP viewer."""
+        feed = self._feed(app, name)
+        stream = self.webrtc.get(feed.path)
+        if stream is None or stream.stopped:
+            stream = self.webrtc[feed.path] = WebRtcStream(feed.path, self._webrtc_stopped)
+            viewer = Viewer(f"{self.node_id}.webrtc-{feed.path}", WEBRTC_FRAMES.protocol, "", stream, {
+                "app": app, "stream": name, "node": self.node_id, "protocol": WEBRTC_FRAMES.protocol},
+                self.settings.max_lag)
+            viewer.feed = feed
+            feed.add(viewer)
+        return stream
+
+    async def _whep_answer(self, session: HttpSession, request: Request,
+                           stream: WebRtcStream) -> tuple[Peer | None, str]:
+        """The peer and the answer, once the stream is live; or a problem answered, and None."""
+        try:
+            await stream.ready(self.settings.handshake_timeout)
+        except TimeoutError:
+            problem(session, 504, f"the stream did not start within {self.settings.handshake_timeout:g}s")
+            return None, ""
+        if not stream.live or stream.problem:
+            problem(session, 422 if stream.live else 404, stream.problem or "no such stream")
+            return None, ""
+        try:
+            peer, text = await answer(request.body.decode("utf-8", "replace"), self.settings.ice, stream.kinds,
+                                      stream.ssrcs, lambda: None)
+        except OfferError as exc:
+            problem(session, exc.status, exc.detail)
+            return None, ""
+        if session.done or stream.stopped:  # the viewer hung up, or the stream ended, while ICE gathered
+            await peer.close()
+            problem(session, 404, stream.problem or "the stream ended")
+            return None, ""
+        return peer, text
+
+    def _webrtc_stopped(self, stream: WebRtcStream) -> None:
+        if self.webrtc.get(stream.path) is stream:
+            del self.webrtc[stream.path]
+        viewer = stream.viewer
+        if viewer is not None and viewer.feed is not None:
+            viewer.feed.remove(viewer)
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
@@ -276,7 +419,7 @@ class Playback:
         return sum(viewer.sink.watching() for viewer in feed.viewers) if feed is not None else 0
 
     def watching(self, protocol: str) -> int:
-        """Viewers by protocol on this node (read when /metrics is scraped)."""
+        """Viewers by protocol on this node (read when /metrics is scraped, and for the WebRTC cap)."""
         return sum(viewer.sink.watching() for feed in self.feeds.values() for viewer in feed.viewers
                    if viewer.protocol == protocol)
 
@@ -365,3 +508,19 @@ class Playback:
     def _feed_closed(self, feed: StreamFeed) -> None:
         if self.feeds.get(feed.path) is feed:
             del self.feeds[feed.path]
+
+
+def problem(session: HttpSession, status: int, detail: str, headers: list[tuple[str, str]] | None = None) -> None:
+    """An RFC 9457 problem for WHEP's clients (and people reading them)."""
+    body = json.dumps({"type": "about:blank", "status": status, "detail": detail}).encode()
+    session.respond(status, body, [PROBLEM, NO_CACHE, *(headers or [])])
+
+
+def bearer_query(request: Request) -> dict[str, str]:
+    """The signed URL's query, or a Bearer token that carries it (WHIP and WHEP clients send tokens):
+    "Authorization: Bearer EXPIRES.SIGN" stands for ?expires=EXPIRES&sign=SIGN."""
+    token = request.headers.get("authorization", "")
+    if token[:7].lower() == "bearer " and "sign" not in request.query:
+        expires, _, sign = token[7:].strip().partition(".")
+        return {**request.query, "expires": expires, "sign": sign}
+    return request.query

@@ -30,13 +30,15 @@ try {
     const v = document.getElementById("video");
     return { t: v.currentTime, width: v.videoWidth, height: v.videoHeight, paused: v.paused,
              audioBytes: v.webkitAudioDecodedByteCount || 0,
-             frames: v.getVideoPlaybackQuality ? v.getVideoPlaybackQuality().totalVideoFrames : 0 };
+             frames: v.getVideoPlaybackQuality ? v.getVideoPlaybackQuality().totalVideoFrames : 0,
+             stats: (window.report && window.report.stats) || null };  // WebRTC: getStats' inbound-rtp
   });
   for (const [index, protocol] of protocols.entries()) {
     await page.check(`input[name=protocol][value=${protocol}]`);
     if (index === 0) await row.click();  // later switches replay the current stream by themselves
     // start-up: connect, first keyframe, MSE buffer (HLS needs its playlist and first segments)
-    await page.waitForFunction(() => document.getElementById("video").currentTime > 0.2, null,
+    await page.waitForFunction(() => document.getElementById("video").currentTime > 0.2
+                                     && (window.report.protocol !== "webrtc" || window.report.stats), null,
                                { timeout: 20000 }).catch(() => {});
     const first = await sample();
     const started = Date.now();

@@ -1,0 +1,272 @@
+"""WebRTC peers on aiortc, for WHEP viewers: an SDP offer answered, ICE gathered within castmesh's settings,
+and a send path for packets made once per stream (castmesh.webrtc.rtp), so that per viewer only SRTP and
+one sendto per packet remain.
+
+aiortc does the standards (SDP, ICE, DTLS, SRTP keys, RTCP receiver reports, PLI/FIR) and castmesh takes
+over where aiortc would do per-viewer work or has no setting:
+- Media: each sender gets a track that never yields, so aiortc's own RTP loop (which would packetize per
+  viewer) idles; castmesh writes whole packets with the peer's SRTP context straight to the ICE pair
+  aiortc nominated. The sender's counters and clock (what its RTCP sender reports say, which browsers
+  use to line audio up with video) are updated once per write.
+- A PLI or FIR from the viewer calls `on_keyframe` (it is answered from the stream's GOP cache, never
+  passed to the publisher) instead of asking an encoder that is not there.
+- ICE: aiortc has no port range or host address setting (aioice #63 and #112 are unmerged), so the ICE
+  connections aiortc creates are of a subclass that gathers host candidates on the configured address
+  and within the configured UDP port range; the answer can name an advertised address instead (NAT 1:1,
+  containers).
+These are aiortc's private parts; aiortc is pinned to a minor version and tests/unit/test_webrtc_peer.py
+checks each of them against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aioice.ice
+import aiortc.rtcicetransport
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
+from aiortc import clock as aiortc_clock
+from aiortc.rtcdtlstransport import RTCDtlsTransport
+
+from castmesh.webrtc.rtp import parse_header
+
+MAX_OFFER = 64 * 1024
+MIME = {"video": "video/h264", "audio": "audio/opus"}
+
+
+class OfferError(ValueError):
+    """An offer castmesh cannot answer: `status` says how (400 malformed, 406 no usable codec)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(slots=True, frozen=True)
+class IceSettings:
+    """Where a node's WebRTC media is reachable."""
+
+    servers: tuple[str, ...] = ()  # stun:host:port or turn:host:port?transport=udp, offered to aiortc
+    username: str = ""  # for the TURN servers
+    credential: str = ""
+    bind: str = ""  # gather host candidates on this address only (default: every interface but loopback)
+    ports: tuple[int, int] | None = None  # and on UDP ports in this range (inclusive)
+    advertise: str = ""  # name this address in the answer's candidates instead (NAT 1:1, containers)
+
+
+class _Silent(MediaStreamTrack):
+    """A track that never yields: aiortc's per-sender RTP loop waits on it for ever, at no cost."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    async def recv(self) -> Any:
+        await asyncio.Event().wait()
+
+
+class _Connection(aioice.ice.Connection):
+    """aioice's ICE connection, gathering host candidates where castmesh's settings say."""
+
+    settings = IceSettings()  # set per peer by `ice_within` just before aiortc creates the connection
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.castmesh = _Connection.settings
+
+    async def get_component_candidates(self, component: int, addresses: list[str],
+                                       timeout: int = 5) -> list[aioice.Candidate]:
+        settings = self.castmesh
+        if settings.bind:
+            addresses = [settings.bind]
+        if settings.ports is None:
+            return await super().get_component_candidates(component, addresses, timeout)
+        loop = asyncio.get_running_loop()
+        low, high = settings.ports
+        candidates = []
+        for address in addresses:
+            for port in _ports_from_random(low, high):
+                try:
+                    transport, protocol = await loop.create_datagram_endpoint(
+                        lambda: aioice.ice.StunProtocol(self), local_addr=(address, port))
+                    break
+                except OSError:
+                    continue
+            else:
+                raise OSError(f"no free UDP port in {low}-{high} on {address} for WebRTC")
+            sock = transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, aioice.turn.UDP_SOCKET_BUFFER_SIZE)
+            self._protocols.append(protocol)
+            host, bound = transport.get_extra_info("sockname")[:2]
+            protocol.local_candidate = aioice.Candidate(
+                foundation=aioice.candidate.candidate_foundation("host", "udp", host), component=component,
+                transport="udp", priority=aioice.candidate.candidate_priority(component, "host"),
+                host=host, port=bound, type="host")
+            candidates.append(protocol.local_candidate)
+        return candidates
+
+
+def _ports_from_random(low: int, high: int) -> list[int]:
+    start = random.randint(low, high)
+    return [*range(start, high + 1), *range(low, start)]
+
+
+aiortc.rtcicetransport.Connection = _Connection  # type: ignore[misc]  # the one place aiortc makes them
+
+
+def _ice_servers(settings: IceSettings) -> list[RTCIceServer]:
+    return [RTCIceServer(urls=url, username=settings.username or None, credential=settings.credential or None)
+            for url in settings.servers]
+
+
+@dataclass(slots=True)
+class _Path:
+    """What sending to one peer needs, found once it is connected."""
+
+    protect: Callable[[bytes], bytes]
+    sendto: Callable[[bytes, tuple[str, int]], None]
+    address: tuple[str, int]
+
+
+class Peer:
+    """One WHEP viewer's peer connection, sending packets made elsewhere."""
+
+    def __init__(self, pc: RTCPeerConnection, senders: dict[str, RTCRtpSender], payload_types: dict[str, int],
+                 on_keyframe: Callable[[], None]) -> None:
+        self.pc = pc
+        self.senders = senders  # by kind
+        self.payload_types = payload_types  # by kind, as negotiated
+        self.on_keyframe = on_keyframe
+        self.path: _Path | None = None
+        self.sent_bytes = 0
+        for sender in senders.values():
+            sender._send_keyframe = self._keyframe  # type: ignore[method-assign]
+
+    def _keyframe(self) -> None:
+        self.on_keyframe()
+
+    @property
+    def transport(self) -> RTCDtlsTransport | None:
+        sender = next(iter(self.senders.values()), None)
+        return sender.transport if sender is not None else None
+
+    def connected(self) -> bool:
+        transport = self.transport
+        return transport is not None and transport.state == "connected"
+
+    def send(self, kind: str, packets: list[bytes]) -> int:
+        """Protect and send packets of this peer's `kind` stream; the bytes sent (0 until connected)."""
+        path = self.path or self._find_path()
+        if path is None or not packets:
+            return 0
+        protect, sendto, address = path.protect, path.sendto, path.address
+        size = 0
+        for packet in packets:
+            data = protect(packet)
+            sendto(data, address)
+            size += len(data)
+        self.sent_bytes += size
+        self._count(self.senders[kind], packets)
+        return size
+
+    def _find_path(self) -> _Path | None:
+        transport = self.transport
+        if transport is None or transport.state != "connected":
+            return None
+        pair = transport.transport._connection._nominated.get(1)
+        if pair is None or pair.protocol.transport is None:
+            return None
+        self.path = _Path(transport._tx_srtp.protect, pair.protocol.transport.sendto, pair.remote_addr)
+        return self.path
+
+    @staticmethod
+    def _count(sender: RTCRtpSender, packets: list[bytes]) -> None:
+        """What the sender's RTCP reports will say: its packets and octets, and the RTP time of now."""
+        last = parse_header(packets[-1])
+        counters = sender.__dict__
+        counters["_RTCRtpSender__packet_count"] += len(packets)
+        counters["_RTCRtpSender__octet_count"] += sum(len(p) - 12 for p in packets)
+        counters["_RTCRtpSender__rtp_timestamp"] = last[3]
+        counters["_RTCRtpSender__ntp_timestamp"] = aiortc_clock.current_ntp_time()
+
+    async def close(self) -> None:
+        await self.pc.close()
+
+
+def _codec(offer: Any, kind: str) -> Any:
+    """The offer's first codec of castmesh's choice for `kind`, if it has one."""
+    for media in offer.media:
+        if media.kind == kind:
+            return next((c for c in media.rtp.codecs if c.mimeType.lower() == MIME[kind]), None)
+    return None
+
+
+async def answer(offer_sdp: str, settings: IceSettings, kinds: tuple[str, ...], ssrcs: dict[str, int],
+                 on_keyframe: Callable[[], None]) -> tuple[Peer, str]:
+    """Answer a viewer's offer for the given kinds ("video": H.264, "audio": Opus) with fixed SSRCs (the
+    stream's packets carry them); the peer and the answer's SDP, with every candidate gathered."""
+    from aiortc import sdp
+
+    if len(offer_sdp) > MAX_OFFER:
+        raise OfferError(413, f"an offer over {MAX_OFFER} bytes")
+    try:
+        parsed = sdp.SessionDescription.parse(offer_sdp)
+    except (ValueError, KeyError, IndexError) as exc:
+        raise OfferError(400, f"the offer is not SDP: {exc}") from exc
+    if not offer_sdp.startswith("v=0") or not parsed.media:
+        raise OfferError(400, "the offer is not SDP with media sections (v=0, then m= lines)")
+    if not any(m.kind in kinds for m in parsed.media):
+        raise OfferError(406, f"the offer has no {' or '.join(kinds)} section")
+    chosen = [kind for kind in kinds if any(m.kind == kind for m in parsed.media)]
+    for media in parsed.media:
+        if media.kind in chosen and (media.dtls is None or not media.dtls.fingerprints):
+            raise OfferError(400, f"the offer's {media.kind} section has no DTLS fingerprint")
+        if media.kind in chosen and (media.ice is None or not media.ice.usernameFragment or not media.ice.password):
+            raise OfferError(400, f"the offer's {media.kind} section has no ICE credentials")
+    for kind in chosen:
+        if _codec(parsed, kind) is None:
+            raise OfferError(406, f"the offer cannot receive {kind} as {MIME[kind]}")
+
+    _Connection.settings = settings
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=_ice_servers(settings)))
+    senders: dict[str, RTCRtpSender] = {}
+    try:
+        for kind in ("video", "audio"):
+            if kind not in chosen:
+                continue
+            transceiver = pc.addTransceiver(_Silent(kind), direction="sendonly")
+            capabilities = RTCRtpSender.getCapabilities(kind).codecs
+            transceiver.setCodecPreferences([c for c in capabilities if c.mimeType.lower() == MIME[kind]])
+            transceiver.sender._ssrc = ssrcs[kind]
+            senders[kind] = transceiver.sender
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        except ValueError as exc:  # aiortc's word for an offer it cannot take (no fingerprint, no ICE...)
+            raise OfferError(400, f"the offer cannot be used: {exc}") from exc
+        await pc.setLocalDescription(await pc.createAnswer())
+    except BaseException:
+        await pc.close()
+        raise
+    text = pc.localDescription.sdp
+    payload_types = {m.kind: int(m.rtp.codecs[0].payloadType or 0) for m in sdp.SessionDescription.parse(text).media
+                     if m.kind in chosen and m.rtp.codecs}
+    if set(payload_types) != set(chosen):
+        await pc.close()
+        raise OfferError(406, f"no codec in common for {', '.join(set(chosen) - set(payload_types))}")
+    if settings.advertise:
+        text = re.sub(r"(a=candidate:\S+ \d+ udp \d+ )(\S+)( \d+ typ host)", rf"\g<1>{settings.advertise}\g<3>", text)
+    return Peer(pc, senders, payload_types, on_keyframe), text

@@ -1,0 +1,135 @@
+"""RTP for WebRTC viewers, sans-IO: a stream's frames as RTP packets, made once per stream and sent as the
+same bytes to every viewer (only SRTP, which is keyed per peer, is done per viewer).
+
+- RTP headers (RFC 3550 5.1): version 2, no padding, no extensions, no CSRC; the marker on the last
+  packet of a video frame.
+- H.264 (RFC 6184, packetization-mode=1): a NAL unit that fits is a packet of its own; a larger one is
+  cut into FU-A fragments; SPS and PPS go before every IDR picture in one STAP-A, so a viewer can start
+  at any keyframe. Access unit delimiters, filler and types no picture carries (0, 24-31, which would
+  read as aggregation or fragment packets) are left out.
+- Opus (RFC 7587): one Opus packet per RTP packet, 48 kHz timestamps.
+
+Timestamps come from the frames' presentation times (milliseconds) on the codec's clock, from a random
+origin per stream. A stream whose pictures are reordered (B-frames: a presentation time that goes back)
+cannot be packetized for WebRTC, whose receivers decode in arrival order and present by timestamp:
+`Reordered` says so and names the cause.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Sequence
+
+from castmesh.media.codecs import CodecError, VideoConfig, VideoSample, nal_units
+
+MAX_PAYLOAD = 1200  # bytes of RTP payload: with the RTP, SRTP, UDP and IP headers, within a 1280-byte path
+H264_CLOCK = 90_000
+OPUS_CLOCK = 48_000
+_STAP_A, _FU_A = 24, 28
+_SPS, _PPS, _AUD, _FILLER, _IDR = 7, 8, 9, 12, 5
+_KEPT = frozenset(range(1, 24)) - {_AUD, _FILLER}  # 0 and 24-31 are not NAL unit types a picture carries
+
+
+class Reordered(CodecError):
+    """A video frame presented before one sent earlier: B-frames, which WebRTC cannot carry."""
+
+
+def h264_payloads(sample: VideoSample, config: VideoConfig, max_payload: int = MAX_PAYLOAD) -> list[bytes]:
+    """One H.264 access unit (length-prefixed NAL units, as FLV carries them) as RTP payloads."""
+    units = [u for u in nal_units(sample.data, config.nal_length_size) if len(u) and u[0] & 0x1F in _KEPT]
+    payloads: list[bytes] = []
+    if any(u[0] & 0x1F == _IDR for u in units) and not any(u[0] & 0x1F == _SPS for u in units):
+        payloads += _stap_a(config.parameter_sets, max_payload)
+    for unit in units:
+        if len(unit) <= max_payload:
+            payloads.append(bytes(unit))
+        else:
+            payloads += _fu_a(unit, max_payload)
+    return payloads
+
+
+def _stap_a(units: Sequence[bytes], max_payload: int) -> list[bytes]:
+    """Parameter sets aggregated in one packet (or one packet each, if together they do not fit)."""
+    if not units:
+        return []
+    size = 1 + sum(2 + len(u) for u in units)
+    if size > max_payload:
+        return [p for u in units for p in ([u] if len(u) <= max_payload else _fu_a(memoryview(u), max_payload))]
+    nri = max(u[0] & 0x60 for u in units)
+    return [bytes((nri | _STAP_A,)) + b"".join(len(u).to_bytes(2, "big") + u for u in units)]
+
+
+def _fu_a(unit: memoryview | bytes, max_payload: int) -> list[bytes]:
+    indicator = bytes((unit[0] & 0xE0 | _FU_A,))
+    kind = unit[0] & 0x1F
+    step = max_payload - 2
+    body = memoryview(unit)[1:]
+    count = (len(body) + step - 1) // step
+    out = []
+    for i in range(count):
+        header = kind | (0x80 if i == 0 else 0) | (0x40 if i == count - 1 else 0)
+        out.append(indicator + bytes((header,)) + body[i * step:(i + 1) * step])
+    return out
+
+
+class Packetizer:
+    """One RTP stream (one SSRC): payloads in, whole packets out, numbered and stamped."""
+
+    __slots__ = ("clock_ms", "last_presented", "origin", "payload_type", "sequence", "ssrc")
+
+    def __init__(self, payload_type: int, clock_rate: int, ssrc: int | None = None) -> None:
+        self.payload_type = payload_type
+        self.clock_ms = clock_rate // 1000
+        self.ssrc = (ssrc if ssrc is not None else secrets.randbits(32)).to_bytes(4, "big")
+        self.sequence = secrets.randbits(16)
+        self.origin = secrets.randbits(32)
+        self.last_presented: int | None = None
+
+    def timestamp(self, presented_ms: int) -> int:
+        return (self.origin + presented_ms * self.clock_ms) & 0xFFFFFFFF
+
+    def packets(self, payloads: list[bytes], presented_ms: int, marker: bool = True) -> list[bytes]:
+        """The payloads of one frame presented at `presented_ms`; the marker on the last if `marker`."""
+        if self.last_presented is not None and presented_ms < self.last_presented:
+            raise Reordered(f"a frame presented at {presented_ms} ms follows one at {self.last_presented} ms "
+                            "(B-frames; publish without them for WebRTC, e.g. x264's bframes=0)")
+        self.last_presented = presented_ms
+        stamp = self.timestamp(presented_ms).to_bytes(4, "big") + self.ssrc
+        out = []
+        last = len(payloads) - 1
+        for i, payload in enumerate(payloads):
+            second = self.payload_type | (0x80 if marker and i == last else 0)
+            out.append(bytes((0x80, second)) + (self.sequence & 0xFFFF).to_bytes(2, "big") + stamp + payload)
+            self.sequence += 1
+        return out
+
+
+def with_payload_type(packet: bytes, payload_type: int) -> bytes:
+    """The same packet for a viewer that negotiated another payload type number."""
+    return packet[:1] + bytes((packet[1] & 0x80 | payload_type,)) + packet[2:]
+
+
+def parse_header(packet: bytes) -> tuple[bool, int, int, int, int]:
+    """(marker, payload type, sequence, timestamp, ssrc) of a packet (for tests and for RTCP)."""
+    if len(packet) < 12 or packet[0] >> 6 != 2:
+        raise CodecError("not an RTP version 2 packet")
+    return (bool(packet[1] & 0x80), packet[1] & 0x7F, int.from_bytes(packet[2:4], "big"),
+            int.from_bytes(packet[4:8], "big"), int.from_bytes(packet[8:12], "big"))
+
+
+def burst(packets: list[bytes]) -> list[bytes]:
+    """Packets sent at once (the GOP a joining viewer starts with) restamped one clock tick apart, ending at
+    the last one's own time: a receiver decodes them at once and shows the last, instead of playing them
+    out at their old pace and staying that far behind for good. Sequence numbers are kept."""
+    if not packets:
+        return []
+    stamps = [int.from_bytes(p[4:8], "big") for p in packets]
+    frames = 1 + sum(1 for a, b in itertools.pairwise(stamps) if a != b)
+    stamp = (stamps[-1] - frames + 1) & 0xFFFFFFFF
+    out = []
+    for i, packet in enumerate(packets):
+        if i and stamps[i] != stamps[i - 1]:
+            stamp = (stamp + 1) & 0xFFFFFFFF
+        out.append(packet[:4] + stamp.to_bytes(4, "big") + packet[8:])
+    return out

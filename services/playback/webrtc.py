@@ -1,0 +1,328 @@
+"""WebRTC viewers (WHEP) on a playback node.
+
+A stream's WebRTC side is one `WebRtcStream`: a viewer of the stream's feed (like an HLS muxer) that takes
+its frames and makes them RTP packets once for all its viewers: H.264 as the publisher sent it (parameter
+sets before every IDR picture), AAC transcoded to Opus once (castmesh.media.audio). It keeps the packets
+since the last keyframe, so a viewer that joins is sent them at once (restamped to be decoded at once,
+castmesh.webrtc.rtp.burst) and has a picture without asking the publisher for anything. It is to WHEP viewers what the
+feed is to FLV viewers: each WHEP viewer is a `Viewer` whose sink is a `WhepSession`, and the stream writes
+the same packets to every one of them; per viewer only SRTP is done (castmesh.webrtc.peer).
+
+A stream WebRTC cannot carry says so once, by name: B-frames (pictures presented out of their order,
+which WebRTC receivers do not reorder; seen as a composition offset, a picture presented later than it is
+decoded, which encoders write only when they reorder), or a video codec other than H.264. Viewers that are watching are
+ended with the reason; new ones are refused with it (422).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter
+
+from castmesh.media.audio import Transcoder, aac_to_opus
+from castmesh.media.codecs import AudioConfig, CodecError, VideoConfig, VideoSample, read_audio, read_video
+from castmesh.media.frames import AUDIO, VIDEO
+from castmesh.media.gop import GopCache
+from castmesh.mesh.logs import event
+from castmesh.proto.v1.media_pb2 import Frame
+from castmesh.webrtc.peer import Peer
+from castmesh.webrtc.rtp import (
+    H264_CLOCK,
+    OPUS_CLOCK,
+    Packetizer,
+    Reordered,
+    burst,
+    h264_payloads,
+    with_payload_type,
+)
+from services.playback.formats import WEBRTC_FRAMES, start_frames
+
+if TYPE_CHECKING:
+    from services.playback.viewer import Viewer
+
+log = logging.getLogger("castmesh.playback")
+
+VIDEO_PT, AUDIO_PT = 102, 111  # the stream's own numbers; a viewer that negotiated others gets copies
+MAX_GOP_BYTES = 16 * 1024 * 1024  # packets kept for joining viewers; past it, they wait for the next keyframe
+KEYFRAME_EVERY = 1.0  # a viewer's repeated PLIs are answered at most this often
+
+KEYFRAME_REQUESTS = Counter("castmesh_playback_webrtc_keyframe_requests", "PLIs and FIRs from WebRTC viewers")
+TRANSCODED = Counter("castmesh_playback_webrtc_opus_frames", "Opus frames made from AAC for WebRTC viewers")
+
+Batch = list[tuple[str, list[bytes]]]  # (kind, packets) in the order the frames came
+
+
+class WebRtcStream:
+    """One stream's packets for its WHEP viewers."""
+
+    def __init__(self, path: str, on_stop: Callable[[WebRtcStream], None]) -> None:
+        self.path = path
+        self.on_stop = on_stop
+        self.transport = self  # a viewer of the feed whose output is its own viewers
+        self.format = WEBRTC_FRAMES
+        self.viewer: Viewer | None = None
+        self.ssrcs = {"video": secrets.randbits(32), "audio": secrets.randbits(32)}
+        self.video = Packetizer(VIDEO_PT, H264_CLOCK, self.ssrcs["video"])
+        self.audio = Packetizer(AUDIO_PT, OPUS_CLOCK, self.ssrcs["audio"])
+        self.video_config: VideoConfig | None = None
+        self.audio_config: AudioConfig | None = None
+        self.transcoder: Transcoder | None = None
+        self.gop: list[bytes] = []
+        self.gop_bytes = 0
+        self.gop_open = False  # the packets since the last keyframe are all in `gop`
+        self.kinds: tuple[str, ...] = ()
+        self.viewers: dict[Viewer, None] = {}
+        self.live = False
+        self.problem = ""  # why WebRTC cannot carry this stream, once known
+        self.stopped = False
+        self.pending = 0  # offers for it being answered: it outlives its last viewer while there are some
+        self.waiters: list[asyncio.Future[None]] = []
+
+    # The feed's viewer ---------------------------------------------------------------------------------
+
+    def start(self, cache: GopCache) -> bool:
+        self.kinds = tuple(k for k, has in (("video", cache.has_video), ("audio", cache.has_audio)) if has)
+        self.write(start_frames(cache))
+        self.live = True
+        self._wake()
+        return not self.stopped
+
+    def write(self, frames: list[Frame]) -> None:
+        if self.problem:
+            return
+        try:
+            batch = self._packetize(frames)
+        except (Reordered, CodecError) as exc:
+            self._cannot(str(exc))
+            return
+        if not batch:
+            return
+        variants: dict[tuple[str, int], list[bytes]] = {}
+        now = time.monotonic()
+        for viewer in self.viewers:
+            session = viewer.sink
+            if isinstance(session, WhepSession) and session.flowing:
+                viewer.write(session.variant(batch, variants), 0, now)
+
+    def discontinuity(self) -> None:
+        """A new upstream or publish session: timestamps stay monotonic (the feed's jitter corrector) and the
+        audio transcoder re-anchors by itself, so the packets carry on."""
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def abort(self) -> None:
+        self.stop("dropped by its feed")
+
+    def refuse(self, status: int, reason: str) -> None:
+        self.stop(reason)
+
+    def finish(self, reason: str) -> None:
+        self.stop(reason)
+
+    def watching(self) -> int:
+        return len(self.viewers)
+
+    # Packets -------------------------------------------------------------------------------------------
+
+    def _packetize(self, frames: list[Frame]) -> Batch:
+        batch: Batch = []
+        for frame in frames:
+            if frame.kind == VIDEO:
+                video = read_video(frame.payload)
+                if isinstance(video, VideoConfig):
+                    if video.codec != "avc1":
+                        raise CodecError(f"the stream's video is {video.codec}; castmesh's WebRTC carries H.264")
+                    self.video_config = video
+                elif isinstance(video, VideoSample) and self.video_config is not None:
+                    if video.composition_ms:  # presented later than decoded: the encoder reorders pictures
+                        raise Reordered(f"the stream has B-frames (a picture presented {video.composition_ms} ms "
+                                        "after it is decoded); WebRTC cannot carry them: publish without "
+                                        "(x264's bframes=0, ffmpeg's -bf 0, OBS's x264 options bframes=0)")
+                    packets = self.video.packets(h264_payloads(video, self.video_config),
+                                                 frame.timestamp + video.composition_ms)
+                    self._keep(packets, video.keyframe)
+                    batch.append(("video", packets))
+            elif frame.kind == AUDIO:
+                audio = read_audio(frame.payload)
+                if isinstance(audio, AudioConfig):
+                    if audio != self.audio_config:
+                        self.audio_config, self.transcoder = audio, aac_to_opus(audio)
+                elif isinstance(audio, bytes) and self.transcoder is not None:
+                    coded = self.transcoder.push(audio, frame.timestamp)
+                    TRANSCODED.inc(len(coded))
+                    for opus in coded:
+                        batch.append(("audio", self.audio.packets([opus.data], opus.presented_ms, marker=False)))
+        return batch
+
+    def _keep(self, packets: list[bytes], keyframe: bool) -> None:
+        if keyframe:
+            self.gop, self.gop_bytes, self.gop_open = [], 0, True
+        if not self.gop_open:
+            return
+        self.gop_bytes += sum(len(p) for p in packets)
+        if self.gop_bytes > MAX_GOP_BYTES:  # a GOP too long to keep: joiners wait for the next keyframe
+            self.gop, self.gop_bytes, self.gop_open = [], 0, False
+            return
+        self.gop += packets
+
+    def _cannot(self, problem: str) -> None:
+        self.problem = problem
+        event(log, "webrtc.refused", level=logging.WARNING, stream=self.path, reason=problem)
+        for viewer in list(self.viewers):
+            viewer.sink.refuse(422, problem)
+        self._wake()
+
+    # Viewers -------------------------------------------------------------------------------------------
+
+    def add(self, viewer: Viewer) -> None:
+        self.viewers[viewer] = None
+
+    def remove(self, viewer: Viewer) -> None:
+        self.viewers.pop(viewer, None)
+        if not self.viewers and not self.pending:
+            self.stop("no WebRTC viewers left")
+
+    async def ready(self, timeout: float) -> None:
+        """Until the stream is live (or known not to be playable, or gone)."""
+        if self.live or self.problem or self.stopped:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        finally:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def stop(self, reason: str) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        self.problem = self.problem or reason
+        for viewer in list(self.viewers):
+            viewer.sink.finish(reason)
+        self.viewers.clear()
+        self._wake()
+        self.on_stop(self)
+
+
+class WhepSession:
+    """One WHEP viewer: its peer connection, as the sink of a `Viewer` of a `WebRtcStream`."""
+
+    def __init__(self, stream: WebRtcStream, peer: Peer, client_id: str, on_gone: Callable[[WhepSession], None],
+                 connect_timeout: float) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.client_id = client_id
+        self.on_gone = on_gone
+        self.transport = self
+        self.format = WEBRTC_FRAMES
+        self.viewer: Viewer | None = None
+        self.flowing = False  # connected, and sent the GOP: live packets go out from here on
+        self.done = False
+        self.last_keyframe = 0.0
+        peer.on_keyframe = self.keyframe
+        peer.pc.on("connectionstatechange", self._state)
+        self.connect_timeout = connect_timeout  # ICE and DTLS must complete within this of the answer
+        self.timer = asyncio.get_running_loop().call_later(connect_timeout, self._connect_timeout)
+
+    def variant(self, batch: Batch, variants: dict[tuple[str, int], list[bytes]]) -> Batch:
+        """The batch with this peer's payload type numbers (made once per number, not per viewer)."""
+        types = self.peer.payload_types
+        if types.get("video", VIDEO_PT) == VIDEO_PT and types.get("audio", AUDIO_PT) == AUDIO_PT:
+            return batch
+        out: Batch = []
+        for i, (kind, packets) in enumerate(batch):
+            pt = types.get(kind)
+            if pt is None:
+                continue
+            key = (f"{kind}{i}", pt)
+            made = variants.get(key)
+            if made is None:
+                made = variants[key] = [with_payload_type(p, pt) for p in packets]
+            out.append((kind, made))
+        return out
+
+    def _state(self) -> None:
+        state = self.peer.pc.connectionState
+        if state == "connected" and not self.flowing and not self.done:
+            self.timer.cancel()
+            self.flowing = True
+            self._send_gop("start")
+        elif state in ("failed", "closed"):
+            self.finish(f"peer connection {state}")
+
+    def _connect_timeout(self) -> None:
+        if not self.flowing:
+            self.finish(f"ICE and DTLS did not complete within {self.connect_timeout:g}s")
+
+    def keyframe(self) -> None:
+        """The viewer's browser lost the picture (PLI or FIR). It is never passed to the publisher; the
+        picture comes back at the stream's next keyframe. (Sending the cached GOP again would need this
+        viewer's sequence numbers renumbered from then on: not done yet.)"""
+        now = time.monotonic()
+        if self.flowing and now - self.last_keyframe >= KEYFRAME_EVERY:
+            self.last_keyframe = now
+            KEYFRAME_REQUESTS.inc()
+            if self.viewer is not None:
+                self.viewer.moment("keyframe request")
+
+    def _send_gop(self, why: str) -> None:
+        gop = burst(self.stream.gop)
+        if gop:
+            self.write(self.variant([("video", gop)], {}))
+        if self.viewer is not None:
+            self.viewer.moment(why, packets=len(gop))
+
+    # Output ---------------------------------------------------------------------------------------------
+
+    def write(self, batch: Batch) -> None:
+        sent = 0
+        for kind, packets in batch:
+            sent += self.peer.send(kind, packets)
+        if self.viewer is not None:
+            self.viewer.written += sent
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def abort(self) -> None:
+        self.finish("dropped")
+
+    # ViewerSink -----------------------------------------------------------------------------------------
+
+    def start(self, head: object) -> bool:
+        return not self.done
+
+    def refuse(self, status: int, reason: str) -> None:
+        self.finish(reason)
+
+    def finish(self, reason: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.flowing = False
+        self.timer.cancel()
+        event(log, "viewer.stop", client=self.client_id, path=self.stream.path, protocol="webrtc", reason=reason)
+        task = asyncio.get_running_loop().create_task(self.peer.close())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self.on_gone(self)
+
+    def discontinuity(self) -> None:
+        """WebRTC carries on across a new upstream or publish session: the stream's packets do."""
+
+    def watching(self) -> int:
+        return 1

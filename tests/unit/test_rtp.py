@@ -1,0 +1,108 @@
+"""RTP packetizing for WebRTC viewers: H.264 (RFC 6184 mode 1) and the RTP header, checked by putting the
+access units back together from the packets as a receiver does."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from castmesh.media.codecs import VideoConfig, VideoSample
+from castmesh.webrtc.rtp import MAX_PAYLOAD, Packetizer, Reordered, h264_payloads, parse_header, with_payload_type
+
+SPS = bytes.fromhex("6764001eacd940a0")
+PPS = bytes.fromhex("68ebe3cb")
+CONFIG = VideoConfig("avc1", b"", 4, (SPS, PPS))
+
+
+def sample(*units: bytes, keyframe: bool = False) -> VideoSample:
+    return VideoSample(keyframe, 0, b"".join(struct.pack(">I", len(u)) + u for u in units))
+
+
+def depacketize(payloads: list[bytes]) -> list[bytes]:
+    """NAL units back from RFC 6184 payloads: single units, STAP-A, FU-A."""
+    units: list[bytes] = []
+    fragment = b""
+    for p in payloads:
+        kind = p[0] & 0x1F
+        if kind == 24:
+            pos = 1
+            while pos < len(p):
+                size = int.from_bytes(p[pos:pos + 2], "big")
+                units.append(p[pos + 2:pos + 2 + size])
+                pos += 2 + size
+        elif kind == 28:
+            if p[1] & 0x80:
+                fragment = bytes((p[0] & 0xE0 | p[1] & 0x1F,))
+            fragment += p[2:]
+            if p[1] & 0x40:
+                units.append(fragment)
+        else:
+            units.append(p)
+    return units
+
+
+def test_an_idr_gets_its_parameter_sets_and_large_units_are_fragmented() -> None:
+    idr = b"\x65" + bytes(range(256)) * 20  # 5 KiB: FU-A
+    sei = b"\x06\x05\x01\x00\x80"
+    payloads = h264_payloads(sample(b"\x09\xf0", sei, idr, keyframe=True), CONFIG)
+    assert payloads[0][0] & 0x1F == 24  # SPS and PPS in one STAP-A, first
+    assert all(len(p) <= MAX_PAYLOAD for p in payloads)
+    assert depacketize(payloads) == [SPS, PPS, sei, idr]  # the delimiter is left out
+    assert {p[0] & 0x1F for p in payloads[2:]} == {28}
+
+
+def test_parameter_sets_are_not_repeated_when_the_picture_carries_them() -> None:
+    idr = b"\x65\x88\x84"
+    assert depacketize(h264_payloads(sample(SPS, PPS, idr, keyframe=True), CONFIG)) == [SPS, PPS, idr]
+    assert depacketize(h264_payloads(sample(b"\x41\x9a"), CONFIG)) == [b"\x41\x9a"]  # not an IDR: none
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=4000).map(lambda b: bytes((b[0] & 0x7F,)) + b[1:]),
+                min_size=1, max_size=8),
+       st.integers(min_value=16, max_value=1400))
+def test_any_access_unit_comes_back_whole(units: list[bytes], max_payload: int) -> None:
+    kept = [u for u in units if u[0] & 0x1F not in (0, 9, 12, *range(24, 32))]
+    payloads = h264_payloads(sample(*units), CONFIG, max_payload)
+    assert all(len(p) <= max_payload for p in payloads)
+    restored = depacketize(payloads)
+    if any(u[0] & 0x1F == 5 for u in kept) and not any(u[0] & 0x1F == 7 for u in kept):
+        assert restored[:2] == [SPS, PPS]
+        restored = restored[2:]
+    assert restored == kept
+
+
+def test_packets_are_numbered_stamped_and_marked() -> None:
+    packetizer = Packetizer(102, 90_000, ssrc=0x01020304)
+    packetizer.sequence = 0xFFFF  # wraps
+    first = packetizer.packets([b"a", b"b"], 1000)
+    second = packetizer.packets([b"c"], 1033)
+    headers = [parse_header(p) for p in first + second]
+    assert [h[2] for h in headers] == [0xFFFF, 0, 1]
+    assert [h[0] for h in headers] == [False, True, True] and {h[1] for h in headers} == {102}
+    assert headers[2][3] - headers[0][3] == 33 * 90 and headers[0][4] == 0x01020304
+    assert first[0][12:] == b"a"
+    assert parse_header(with_payload_type(first[1], 96))[:3] == (True, 96, 0)
+
+
+def test_a_frame_presented_before_the_last_is_refused_as_b_frames() -> None:
+    packetizer = Packetizer(102, 90_000)
+    packetizer.packets([b"i"], 1000)
+    with pytest.raises(Reordered, match="B-frames"):
+        packetizer.packets([b"b"], 967)
+
+
+def test_a_burst_is_restamped_one_tick_apart_ending_at_its_own_time() -> None:
+    from castmesh.webrtc.rtp import burst
+
+    packetizer = Packetizer(102, 90_000, ssrc=7)
+    packets = [p for i in range(5) for p in packetizer.packets([b"x", b"y"], i * 40)]
+    restamped = burst(packets)
+    headers = [parse_header(p) for p in restamped]
+    last = parse_header(packets[-1])[3]
+    assert [h[3] for h in headers] == [(last - 4 + i // 2) & 0xFFFFFFFF for i in range(10)]
+    assert [h[2] for h in headers] == [parse_header(p)[2] for p in packets]  # same numbers
+    assert [p[12:] for p in restamped] == [p[12:] for p in packets] and burst([]) == []

@@ -1,0 +1,104 @@
+"""castmesh's use of aiortc for WHEP viewers, against an aiortc client on this machine: the answer, ICE on
+the configured address and ports, packets made once and sent per peer (SRTP only), the sender's counters
+for RTCP, a PLI reaching `on_keyframe`, and offers castmesh cannot answer."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+from aiortc import RTCPeerConnection, RTCSessionDescription
+
+from castmesh.webrtc import peer as webrtc_peer
+from castmesh.webrtc.peer import IceSettings, OfferError, answer
+from castmesh.webrtc.rtp import Packetizer
+
+LOCAL = IceSettings(bind="127.0.0.1", ports=(41_000, 41_010))
+
+
+async def client(kinds: tuple[str, ...] = ("video", "audio")) -> RTCPeerConnection:
+    webrtc_peer._Connection.settings = IceSettings(bind="127.0.0.1")  # the client gathers on loopback too
+    pc = RTCPeerConnection()
+    for kind in kinds:
+        pc.addTransceiver(kind, direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc
+
+
+def test_a_viewer_gets_the_packets_of_its_streams_and_its_plis_are_heard() -> None:
+    async def scenario() -> None:
+        viewer = await client()
+        received: dict[int, list[int]] = {}
+
+        def count(receiver: object) -> None:
+            async def handle(packet: object, arrival_time_ms: int | None = None) -> None:
+                received.setdefault(packet.payload_type, []).append(packet.sequence_number)  # type: ignore[attr-defined]
+            receiver._handle_rtp_packet = handle  # type: ignore[attr-defined]
+
+        for transceiver in viewer.getTransceivers():
+            count(transceiver.receiver)
+        keyframes = []
+        peer, text = await answer(viewer.localDescription.sdp, LOCAL, ("video", "audio"),
+                                  {"video": 0x11111111, "audio": 0x22222222}, lambda: keyframes.append(1))
+        ports = [int(p) for p in re.findall(r"a=candidate:\S+ \d+ udp \d+ 127\.0\.0\.1 (\d+) typ host", text)]
+        assert ports and all(41_000 <= p <= 41_010 for p in ports) and "a=ssrc:286331153" in text
+        await viewer.setRemoteDescription(RTCSessionDescription(sdp=text, type="answer"))
+        for _ in range(200):
+            if peer.connected():
+                break
+            await asyncio.sleep(0.025)
+        assert peer.connected()
+        video = Packetizer(peer.payload_types["video"], 90_000, ssrc=0x11111111)
+        audio = Packetizer(peer.payload_types["audio"], 48_000, ssrc=0x22222222)
+        sent = 0
+        for i in range(10):
+            sent += peer.send("video", video.packets([b"\x65" + bytes(100), b"\x41" + bytes(50)], i * 33))
+            sent += peer.send("audio", audio.packets([b"\xfc" + bytes(60)], i * 20))
+        for _ in range(100):
+            if sum(len(v) for v in received.values()) >= 30:
+                break
+            await asyncio.sleep(0.02)
+        assert len(received[peer.payload_types["video"]]) == 20 and len(received[peer.payload_types["audio"]]) == 10
+        assert sent == peer.sent_bytes > 30 * 12
+        stats = await peer.senders["video"].getStats()
+        outbound = next(s for s in stats.values() if s.type == "outbound-rtp")
+        assert outbound.packetsSent == 20 and outbound.bytesSent == 10 * (101 + 51)  # what RTCP reports say
+        await viewer.getTransceivers()[0].receiver._send_rtcp_pli(0x11111111)
+        for _ in range(50):
+            if keyframes:
+                break
+            await asyncio.sleep(0.02)
+        assert keyframes == [1]
+        await viewer.close()
+        await peer.close()
+
+    asyncio.run(scenario())
+
+
+def test_offers_castmesh_cannot_answer_say_why() -> None:
+    async def scenario() -> None:
+        with pytest.raises(OfferError) as bad:
+            await answer("this is not sdp", LOCAL, ("video",), {"video": 1}, lambda: None)
+        assert bad.value.status == 400
+        viewer = await client(("audio",))
+        vp8_only = re.sub(r"(m=audio \d+ \S+) .*", r"\1 0", viewer.localDescription.sdp)  # PCMU only
+        vp8_only = re.sub(r"a=(rtpmap|fmtp|rtcp-fb):(?!0 ).*\r\n", "", vp8_only)
+        with pytest.raises(OfferError) as unusable:
+            await answer(vp8_only, LOCAL, ("video", "audio"), {"video": 1, "audio": 2}, lambda: None)
+        assert unusable.value.status == 406 and "audio/opus" in unusable.value.detail
+        with pytest.raises(OfferError) as nothing:
+            await answer(viewer.localDescription.sdp, LOCAL, ("video",), {"video": 1}, lambda: None)
+        assert nothing.value.status == 406
+        unkeyed = re.sub(r"a=fingerprint:.*\r\n", "", viewer.localDescription.sdp)
+        with pytest.raises(OfferError) as no_dtls:
+            await answer(unkeyed, LOCAL, ("audio",), {"audio": 2}, lambda: None)
+        assert no_dtls.value.status == 400 and "fingerprint" in no_dtls.value.detail.lower()
+        nat = IceSettings(bind="127.0.0.1", advertise="203.0.113.7")
+        peer, text = await answer(viewer.localDescription.sdp, nat, ("audio",), {"audio": 2}, lambda: None)
+        assert re.search(r"a=candidate:\S+ 1 udp \d+ 203\.0\.113\.7 \d+ typ host", text)
+        assert "127.0.0.1 " not in text.split("a=candidate", 1)[1]
+        await peer.close()
+        await viewer.close()
+
+    asyncio.run(scenario())
