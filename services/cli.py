@@ -58,6 +58,7 @@ from services.dispatch.directory import Directory, InMemoryDirectory
 from services.gateway.app import Gateway
 from services.ingest.lease import DispatchLease, FixedLease, Lease
 from services.ingest.session import Ingest
+from services.ingest.whip import WhipIngest, whip_app
 from services.playback.server import Playback, PlaybackSettings
 from services.relay import service as relay_service
 from services.relay.service import RelayService
@@ -134,7 +135,10 @@ WEBRTC_ADVERTISE = Option("--webrtc-advertise", "", "address to name in WebRTC c
                           "(NAT 1:1, containers: the host's public address)")
 MAX_WEBRTC = Option("--max-webrtc", 200, "WebRTC viewers this playback node takes; the next gets 503",
                     config.positive)
-WEBRTC = [ICE_SERVERS, ICE_USERNAME, ICE_CREDENTIAL, WEBRTC_PORTS, WEBRTC_BIND, WEBRTC_ADVERTISE, MAX_WEBRTC]
+WEBRTC_ICE = [ICE_SERVERS, ICE_USERNAME, ICE_CREDENTIAL, WEBRTC_PORTS, WEBRTC_BIND, WEBRTC_ADVERTISE]
+WEBRTC = [*WEBRTC_ICE, MAX_WEBRTC]
+WHIP_PORT = Option("--http-port", 8081, "HTTP port for WHIP publishers, POST /{app}/{stream}/whip (0: none)",
+                   config.port)
 
 COMMON = [LOG_LEVEL, ADVERTISE_HOST, CHECK_CONFIG]
 HLS = [HLS_SEGMENT_MS, HLS_WINDOW, HLS_IDLE_MS]
@@ -149,8 +153,8 @@ SERVE = {
     "dispatch": [HOST, DISPATCH_PORT, GRACE_MS, METRICS_PORT, REGISTRY, *COMMON],
     "relay": [HOST, GRPC_PORT, ROLE, DISPATCH, UPSTREAM, ZONE, ADVERTISE, MAX_LAG_MS, GRACE_MS, METRICS_PORT,
               REGISTRY, *COMMON],
-    "ingest": [HOST, RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT, REGISTRY, SECRET, *LIMITS,
-               HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, *PUBLISH_HOOKS, *COMMON],
+    "ingest": [HOST, RTMP_PORT, WHIP_PORT, *WEBRTC_ICE, HEALTH_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT,
+               REGISTRY, SECRET, *LIMITS, HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, *PUBLISH_HOOKS, *COMMON],
     "playback": [HOST, HTTP_PORT, PLAY_RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *HLS,
                  *WEBRTC, REGISTRY, SECRET, *LIMITS, HANDSHAKE_TIMEOUT_MS, HTTP_IDLE_TIMEOUT_MS, *PLAY_HOOKS, *COMMON],
     "gateway": [HOST, GATEWAY_PORT, HEALTH_PORT, DISPATCH, ADMIN_TOKEN, SECRET, REGISTRY, *COMMON],
@@ -280,12 +284,14 @@ def _banner(cfg: dict[str, Any], relay_port: int, dispatch_port: int) -> str:
     lines = [
         "castmesh is up: dispatch, relay, ingest, playback and gateway in one process (no Consul)",
         f"  publish  rtmp://{host}:{rtmp}/live/STREAM   (OBS: server rtmp://{host}:{rtmp}/live, key STREAM)",
+        f"           http://{host}:{http}/live/STREAM/whip (WHIP: WebRTC, H.264 and Opus)",
         f"  play     http://{host}:{http}/live/STREAM.flv (HTTP-FLV, WebSocket-FLV)",
         f"           http://{host}:{http}/live/STREAM.m3u8 (HLS)   rtmp://{host}:{rtmp}/live/STREAM",
+        f"           http://{host}:{http}/live/STREAM/whep (WHEP: WebRTC)",
     ]
     if not cfg["no_demo"]:
         lines.append(f"  demo     ffplay http://{host}:{http}/live/demo.flv")
-    lines += [f"  watch    http://{host}:{http}/   (the player page: every live stream, HTTP-FLV or HLS)",
+    lines += [f"  watch    http://{host}:{http}/   (the player page: every live stream, HTTP-FLV, HLS or WebRTC)",
               f"  api      http://{host}:{http}/api/v1/streams   (docs: http://{host}:{http}/docs)",
               f"  metrics  http://{host}:{http}/metrics",
               f"  relay    127.0.0.1:{relay_port} (gRPC)   dispatch 127.0.0.1:{dispatch_port} (gRPC)",
@@ -314,6 +320,8 @@ async def up(cfg: dict[str, Any]) -> int:
         playback = Playback(wiring.upstream(), _playback_settings(cfg), list_streams=catalog.streams, signer=signer,
                             caps=_caps("playback", cfg), hooks=_hooks(cfg, "on_play", "on_stop"))
         rtmp.plays = playback
+        playback.whip = WhipIngest(ingest, playback.settings.ice, cfg["handshake_timeout_ms"] / 1000,
+                                   cfg["idle_timeout_ms"] / 1000)  # WHIP on the one HTTP port
         closers.append(playback.links.close)
         closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
         assert wiring.registry is not None
@@ -401,9 +409,24 @@ def _playback_settings(cfg: dict[str, Any]) -> PlaybackSettings:
                             hls_segment_ms=cfg["hls_segment_ms"], hls_window=cfg["hls_window"],
                             hls_idle=cfg["hls_idle_ms"] / 1000, handshake_timeout=cfg["handshake_timeout_ms"] / 1000,
                             idle_timeout=cfg["idle_timeout_ms"] / 1000, max_webrtc=cfg["max_webrtc"],
-                            ice=IceSettings(servers=cfg["webrtc_ice_servers"], username=cfg["webrtc_ice_username"],
-                                            credential=cfg["webrtc_ice_credential"], bind=cfg["webrtc_bind"],
-                                            ports=cfg["webrtc_ports"], advertise=cfg["webrtc_advertise"]))
+                            ice=_ice(cfg))
+
+
+def _ice(cfg: dict[str, Any]) -> IceSettings:
+    return IceSettings(servers=cfg["webrtc_ice_servers"], username=cfg["webrtc_ice_username"],
+                       credential=cfg["webrtc_ice_credential"], bind=cfg["webrtc_bind"], ports=cfg["webrtc_ports"],
+                       advertise=cfg["webrtc_advertise"])
+
+
+async def _serve_app(app: web.Application, host: str, port: int) -> Callable[[], Awaitable[None]]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, reuse_address=True).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(f"cannot listen on {host}:{port} (HTTP): {exc.strerror or exc}") from exc
+    return runner.cleanup
 
 
 def _closing(server: asyncio.Server) -> Callable[[], Awaitable[None]]:
@@ -464,9 +487,15 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
                              node_id=_node_id("ingest", cfg, cfg["rtmp_port"]))
             closers.append(ingest.links.close)
             closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
+            whip = ""
+            if cfg["http_port"]:
+                app = whip_app(WhipIngest(ingest, _ice(cfg), cfg["handshake_timeout_ms"] / 1000,
+                                          cfg["idle_timeout_ms"] / 1000))
+                closers.append(await _serve_app(app, cfg["host"], cfg["http_port"]))
+                whip = f", {cfg['host']}:{cfg['http_port']} (WHIP)"
             health_port = await _health_server(cfg, closers, lambda r: ingest.kick(r.stream, r.reason))
             _register_ingest(wiring, ingest, cfg, health_port)
-            print(f"castmesh ingest listening on {cfg['host']}:{cfg['rtmp_port']} (RTMP), "
+            print(f"castmesh ingest listening on {cfg['host']}:{cfg['rtmp_port']} (RTMP){whip}, "
                   f"{_peer_text(cfg)}", flush=True)
         else:
             node_id = _node_id("playback", cfg, cfg["http_port"])

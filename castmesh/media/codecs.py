@@ -234,3 +234,90 @@ def adts_header(config: AudioConfig, frame_size: int) -> bytes:
         ((length & 0x07) << 5) | 0x1F,
         0xFC,
     ))
+
+
+class _Bits:
+    """An H.264 RBSP read bit by bit (emulation prevention bytes removed), bounded by its length."""
+
+    def __init__(self, nal: bytes) -> None:
+        self.data = nal.replace(b"\x00\x00\x03", b"\x00\x00")
+        self.pos = 0
+
+    def bit(self) -> int:
+        if self.pos >= len(self.data) * 8:
+            raise CodecError("SPS ends early")
+        value = (self.data[self.pos >> 3] >> (7 - (self.pos & 7))) & 1
+        self.pos += 1
+        return value
+
+    def bits(self, n: int) -> int:
+        value = 0
+        for _ in range(n):
+            value = (value << 1) | self.bit()
+        return value
+
+    def ue(self) -> int:
+        zeros = 0
+        while not self.bit():
+            zeros += 1
+            if zeros > 31:
+                raise CodecError("Exp-Golomb code over 32 bits in the SPS")
+        return (1 << zeros) - 1 + self.bits(zeros)
+
+    def se(self) -> int:
+        code = self.ue()
+        return (code + 1) // 2 if code & 1 else -(code // 2)
+
+
+def avc_dimensions(sps: bytes) -> tuple[int, int]:
+    """Width and height of the pictures an H.264 SPS NAL unit describes (ITU-T H.264 7.3.2.1.1), cropped."""
+    bits = _Bits(sps[1:])
+    profile = bits.bits(8)
+    bits.bits(16)  # constraint flags, level
+    bits.ue()  # seq_parameter_set_id
+    chroma = 1
+    if profile in (100, 110, 122, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135):
+        chroma = bits.ue()
+        if chroma > 3:
+            raise CodecError(f"chroma_format_idc {chroma}")
+        if chroma == 3:
+            bits.bit()  # separate_colour_plane_flag
+        bits.ue()  # bit depths
+        bits.ue()
+        bits.bit()
+        if bits.bit():  # seq_scaling_matrix_present_flag
+            for i in range(12 if chroma == 3 else 8):
+                if bits.bit():
+                    last = next_scale = 8
+                    for _ in range(16 if i < 6 else 64):
+                        if next_scale:
+                            next_scale = (last + bits.se()) % 256
+                        last = next_scale or last
+    bits.ue()  # log2_max_frame_num_minus4
+    poc_type = bits.ue()
+    if poc_type == 0:
+        bits.ue()
+    elif poc_type == 1:
+        bits.bit()
+        bits.se()
+        bits.se()
+        cycle = bits.ue()
+        if cycle > 255:
+            raise CodecError("too many reference frames in a picture order count cycle")
+        for _ in range(cycle):
+            bits.se()
+    bits.ue()  # max_num_ref_frames
+    bits.bit()
+    width_mbs, height_units = bits.ue() + 1, bits.ue() + 1
+    frame_mbs_only = bits.bit()
+    if not frame_mbs_only:
+        bits.bit()
+    bits.bit()  # direct_8x8_inference_flag
+    crop = (bits.ue(), bits.ue(), bits.ue(), bits.ue()) if bits.bit() else (0, 0, 0, 0)
+    unit_x = 1 if chroma in (0, 3) else 2
+    unit_y = (2 if chroma == 1 else 1) * (2 - frame_mbs_only)
+    width = width_mbs * 16 - (crop[0] + crop[1]) * unit_x
+    height = (2 - frame_mbs_only) * height_units * 16 - (crop[2] + crop[3]) * unit_y
+    if not (0 < width <= 16384 and 0 < height <= 16384):
+        raise CodecError(f"SPS says {width}x{height}")
+    return width, height

@@ -73,3 +73,13 @@ class Signer:
         if not hmac.compare_digest(sign.lower(), self.sign(app, stream, int(expires))):
             return "the signature does not match"
         return None
+
+
+def bearer_query(query: Mapping[str, str], headers: Mapping[str, str]) -> dict[str, str]:
+    """The signed URL's query, or a Bearer token that carries it (WHIP and WHEP clients send tokens):
+    "Authorization: Bearer EXPIRES.SIGN" stands for ?expires=EXPIRES&sign=SIGN. Header names in lower case."""
+    token = headers.get("authorization", "")
+    if token[:7].lower() == "bearer " and "sign" not in query:
+        expires, _, sign = token[7:].strip().partition(".")
+        return {**query, "expires": expires, "sign": sign}
+    return dict(query)

@@ -6,8 +6,9 @@ GOP replay, failover). An adapter needs nothing else of ingest, and ingest nothi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from castmesh.proto.v1.media_pb2 import Frame
@@ -61,4 +62,30 @@ class Publishes(Protocol):
                 stop: Callable[[str], None]) -> Publish:
         """A publish for `request`. `pause(True)` asks the source to stop reading while the origin is behind,
         `pause(False)` to go on; `stop(reason)` ends the source's connection (kicked, or the stream was lost)."""
+        ...
+
+
+@dataclass(slots=True)
+class Reply:
+    """An HTTP answer from a protocol's adapter, whatever HTTP server carries it (WHIP on ingest's own port,
+    or on `castmesh up`'s one)."""
+
+    status: int
+    body: bytes = b""
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def problem(status: int, detail: str, *headers: tuple[str, str]) -> Reply:
+    """An RFC 9457 problem, as WHIP and WHEP answer their errors."""
+    body = json.dumps({"type": "about:blank", "status": status, "detail": detail}).encode()
+    return Reply(status, body, [("Content-Type", "application/problem+json"), ("Cache-Control", "no-cache"),
+                                *headers])
+
+
+class HttpPublishes(Protocol):
+    """Publishes that arrive over HTTP (WHIP): what a node's HTTP server hands them to."""
+
+    async def handle(self, method: str, app: str, name: str, session_id: str | None, query: dict[str, str],
+                     headers: dict[str, str], body: bytes, peer: str) -> Reply:
+        """One request on /{app}/{name}/whip[/{session_id}]; header names in lower case."""
         ...

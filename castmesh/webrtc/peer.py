@@ -215,10 +215,9 @@ def _codec(offer: Any, kind: str) -> Any:
     return None
 
 
-async def answer(offer_sdp: str, settings: IceSettings, kinds: tuple[str, ...], ssrcs: dict[str, int],
-                 on_keyframe: Callable[[], None]) -> tuple[Peer, str]:
-    """Answer a viewer's offer for the given kinds ("video": H.264, "audio": Opus) with fixed SSRCs (the
-    stream's packets carry them); the peer and the answer's SDP, with every candidate gathered."""
+def check_offer(offer_sdp: str, kinds: tuple[str, ...], sends: bool) -> list[str]:
+    """Which of `kinds` the offer has media for, in the direction asked (`sends`: a publisher's offer);
+    OfferError if castmesh cannot answer it."""
     from aiortc import sdp
 
     if len(offer_sdp) > MAX_OFFER:
@@ -237,36 +236,108 @@ async def answer(offer_sdp: str, settings: IceSettings, kinds: tuple[str, ...], 
             raise OfferError(400, f"the offer's {media.kind} section has no DTLS fingerprint")
         if media.kind in chosen and (media.ice is None or not media.ice.usernameFragment or not media.ice.password):
             raise OfferError(400, f"the offer's {media.kind} section has no ICE credentials")
+    wanted = ("sendonly", "sendrecv") if sends else ("recvonly", "sendrecv")
+    for media in parsed.media:
+        if media.kind in chosen and media.direction not in wanted:
+            raise OfferError(422, f"the offer's {media.kind} section is {media.direction}: "
+                             f"{'a publisher sends' if sends else 'a viewer receives'}")
     for kind in chosen:
         if _codec(parsed, kind) is None:
-            raise OfferError(406, f"the offer cannot receive {kind} as {MIME[kind]}")
+            raise OfferError(406, f"the offer cannot carry {kind} as {MIME[kind]}")
+    return chosen
+
+
+async def _negotiate(offer_sdp: str, settings: IceSettings, chosen: list[str], direction: str,
+                     prepare: Callable[[str, Any], None]) -> tuple[RTCPeerConnection, str, dict[str, int]]:
+    """A peer connection that answers the offer for the chosen kinds in `direction`; `prepare(kind,
+    transceiver)` before the offer is applied. The answer (every candidate gathered) and the payload types."""
+    from aiortc import sdp
 
     _Connection.settings = settings
     pc = RTCPeerConnection(RTCConfiguration(iceServers=_ice_servers(settings)))
-    senders: dict[str, RTCRtpSender] = {}
     try:
         for kind in ("video", "audio"):
             if kind not in chosen:
                 continue
-            transceiver = pc.addTransceiver(_Silent(kind), direction="sendonly")
+            transceiver = pc.addTransceiver(_Silent(kind) if direction == "sendonly" else kind, direction=direction)
             capabilities = RTCRtpSender.getCapabilities(kind).codecs
             transceiver.setCodecPreferences([c for c in capabilities if c.mimeType.lower() == MIME[kind]])
-            transceiver.sender._ssrc = ssrcs[kind]
-            senders[kind] = transceiver.sender
+            prepare(kind, transceiver)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         except ValueError as exc:  # aiortc's word for an offer it cannot take (no fingerprint, no ICE...)
             raise OfferError(400, f"the offer cannot be used: {exc}") from exc
         await pc.setLocalDescription(await pc.createAnswer())
+        text = pc.localDescription.sdp
+        payload_types = {m.kind: int(m.rtp.codecs[0].payloadType or 0)
+                         for m in sdp.SessionDescription.parse(text).media if m.kind in chosen and m.rtp.codecs}
+        if set(payload_types) != set(chosen):
+            raise OfferError(406, f"no codec in common for {', '.join(set(chosen) - set(payload_types))}")
     except BaseException:
         await pc.close()
         raise
-    text = pc.localDescription.sdp
-    payload_types = {m.kind: int(m.rtp.codecs[0].payloadType or 0) for m in sdp.SessionDescription.parse(text).media
-                     if m.kind in chosen and m.rtp.codecs}
-    if set(payload_types) != set(chosen):
-        await pc.close()
-        raise OfferError(406, f"no codec in common for {', '.join(set(chosen) - set(payload_types))}")
     if settings.advertise:
         text = re.sub(r"(a=candidate:\S+ \d+ udp \d+ )(\S+)( \d+ typ host)", rf"\g<1>{settings.advertise}\g<3>", text)
+    return pc, text, payload_types
+
+
+async def answer(offer_sdp: str, settings: IceSettings, kinds: tuple[str, ...], ssrcs: dict[str, int],
+                 on_keyframe: Callable[[], None]) -> tuple[Peer, str]:
+    """Answer a viewer's offer for the given kinds ("video": H.264, "audio": Opus) with fixed SSRCs (the
+    stream's packets carry them); the peer and the answer's SDP, with every candidate gathered."""
+    chosen = check_offer(offer_sdp, kinds, sends=False)
+    senders: dict[str, RTCRtpSender] = {}
+
+    def fixed_ssrc(kind: str, transceiver: Any) -> None:
+        transceiver.sender._ssrc = ssrcs[kind]
+        senders[kind] = transceiver.sender
+
+    pc, text, payload_types = await _negotiate(offer_sdp, settings, chosen, "sendonly", fixed_ssrc)
     return Peer(pc, senders, payload_types, on_keyframe), text
+
+
+Received = Callable[[str, Any], None]  # (kind, aiortc's RtpPacket)
+
+
+class Publisher:
+    """One WHIP publisher's peer connection: its RTP packets go to `on_packet` as they arrive (no jitter
+    buffer, no decoding: castmesh depacketizes), and `ask_keyframe` sends it a PLI."""
+
+    def __init__(self, pc: RTCPeerConnection, receivers: dict[str, Any], payload_types: dict[str, int]) -> None:
+        self.pc = pc
+        self.receivers = receivers
+        self.payload_types = payload_types
+        self.ssrcs: dict[str, int] = {}
+
+    def ask_keyframe(self) -> None:
+        receiver, ssrc = self.receivers.get("video"), self.ssrcs.get("video")
+        if receiver is not None and ssrc is not None:
+            task = asyncio.get_running_loop().create_task(receiver._send_rtcp_pli(ssrc))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def close(self) -> None:
+        await self.pc.close()
+
+
+async def accept(offer_sdp: str, settings: IceSettings, on_packet: Received) -> tuple[Publisher, str]:
+    """Answer a publisher's offer (H.264 video, Opus audio, either or both); the publisher and the answer."""
+    chosen = check_offer(offer_sdp, ("video", "audio"), sends=True)
+    receivers: dict[str, Any] = {}
+    publisher: Publisher | None = None
+
+    def hear(kind: str, transceiver: Any) -> None:
+        receiver = receivers[kind] = transceiver.receiver
+
+        async def handle(packet: Any, arrival_time_ms: int | None = None) -> None:
+            if publisher is not None:
+                publisher.ssrcs.setdefault(kind, packet.ssrc)
+            on_packet(kind, packet)
+
+        receiver._handle_rtp_packet = handle
+
+    # aiortc only knows (constrained) baseline H.264 and would find no codec in common with an encoder's
+    # High or Main offer; castmesh does not decode what it receives, so any profile will do.
+    baseline = re.sub(r"profile-level-id=[0-9a-fA-F]{6}", "profile-level-id=42e01f", offer_sdp)
+    pc, text, payload_types = await _negotiate(baseline, settings, chosen, "recvonly", hear)
+    publisher = Publisher(pc, receivers, payload_types)
+    return publisher, text

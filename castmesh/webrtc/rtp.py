@@ -118,18 +118,128 @@ def parse_header(packet: bytes) -> tuple[bool, int, int, int, int]:
             int.from_bytes(packet[4:8], "big"), int.from_bytes(packet[8:12], "big"))
 
 
-def burst(packets: list[bytes]) -> list[bytes]:
-    """Packets sent at once (the GOP a joining viewer starts with) restamped one clock tick apart, ending at
-    the last one's own time: a receiver decodes them at once and shows the last, instead of playing them
-    out at their old pace and staying that far behind for good. Sequence numbers are kept."""
+def burst(packets: list[bytes], end: int | None = None) -> list[bytes]:
+    """Packets sent at once (the GOP a viewer starts with, or is sent again after it lost the picture)
+    restamped one clock tick apart, ending at `end` (default: the last one's own time): a receiver decodes
+    them at once and shows the last, instead of playing them out at their old pace and staying that far
+    behind for good. Sequence numbers are kept."""
     if not packets:
         return []
     stamps = [int.from_bytes(p[4:8], "big") for p in packets]
     frames = 1 + sum(1 for a, b in itertools.pairwise(stamps) if a != b)
-    stamp = (stamps[-1] - frames + 1) & 0xFFFFFFFF
+    stamp = ((stamps[-1] if end is None else end) - frames + 1) & 0xFFFFFFFF
     out = []
     for i, packet in enumerate(packets):
         if i and stamps[i] != stamps[i - 1]:
             stamp = (stamp + 1) & 0xFFFFFFFF
         out.append(packet[:4] + stamp.to_bytes(4, "big") + packet[8:])
     return out
+
+
+def renumber(packets: list[bytes], offset: int) -> list[bytes]:
+    """The packets with their sequence numbers moved on by `offset` (for one viewer that was sent packets
+    the others were not)."""
+    if not offset:
+        return packets
+    return [p[:2] + ((int.from_bytes(p[2:4], "big") + offset) & 0xFFFF).to_bytes(2, "big") + p[4:] for p in packets]
+
+
+MAX_ACCESS_UNIT = 4 << 20  # bytes of one picture a depacketizer gathers before it gives up on it
+MAX_FRAGMENTS = 4096  # NAL units in one picture
+
+
+class H264Depacketizer:
+    """RTP packets of one H.264 stream (RFC 6184 modes 0 and 1) back into access units: NAL units gathered
+    per RTP timestamp, given out when the marker bit or a new timestamp ends a picture. A picture with a
+    gap in its sequence numbers, or over the limits, is dropped, and `waiting_keyframe` says so until the
+    next IDR (its owner may ask the sender for one)."""
+
+    def __init__(self) -> None:
+        self.units: list[bytes] = []
+        self.size = 0
+        self.timestamp: int | None = None
+        self.fragment: bytearray | None = None
+        self.next_sequence: int | None = None
+        self.broken = False
+        self.waiting_keyframe = True
+        self.dropped = 0
+
+    def push(self, payload: bytes, sequence: int, timestamp: int, marker: bool) -> tuple[int, list[bytes]] | None:
+        """One packet; a whole picture (its timestamp and NAL units) when this packet completes one."""
+        done = None
+        if self.timestamp is not None and timestamp != self.timestamp:
+            done = self._finish()
+        if self.next_sequence is not None and sequence != self.next_sequence:
+            self.broken = True  # lost (or reordered) packets: this picture cannot be whole
+        self.next_sequence = (sequence + 1) & 0xFFFF
+        self.timestamp = timestamp
+        try:
+            self._take(payload)
+        except CodecError:
+            self.broken = True
+        if marker:
+            done = self._finish() or done
+        return done
+
+    def _take(self, payload: bytes) -> None:
+        if not payload:
+            raise CodecError("empty RTP payload")
+        kind = payload[0] & 0x1F
+        if kind == _STAP_A:
+            pos = 1
+            while pos + 2 <= len(payload):
+                size = int.from_bytes(payload[pos:pos + 2], "big")
+                if size == 0 or pos + 2 + size > len(payload):
+                    raise CodecError("STAP-A unit past the packet's end")
+                self._unit(payload[pos + 2:pos + 2 + size])
+                pos += 2 + size
+        elif kind == _FU_A:
+            if len(payload) < 3:
+                raise CodecError("FU-A shorter than its headers")
+            start, end = payload[1] & 0x80, payload[1] & 0x40
+            if start:
+                self.fragment = bytearray(((payload[0] & 0xE0) | (payload[1] & 0x1F),))
+            elif self.fragment is None:
+                raise CodecError("FU-A fragment without its start")
+            self.fragment += payload[2:]
+            if len(self.fragment) > MAX_ACCESS_UNIT:
+                raise CodecError("FU-A unit over the size limit")
+            if end:
+                unit, self.fragment = bytes(self.fragment), None
+                self._unit(unit)
+        elif 1 <= kind <= 23:
+            self._unit(payload)
+        else:
+            raise CodecError(f"RTP H.264 payload type {kind} is not supported (STAP-B, MTAP, FU-B)")
+
+    def _unit(self, unit: bytes) -> None:
+        if not unit or not 1 <= unit[0] & 0x1F <= 23:
+            raise CodecError("a NAL unit type no picture carries")
+        self.size += len(unit)
+        if self.size > MAX_ACCESS_UNIT or len(self.units) >= MAX_FRAGMENTS:
+            raise CodecError("access unit over the limits")
+        self.units.append(unit)
+
+    def _finish(self) -> tuple[int, list[bytes]] | None:
+        units, timestamp, broken = self.units, self.timestamp, self.broken or self.fragment is not None
+        self.units, self.size, self.fragment, self.broken, self.timestamp = [], 0, None, False, None
+        if not units or timestamp is None:
+            return None
+        if broken:
+            self.dropped += 1
+            self.waiting_keyframe = True
+            return None
+        if self.waiting_keyframe:
+            if not any(u[0] & 0x1F == _IDR for u in units):
+                self.dropped += 1
+                return None
+            self.waiting_keyframe = False
+        return timestamp, units
+
+
+def avc_record(sps: bytes, pps: bytes) -> bytes:
+    """An AVCDecoderConfigurationRecord (ISO 14496-15 5.3.3.1) for one SPS and one PPS, 4-byte lengths."""
+    if len(sps) < 4:
+        raise CodecError("SPS shorter than its profile and level")
+    return (bytes((1, sps[1], sps[2], sps[3], 0xFF, 0xE1)) + len(sps).to_bytes(2, "big") + sps
+            + b"\x01" + len(pps).to_bytes(2, "big") + pps)

@@ -3,7 +3,7 @@
   GET /api/v1/streams                          live streams: publisher, codecs, size, bitrate, viewers, nodes
   GET /api/v1/streams/{app}/{stream}           one of them, or a 404 problem
   GET /api/v1/streams/{app}/{stream}/play      "which server for stream X": {url, node, protocol}
-        ?protocol=flv|hls|rtmp|ws              (flv by default)
+        ?protocol=flv|hls|rtmp|ws|webrtc       (flv by default; webrtc: the WHEP URL)
   GET /api/v1/publish/{app}/{stream}           the RTMP URL of the ingest a publisher should use
   GET /{app}/{stream}.flv, .m3u8               302 to the chosen playback node (ffplay, mpegts.js follow it)
   GET /api/v1/nodes                            every registered node with role, zone, health and load
@@ -57,7 +57,7 @@ from services.gateway.openapi import DOCUMENT, docs_page
 log = logging.getLogger("castmesh.gateway")
 
 ANSWERS = Counter("castmesh_gateway_placements", "Which-server answers and redirects", ["protocol"])
-PROTOCOLS = ("flv", "hls", "rtmp", "ws")
+PROTOCOLS = ("flv", "hls", "rtmp", "ws", "webrtc")
 NAME = r"[A-Za-z0-9_.~-]{1,256}"
 RECENT = 3.0  # seconds an answer counts toward a node's load, until its own report includes the viewer
 TIMEOUT = 2.0
@@ -341,6 +341,8 @@ def url_for(node: Node, app: str, name: str, protocol: str, query: dict[str, str
     suffix = f"?{urlencode(query)}" if query else ""
     if protocol == "rtmp":
         return f"rtmp://{host}:{node.meta['rtmp']}/{app}/{name}{suffix}"
+    if protocol == "webrtc":
+        return f"http://{node.address}/{app}/{name}/whep{suffix}"  # a WHEP player POSTs its offer there
     scheme = "ws" if protocol == "ws" else "http"
     extension = "m3u8" if protocol == "hls" else "flv"
     return f"{scheme}://{node.address}/{app}/{name}.{extension}{suffix}"

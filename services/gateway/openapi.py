@@ -21,7 +21,7 @@ def _json(schema_ref: str, description: str) -> dict[str, Any]:
 
 
 PLAY_QUERY = [{"name": "protocol", "in": "query", "required": False,
-               "schema": {"type": "string", "enum": ["flv", "hls", "rtmp", "ws"], "default": "flv"}},
+               "schema": {"type": "string", "enum": ["flv", "hls", "rtmp", "ws", "webrtc"], "default": "flv"}},
               {"name": "expires", "in": "query", "required": False, "schema": {"type": "string"},
                "description": "signed URLs: UNIX time the signature is valid until"},
               {"name": "sign", "in": "query", "required": False, "schema": {"type": "string"},
@@ -83,7 +83,7 @@ DOCUMENT: dict[str, Any] = {
             "detail": {"type": "string"}}},
         "Placement": {"type": "object", "required": ["url", "node", "protocol"], "properties": {
             "url": {"type": "string"}, "node": {"type": "string"},
-            "protocol": {"type": "string", "enum": ["flv", "hls", "rtmp", "ws"]}}},
+            "protocol": {"type": "string", "enum": ["flv", "hls", "rtmp", "ws", "webrtc"]}}},
         "Stream": {"type": "object", "required": ["app", "stream", "publisher", "viewers", "nodes"], "properties": {
             "app": {"type": "string"}, "stream": {"type": "string"}, "vhost": {"type": "string"},
             "publisher": {"type": "object", "properties": {"holder": {"type": "string"},

@@ -7,6 +7,7 @@ HTTP paths:
   /{app}/{stream}/hls/{muxer}/{segment}    its segments and initialization segments
   /{app}/{stream}/whep                     WebRTC (WHEP): POST an SDP offer, 201 with the answer
   /{app}/{stream}/whep/{session}           DELETE ends the session (services.playback.webrtc)
+  /{app}/{stream}/whip[/{session}]         in `castmesh up` only: WHIP publishers, handed to its ingest
   /metrics                                 Prometheus
   /, /api/streams                          the player page and its stream list (services.playback.web)
   /api/viewers                             this node's viewers per stream (for the gateway)
@@ -32,13 +33,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from castmesh.media.frames import stream_key, stream_path
 from castmesh.media.hls import CONTAINERS
 from castmesh.mesh import tracing
-from castmesh.mesh.auth import Signer
+from castmesh.mesh.auth import Signer, bearer_query
 from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.hooks import Hooks
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.mesh.rtmp_server import RtmpPlay, RtmpServer
-from castmesh.mesh.sessions import StreamRequest
+from castmesh.mesh.sessions import HttpPublishes, StreamRequest
+from castmesh.mesh.sessions import problem as sessions_problem
 from castmesh.mesh.subscription import Locate
 from castmesh.mesh.tracing import SessionSpan
 from castmesh.webrtc.peer import IceSettings, OfferError, Peer, answer
@@ -51,8 +53,8 @@ from services.playback.viewer import Viewer, ViewerSink
 from services.playback.web import ListStreams, WebPage, streams_json
 from services.playback.webrtc import WebRtcStream, WhepSession
 
-WHEP_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})/whep"
-                       r"(?:/(?P<session>[A-Za-z0-9_.~-]{1,128}))?$")
+WEBRTC_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})/(?P<kind>whep|whip)"
+                         r"(?:/(?P<session>[A-Za-z0-9_.~-]{1,128}))?$")
 STREAM_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})"
                          r"(?:\.(?P<ext>flv|m3u8)|/hls/(?P<muxer>[0-9a-f]{8})/(?P<file>[A-Za-z0-9_.-]{1,32}))$")
 NO_CACHE = ("Cache-Control", "no-cache")
@@ -61,7 +63,6 @@ CACHEABLE = ("Cache-Control", "max-age=600")  # a segment's name always means th
 log = logging.getLogger("castmesh.playback")
 PROTOCOLS = (HTTP_FLV.protocol, WEBSOCKET_FLV.protocol, "rtmp", HLS_FRAMES.protocol, WEBRTC_FRAMES.protocol)
 WHEP_METHODS = ("Allow", "POST, DELETE, OPTIONS")
-PROBLEM = ("Content-Type", "application/problem+json")
 
 VIEWERS = Gauge("castmesh_playback_viewers", "Viewers by protocol (HLS: clients that fetched lately)", ["protocol"])
 
@@ -91,6 +92,7 @@ class Playback:
         self.page = WebPage()
         self.tasks: set[asyncio.Task[None]] = set()
         self.forward_base = ""  # in `castmesh up`: the in-process gateway that API paths are handed to
+        self.whip: HttpPublishes | None = None  # in `castmesh up`: the in-process ingest's WHIP
         self.forward_http: aiohttp.ClientSession | None = None
         self.settings = settings or PlaybackSettings()
         self.links = RelayLinks()
@@ -146,9 +148,12 @@ class Playback:
         if self.forward_base and request.path.startswith(FORWARDED):
             self._spawn(self._forward(session, request))
             return
-        whep = WHEP_PATH.match(request.path)
-        if whep is not None:
-            self._whep(session, request, whep["app"], whep["stream"], whep["session"])
+        webrtc = WEBRTC_PATH.match(request.path)
+        if webrtc is not None and webrtc["kind"] == "whep":
+            self._whep(session, request, webrtc["app"], webrtc["stream"], webrtc["session"])
+            return
+        if webrtc is not None:
+            self._spawn(self._whip(session, request, webrtc["app"], webrtc["stream"], webrtc["session"]))
             return
         if request.method == "OPTIONS":
             session.respond(204, b"")
@@ -272,6 +277,15 @@ class Playback:
         else:
             problem(session, 405, f"{request.method} is not a WHEP request here", [WHEP_METHODS])
 
+    async def _whip(self, session: HttpSession, request: Request, app: str, name: str, whip_id: str | None) -> None:
+        """In `castmesh up`: WHIP publishers on the one HTTP port, handed to the in-process ingest."""
+        if self.whip is None:
+            problem(session, 404, "WHIP publishes go to an ingest node (its --http-port), not to playback")
+            return
+        reply = await self.whip.handle(request.method, app, name, whip_id, request.query, request.headers,
+                                       request.body, session.peer)
+        session.respond(reply.status, reply.body, reply.headers)
+
     async def _whep_offer(self, session: HttpSession, request: Request, app: str, name: str) -> None:
         """A WHEP offer: checked, answered once the stream is live, and the viewer started."""
         self.whep_pending += 1  # counted against the cap while it is being answered
@@ -284,7 +298,7 @@ class Playback:
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/sdp":
             problem(session, 415, "a WHEP offer is an SDP body with Content-Type: application/sdp")
             return
-        refused = self.signer.refuse(app, name, bearer_query(request))
+        refused = self.signer.refuse(app, name, bearer_query(request.query, request.headers))
         if refused:
             problem(session, 403, refused)
             return
@@ -510,17 +524,8 @@ class Playback:
             del self.feeds[feed.path]
 
 
+
 def problem(session: HttpSession, status: int, detail: str, headers: list[tuple[str, str]] | None = None) -> None:
-    """An RFC 9457 problem for WHEP's clients (and people reading them)."""
-    body = json.dumps({"type": "about:blank", "status": status, "detail": detail}).encode()
-    session.respond(status, body, [PROBLEM, NO_CACHE, *(headers or [])])
-
-
-def bearer_query(request: Request) -> dict[str, str]:
-    """The signed URL's query, or a Bearer token that carries it (WHIP and WHEP clients send tokens):
-    "Authorization: Bearer EXPIRES.SIGN" stands for ?expires=EXPIRES&sign=SIGN."""
-    token = request.headers.get("authorization", "")
-    if token[:7].lower() == "bearer " and "sign" not in request.query:
-        expires, _, sign = token[7:].strip().partition(".")
-        return {**request.query, "expires": expires, "sign": sign}
-    return request.query
+    """An RFC 9457 problem for WHEP's and WHIP's clients (and people reading them)."""
+    reply = sessions_problem(status, detail, *(headers or []))
+    session.respond(reply.status, reply.body, reply.headers)

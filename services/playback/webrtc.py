@@ -3,8 +3,9 @@
 A stream's WebRTC side is one `WebRtcStream`: a viewer of the stream's feed (like an HLS muxer) that takes
 its frames and makes them RTP packets once for all its viewers: H.264 as the publisher sent it (parameter
 sets before every IDR picture), AAC transcoded to Opus once (castmesh.media.audio). It keeps the packets
-since the last keyframe, so a viewer that joins is sent them at once (restamped to be decoded at once,
-castmesh.webrtc.rtp.burst) and has a picture without asking the publisher for anything. It is to WHEP viewers what the
+since the last keyframe, so a viewer that joins, or whose browser lost the picture (a PLI or FIR), is
+sent them at once (restamped to be decoded at once, castmesh.webrtc.rtp.burst) and has a picture without
+asking the publisher for anything. It is to WHEP viewers what the
 feed is to FLV viewers: each WHEP viewer is a `Viewer` whose sink is a `WhepSession`, and the stream writes
 the same packets to every one of them; per viewer only SRTP is done (castmesh.webrtc.peer).
 
@@ -39,6 +40,7 @@ from castmesh.webrtc.rtp import (
     Reordered,
     burst,
     h264_payloads,
+    renumber,
     with_payload_type,
 )
 from services.playback.formats import WEBRTC_FRAMES, start_frames
@@ -234,6 +236,7 @@ class WhepSession:
         self.flowing = False  # connected, and sent the GOP: live packets go out from here on
         self.done = False
         self.last_keyframe = 0.0
+        self.video_offset = 0  # this viewer's video sequence numbers run this far ahead of the stream's
         peer.on_keyframe = self.keyframe
         peer.pc.on("connectionstatechange", self._state)
         self.connect_timeout = connect_timeout  # ICE and DTLS must complete within this of the answer
@@ -270,15 +273,25 @@ class WhepSession:
             self.finish(f"ICE and DTLS did not complete within {self.connect_timeout:g}s")
 
     def keyframe(self) -> None:
-        """The viewer's browser lost the picture (PLI or FIR). It is never passed to the publisher; the
-        picture comes back at the stream's next keyframe. (Sending the cached GOP again would need this
-        viewer's sequence numbers renumbered from then on: not done yet.)"""
+        """The viewer's browser lost the picture (PLI or FIR): it is sent the cached GOP again, never asks
+        the publisher. The GOP's packets were sent to it already, so they go again numbered after the last
+        one it got and stamped just after it (decoded at once); from then on this viewer's video numbers
+        run that many ahead of the stream's. At most once a KEYFRAME_EVERY."""
         now = time.monotonic()
-        if self.flowing and now - self.last_keyframe >= KEYFRAME_EVERY:
-            self.last_keyframe = now
-            KEYFRAME_REQUESTS.inc()
-            if self.viewer is not None:
-                self.viewer.moment("keyframe request")
+        if not self.flowing or now - self.last_keyframe < KEYFRAME_EVERY:
+            return
+        self.last_keyframe = now
+        KEYFRAME_REQUESTS.inc()
+        gop = self.stream.gop
+        if not gop:  # a GOP too long to keep: the picture comes back at the next keyframe
+            return
+        last_sent = (self.stream.video.sequence - 1 + self.video_offset) & 0xFFFF
+        first = int.from_bytes(gop[0][2:4], "big")
+        again = renumber(burst(gop, end=int.from_bytes(gop[-1][4:8], "big") + 1), last_sent + 1 - first)
+        self.video_offset = (self.video_offset + len(gop)) & 0xFFFF
+        self._send(self.variant([("video", again)], {}))
+        if self.viewer is not None:
+            self.viewer.moment("keyframe request", packets=len(gop))
 
     def _send_gop(self, why: str) -> None:
         gop = burst(self.stream.gop)
@@ -290,6 +303,12 @@ class WhepSession:
     # Output ---------------------------------------------------------------------------------------------
 
     def write(self, batch: Batch) -> None:
+        if self.video_offset:
+            batch = [(kind, renumber(packets, self.video_offset) if kind == "video" else packets)
+                     for kind, packets in batch]
+        self._send(batch)
+
+    def _send(self, batch: Batch) -> None:
         sent = 0
         for kind, packets in batch:
             sent += self.peer.send(kind, packets)

@@ -170,3 +170,17 @@ def test_each_kubernetes_container_starts_with_its_args_and_environment(
     assert resolved["registry"] == "dispatch" and resolved["advertise_host"] == "10.1.2.3"
     if name != "dispatch":
         assert resolved["dispatch"] == "dispatch:50050"
+
+
+def test_whip_publishers_reach_ingest_in_compose_and_kubernetes(
+        compose: dict[str, Any], kubernetes: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """WHIP's signalling port is served and published, and its media's UDP range is the one ingest binds."""
+    ingest = compose["services"]["ingest"]
+    resolved = check_config(ingest["command"], environment(ingest))
+    assert resolved["http_port"] == 8081 and resolved["webrtc_ports"] == [40000, 40049]
+    assert "8081:8081" in ingest["ports"] and "40000-40049:40000-40049/udp" in ingest["ports"]
+    container = kubernetes[("Deployment", "ingest")]["spec"]["template"]["spec"]["containers"][0]
+    resolved = check_config(container["args"], k8s_environment(kubernetes, container))
+    assert resolved["http_port"] == 8081 and resolved["webrtc_ports"] == [40000, 40049]
+    service = kubernetes[("Service", "ingest")]["spec"]["ports"]
+    assert {"name": "whip", "port": 8081, "targetPort": "whip"} in service

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import urllib.error
 import urllib.request
@@ -111,6 +112,8 @@ def test_which_server_answers_follow_the_bounded_load_rule_and_errors_are_proble
         assert rtmp_answer["url"].endswith("/live/busy?expires=1&sign=x")  # only one node plays RTMP
         status, _, ws = get(f"{base}/api/v1/streams/live/busy/play?protocol=ws")
         assert ws["url"].startswith("ws://") and ws["url"].endswith("/live/busy.flv")
+        status, _, webrtc = get(f"{base}/api/v1/streams/live/busy/play?protocol=webrtc")
+        assert status == 200 and re.fullmatch(r"http://127\.0\.0\.1:\d+/live/busy/whep", webrtc["url"])
 
         status, content_type, body = get(f"{base}/api/v1/streams/live/busy/play?protocol=smoke")
         assert status == 400 and content_type == "application/problem+json" and body["status"] == 400

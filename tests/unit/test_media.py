@@ -1,4 +1,9 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from castmesh.media import amf0, flv
+from castmesh.media.codecs import CodecError
 from castmesh.media.frames import AUDIO, DATA, VIDEO, audio_is_config, make_frame, stream_key, video_flags
 from castmesh.media.gop import GopCache, is_resume_point, metadata_tracks
 
@@ -68,3 +73,30 @@ def test_metadata_declares_tracks():
     cache = GopCache(stream_key("live", "c"))
     cache.add(make_frame(DATA, 0, meta))
     assert (cache.has_audio, cache.has_video) == (True, False)
+
+
+SPS_SIZES = [  # SPS NAL units from ffmpeg's libx264, with the size each was asked for
+    ("6764000dacd94141fb011000000300100000030320f1429960", (320, 240)),  # High
+    ("67640028acd940780227e5c044000003000400000300c83c60c658", (1920, 1080)),  # High, cropped from 1088
+    ("6742c01fd9005005bb011000000300100000030320f1832480", (1280, 720)),  # Constrained Baseline
+    ("674d401eeca05a126c0440000003004000000c87c50a6580", (720, 576)),  # Main, interlaced
+    ("67f4001e919b281485fc7cf808800000030080000019078b16cb", (642, 362)),  # High 4:4:4, odd size
+]
+
+
+@pytest.mark.parametrize(("sps", "size"), SPS_SIZES)
+def test_the_picture_size_comes_from_the_sps(sps: str, size: tuple[int, int]) -> None:
+    from castmesh.media.codecs import avc_dimensions
+
+    assert avc_dimensions(bytes.fromhex(sps)) == size
+
+
+@given(st.binary(max_size=64))
+def test_any_sps_bytes_give_a_size_within_bounds_or_a_codec_error(data: bytes) -> None:
+    from castmesh.media.codecs import avc_dimensions
+
+    try:
+        width, height = avc_dimensions(b"\x67" + data)
+    except CodecError:
+        return
+    assert 0 < width <= 16384 and 0 < height <= 16384

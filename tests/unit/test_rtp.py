@@ -106,3 +106,55 @@ def test_a_burst_is_restamped_one_tick_apart_ending_at_its_own_time() -> None:
     assert [h[3] for h in headers] == [(last - 4 + i // 2) & 0xFFFFFFFF for i in range(10)]
     assert [h[2] for h in headers] == [parse_header(p)[2] for p in packets]  # same numbers
     assert [p[12:] for p in restamped] == [p[12:] for p in packets] and burst([]) == []
+
+
+def test_packets_come_back_as_the_pictures_they_carry() -> None:
+    from castmesh.webrtc.rtp import H264Depacketizer
+
+    packetizer = Packetizer(102, 90_000, ssrc=1)
+    idr = b"\x65" + bytes(range(256)) * 12
+    p_frame = b"\x41\x9a" + bytes(500)
+    depacketizer = H264Depacketizer()
+    pictures = []
+    for i, (units, key) in enumerate([([idr], True), ([p_frame], False), ([p_frame, p_frame], False)]):
+        for packet in packetizer.packets(h264_payloads(sample(*units, keyframe=key), CONFIG, 600), i * 33):
+            marker, _, sequence, timestamp, _ = parse_header(packet)
+            done = depacketizer.push(packet[12:], sequence, timestamp, marker)
+            if done:
+                pictures.append(done)
+    assert [units for _, units in pictures] == [[SPS, PPS, idr], [p_frame], [p_frame, p_frame]]
+    assert [t - pictures[0][0] for t, _ in pictures] == [0, 33 * 90, 66 * 90]
+
+
+def test_a_picture_with_a_lost_packet_is_dropped_until_the_next_idr() -> None:
+    from castmesh.webrtc.rtp import H264Depacketizer
+
+    packetizer = Packetizer(102, 90_000, ssrc=1)
+    frames = [([b"\x65" + bytes(3000)], True), ([b"\x41" + bytes(3000)], False), ([b"\x41" + bytes(10)], False),
+              ([b"\x65" + bytes(10)], True)]
+    depacketizer = H264Depacketizer()
+    out = []
+    for i, (units, key) in enumerate(frames):
+        packets = packetizer.packets(h264_payloads(sample(*units, keyframe=key), CONFIG, 1200), i * 33)
+        if i == 1:
+            packets = packets[:1] + packets[2:]  # the P-frame loses a packet
+        for packet in packets:
+            marker, _, sequence, timestamp, _ = parse_header(packet)
+            done = depacketizer.push(packet[12:], sequence, timestamp, marker)
+            if done:
+                out.append(done[1][-1][:1])
+    assert out == [b"\x65", b"\x65"] and depacketizer.dropped == 2  # the broken P and the P after it
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.binary(max_size=1500), st.integers(0, 0xFFFF), st.integers(0, 10), st.booleans()),
+                max_size=50))
+def test_any_packets_leave_a_depacketizer_within_its_limits(packets: list[tuple[bytes, int, int, bool]]) -> None:
+    from castmesh.webrtc.rtp import MAX_ACCESS_UNIT, H264Depacketizer
+
+    depacketizer = H264Depacketizer()
+    for payload, sequence, timestamp, marker in packets:
+        done = depacketizer.push(payload, sequence, timestamp, marker)
+        assert depacketizer.size <= MAX_ACCESS_UNIT and len(depacketizer.units) <= 4096
+        if done:
+            assert all(1 <= u[0] & 0x1F <= 23 for u in done[1])

@@ -1,0 +1,77 @@
+"""WHIP into `castmesh up`: ffmpeg's `whip` muxer publishes H.264 and Opus; the stream is the same as an RTMP
+publisher's: ffmpeg decodes it over HTTP-FLV and HLS (video, and the Opus as AAC), a WHEP viewer plays it
+back, and the WHIP session's DELETE (ffmpeg sends it as it exits) ends the publish cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import time
+
+from tests import whep_client
+from tests.integration.harness import FFMPEG, Up, decode, http_get, wait_live
+from tests.integration.test_hls import wait_segments
+
+
+def whip_publish(up: Up, name: str, seconds: float) -> subprocess.Popen[bytes]:
+    """ffmpeg's own WHIP client: H.264 without B-frames (it refuses them) and Opus."""
+    return subprocess.Popen([
+        FFMPEG, "-hide_banner", "-loglevel", "error", "-re",
+        "-f", "lavfi", "-i", f"testsrc2=size=320x240:rate=30:duration={seconds}",
+        "-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=48000:duration={seconds}",
+        "-c:v", "libx264", "-preset", "veryfast", "-bf", "0", "-g", "30", "-pix_fmt", "yuv420p",
+        "-c:a", "libopus", "-b:a", "64k", "-ar", "48000", "-ac", "2",
+        "-f", "whip", f"http://127.0.0.1:{up.http_port}/live/{name}/whip"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_ffmpeg_publishes_over_whip_and_it_plays_over_flv_hls_and_whep(suite: Up) -> None:
+    publisher = whip_publish(suite, "whip", 25)
+    try:
+        wait_live(suite.flv("whip"), timeout=20)
+        flv_counts, flv_errors = decode(suite.flv("whip"), seconds=4)
+        wait_segments(suite.hls("whip"), 2)
+        hls_counts, hls_errors = decode(suite.hls("whip"), seconds=4)
+        seen = asyncio.run(whep_client.watch(f"http://127.0.0.1:{suite.http_port}/live/whip/whep", 3.0))
+        listing = json.loads(http_get(f"http://127.0.0.1:{suite.http_port}/api/streams").read())
+    finally:
+        _, err = publisher.communicate(timeout=40)
+    assert publisher.returncode == 0, err.decode(errors="replace")[-2000:]
+    assert flv_errors == "" and flv_counts.get(0, 0) >= 90 and flv_counts.get(1, 0) >= 150, (flv_counts, flv_errors)
+    assert hls_errors == "" and hls_counts.get(0, 0) >= 90 and hls_counts.get(1, 0) >= 150, (hls_counts, hls_errors)
+    row = next(s for s in listing["streams"] if s["path"] == "live/whip")
+    assert (row["video"], row["audio"], row["width"], row["height"]) == ("H.264", "AAC", 320, 240), row
+    assert seen.status == 201 and seen.size == (320, 240), seen.body
+    assert seen.frames["video"] >= 45 and seen.frames["audio"] >= 75, seen.frames
+    log = suite.process.log()
+    assert re.search(r"whip.start session=whip-\d+ stream=live/whip peer=\S+ video=True audio=True", log)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not re.search(r"whip.end session=\S+ stream=live/whip "
+                                                        r"reason=\"deleted by the publisher\" clean=True", log):
+        time.sleep(0.2)
+        log = suite.process.log()
+    assert re.search(r"whip.end session=\S+ stream=live/whip reason=\"deleted by the publisher\" clean=True", log)
+
+
+def test_whip_requests_that_cannot_be_taken_get_problems(suite: Up) -> None:
+    url = f"http://127.0.0.1:{suite.http_port}/live/whip-bad/whip"
+
+    async def attempts() -> dict[str, int]:
+        pc = await whep_client.offer()  # an offer to receive is no publish: it has nothing castmesh takes
+        recvonly = pc.localDescription.sdp
+        out = {
+            "options": (await whep_client.request("OPTIONS", url))[0],
+            "get": (await whep_client.request("GET", url))[0],
+            "not sdp type": (await whep_client.post(url, recvonly, content_type="text/plain"))[0],
+            "garbage": (await whep_client.post(url, "v=0\r\nnot an offer\r\n"))[0],
+            "an offer to receive": (await whep_client.post(url, recvonly))[0],
+            "delete unknown": (await whep_client.request("DELETE", url + "/whip-999"))[0],
+        }
+        await pc.close()
+        return out
+
+    assert asyncio.run(attempts()) == {"options": 204, "get": 405, "not sdp type": 415, "garbage": 400,
+                                       "an offer to receive": 422, "delete unknown": 404}
+    assert "whip-bad" not in suite.process.log()  # none of them asked for the stream

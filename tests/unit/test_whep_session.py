@@ -1,0 +1,70 @@
+"""A WHEP viewer's packets with no network: the stream's packets as they are, then after a PLI the cached
+GOP again, numbered on from the last packet the viewer got and stamped just after it, and the live packets
+after that numbered on too; at most one answer a second."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any
+
+from castmesh.media.frames import VIDEO, make_frame
+from castmesh.webrtc.rtp import avc_record, parse_header
+from services.playback.viewer import Viewer
+from services.playback.webrtc import WebRtcStream, WhepSession
+from tests.unit.test_rtp import PPS, SPS
+
+
+class Pc:
+    connectionState = "connected"
+
+    def on(self, name: str, handler: Any) -> None: ...
+
+
+class FakePeer:
+    def __init__(self) -> None:
+        self.pc = Pc()
+        self.payload_types = {"video": 102, "audio": 111}
+        self.on_keyframe: Any = None
+        self.sent: list[bytes] = []
+
+    def send(self, kind: str, packets: list[bytes]) -> int:
+        self.sent += packets
+        return sum(len(p) for p in packets)
+
+    async def close(self) -> None: ...
+
+
+def picture(ts: int, keyframe: bool, size: int = 3000) -> Any:
+    nal = (b"\x65" if keyframe else b"\x41") + bytes(size)
+    return make_frame(VIDEO, ts, bytes((0x17 if keyframe else 0x27, 1, 0, 0, 0)) + struct.pack(">I", len(nal)) + nal)
+
+
+def test_a_pli_is_answered_with_the_gop_renumbered_for_that_viewer_alone() -> None:
+    async def scenario() -> None:
+        stream = WebRtcStream("live/x", lambda s: None)
+        peer = FakePeer()
+        session = WhepSession(stream, peer, "v.1", lambda s: None, 5.0)  # type: ignore[arg-type]
+        viewer = Viewer("v.1", "webrtc", "", session, {"app": "live", "stream": "x"}, 3.0)
+        stream.add(viewer)
+        session.flowing = True
+        config = make_frame(VIDEO, 0, b"\x17\x00\x00\x00\x00" + avc_record(SPS, PPS))
+        stream.write([config, picture(0, True), picture(33, False), picture(66, False)])
+        live = [parse_header(p) for p in peer.sent]
+        assert [h[2] for h in live] == [(live[0][2] + i) & 0xFFFF for i in range(len(live))]
+        gop = list(stream.gop)
+        peer.sent.clear()
+        session.keyframe()
+        again = [parse_header(p) for p in peer.sent]
+        assert len(again) == len(gop) and [p[12:] for p in peer.sent] == [p[12:] for p in gop]
+        assert [h[2] for h in again] == [(live[-1][2] + 1 + i) & 0xFFFF for i in range(len(gop))]
+        assert again[-1][3] == live[-1][3] + 1 and again[0][3] > live[-1][3] - 3  # decoded at once, after
+        peer.sent.clear()
+        stream.write([picture(99, False)])
+        after = [parse_header(p) for p in peer.sent]
+        assert after[0][2] == (again[-1][2] + 1) & 0xFFFF and after[0][3] > again[-1][3]
+        peer.sent.clear()
+        session.keyframe()  # again at once: not answered (at most once a second)
+        assert peer.sent == []
+
+    asyncio.run(scenario())
