@@ -50,7 +50,7 @@ from castmesh.proto.v1.dispatch_pb2 import (
 )
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from castmesh.proto.v1.media_pb2 import StreamKey
-from castmesh.webrtc.peer import IceSettings
+from castmesh.webrtc.settings import IceSettings
 from services.demo import run_demo
 from services.dispatch import service as dispatch_service
 from services.dispatch.consul_directory import ConsulDirectory

@@ -42,30 +42,10 @@ from aiortc import clock as aiortc_clock
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
 from castmesh.webrtc.rtp import parse_header
+from castmesh.webrtc.settings import MAX_OFFER, MIME, IceSettings, OfferError
 
-MAX_OFFER = 64 * 1024
-MIME = {"video": "video/h264", "audio": "audio/opus"}
+__all__ = ["MAX_OFFER", "IceSettings", "OfferError", "Peer", "Publisher", "accept", "answer", "check_offer"]
 
-
-class OfferError(ValueError):
-    """An offer castmesh cannot answer: `status` says how (400 malformed, 406 no usable codec)."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-
-
-@dataclass(slots=True, frozen=True)
-class IceSettings:
-    """Where a node's WebRTC media is reachable."""
-
-    servers: tuple[str, ...] = ()  # stun:host:port or turn:host:port?transport=udp, offered to aiortc
-    username: str = ""  # for the TURN servers
-    credential: str = ""
-    bind: str = ""  # gather host candidates on this address only (default: every interface but loopback)
-    ports: tuple[int, int] | None = None  # and on UDP ports in this range (inclusive)
-    advertise: str = ""  # name this address in the answer's candidates instead (NAT 1:1, containers)
 
 
 class _Silent(MediaStreamTrack):

@@ -20,20 +20,23 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import Counter
 
 from castmesh.media import amf0
-from castmesh.media.audio import Transcoder, opus_to_aac
 from castmesh.media.codecs import CodecError, avc_dimensions
 from castmesh.media.frames import AUDIO, DATA, VIDEO, make_frame
 from castmesh.mesh.auth import bearer_query
 from castmesh.mesh.logs import event
 from castmesh.mesh.sessions import Publish, Publishes, Refused, Reply, StreamRequest, problem
-from castmesh.webrtc.peer import MAX_OFFER, IceSettings, OfferError, Publisher, accept, check_offer
 from castmesh.webrtc.rtp import H264Depacketizer, avc_record
+from castmesh.webrtc.settings import MAX_OFFER, IceSettings, OfferError
+
+if TYPE_CHECKING:  # aiortc and PyAV load with the first WHIP request
+    from castmesh.media.audio import Transcoder
+    from castmesh.webrtc.peer import Publisher
 
 log = logging.getLogger("castmesh.ingest")
 
@@ -146,6 +149,8 @@ class WhipSession:
 
     def _audio(self, packet: Any) -> None:
         if self.transcoder is None:
+            from castmesh.media.audio import opus_to_aac
+
             self.transcoder = opus_to_aac()
         for coded in self.transcoder.push(packet.payload, self._ms("audio", packet.timestamp, 48)):
             if not self.audio_config_sent:
@@ -204,6 +209,8 @@ class WhipIngest:
                      peer: str) -> Reply:
         if headers.get("content-type", "").split(";")[0].strip().lower() != "application/sdp":
             return problem(415, "a WHIP offer is an SDP body with Content-Type: application/sdp")
+        from castmesh.webrtc.peer import accept, check_offer
+
         offer = body.decode("utf-8", "replace")
         try:
             check_offer(offer, ("video", "audio"), sends=True)  # before the stream is asked for

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlencode
 
 import aiohttp
@@ -43,7 +43,7 @@ from castmesh.mesh.sessions import HttpPublishes, StreamRequest
 from castmesh.mesh.sessions import problem as sessions_problem
 from castmesh.mesh.subscription import Locate
 from castmesh.mesh.tracing import SessionSpan
-from castmesh.webrtc.peer import IceSettings, OfferError, Peer, answer
+from castmesh.webrtc.settings import IceSettings, OfferError
 from services.playback.feed import BUFFERED, BYTES_OUT, StreamFeed
 from services.playback.formats import HLS_FRAMES, HTTP_FLV, WEBRTC_FRAMES, WEBSOCKET_FLV
 from services.playback.hls import HlsMuxer
@@ -51,7 +51,10 @@ from services.playback.http import HttpSession, Request
 from services.playback.rtmp import RtmpPlayer
 from services.playback.viewer import Viewer, ViewerSink
 from services.playback.web import ListStreams, WebPage, streams_json
-from services.playback.webrtc import WebRtcStream, WhepSession
+
+if TYPE_CHECKING:  # aiortc and PyAV load with the first WebRTC request
+    from castmesh.webrtc.peer import Peer
+    from services.playback.webrtc import WebRtcStream
 
 WEBRTC_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})/(?P<kind>whep|whip)"
                          r"(?:/(?P<session>[A-Za-z0-9_.~-]{1,128}))?$")
@@ -330,6 +333,8 @@ class Playback:
     def _whep_start(self, session: HttpSession, request: Request, stream: WebRtcStream, peer: Peer, text: str,
                     hook_body: dict[str, Any]) -> None:
         """The viewer of an answered offer, and the 201 that tells it where its session is."""
+        from services.playback.webrtc import WhepSession
+
         client_id, app, name = hook_body["client_id"], hook_body["app"], hook_body["stream"]
         sink = WhepSession(stream, peer, client_id, self._gone, self.settings.handshake_timeout)
         viewer = self.clients[client_id] = Viewer(client_id, WEBRTC_FRAMES.protocol, session.peer, sink, hook_body,
@@ -348,6 +353,8 @@ class Playback:
 
     def _webrtc_stream(self, app: str, name: str) -> WebRtcStream:
         """The stream's WebRTC packets: a viewer of its feed, started by its first WHEP viewer."""
+        from services.playback.webrtc import WebRtcStream
+
         feed = self._feed(app, name)
         stream = self.webrtc.get(feed.path)
         if stream is None or stream.stopped:
@@ -370,6 +377,8 @@ class Playback:
         if not stream.live or stream.problem:
             problem(session, 422 if stream.live else 404, stream.problem or "no such stream")
             return None, ""
+        from castmesh.webrtc.peer import answer
+
         try:
             peer, text = await answer(request.body.decode("utf-8", "replace"), self.settings.ice, stream.kinds,
                                       stream.ssrcs, lambda: None)

@@ -26,13 +26,11 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
-from castmesh.media.audio import Transcoder, aac_to_opus
 from castmesh.media.codecs import AudioConfig, CodecError, VideoConfig, VideoSample, read_audio, read_video
 from castmesh.media.frames import AUDIO, VIDEO
 from castmesh.media.gop import GopCache
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.media_pb2 import Frame
-from castmesh.webrtc.peer import Peer
 from castmesh.webrtc.rtp import (
     H264_CLOCK,
     OPUS_CLOCK,
@@ -46,6 +44,8 @@ from castmesh.webrtc.rtp import (
 from services.playback.formats import WEBRTC_FRAMES, start_frames
 
 if TYPE_CHECKING:
+    from castmesh.media.audio import Transcoder
+    from castmesh.webrtc.peer import Peer
     from services.playback.viewer import Viewer
 
 log = logging.getLogger("castmesh.playback")
@@ -155,6 +155,8 @@ class WebRtcStream:
                 audio = read_audio(frame.payload)
                 if isinstance(audio, AudioConfig):
                     if audio != self.audio_config:
+                        from castmesh.media.audio import aac_to_opus  # PyAV: loaded once there is audio to make
+
                         self.audio_config, self.transcoder = audio, aac_to_opus(audio)
                 elif isinstance(audio, bytes) and self.transcoder is not None:
                     coded = self.transcoder.push(audio, frame.timestamp)
