@@ -321,7 +321,7 @@ async def up(cfg: dict[str, Any]) -> int:
                             caps=_caps("playback", cfg), hooks=_hooks(cfg, "on_play", "on_stop"))
         rtmp.plays = playback
         playback.whip = WhipIngest(ingest, playback.settings.ice, cfg["handshake_timeout_ms"] / 1000,
-                                   cfg["idle_timeout_ms"] / 1000)  # WHIP on the one HTTP port
+                                   cfg["idle_timeout_ms"] / 1000, ingest.caps)  # WHIP on the one HTTP port
         closers.append(playback.links.close)
         closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
         assert wiring.registry is not None
@@ -490,7 +490,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             whip = ""
             if cfg["http_port"]:
                 app = whip_app(WhipIngest(ingest, _ice(cfg), cfg["handshake_timeout_ms"] / 1000,
-                                          cfg["idle_timeout_ms"] / 1000))
+                                          cfg["idle_timeout_ms"] / 1000, ingest.caps))
                 closers.append(await _serve_app(app, cfg["host"], cfg["http_port"]))
                 whip = f", {cfg['host']}:{cfg['http_port']} (WHIP)"
             health_port = await _health_server(cfg, closers, lambda r: ingest.kick(r.stream, r.reason))

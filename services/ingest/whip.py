@@ -29,6 +29,7 @@ from castmesh.media import amf0
 from castmesh.media.codecs import CodecError, avc_dimensions
 from castmesh.media.frames import AUDIO, DATA, VIDEO, make_frame
 from castmesh.mesh.auth import bearer_query
+from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.logs import event
 from castmesh.mesh.sessions import Publish, Publishes, Refused, Reply, StreamRequest, problem
 from castmesh.webrtc.rtp import H264Depacketizer, avc_record
@@ -67,6 +68,7 @@ class WhipSession:
         self.last_packet = time.monotonic()
         self.last_keyframe_ask = 0.0
         self.ended = False
+        self.ip = ""  # the publisher's address, as counted against ingest's connection caps
         self.timer: asyncio.TimerHandle | None = None
 
     def attach(self, publisher: Publisher, handshake_timeout: float) -> None:
@@ -179,8 +181,9 @@ class WhipIngest:
     """WHIP requests, whatever HTTP server brings them (ingest's own port, or `castmesh up`'s one)."""
 
     def __init__(self, publishes: Publishes, ice: IceSettings, handshake_timeout: float,
-                 idle_timeout: float) -> None:
+                 idle_timeout: float, caps: ConnectionCaps | None = None) -> None:
         self.publishes = publishes
+        self.caps = caps or ConnectionCaps("ingest")  # a WHIP publisher counts as a connection, as RTMP's do
         self.ice = ice
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
@@ -209,13 +212,26 @@ class WhipIngest:
                      peer: str) -> Reply:
         if headers.get("content-type", "").split(";")[0].strip().lower() != "application/sdp":
             return problem(415, "a WHIP offer is an SDP body with Content-Type: application/sdp")
-        from castmesh.webrtc.peer import accept, check_offer
+        from castmesh.webrtc.peer import check_offer
 
         offer = body.decode("utf-8", "replace")
         try:
             check_offer(offer, ("video", "audio"), sends=True)  # before the stream is asked for
         except OfferError as exc:
             return problem(exc.status, exc.detail)
+        ip = peer.rpartition(":")[0] or peer
+        refused = self.caps.admit(ip, "whip")
+        if refused:
+            return problem(503, refused, ("Retry-After", "5"))
+        reply = await self._publish(app, name, query, headers, offer, peer)
+        if reply.status != 201:  # no session came of it; a session gives its place back when it ends
+            self.caps.release(ip, "whip")
+        return reply
+
+    async def _publish(self, app: str, name: str, query: dict[str, str], headers: dict[str, str], offer: str,
+                       peer: str) -> Reply:
+        from castmesh.webrtc.peer import accept
+
         session_id = f"whip-{next(_ids)}"
         whip: WhipSession | None = None
 
@@ -226,6 +242,7 @@ class WhipIngest:
         request = StreamRequest(app, name, bearer_query(query, headers), peer, "whip")
         publish = self.publishes.publish(request, pause=lambda paused: None, stop=stop)  # UDP cannot pause
         whip = WhipSession(publish, session_id, f"{app}/{name}", self.idle_timeout, self._ended)
+        whip.ip = request.ip
         try:
             await publish.start()
         except Refused as exc:
@@ -250,6 +267,7 @@ class WhipIngest:
     def _ended(self, whip: WhipSession) -> None:
         if self.sessions.get(whip.id) is whip:
             del self.sessions[whip.id]
+            self.caps.release(whip.ip, "whip")
 
 
 CORS = [("Access-Control-Allow-Origin", "*"), ("Access-Control-Allow-Methods", "POST, DELETE, PATCH, OPTIONS"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 from castmesh.media.audio import aac_to_opus
 from castmesh.media.codecs import VideoConfig, VideoSample, aac_config, read_audio, read_video
@@ -95,3 +96,46 @@ def test_a_picture_before_the_parameter_sets_is_not_sent() -> None:
         return publish
 
     assert asyncio.run(scenario()).frames == []
+
+
+def test_whip_publishers_count_against_ingests_connection_caps() -> None:
+    """A WHIP publisher holds a place like an RTMP connection: over the cap, 503 with Retry-After and no
+    stream asked for; its DELETE gives the place back."""
+    from aiortc import RTCPeerConnection
+
+    from castmesh.mesh.caps import ConnectionCaps
+    from castmesh.webrtc.settings import IceSettings
+    from services.ingest.whip import WhipIngest
+
+    asked: list[str] = []
+
+    class Publishes:
+        def publish(self, request: Any, pause: Any, stop: Any) -> Recorder:
+            asked.append(request.name)
+            return Recorder()
+
+    async def offer() -> tuple[RTCPeerConnection, bytes]:
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="sendonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        return pc, pc.localDescription.sdp.encode()
+
+    async def scenario() -> list[int]:
+        whip = WhipIngest(Publishes(), IceSettings(bind="127.0.0.1"), 5.0, 5.0,  # type: ignore[arg-type]
+                          ConnectionCaps("ingest", total=1))
+        sdp = {"content-type": "application/sdp"}
+        pcs = [await offer() for _ in range(3)]
+        first = await whip.handle("POST", "live", "a", None, {}, sdp, pcs[0][1], "10.0.0.1:1")
+        second = await whip.handle("POST", "live", "b", None, {}, sdp, pcs[1][1], "10.0.0.2:1")
+        assert ("Retry-After", "5") in second.headers
+        session = dict(first.headers)["Location"].rsplit("/", 1)[1]
+        deleted = await whip.handle("DELETE", "live", "a", session, {}, {}, b"", "10.0.0.1:1")
+        third = await whip.handle("POST", "live", "c", None, {}, sdp, pcs[2][1], "10.0.0.3:1")
+        for pc, _ in pcs:
+            await pc.close()
+        for open_session in list(whip.sessions.values()):
+            open_session.end("test over", clean=True)
+        return [first.status, second.status, deleted.status, third.status]
+
+    assert asyncio.run(scenario()) == [201, 503, 200, 201]
+    assert asked == ["a", "c"]  # the refused one never asked for its stream
