@@ -39,6 +39,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc import clock as aiortc_clock
+from aiortc.exceptions import OperationError
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 
 from castmesh.webrtc.rtp import parse_header
@@ -247,6 +248,8 @@ async def _negotiate(offer_sdp: str, settings: IceSettings, chosen: list[str], d
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         except ValueError as exc:  # aiortc's word for an offer it cannot take (no fingerprint, no ICE...)
             raise OfferError(400, f"the offer cannot be used: {exc}") from exc
+        except OperationError as exc:  # no codec aiortc takes in common (an H.264 profile it does not know)
+            raise OfferError(406, f"no codec in common with the offer: {exc}") from exc
         await pc.setLocalDescription(await pc.createAnswer())
         text = pc.localDescription.sdp
         payload_types = {m.kind: int(m.rtp.codecs[0].payloadType or 0)

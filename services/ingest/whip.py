@@ -253,6 +253,9 @@ class WhipIngest:
         except OfferError as exc:
             whip.end(f"offer refused: {exc.detail}", clean=True)
             return problem(exc.status, exc.detail)
+        except Exception as exc:  # aiortc refusing what castmesh's checks let through: the stream goes back
+            whip.end(f"offer not answered: {exc!r}", clean=True)
+            return problem(500, f"the offer could not be answered: {exc}")
         if whip.ended:  # kicked, or the stream lost, while ICE gathered
             await publisher.close()
             return problem(409, "the publish ended before it was answered")

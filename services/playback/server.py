@@ -285,8 +285,13 @@ class Playback:
         if self.whip is None:
             problem(session, 404, "WHIP publishes go to an ingest node (its --http-port), not to playback")
             return
-        reply = await self.whip.handle(request.method, app, name, whip_id, request.query, request.headers,
-                                       request.body, session.peer)
+        try:
+            reply = await self.whip.handle(request.method, app, name, whip_id, request.query, request.headers,
+                                           request.body, session.peer)
+        except Exception as exc:  # the request is answered whatever happens, and the node goes on
+            event(log, "whip.error", level=logging.ERROR, path=request.path, error=repr(exc))
+            problem(session, 500, f"the request could not be handled: {exc}")
+            return
         session.respond(reply.status, reply.body, reply.headers)
 
     async def _whep_offer(self, session: HttpSession, request: Request, app: str, name: str) -> None:
@@ -384,6 +389,10 @@ class Playback:
                                       stream.ssrcs, lambda: None)
         except OfferError as exc:
             problem(session, exc.status, exc.detail)
+            return None, ""
+        except Exception as exc:  # aiortc refusing what castmesh's checks let through
+            event(log, "whep.error", level=logging.ERROR, stream=stream.path, error=repr(exc))
+            problem(session, 500, f"the offer could not be answered: {exc}")
             return None, ""
         if session.done or stream.stopped:  # the viewer hung up, or the stream ended, while ICE gathered
             await peer.close()

@@ -87,6 +87,12 @@ def test_offers_castmesh_cannot_answer_say_why() -> None:
         with pytest.raises(OfferError) as unusable:
             await answer(vp8_only, LOCAL, ("video", "audio"), {"video": 1, "audio": 2}, lambda: None)
         assert unusable.value.status == 406 and "audio/opus" in unusable.value.detail
+        video = await client(("video",))
+        high_only = re.sub(r"profile-level-id=\w{6}", "profile-level-id=640c1f", video.localDescription.sdp)
+        with pytest.raises(OfferError) as no_profile:  # aiortc sends no High: 406, not an exception
+            await answer(high_only, LOCAL, ("video",), {"video": 1}, lambda: None)
+        assert no_profile.value.status == 406
+        await video.close()
         with pytest.raises(OfferError) as nothing:
             await answer(viewer.localDescription.sdp, LOCAL, ("video",), {"video": 1}, lambda: None)
         assert nothing.value.status == 406
