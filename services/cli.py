@@ -137,8 +137,8 @@ MAX_WEBRTC = Option("--max-webrtc", 200, "WebRTC viewers this playback node take
                     config.positive)
 WEBRTC_ICE = [ICE_SERVERS, ICE_USERNAME, ICE_CREDENTIAL, WEBRTC_PORTS, WEBRTC_BIND, WEBRTC_ADVERTISE]
 WEBRTC = [*WEBRTC_ICE, MAX_WEBRTC]
-WHIP_PORT = Option("--http-port", 8081, "HTTP port for WHIP publishers, POST /{app}/{stream}/whip (0: none)",
-                   config.port)
+WHIP_PORT = Option("--http-port", 0, "HTTP port for WHIP publishers, POST /{app}/{stream}/whip (0: none; "
+                   "deploy/ uses 8081)", config.port)
 
 COMMON = [LOG_LEVEL, ADVERTISE_HOST, CHECK_CONFIG]
 HLS = [HLS_SEGMENT_MS, HLS_WINDOW, HLS_IDLE_MS]

@@ -22,6 +22,7 @@ class Watched:
     first_video: float | None = None  # seconds from the POST to the first decoded picture
     size: tuple[int, int] = (0, 0)
     frames: dict[str, int] = field(default_factory=lambda: {"video": 0, "audio": 0})
+    video_times: list[float] = field(default_factory=list)  # time.monotonic() of each decoded picture
     deleted: int = 0
 
 
@@ -58,6 +59,8 @@ async def watch(url: str, seconds: float, delete: bool = True) -> Watched:
             except MediaStreamError:
                 return
             seen.frames[track.kind] += 1
+            if track.kind == "video":
+                seen.video_times.append(time.monotonic())
             if track.kind == "video" and seen.first_video is None:
                 seen.first_video = time.monotonic() - started
                 seen.size = (frame.width, frame.height)  # type: ignore[union-attr]

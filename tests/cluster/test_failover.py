@@ -5,6 +5,7 @@ than every retry window and grace period (10 s each), since a stream's first sec
 from __future__ import annotations
 
 import itertools
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -146,3 +147,39 @@ def test_dispatch_restart_forgets_nothing_viewers_need(cluster: Cluster, ran: in
     viewer.join(30)
     assert seen.error == "" and seen.ended_cleanly  # the first viewer never noticed
     assert "lease.reclaimed" in cluster.nodes["ingest"].log()
+
+
+def test_a_whep_viewer_keeps_playing_when_its_origin_is_killed(cluster: Cluster) -> None:
+    """WebRTC's viewers hang on the same feed as FLV's, so an origin killed with -9 after 30 s (past every
+    retry window) must not end a WHEP session: its pictures go on within a few seconds."""
+    import asyncio
+    import threading
+
+    from tests import whep_client
+
+    cluster.relay("origin-1", "origin")
+    cluster.relay("origin-2", "origin")
+    rtmp = cluster.ingest()
+    http = cluster.playback()
+    cluster.wait_registered()
+    publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/rtc-survivor", 48, fps=30, gop=30, extra=["-bf", "0"])
+    wait_live(f"http://127.0.0.1:{http}/live/rtc-survivor.flv")
+    seen: list[whep_client.Watched] = []
+    viewer = threading.Thread(target=lambda: seen.append(asyncio.run(whep_client.watch(
+        f"http://127.0.0.1:{http}/live/rtc-survivor/whep", 40.0))))
+    viewer.start()
+    time.sleep(30)
+    victim = cluster.name_at(cluster.origin_of("rtc-survivor"))
+    cluster.kill9(victim)
+    killed_at = time.monotonic()
+    viewer.join(60)
+    assert publisher.wait(30) == 0, publisher.stderr.read() if publisher.stderr else ""
+    (watched,) = seen
+    assert watched.status == 201, watched.body
+    after = [t for t in watched.video_times if t > killed_at]
+    assert after and after[0] - killed_at < 4.0, "the pictures did not come back within 4 s of the kill"
+    assert len(after) > 30 * 5  # and went on: seconds of pictures after the failover
+    assert watched.deleted == 200  # the WHEP session was still there at the end
+    stops = re.findall(r"viewer.stop client=\S+ path=\S+ protocol=webrtc reason=\"([^\"]*)\"",
+                       cluster.nodes["playback"].log())
+    assert stops == ["deleted by the viewer"], stops  # nothing ended it before its DELETE
