@@ -149,6 +149,7 @@ def test_dispatch_restart_forgets_nothing_viewers_need(cluster: Cluster, ran: in
     assert "lease.reclaimed" in cluster.nodes["ingest"].log()
 
 
+@pytest.mark.parametrize("cluster", ["dispatch"], indirect=True)  # the registry is the FLV tests' business
 def test_a_whep_viewer_keeps_playing_when_its_origin_is_killed(cluster: Cluster) -> None:
     """WebRTC's viewers hang on the same feed as FLV's, so an origin killed with -9 after 30 s (past every
     retry window) must not end a WHEP session: its pictures go on within a few seconds."""
