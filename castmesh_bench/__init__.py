@@ -9,18 +9,22 @@ from castmesh.mesh import runtime
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
-    from castmesh_bench import cluster, fanout, relay
+    from castmesh_bench import cluster, fanout, relay, webrtc
 
     fanout.add_parser(commands)
+    webrtc.add_parser(commands)
     relay.add_parsers(commands)
     cluster.add_parsers(commands)
 
 
 def run(args: argparse.Namespace) -> int:
-    from castmesh_bench import cluster, fanout, relay
+    from castmesh_bench import cluster, fanout, relay, webrtc
 
     if args.bench == "fanout":
         return fanout.run(args)
+    if args.bench == "webrtc":
+        webrtc.report(runtime.run(webrtc.bench(args)), args.json)
+        return 0
     runners: dict[str, Any] = {"relay": relay.relay, "latency": cluster.latency, "failover": cluster.failover}
     result = runtime.run(runners[args.bench](args))
     cluster.report(result, args.json)

@@ -26,21 +26,25 @@ STALL = 1.0
 
 # The clip ------------------------------------------------------------------------------------------------
 
-def make_clip(out: Path, seconds: float) -> Path:
-    """A cached clip at least `seconds` long (60 s unless more is needed)."""
+def make_clip(out: Path, seconds: float, bframes: bool = True) -> Path:
+    """A cached clip at least `seconds` long (60 s unless more is needed); without B-frames if asked (what
+    WebRTC carries)."""
     out.mkdir(parents=True, exist_ok=True)
-    for existing in sorted(out.glob("clip-720p30-2mbps-*s.flv")):
-        if int(existing.stem.rsplit("-", 1)[1][:-1]) >= seconds:
+    name = "clip-720p30-2mbps-" + ("" if bframes else "nobf-")
+    for existing in sorted(out.glob(f"{name}*s.flv")):
+        length = existing.stem.rsplit("-", 1)[1][:-1]
+        if length.isdigit() and int(length) >= seconds:
             return existing
     seconds = max(60, int(seconds) + 1)
-    clip = out / f"clip-720p30-2mbps-{seconds}s.flv"
+    clip = out / f"{name}{seconds}s.flv"
     print(f"encoding a {int(seconds)} s 720p30 2 Mbps clip to {clip} (once)...", file=sys.stderr, flush=True)
     subprocess.run([
         imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
         "-f", "lavfi", "-i", f"testsrc2=size=1280x720:rate=30:duration={seconds}",
         "-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=44100:duration={seconds}",
         "-c:v", "libx264", "-preset", "veryfast", "-b:v", "1900k", "-maxrate", "2000k", "-bufsize", "2000k",
-        "-g", "60", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k", "-f", "flv", str(clip) + ".tmp",
+        "-g", "60", *([] if bframes else ["-bf", "0"]), "-pix_fmt", "yuv420p",
+        "-c:a", "aac", "-b:a", "128k", "-f", "flv", str(clip) + ".tmp",
     ], check=True)
     os.replace(str(clip) + ".tmp", clip)
     return clip

@@ -10,16 +10,20 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 from castmesh.media.flv import FlvReader
 from castmesh.mesh.rtmp_client import RtmpClient
 from castmesh.rtmp import chunks
 
 
-async def publish_file(path: Path, host: str, port: int, app: str, name: str, seconds: float) -> dict[int, float]:
-    """Publish up to `seconds` of the file in real time; return {video timestamp: monotonic send time}."""
+async def publish_file(path: Path, host: str, port: int, app: str, name: str, seconds: float,
+                       key: str = "timestamp", stop: Any = None) -> dict[Any, float]:
+    """Publish up to `seconds` of the file in real time, or until `stop` (a multiprocessing Event) is set;
+    return {video timestamp: monotonic send time}, or with key="content", {a picture's last 32 bytes: send
+    time} (for receivers that renumber timestamps)."""
     client = await RtmpClient.open(host, port, app, name)
-    sent: dict[int, float] = {}
+    sent: dict[Any, float] = {}
     flv = FlvReader()
     start = time.monotonic()
     first_ts: int | None = None
@@ -31,14 +35,14 @@ async def publish_file(path: Path, host: str, port: int, app: str, name: str, se
             for tag in flv.feed(data):
                 first_ts = tag.timestamp if first_ts is None else first_ts
                 due = start + (tag.timestamp - first_ts) / 1000
-                if due - start > seconds:
+                if due - start > seconds or (stop is not None and stop.is_set()):
                     break
                 delay = due - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 client.send_media(tag.kind, tag.timestamp, tag.payload)
                 if tag.kind == chunks.VIDEO:
-                    sent[tag.timestamp] = time.monotonic()
+                    sent[tag.timestamp if key == "timestamp" else bytes(tag.payload[-32:])] = time.monotonic()
             else:
                 continue
             break
@@ -46,7 +50,8 @@ async def publish_file(path: Path, host: str, port: int, app: str, name: str, se
     return sent
 
 
-def run_in_process(path: str, host: str, port: int, app: str, name: str, seconds: float, conn: object) -> None:
+def run_in_process(path: str, host: str, port: int, app: str, name: str, seconds: float, conn: object,
+                   key: str = "timestamp", stop: Any = None) -> None:
     """multiprocessing target: publish, then send the send-time table back through the pipe."""
-    result = asyncio.run(publish_file(Path(path), host, port, app, name, seconds))
+    result = asyncio.run(publish_file(Path(path), host, port, app, name, seconds, key, stop))
     conn.send(result)  # type: ignore[attr-defined]

@@ -1,13 +1,14 @@
 """WebRTC peers on aiortc, for WHEP viewers: an SDP offer answered, ICE gathered within castmesh's settings,
 and a send path for packets made once per stream (castmesh.webrtc.rtp), so that per viewer only SRTP and
-one sendto per packet remain.
+the system calls remain (one per run of same-size packets, with UDP GSO).
 
 aiortc does the standards (SDP, ICE, DTLS, SRTP keys, RTCP receiver reports, PLI/FIR) and castmesh takes
 over where aiortc would do per-viewer work or has no setting:
 - Media: each sender gets a track that never yields, so aiortc's own RTP loop (which would packetize per
-  viewer) idles; castmesh writes whole packets with the peer's SRTP context straight to the ICE pair
-  aiortc nominated. The sender's counters and clock (what its RTCP sender reports say, which browsers
-  use to line audio up with video) are updated once per write.
+  viewer) idles; castmesh writes whole packets with the peer's SRTP context straight to the socket of the
+  ICE pair aiortc nominated (pylibsrtp's context called without its per-packet wrapper). The sender's
+  counters and clock (what its RTCP sender reports say, which browsers use to line audio up with video)
+  are updated once per write.
 - A PLI or FIR from the viewer calls `on_keyframe` (it is answered from the stream's GOP cache, never
   passed to the publisher) instead of asking an encoder that is not there.
 - ICE: aiortc has no port range or host address setting (aioice #63 and #112 are unmerged), so the ICE
@@ -21,11 +22,14 @@ checks each of them against it.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import random
 import re
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass
+import sys
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aioice.ice
@@ -38,12 +42,15 @@ from aiortc import (
     RTCRtpSender,
     RTCSessionDescription,
 )
-from aiortc import clock as aiortc_clock
 from aiortc.exceptions import OperationError
 from aiortc.rtcdtlstransport import RTCDtlsTransport
+from pylibsrtp import SRTP_MAX_TRAILER_LEN, Session
+from pylibsrtp._binding import ffi as srtp_ffi  # type: ignore[import-not-found]
+from pylibsrtp._binding import lib as srtp_lib
 
-from castmesh.webrtc.rtp import parse_header
 from castmesh.webrtc.settings import MAX_OFFER, MIME, IceSettings, OfferError
+
+log = logging.getLogger("castmesh.webrtc")
 
 __all__ = ["MAX_OFFER", "IceSettings", "OfferError", "Peer", "Publisher", "accept", "answer", "check_offer"]
 
@@ -114,13 +121,109 @@ def _ice_servers(settings: IceSettings) -> list[RTCIceServer]:
             for url in settings.servers]
 
 
-@dataclass(slots=True)
-class _Path:
-    """What sending to one peer needs, found once it is connected."""
+UDP_SEGMENT = 103  # linux/udp.h: one buffer sent as datagrams of this size (UDP GSO, Linux 4.18)
+MAX_SEGMENTS = 64  # the kernel's limit per call (UDP_MAX_SEGMENTS)
+MAX_GSO_BYTES = 65_000  # under the 64 KiB an IP packet may hold before segmentation
 
-    protect: Callable[[bytes], bytes]
-    sendto: Callable[[bytes, tuple[str, int]], None]
-    address: tuple[str, int]
+
+def gso_runs(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """How datagrams of these sizes split into runs the kernel can segment from one buffer: within a run all
+    have the first one's size, but the last may be shorter (an H.264 picture's FU-A fragments are such a run).
+    (start, end) index pairs, in order."""
+    runs = []
+    start, count = 0, len(sizes)
+    while start < count:
+        size, end, total = sizes[start], start + 1, sizes[start]
+        while end < count and end - start < MAX_SEGMENTS and sizes[end] <= size and total + sizes[end] <= MAX_GSO_BYTES:
+            total += sizes[end]
+            end += 1
+            if sizes[end - 1] < size:
+                break
+        runs.append((start, end))
+        start = end
+    return runs
+
+
+def _protector(session: Session) -> Callable[[bytes], bytes]:
+    """`session.protect` without pylibsrtp's per-call allocation and checks (the packets are castmesh's own,
+    never longer than MAX_PAYLOAD plus headers); pylibsrtp's own method if its internals are not as
+    expected."""
+    try:
+        buffer, cdata, context = session._buffer, session._cdata, session._srtp[0]
+        protect, length = srtp_lib.srtp_protect, srtp_ffi.new("int *")
+        limit = len(cdata) - SRTP_MAX_TRAILER_LEN
+    except AttributeError:
+        return session.protect
+
+    def protected(packet: bytes) -> bytes:
+        size = len(packet)
+        if size > limit:
+            raise ValueError(f"an RTP packet of {size} bytes is over SRTP's {limit}")
+        length[0] = size
+        buffer[0:size] = packet
+        if protect(context, cdata, length):
+            return session.protect(packet)  # pylibsrtp raises with libsrtp's reason
+        return buffer[0:length[0]]
+
+    return protected
+
+
+class _Wire:
+    """The nominated ICE pair's socket, written to directly: SRTP per packet, then one sendmsg per run of
+    same-size datagrams (UDP GSO: the kernel cuts the buffer) where the kernel has it, else a sendto per
+    datagram. A send the socket's buffer cannot take drops the datagrams, as a full network would."""
+
+    gso = sys.platform == "linux"  # off for the process at the first refusal
+
+    def __init__(self, session: Session, sock: socket.socket | None, sendto: Callable[[bytes, Any], None],
+                 address: tuple[str, int]) -> None:
+        self.protect = _protector(session)
+        self.sock = sock  # a duplicate of the ICE socket's descriptor; None: through the transport
+        self.sendto = sendto
+        self.address = address
+        self.dropped = 0
+
+    def send(self, packets: list[bytes]) -> int:
+        protect = self.protect
+        data = [protect(p) for p in packets]
+        sock, address = self.sock, self.address
+        if sock is None:
+            for datagram in data:
+                self.sendto(datagram, address)
+            return sum(len(d) for d in data)
+        sizes = [len(d) for d in data]
+        sent = 0
+        for start, end in gso_runs(sizes) if _Wire.gso and len(data) > 1 else ((i, i + 1) for i in range(len(data))):
+            try:
+                if end - start == 1:
+                    sock.sendto(data[start], address)
+                else:
+                    sock.sendmsg([b"".join(data[start:end])], [(socket.SOL_UDP, UDP_SEGMENT,
+                                                              sizes[start].to_bytes(2, sys.byteorder))], 0, address)
+                sent += sum(sizes[start:end])
+            except (BlockingIOError, InterruptedError):
+                self.dropped += end - start
+            except OSError as exc:
+                if end - start == 1 or not _Wire.gso:
+                    raise
+                _Wire.gso = False  # a kernel or device without UDP GSO: a datagram per call from now on
+                log.warning("UDP GSO refused (%s): WebRTC packets go one per sendto", exc)
+                for datagram in data[start:end]:
+                    sock.sendto(datagram, address)
+                sent += sum(sizes[start:end])
+        return sent
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+
+def _ntp_now() -> int:
+    """Now as a 64-bit NTP timestamp (seconds since 1900, 32.32 fixed point), as RTCP sender reports carry."""
+    return int((time.time() + NTP_UNIX_OFFSET) * (1 << 32)) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+NTP_UNIX_OFFSET = 2_208_988_800  # seconds from 1900 to 1970
 
 
 class Peer:
@@ -132,7 +235,7 @@ class Peer:
         self.senders = senders  # by kind
         self.payload_types = payload_types  # by kind, as negotiated
         self.on_keyframe = on_keyframe
-        self.path: _Path | None = None
+        self.wire: _Wire | None = None
         self.sent_bytes = 0
         for sender in senders.values():
             sender._send_keyframe = self._keyframe  # type: ignore[method-assign]
@@ -149,42 +252,50 @@ class Peer:
         transport = self.transport
         return transport is not None and transport.state == "connected"
 
-    def send(self, kind: str, packets: list[bytes]) -> int:
-        """Protect and send packets of this peer's `kind` stream; the bytes sent (0 until connected)."""
-        path = self.path or self._find_path()
-        if path is None or not packets:
+    def send(self, batch: list[tuple[str, list[bytes]]]) -> int:
+        """Protect and send packets of this peer's streams, (kind, packets) in order; the bytes sent (0 until
+        connected)."""
+        wire = self.wire or self._find_wire()
+        if wire is None:
             return 0
-        protect, sendto, address = path.protect, path.sendto, path.address
-        size = 0
-        for packet in packets:
-            data = protect(packet)
-            sendto(data, address)
-            size += len(data)
+        packets = [p for _, kind_packets in batch for p in kind_packets]
+        if not packets:
+            return 0
+        size = wire.send(packets)
         self.sent_bytes += size
-        self._count(self.senders[kind], packets)
+        now = _ntp_now()
+        for kind, kind_packets in batch:
+            if kind_packets:
+                self._count(self.senders[kind], kind_packets, now)
         return size
 
-    def _find_path(self) -> _Path | None:
+    def _find_wire(self) -> _Wire | None:
         transport = self.transport
         if transport is None or transport.state != "connected":
             return None
         pair = transport.transport._connection._nominated.get(1)
         if pair is None or pair.protocol.transport is None:
             return None
-        self.path = _Path(transport._tx_srtp.protect, pair.protocol.transport.sendto, pair.remote_addr)
-        return self.path
+        sock = None
+        raw = pair.protocol.transport.get_extra_info("socket")
+        if raw is not None and pair.protocol.local_candidate.type == "host":  # not through a TURN relay
+            sock = socket.socket(raw.family, raw.type, raw.proto, fileno=os.dup(raw.fileno()))
+            sock.setblocking(False)
+        self.wire = _Wire(transport._tx_srtp, sock, pair.protocol.transport.sendto, pair.remote_addr)
+        return self.wire
 
     @staticmethod
-    def _count(sender: RTCRtpSender, packets: list[bytes]) -> None:
+    def _count(sender: RTCRtpSender, packets: list[bytes], ntp: int) -> None:
         """What the sender's RTCP reports will say: its packets and octets, and the RTP time of now."""
-        last = parse_header(packets[-1])
         counters = sender.__dict__
         counters["_RTCRtpSender__packet_count"] += len(packets)
         counters["_RTCRtpSender__octet_count"] += sum(len(p) - 12 for p in packets)
-        counters["_RTCRtpSender__rtp_timestamp"] = last[3]
-        counters["_RTCRtpSender__ntp_timestamp"] = aiortc_clock.current_ntp_time()
+        counters["_RTCRtpSender__rtp_timestamp"] = int.from_bytes(packets[-1][4:8], "big")
+        counters["_RTCRtpSender__ntp_timestamp"] = ntp
 
     async def close(self) -> None:
+        if self.wire is not None:
+            self.wire.close()
         await self.pc.close()
 
 

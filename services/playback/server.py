@@ -68,6 +68,7 @@ PROTOCOLS = (HTTP_FLV.protocol, WEBSOCKET_FLV.protocol, "rtmp", HLS_FRAMES.proto
 WHEP_METHODS = ("Allow", "POST, DELETE, OPTIONS")
 
 VIEWERS = Gauge("castmesh_playback_viewers", "Viewers by protocol (HLS: clients that fetched lately)", ["protocol"])
+TRANSCODERS = Gauge("castmesh_playback_webrtc_transcoders", "Streams whose AAC is transcoded to Opus for WebRTC")
 
 
 @dataclass(slots=True, frozen=True)
@@ -108,6 +109,7 @@ class Playback:
         self.whep_pending = 0  # offers being answered
         for protocol in PROTOCOLS:
             VIEWERS.labels(protocol).set_function(partial(self.watching, protocol))
+        TRANSCODERS.set_function(lambda: sum(1 for stream in self.webrtc.values() if stream.transcoder is not None))
         BUFFERED.set_function(lambda: sum(viewer.sink.transport.get_write_buffer_size()
                                           for feed in self.feeds.values() for viewer in feed.viewers))
 

@@ -56,6 +56,8 @@ KEYFRAME_EVERY = 1.0  # a viewer's repeated PLIs are answered at most this often
 
 KEYFRAME_REQUESTS = Counter("castmesh_playback_webrtc_keyframe_requests", "PLIs and FIRs from WebRTC viewers")
 TRANSCODED = Counter("castmesh_playback_webrtc_opus_frames", "Opus frames made from AAC for WebRTC viewers")
+TRANSCODE_CPU = Counter("castmesh_playback_webrtc_transcode_cpu_seconds",
+                        "CPU time spent transcoding AAC to Opus for WebRTC viewers (once per stream)")
 
 Batch = list[tuple[str, list[bytes]]]  # (kind, packets) in the order the frames came
 
@@ -159,7 +161,9 @@ class WebRtcStream:
 
                         self.audio_config, self.transcoder = audio, aac_to_opus(audio)
                 elif isinstance(audio, bytes) and self.transcoder is not None:
+                    began = time.thread_time()
                     coded = self.transcoder.push(audio, frame.timestamp)
+                    TRANSCODE_CPU.inc(time.thread_time() - began)
                     TRANSCODED.inc(len(coded))
                     for opus in coded:
                         batch.append(("audio", self.audio.packets([opus.data], opus.presented_ms, marker=False)))
@@ -311,9 +315,7 @@ class WhepSession:
         self._send(batch)
 
     def _send(self, batch: Batch) -> None:
-        sent = 0
-        for kind, packets in batch:
-            sent += self.peer.send(kind, packets)
+        sent = self.peer.send(batch)
         if self.viewer is not None:
             self.viewer.written += sent
 

@@ -26,7 +26,11 @@ async def client(kinds: tuple[str, ...] = ("video", "audio")) -> RTCPeerConnecti
     return pc
 
 
-def test_a_viewer_gets_the_packets_of_its_streams_and_its_plis_are_heard() -> None:
+@pytest.mark.parametrize("gso", [True, False], ids=["udp-gso", "sendto-each"])
+def test_a_viewer_gets_the_packets_of_its_streams_and_its_plis_are_heard(gso: bool,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(webrtc_peer._Wire, "gso", gso)
+
     async def scenario() -> None:
         viewer = await client()
         received: dict[int, list[int]] = {}
@@ -53,8 +57,8 @@ def test_a_viewer_gets_the_packets_of_its_streams_and_its_plis_are_heard() -> No
         audio = Packetizer(peer.payload_types["audio"], 48_000, ssrc=0x22222222)
         sent = 0
         for i in range(10):
-            sent += peer.send("video", video.packets([b"\x65" + bytes(100), b"\x41" + bytes(50)], i * 33))
-            sent += peer.send("audio", audio.packets([b"\xfc" + bytes(60)], i * 20))
+            sent += peer.send([("video", video.packets([b"\x65" + bytes(100), b"\x41" + bytes(50)], i * 33)),
+                               ("audio", audio.packets([b"\xfc" + bytes(60)], i * 20))])
         for _ in range(100):
             if sum(len(v) for v in received.values()) >= 30:
                 break
@@ -108,3 +112,15 @@ def test_offers_castmesh_cannot_answer_say_why() -> None:
         await viewer.close()
 
     asyncio.run(scenario())
+
+
+def test_datagrams_split_into_runs_the_kernel_can_segment() -> None:
+    runs = webrtc_peer.gso_runs
+    assert runs([]) == []
+    assert runs([1210, 1210, 1210, 700]) == [(0, 4)]  # a picture's FU-A fragments: one buffer
+    assert runs([40, 1210, 1210, 300, 83, 83]) == [(0, 1), (1, 4), (4, 6)]  # longer, or after the short one: a new run
+    assert runs([83, 90]) == [(0, 1), (1, 2)]
+    assert runs([1000] * 70) == [(0, 64), (64, 70)]  # the kernel's 64 segments
+    assert runs([1400] * 60) == [(0, 46), (46, 60)]  # and 64 KiB
+    sizes = [1210] * 9 + [500, 1210, 83, 83, 1210, 1210]
+    assert [i for a, b in runs(sizes) for i in range(a, b)] == list(range(len(sizes)))  # all, once, in order

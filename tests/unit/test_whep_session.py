@@ -28,7 +28,8 @@ class FakePeer:
         self.on_keyframe: Any = None
         self.sent: list[bytes] = []
 
-    def send(self, kind: str, packets: list[bytes]) -> int:
+    def send(self, batch: list[tuple[str, list[bytes]]]) -> int:
+        packets = [p for _, kind_packets in batch for p in kind_packets]
         self.sent += packets
         return sum(len(p) for p in packets)
 
