@@ -75,6 +75,15 @@ class _Connection(aioice.ice.Connection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.castmesh = _Connection.settings
+        # A publisher's connection (WHIP): consent freshness (RFC 7675) is consent to *send* media, and
+        # castmesh sends a publisher only RTCP; the publisher's own packets show it is there (the WHIP
+        # session's idle timeout). ffmpeg's whip muxer answers no check after ICE completes, so aioice's
+        # consent checks would close its session after 30 s.
+        self.receive_only = False
+
+    async def query_consent(self) -> None:
+        if not self.receive_only:
+            await super().query_consent()
 
     async def get_component_candidates(self, component: int, addresses: list[str],
                                        timeout: int = 5) -> list[aioice.Candidate]:
@@ -433,5 +442,9 @@ async def accept(offer_sdp: str, settings: IceSettings, on_packet: Received) -> 
     # High or Main offer; castmesh does not decode what it receives, so any profile will do.
     baseline = re.sub(r"profile-level-id=[0-9a-fA-F]{6}", "profile-level-id=42e01f", offer_sdp)
     pc, text, payload_types = await _negotiate(baseline, settings, chosen, "recvonly", hear)
+    for transceiver in pc.getTransceivers():  # before ICE can complete: the publisher has not the answer yet
+        connection = transceiver.receiver.transport.transport._connection
+        if isinstance(connection, _Connection):
+            connection.receive_only = True
     publisher = Publisher(pc, receivers, payload_types)
     return publisher, text

@@ -152,7 +152,8 @@ def test_dispatch_restart_forgets_nothing_viewers_need(cluster: Cluster, ran: in
 @pytest.mark.parametrize("cluster", ["dispatch"], indirect=True)  # the registry is the FLV tests' business
 def test_a_whep_viewer_keeps_playing_when_its_origin_is_killed(cluster: Cluster) -> None:
     """WebRTC's viewers hang on the same feed as FLV's, so an origin killed with -9 after 30 s (past every
-    retry window) must not end a WHEP session: its pictures go on within a few seconds."""
+    retry window) must not end a WHEP session on a playback node behind an edge: its pictures go on within
+    a few seconds."""
     import asyncio
     import threading
 
@@ -160,11 +161,14 @@ def test_a_whep_viewer_keeps_playing_when_its_origin_is_killed(cluster: Cluster)
 
     cluster.relay("origin-1", "origin")
     cluster.relay("origin-2", "origin")
+    cluster.relay("edge", "edge", zone="a")
     rtmp = cluster.ingest()
-    http = cluster.playback()
+    http = cluster.playback(zone="a")  # pulls through the edge, which pulls from the origin
     cluster.wait_registered()
     publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/rtc-survivor", 48, fps=30, gop=30, extra=["-bf", "0"])
     wait_live(f"http://127.0.0.1:{http}/live/rtc-survivor.flv")
+    (pulled,) = cluster.stats("edge").streams
+    assert pulled.pulled and len(pulled.subscribers) == 1  # the playback node's feed, through the edge
     seen: list[whep_client.Watched] = []
     viewer = threading.Thread(target=lambda: seen.append(asyncio.run(whep_client.watch(
         f"http://127.0.0.1:{http}/live/rtc-survivor/whep", 40.0))))

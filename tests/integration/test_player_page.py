@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from typing import Any
 
 from tests.integration.harness import ROOT, Up, http_get, publish, wait_live
 
@@ -37,24 +38,18 @@ def test_page_lists_streams_and_exposes_them_as_json(suite: Up) -> None:
         publisher.wait()
 
 
-def test_chromium_plays_from_the_page_over_http_flv_then_websocket_flv_then_hls_then_webrtc(suite: Up) -> None:
+def play_in_chromium(suite: Up, stream: str, shots: str, *protocols: str) -> dict[str, Any]:
+    """The player page in headless Chromium plays `stream` over each protocol in turn, 5 s each; what it saw
+    (tests/browser/page.mjs), with the checks every protocol shares done."""
     ARTIFACTS.mkdir(exist_ok=True)
-    publisher = publish(suite.rtmp("page"), 80, gop=30, extra=["-bf", "0"])  # B-frames are refused by WebRTC
-    try:
-        wait_live(suite.flv("page"))
-        page = f"http://127.0.0.1:{suite.http_port}/"
-        result = subprocess.run(["node", str(BROWSER_DIR / "page.mjs"), page, "live/page", str(ARTIFACTS / "player"),
-                                 "5", "flv", "ws", "hls", "webrtc"], capture_output=True, text=True, timeout=180,
-                                check=False)
-        assert result.returncode == 0, result.stderr
-        seen = json.loads(result.stdout.strip().splitlines()[-1])
-    finally:
-        publisher.kill()
-        publisher.wait()
-    assert seen["row"].split("\t")[:3] == ["live/page", "H.264", "AAC"], seen["row"]
+    page = f"http://127.0.0.1:{suite.http_port}/"
+    result = subprocess.run(["node", str(BROWSER_DIR / "page.mjs"), page, stream, str(ARTIFACTS / shots), "5",
+                             *protocols], capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stderr
+    seen: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["consoleErrors"] == []
     assert set(seen["requests"]) <= {f"127.0.0.1:{suite.http_port}", ""}, seen["requests"]  # "": blob: workers
-    assert [phase["protocol"] for phase in seen["phases"]] == ["flv", "ws", "hls", "webrtc"]
+    assert [phase["protocol"] for phase in seen["phases"]] == list(protocols)
     for phase in seen["phases"]:
         first, last, report = phase["first"], phase["last"], phase["report"]
         assert report["errors"] == [], phase
@@ -62,11 +57,23 @@ def test_chromium_plays_from_the_page_over_http_flv_then_websocket_flv_then_hls_
         advanced = last["t"] - first["t"]
         assert advanced >= 0.5 * phase["wall"], f"{phase['protocol']}: played {advanced:.2f}s in {phase['wall']:.2f}s"
         assert last["frames"] > first["frames"], phase
-        if phase["protocol"] == "webrtc":  # the AAC reaches the browser as Opus, and is decoded
+        if phase["protocol"] == "webrtc":  # the audio reaches the browser as Opus, and is decoded
             before, after = first["stats"]["audio"], last["stats"]["audio"]
             assert after["packets"] > before["packets"] + 100 and after["samples"] > before["samples"], phase
             assert after["concealed"] - before["concealed"] < 0.2 * (after["samples"] - before["samples"]), phase
             assert report["connectionState"] == "connected", phase
         else:
             assert last["audioBytes"] > first["audioBytes"], phase
-        assert (ARTIFACTS / f"player-{phase['protocol']}.png").stat().st_size > 10_000
+        assert (ARTIFACTS / f"{shots}-{phase['protocol']}.png").stat().st_size > 10_000
+    return seen
+
+
+def test_chromium_plays_from_the_page_over_http_flv_then_websocket_flv_then_hls_then_webrtc(suite: Up) -> None:
+    publisher = publish(suite.rtmp("page"), 80, gop=30, extra=["-bf", "0"])  # B-frames are refused by WebRTC
+    try:
+        wait_live(suite.flv("page"))
+        seen = play_in_chromium(suite, "live/page", "player", "flv", "ws", "hls", "webrtc")
+    finally:
+        publisher.kill()
+        publisher.wait()
+    assert seen["row"].split("\t")[:3] == ["live/page", "H.264", "AAC"], seen["row"]

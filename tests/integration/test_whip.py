@@ -1,6 +1,8 @@
 """WHIP into `castmesh up`: ffmpeg's `whip` muxer publishes H.264 and Opus; the stream is the same as an RTMP
-publisher's: ffmpeg decodes it over HTTP-FLV and HLS (video, and the Opus as AAC), a WHEP viewer plays it
-back, and the WHIP session's DELETE (ffmpeg sends it as it exits) ends the publish cleanly."""
+publisher's: ffmpeg decodes it over HTTP-FLV and HLS (video, and the Opus as AAC), a WHEP viewer (aiortc)
+and Chromium (the player page's WebRTC choice) play it back, and the WHIP session's DELETE (ffmpeg sends it
+as it exits) ends the publish cleanly. The publish lasts 40 s, past aioice's 30 s ICE consent window (ffmpeg
+answers no consent check after ICE completes; castmesh's publisher connections do not ask)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import time
 from tests import whep_client
 from tests.integration.harness import FFMPEG, Up, decode, http_get, wait_live
 from tests.integration.test_hls import wait_segments
+from tests.integration.test_player_page import play_in_chromium
 
 
 def whip_publish(up: Up, name: str, seconds: float) -> subprocess.Popen[bytes]:
@@ -28,7 +31,7 @@ def whip_publish(up: Up, name: str, seconds: float) -> subprocess.Popen[bytes]:
 
 
 def test_ffmpeg_publishes_over_whip_and_it_plays_over_flv_hls_and_whep(suite: Up) -> None:
-    publisher = whip_publish(suite, "whip", 25)
+    publisher = whip_publish(suite, "whip", 40)
     try:
         wait_live(suite.flv("whip"), timeout=20)
         flv_counts, flv_errors = decode(suite.flv("whip"), seconds=4)
@@ -36,6 +39,7 @@ def test_ffmpeg_publishes_over_whip_and_it_plays_over_flv_hls_and_whep(suite: Up
         hls_counts, hls_errors = decode(suite.hls("whip"), seconds=4)
         seen = asyncio.run(whep_client.watch(f"http://127.0.0.1:{suite.http_port}/live/whip/whep", 3.0))
         listing = json.loads(http_get(f"http://127.0.0.1:{suite.http_port}/api/streams").read())
+        play_in_chromium(suite, "live/whip", "whip", "webrtc")  # the page's checks: picture, time, audio decoded
     finally:
         _, err = publisher.communicate(timeout=40)
     assert publisher.returncode == 0, err.decode(errors="replace")[-2000:]

@@ -124,3 +124,34 @@ def test_datagrams_split_into_runs_the_kernel_can_segment() -> None:
     assert runs([1400] * 60) == [(0, 46), (46, 60)]  # and 64 KiB
     sizes = [1210] * 9 + [500, 1210, 83, 83, 1210, 1210]
     assert [i for a, b in runs(sizes) for i in range(a, b)] == list(range(len(sizes)))  # all, once, in order
+
+
+def test_a_publishers_connection_asks_no_consent_and_a_viewers_does() -> None:
+    """A WHIP publisher's ICE connection never closes for unanswered consent checks (ffmpeg answers none
+    after ICE completes; its packets and the WHIP session's idle timeout say it is there); a WHEP viewer's
+    keeps aioice's checks, which are consent to send it media."""
+    async def scenario() -> None:
+        publisher_pc = RTCPeerConnection()
+        publisher_pc.addTransceiver("audio", direction="sendonly")
+        await publisher_pc.setLocalDescription(await publisher_pc.createOffer())
+        publisher, _ = await webrtc_peer.accept(publisher_pc.localDescription.sdp, LOCAL, lambda kind, p: None)
+        viewer_pc = await client(("audio",))
+        peer, _ = await answer(viewer_pc.localDescription.sdp, LOCAL, ("audio",), {"audio": 2}, lambda: None)
+
+        def connection(pc: RTCPeerConnection) -> webrtc_peer._Connection:
+            found = pc.getTransceivers()[0].receiver.transport.transport._connection
+            assert isinstance(found, webrtc_peer._Connection)
+            return found
+
+        published, viewed = connection(publisher.pc), connection(peer.pc)
+        assert published.receive_only and not viewed.receive_only
+        published.remote_password = viewed.remote_password = "x"  # what connect() has before the checks start
+        await asyncio.wait_for(published.query_consent(), 0.5)  # returns: no checks, no expiry
+        checking = asyncio.ensure_future(viewed.query_consent())  # aioice's loop: runs until cancelled
+        await asyncio.sleep(0.1)
+        assert not checking.done()
+        checking.cancel()
+        for pc in (publisher_pc, viewer_pc, publisher.pc, peer.pc):
+            await pc.close()
+
+    asyncio.run(scenario())
