@@ -10,7 +10,8 @@ over where aiortc would do per-viewer work or has no setting:
   counters and clock (what its RTCP sender reports say, which browsers use to line audio up with video)
   are updated once per write.
 - A PLI or FIR from the viewer calls `on_keyframe` (it is answered from the stream's GOP cache, never
-  passed to the publisher) instead of asking an encoder that is not there.
+  passed to the publisher) instead of asking an encoder that is not there; a NACK's lost packets call
+  `on_lost` (resent from the same cache) instead of looking in the sender's history, which stays empty.
 - ICE: aiortc has no port range or host address setting (aioice #63 and #112 are unmerged), so the ICE
   connections aiortc creates are of a subclass that gathers host candidates on the configured address
   and within the configured UDP port range; the answer can name an advertised address instead (NAT 1:1,
@@ -30,6 +31,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import aioice.ice
@@ -244,10 +246,16 @@ class Peer:
         self.senders = senders  # by kind
         self.payload_types = payload_types  # by kind, as negotiated
         self.on_keyframe = on_keyframe
+        self.on_lost: Callable[[str, int], None] = lambda kind, sequence: None
         self.wire: _Wire | None = None
         self.sent_bytes = 0
-        for sender in senders.values():
+        for kind, sender in senders.items():
             sender._send_keyframe = self._keyframe  # type: ignore[method-assign]
+            sender._retransmit = partial(self._lost, kind)  # type: ignore[method-assign]
+
+    async def _lost(self, kind: str, sequence: int) -> None:
+        """A NACK's lost packet (aiortc's sender would look in a history it never filled)."""
+        self.on_lost(kind, sequence)
 
     def _keyframe(self) -> None:
         self.on_keyframe()

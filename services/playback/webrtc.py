@@ -53,8 +53,10 @@ log = logging.getLogger("castmesh.playback")
 VIDEO_PT, AUDIO_PT = 102, 111  # the stream's own numbers; a viewer that negotiated others gets copies
 MAX_GOP_BYTES = 16 * 1024 * 1024  # packets kept for joining viewers; past it, they wait for the next keyframe
 KEYFRAME_EVERY = 1.0  # a viewer's repeated PLIs are answered at most this often
+RESEND_PER_SECOND = 400  # packets a viewer's NACKs may have sent again a second (about 4 Mbps)
 
 KEYFRAME_REQUESTS = Counter("castmesh_playback_webrtc_keyframe_requests", "PLIs and FIRs from WebRTC viewers")
+RESENT = Counter("castmesh_playback_webrtc_resent_packets", "Video packets sent again for WebRTC viewers' NACKs")
 TRANSCODED = Counter("castmesh_playback_webrtc_opus_frames", "Opus frames made from AAC for WebRTC viewers")
 TRANSCODE_CPU = Counter("castmesh_playback_webrtc_transcode_cpu_seconds",
                         "CPU time spent transcoding AAC to Opus for WebRTC viewers (once per stream)")
@@ -243,7 +245,10 @@ class WhepSession:
         self.done = False
         self.last_keyframe = 0.0
         self.video_offset = 0  # this viewer's video sequence numbers run this far ahead of the stream's
+        self.live_from = 0  # the stream's first video sequence number this viewer got live (not in a burst)
+        self.resent_window, self.resent = 0.0, 0
         peer.on_keyframe = self.keyframe
+        peer.on_lost = self.lost
         peer.pc.on("connectionstatechange", self._state)
         self.connect_timeout = connect_timeout  # ICE and DTLS must complete within this of the answer
         self.timer = asyncio.get_running_loop().call_later(connect_timeout, self._connect_timeout)
@@ -295,12 +300,36 @@ class WhepSession:
         first = int.from_bytes(gop[0][2:4], "big")
         again = renumber(burst(gop, end=int.from_bytes(gop[-1][4:8], "big") + 1), last_sent + 1 - first)
         self.video_offset = (self.video_offset + len(gop)) & 0xFFFF
+        self.live_from = self.stream.video.sequence
         self._send(self.variant([("video", again)], {}))
         if self.viewer is not None:
             self.viewer.moment("keyframe request", packets=len(gop))
 
+    def lost(self, kind: str, sequence: int) -> None:
+        """A packet the viewer's NACK says it lost, sent again as it was if the stream still has it: video
+        since the last keyframe, sent live (a packet of a burst was restamped, and its picture is better
+        answered by the PLI the viewer sends if it stays broken). At most RESEND_PER_SECOND a second."""
+        if kind != "video" or not self.flowing:
+            return
+        gop = self.stream.gop
+        if not gop:
+            return
+        own = (sequence - self.video_offset) & 0xFFFF  # the stream's number for it
+        index = (own - int.from_bytes(gop[0][2:4], "big")) & 0xFFFF
+        if index >= len(gop) or (own - self.live_from) & 0xFFFF >= 0x8000:
+            return
+        now = time.monotonic()
+        if now - self.resent_window >= 1.0:
+            self.resent_window, self.resent = now, 0
+        if self.resent >= RESEND_PER_SECOND:
+            return
+        self.resent += 1
+        RESENT.inc()
+        self.write(self.variant([("video", [gop[index]])], {}))
+
     def _send_gop(self, why: str) -> None:
         gop = burst(self.stream.gop)
+        self.live_from = self.stream.video.sequence
         if gop:
             self.write(self.variant([("video", gop)], {}))
         if self.viewer is not None:

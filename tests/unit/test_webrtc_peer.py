@@ -74,6 +74,14 @@ def test_a_viewer_gets_the_packets_of_its_streams_and_its_plis_are_heard(gso: bo
                 break
             await asyncio.sleep(0.02)
         assert keyframes == [1]
+        lost: list[tuple[str, int]] = []
+        peer.on_lost = lambda kind, sequence: lost.append((kind, sequence))
+        await viewer.getTransceivers()[0].receiver._send_rtcp_nack(0x11111111, [7, 9])
+        for _ in range(50):
+            if len(lost) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert lost == [("video", 7), ("video", 9)]  # a NACK reaches the stream's cache, not aiortc's history
         await viewer.close()
         await peer.close()
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from typing import Any
 
 from castmesh.media.frames import VIDEO, make_frame
 from castmesh.webrtc.rtp import avc_record, parse_header
 from services.playback.viewer import Viewer
-from services.playback.webrtc import WebRtcStream, WhepSession
+from services.playback.webrtc import RESEND_PER_SECOND, WebRtcStream, WhepSession
 from tests.unit.test_rtp import PPS, SPS
 
 
@@ -67,5 +68,45 @@ def test_a_pli_is_answered_with_the_gop_renumbered_for_that_viewer_alone() -> No
         peer.sent.clear()
         session.keyframe()  # again at once: not answered (at most once a second)
         assert peer.sent == []
+
+    asyncio.run(scenario())
+
+
+def test_a_nacked_packet_is_sent_again_from_the_gop_with_that_viewers_numbers() -> None:
+    async def scenario() -> None:
+        stream = WebRtcStream("live/x", lambda s: None)
+        peer = FakePeer()
+        config = make_frame(VIDEO, 0, b"\x17\x00\x00\x00\x00" + avc_record(SPS, PPS))
+        stream.write([config, picture(0, True)])  # before the viewer: it gets these in its join burst
+        session = WhepSession(stream, peer, "v.1", lambda s: None, 5.0)  # type: ignore[arg-type]
+        viewer = Viewer("v.1", "webrtc", "", session, {"app": "live", "stream": "x"}, 3.0)
+        stream.add(viewer)
+        session.flowing = True
+        session._send_gop("start")
+        burst_seqs = [parse_header(p)[2] for p in peer.sent]
+        stream.write([picture(33, False), picture(66, False)])
+        live = peer.sent[len(burst_seqs):]
+        peer.sent.clear()
+        lost = live[2]
+        session.lost("video", parse_header(lost)[2])
+        assert peer.sent == [lost]  # the very packet, its number and stamp
+        peer.sent.clear()
+        session.lost("video", burst_seqs[1])  # restamped in the burst: left to a PLI
+        session.lost("video", (parse_header(live[-1])[2] + 5) & 0xFFFF)  # never sent
+        session.lost("audio", 1)
+        assert peer.sent == []
+        session.last_keyframe = -10.0
+        session.keyframe()  # from here this viewer's numbers run ahead of the stream's
+        peer.sent.clear()
+        stream.write([picture(99, False)])
+        after = peer.sent[1]
+        peer.sent.clear()
+        session.lost("video", parse_header(after)[2])
+        assert peer.sent == [after]
+        peer.sent.clear()
+        session.resent_window, session.resent = time.monotonic(), 0  # a new second starts
+        for _ in range(500):  # a viewer NACKing without end gets RESEND_PER_SECOND a second
+            session.lost("video", parse_header(after)[2])
+        assert len(peer.sent) == RESEND_PER_SECOND
 
     asyncio.run(scenario())
