@@ -23,6 +23,7 @@ checks each of them against it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -333,8 +334,9 @@ def check_offer(offer_sdp: str, kinds: tuple[str, ...], sends: bool) -> list[str
         raise OfferError(413, f"an offer over {MAX_OFFER} bytes")
     try:
         parsed = sdp.SessionDescription.parse(offer_sdp)
-    except (ValueError, KeyError, IndexError) as exc:
-        raise OfferError(400, f"the offer is not SDP: {exc}") from exc
+    except Exception as exc:  # aiortc's parser raises whatever its code meets (StopIteration for an a=fmtp
+        # naming a payload type the m= line has not, IndexError, ValueError, ...): all of it is bad SDP
+        raise OfferError(400, f"the offer is not SDP castmesh can read: {exc!r}") from exc
     if not offer_sdp.startswith("v=0") or not parsed.media:
         raise OfferError(400, "the offer is not SDP with media sections (v=0, then m= lines)")
     if not any(m.kind in kinds for m in parsed.media):
@@ -345,6 +347,12 @@ def check_offer(offer_sdp: str, kinds: tuple[str, ...], sends: bool) -> list[str
             raise OfferError(400, f"the offer's {media.kind} section has no DTLS fingerprint")
         if media.kind in chosen and (media.ice is None or not media.ice.usernameFragment or not media.ice.password):
             raise OfferError(400, f"the offer's {media.kind} section has no ICE credentials")
+        if media.kind in chosen and not media.rtp.muxId:  # JSEP and BUNDLE name every section
+            raise OfferError(400, f"the offer's {media.kind} section has no a=mid")
+    mids = {m.rtp.muxId for m in parsed.media}
+    for group in parsed.group:
+        if group.semantic == "BUNDLE" and not set(map(str, group.items)) <= mids:
+            raise OfferError(400, f"the offer bundles sections it does not have: {' '.join(map(str, group.items))}")
     wanted = ("sendonly", "sendrecv") if sends else ("recvonly", "sendrecv")
     for media in parsed.media:
         if media.kind in chosen and media.direction not in wanted:
@@ -385,7 +393,8 @@ async def _negotiate(offer_sdp: str, settings: IceSettings, chosen: list[str], d
         if set(payload_types) != set(chosen):
             raise OfferError(406, f"no codec in common for {', '.join(set(chosen) - set(payload_types))}")
     except BaseException:
-        await pc.close()
+        with contextlib.suppress(Exception):  # a half-made connection may not close cleanly; the error is the news
+            await pc.close()
         raise
     if settings.advertise:
         text = re.sub(r"(a=candidate:\S+ \d+ udp \d+ )(\S+)( \d+ typ host)", rf"\g<1>{settings.advertise}\g<3>", text)

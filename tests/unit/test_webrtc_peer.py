@@ -9,6 +9,8 @@ import re
 
 import pytest
 from aiortc import RTCPeerConnection, RTCSessionDescription
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from castmesh.webrtc import peer as webrtc_peer
 from castmesh.webrtc.peer import IceSettings, OfferError, answer
@@ -161,5 +163,78 @@ def test_a_publishers_connection_asks_no_consent_and_a_viewers_does() -> None:
         checking.cancel()
         for pc in (publisher_pc, viewer_pc, publisher.pc, peer.pc):
             await pc.close()
+
+    asyncio.run(scenario())
+
+
+def _real_offer() -> str:
+    async def make() -> str:
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver("audio", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        text: str = pc.localDescription.sdp
+        await pc.close()
+        return text
+
+    return asyncio.run(make())
+
+
+OFFER_LINES = _real_offer().split("\r\n")
+
+
+EDITS = st.lists(st.tuples(st.integers(0, len(OFFER_LINES) - 1), st.sampled_from(["drop", "twice", "cut", "junk"]),
+                           st.text(max_size=40)), max_size=8)
+
+
+def _mangled(edits: list[tuple[int, str, str]]) -> str:
+    """A real offer with lines dropped, repeated, cut short or replaced."""
+    lines = list(OFFER_LINES)
+    for at, how, junk in edits:
+        if not lines:
+            break
+        at %= len(lines)
+        if how == "drop":
+            del lines[at]
+        elif how == "twice":
+            lines.insert(at, lines[at])
+        elif how == "cut":
+            lines[at] = lines[at][: len(junk)]
+        else:
+            lines[at] = lines[at][:2] + junk
+    return "\r\n".join(lines)
+
+
+@settings(max_examples=300, deadline=None)
+@given(EDITS)
+def test_a_mangled_offer_is_answered_with_a_reason_or_taken(edits: list[tuple[int, str, str]]) -> None:
+    """check_offer says which kinds it takes or raises OfferError with a 4xx, never anything else
+    (aiortc's parser is behind it)."""
+    try:
+        chosen = webrtc_peer.check_offer(_mangled(edits), ("video", "audio"), sends=False)
+    except OfferError as exc:
+        assert exc.status in (400, 406, 413, 415, 422) and exc.detail
+    else:
+        assert chosen and set(chosen) <= {"video", "audio"}
+    with pytest.raises(OfferError) as big:
+        webrtc_peer.check_offer("v=0\r\n" + "a=x\r\n" * (webrtc_peer.MAX_OFFER // 5), ("video",), sends=False)
+    assert big.value.status == 413
+
+
+@settings(max_examples=40, deadline=None)
+@given(EDITS)
+def test_a_mangled_offer_that_passes_the_checks_is_answered_or_refused_with_a_4xx(
+        edits: list[tuple[int, str, str]]) -> None:
+    """The whole answer, aiortc's negotiation included: an answer, or OfferError with a 4xx; never another
+    exception (which the HTTP side would have to call a 500)."""
+    async def scenario() -> None:
+        try:
+            peer, text = await answer(_mangled(edits), LOCAL, ("video", "audio"), {"video": 1, "audio": 2},
+                                      lambda: None)
+        except OfferError as exc:
+            assert 400 <= exc.status < 500
+        else:
+            assert "a=candidate" in text
+            await peer.close()
 
     asyncio.run(scenario())
