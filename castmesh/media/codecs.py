@@ -72,11 +72,12 @@ def read_video(payload: bytes) -> VideoConfig | VideoSample | None:
             return None
         if packet_type == _EX_SEQUENCE_START:
             return _video_config(codec, payload[5:])
-        if packet_type == _EX_CODED_FRAMES:
+        if packet_type == _EX_CODED_FRAMES and codec in ("avc1", "hvc1"):  # these two carry a composition time
             if len(payload) < 8:
                 raise CodecError("enhanced coded frame shorter than its composition time")
-            cts = _s24(payload, 5) if codec in ("avc1", "hvc1") else 0
-            return VideoSample(frame_type == 1, cts, payload[8:])
+            return VideoSample(frame_type == 1, _s24(payload, 5), payload[8:])
+        if packet_type == _EX_CODED_FRAMES:  # AV1, VP9: the frame right after the FourCC
+            return VideoSample(frame_type == 1, 0, payload[5:])
         if packet_type == _EX_CODED_FRAMES_X:
             return VideoSample(frame_type == 1, 0, payload[5:])
         return None

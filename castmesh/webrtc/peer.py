@@ -42,11 +42,14 @@ from aiortc import (
     RTCConfiguration,
     RTCIceServer,
     RTCPeerConnection,
+    RTCRtpCodecParameters,
     RTCRtpSender,
     RTCSessionDescription,
 )
+from aiortc import codecs as aiortc_codecs
 from aiortc.exceptions import OperationError
 from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcrtpparameters import RTCRtcpFeedback
 from pylibsrtp import SRTP_MAX_TRAILER_LEN, Session
 from pylibsrtp._binding import ffi as srtp_ffi  # type: ignore[import-not-found]
 from pylibsrtp._binding import lib as srtp_lib
@@ -126,6 +129,27 @@ def _ports_from_random(low: int, high: int) -> list[int]:
 
 
 aiortc.rtcicetransport.Connection = _Connection  # type: ignore[misc]  # the one place aiortc makes them
+
+
+def _register_video_codecs() -> None:
+    """aiortc negotiates VP8 and H.264 video only; castmesh also sends VP9 and AV1 as published (it
+    packetizes them; aiortc never encodes or decodes them), so aiortc's codec list gets them, each with RTX,
+    NACK and PLI feedback like its own."""
+    video = aiortc_codecs.CODECS["video"]
+    known = {c.mimeType.lower() for c in video}
+    payload_type = max(c.payloadType or 0 for c in video) + 1
+    for mime, parameters in (("video/VP9", {"profile-id": "0"}), ("video/AV1", {})):
+        if mime.lower() in known:
+            continue
+        video.append(RTCRtpCodecParameters(
+            mimeType=mime, clockRate=90_000, payloadType=payload_type, parameters=dict(parameters),
+            rtcpFeedback=[RTCRtcpFeedback(type="nack"), RTCRtcpFeedback(type="nack", parameter="pli")]))
+        video.append(RTCRtpCodecParameters(mimeType="video/rtx", clockRate=90_000, payloadType=payload_type + 1,
+                                           parameters={"apt": payload_type}))
+        payload_type += 2
+
+
+_register_video_codecs()
 
 
 def _ice_servers(settings: IceSettings) -> list[RTCIceServer]:
@@ -317,17 +341,18 @@ class Peer:
         await self.pc.close()
 
 
-def _codec(offer: Any, kind: str) -> Any:
-    """The offer's first codec of castmesh's choice for `kind`, if it has one."""
+def _codec(offer: Any, kind: str, mime: str) -> Any:
+    """The offer's first codec of type `mime` for `kind`, if it has one."""
     for media in offer.media:
         if media.kind == kind:
-            return next((c for c in media.rtp.codecs if c.mimeType.lower() == MIME[kind]), None)
+            return next((c for c in media.rtp.codecs if c.mimeType.lower() == mime), None)
     return None
 
 
-def check_offer(offer_sdp: str, kinds: tuple[str, ...], sends: bool) -> list[str]:
-    """Which of `kinds` the offer has media for, in the direction asked (`sends`: a publisher's offer);
-    OfferError if castmesh cannot answer it."""
+def check_offer(offer_sdp: str, kinds: tuple[str, ...], sends: bool, mimes: dict[str, str] | None = None) -> list[str]:
+    """Which of `kinds` the offer has media for, in the direction asked (`sends`: a publisher's offer) and
+    with the codecs asked (`mimes` by kind, default MIME); OfferError if castmesh cannot answer it."""
+    mimes = mimes or MIME
     from aiortc import sdp
 
     if len(offer_sdp) > MAX_OFFER:
@@ -359,13 +384,14 @@ def check_offer(offer_sdp: str, kinds: tuple[str, ...], sends: bool) -> list[str
             raise OfferError(422, f"the offer's {media.kind} section is {media.direction}: "
                              f"{'a publisher sends' if sends else 'a viewer receives'}")
     for kind in chosen:
-        if _codec(parsed, kind) is None:
-            raise OfferError(406, f"the offer cannot carry {kind} as {MIME[kind]}")
+        if _codec(parsed, kind, mimes[kind]) is None:
+            raise OfferError(406, f"the offer cannot carry {kind} as {mimes[kind]}, which the stream is")
     return chosen
 
 
 async def _negotiate(offer_sdp: str, settings: IceSettings, chosen: list[str], direction: str,
-                     prepare: Callable[[str, Any], None]) -> tuple[RTCPeerConnection, str, dict[str, int]]:
+                     prepare: Callable[[str, Any], None],
+                     mimes: dict[str, str] = MIME) -> tuple[RTCPeerConnection, str, dict[str, int]]:
     """A peer connection that answers the offer for the chosen kinds in `direction`; `prepare(kind,
     transceiver)` before the offer is applied. The answer (every candidate gathered) and the payload types."""
     from aiortc import sdp
@@ -378,7 +404,7 @@ async def _negotiate(offer_sdp: str, settings: IceSettings, chosen: list[str], d
                 continue
             transceiver = pc.addTransceiver(_Silent(kind) if direction == "sendonly" else kind, direction=direction)
             capabilities = RTCRtpSender.getCapabilities(kind).codecs
-            transceiver.setCodecPreferences([c for c in capabilities if c.mimeType.lower() == MIME[kind]])
+            transceiver.setCodecPreferences([c for c in capabilities if c.mimeType.lower() == mimes[kind]])
             prepare(kind, transceiver)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
@@ -402,17 +428,18 @@ async def _negotiate(offer_sdp: str, settings: IceSettings, chosen: list[str], d
 
 
 async def answer(offer_sdp: str, settings: IceSettings, kinds: tuple[str, ...], ssrcs: dict[str, int],
-                 on_keyframe: Callable[[], None]) -> tuple[Peer, str]:
-    """Answer a viewer's offer for the given kinds ("video": H.264, "audio": Opus) with fixed SSRCs (the
-    stream's packets carry them); the peer and the answer's SDP, with every candidate gathered."""
-    chosen = check_offer(offer_sdp, kinds, sends=False)
+                 on_keyframe: Callable[[], None], mimes: dict[str, str] = MIME) -> tuple[Peer, str]:
+    """Answer a viewer's offer for the given kinds in the stream's codecs (`mimes`: video H.264, VP9 or
+    AV1; audio Opus) with fixed SSRCs (the stream's packets carry them); the peer and the answer's SDP, with
+    every candidate gathered."""
+    chosen = check_offer(offer_sdp, kinds, sends=False, mimes=mimes)
     senders: dict[str, RTCRtpSender] = {}
 
     def fixed_ssrc(kind: str, transceiver: Any) -> None:
         transceiver.sender._ssrc = ssrcs[kind]
         senders[kind] = transceiver.sender
 
-    pc, text, payload_types = await _negotiate(offer_sdp, settings, chosen, "sendonly", fixed_ssrc)
+    pc, text, payload_types = await _negotiate(offer_sdp, settings, chosen, "sendonly", fixed_ssrc, mimes)
     return Peer(pc, senders, payload_types, on_keyframe), text
 
 

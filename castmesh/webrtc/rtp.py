@@ -7,6 +7,12 @@ same bytes to every viewer (only SRTP, which is keyed per peer, is done per view
   cut into FU-A fragments; SPS and PPS go before every IDR picture in one STAP-A, so a viewer can start
   at any keyframe. Access unit delimiters, filler and types no picture carries (0, 24-31, which would
   read as aggregation or fragment packets) are left out.
+- VP9 (RFC 9628): the frame cut into packets behind a one-byte descriptor (P: predicted, B: first, E:
+  last), with no picture ID or layer indices, so receivers order and reference pictures by sequence number
+  as for H.264 (libwebrtc does for VP9 without picture IDs) and a burst can be renumbered per viewer.
+- AV1 (the AOM's RTP payload format): every OBU but temporal delimiters, tile lists and padding, its size
+  field dropped, one OBU (or fragment of one) per packet behind the aggregation header (Z, Y, W=1, N on a
+  keyframe's first packet); the sequence header before every keyframe that lacks one.
 - Opus (RFC 7587): one Opus packet per RTP packet, 48 kHz timestamps.
 
 Timestamps come from the frames' presentation times (milliseconds) on the codec's clock, from a random
@@ -24,7 +30,7 @@ from collections.abc import Sequence
 from castmesh.media.codecs import CodecError, VideoConfig, VideoSample, nal_units
 
 MAX_PAYLOAD = 1200  # bytes of RTP payload: with the RTP, SRTP, UDP and IP headers, within a 1280-byte path
-H264_CLOCK = 90_000
+VIDEO_CLOCK = 90_000  # every video payload format's RTP clock
 OPUS_CLOCK = 48_000
 _STAP_A, _FU_A = 24, 28
 _SPS, _PPS, _AUD, _FILLER, _IDR = 7, 8, 9, 12, 5
@@ -47,6 +53,75 @@ def h264_payloads(sample: VideoSample, config: VideoConfig, max_payload: int = M
         else:
             payloads += _fu_a(unit, max_payload)
     return payloads
+
+
+def vp9_payloads(sample: VideoSample, max_payload: int = MAX_PAYLOAD) -> list[bytes]:
+    """One VP9 frame as RTP payloads (RFC 9628 4.2, non-flexible mode with I=0, L=0)."""
+    data, room = memoryview(sample.data), max_payload - 1
+    if not data:
+        raise CodecError("empty VP9 frame")
+    count = -(-len(data) // room)
+    predicted = 0 if sample.keyframe else 0x40
+    return [bytes((predicted | (0x08 if i == 0 else 0) | (0x04 if i == count - 1 else 0),))
+            + data[i * room:(i + 1) * room] for i in range(count)]
+
+
+_OBU_SEQUENCE_HEADER, _OBU_TEMPORAL_DELIMITER, _OBU_TILE_LIST, _OBU_PADDING = 1, 2, 8, 15
+_OBU_LEFT_OUT = frozenset((_OBU_TEMPORAL_DELIMITER, _OBU_TILE_LIST, _OBU_PADDING))
+
+
+def av1_obus(data: bytes | memoryview) -> list[bytes]:
+    """The OBUs of a temporal unit (AV1's low-overhead format, as MP4 and FLV carry it) as RTP's OBU
+    elements: header (and extension) with obu_has_size_field cleared, then the payload."""
+    view, pos, out = memoryview(data), 0, []
+    while pos < len(view):
+        header = view[pos]
+        if header & 0x80:
+            raise CodecError("AV1 OBU with its forbidden bit set")
+        head = 2 if header & 0x04 else 1
+        if pos + head > len(view):
+            raise CodecError("AV1 OBU header past the end of the frame")
+        start = pos + head
+        if header & 0x02:
+            size, shift = 0, 0
+            while True:
+                if start >= len(view) or shift > 49:
+                    raise CodecError("AV1 OBU size past the end of the frame")
+                byte = view[start]
+                size |= (byte & 0x7F) << shift
+                start, shift = start + 1, shift + 7
+                if not byte & 0x80:
+                    break
+        else:
+            size = len(view) - start
+        end = start + size
+        if end > len(view):
+            raise CodecError("AV1 OBU past the end of the frame")
+        if (header >> 3) & 0x0F not in _OBU_LEFT_OUT:
+            out.append(bytes((header & ~0x02,)) + bytes(view[pos + 1:pos + head]) + bytes(view[start:end]))
+        pos = end
+    return out
+
+
+def av1_payloads(sample: VideoSample, config: VideoConfig, max_payload: int = MAX_PAYLOAD) -> list[bytes]:
+    """One AV1 temporal unit as RTP payloads, an OBU element or a fragment of one per packet."""
+    elements = av1_obus(sample.data)
+    sequence_header = any((e[0] >> 3) & 0x0F == _OBU_SEQUENCE_HEADER for e in elements)
+    if sample.keyframe and not sequence_header:  # av1C's configOBUs carry it
+        config_obus = [e for e in av1_obus(config.record[4:]) if (e[0] >> 3) & 0x0F == _OBU_SEQUENCE_HEADER]
+        elements = config_obus + elements
+        sequence_header = bool(config_obus)
+    if not elements:
+        raise CodecError("AV1 temporal unit with no OBU to send")
+    room, out = max_payload - 1, []
+    for element in elements:
+        pieces = [element[i:i + room] for i in range(0, len(element), room)]
+        for i, piece in enumerate(pieces):
+            aggregation = 0x10 | (0x80 if i else 0) | (0x40 if i < len(pieces) - 1 else 0)  # W=1; Z; Y
+            out.append(bytes((aggregation,)) + piece)
+    if sample.keyframe and sequence_header:
+        out[0] = bytes((out[0][0] | 0x08,)) + out[0][1:]  # N: a new coded video sequence starts here
+    return out
 
 
 def _stap_a(units: Sequence[bytes], max_payload: int) -> list[bytes]:

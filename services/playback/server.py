@@ -388,7 +388,7 @@ class Playback:
 
         try:
             peer, text = await answer(request.body.decode("utf-8", "replace"), self.settings.ice, stream.kinds,
-                                      stream.ssrcs, lambda: None)
+                                      stream.ssrcs, lambda: None, stream.mimes)
         except OfferError as exc:
             problem(session, exc.status, exc.detail)
             return None, ""

@@ -11,8 +11,9 @@ the same packets to every one of them; per viewer only SRTP is done (castmesh.we
 
 A stream WebRTC cannot carry says so once, by name: B-frames (pictures presented out of their order,
 which WebRTC receivers do not reorder; seen as a composition offset, a picture presented later than it is
-decoded, which encoders write only when they reorder), or a video codec other than H.264. Viewers that are watching are
-ended with the reason; new ones are refused with it (422).
+decoded, which encoders write only when they reorder), or a video codec other than H.264, VP9 and AV1
+(HEVC). Viewers that are watching are ended with the reason; new ones are refused with it (422). VP9 and
+AV1 go to a viewer whose offer has them (406 naming the codec otherwise).
 """
 
 from __future__ import annotations
@@ -27,20 +28,24 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter
 
 from castmesh.media.codecs import AudioConfig, CodecError, VideoConfig, VideoSample, read_audio, read_video
+from castmesh.media.describe import VIDEO_NAMES
 from castmesh.media.frames import AUDIO, VIDEO
 from castmesh.media.gop import GopCache
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.media_pb2 import Frame
 from castmesh.webrtc.rtp import (
-    H264_CLOCK,
     OPUS_CLOCK,
+    VIDEO_CLOCK,
     Packetizer,
     Reordered,
+    av1_payloads,
     burst,
     h264_payloads,
     renumber,
+    vp9_payloads,
     with_payload_type,
 )
+from castmesh.webrtc.settings import MIME, VIDEO_MIMES
 from services.playback.formats import WEBRTC_FRAMES, start_frames
 
 if TYPE_CHECKING:
@@ -74,7 +79,7 @@ class WebRtcStream:
         self.format = WEBRTC_FRAMES
         self.viewer: Viewer | None = None
         self.ssrcs = {"video": secrets.randbits(32), "audio": secrets.randbits(32)}
-        self.video = Packetizer(VIDEO_PT, H264_CLOCK, self.ssrcs["video"])
+        self.video = Packetizer(VIDEO_PT, VIDEO_CLOCK, self.ssrcs["video"])
         self.audio = Packetizer(AUDIO_PT, OPUS_CLOCK, self.ssrcs["audio"])
         self.video_config: VideoConfig | None = None
         self.audio_config: AudioConfig | None = None
@@ -143,16 +148,19 @@ class WebRtcStream:
             if frame.kind == VIDEO:
                 video = read_video(frame.payload)
                 if isinstance(video, VideoConfig):
-                    if video.codec != "avc1":
-                        raise CodecError(f"the stream's video is {video.codec}; castmesh's WebRTC carries H.264")
+                    if video.codec not in VIDEO_MIMES:
+                        raise CodecError(f"the stream's video is {VIDEO_NAMES.get(video.codec, video.codec)}; "
+                                         "castmesh's WebRTC carries H.264, VP9 and AV1")
+                    if self.video_config is not None and self.video_config.codec != video.codec:
+                        raise CodecError(f"the stream's video changed from {VIDEO_NAMES[self.video_config.codec]} "
+                                         f"to {VIDEO_NAMES[video.codec]}: WebRTC viewers must connect again")
                     self.video_config = video
                 elif isinstance(video, VideoSample) and self.video_config is not None:
                     if video.composition_ms:  # presented later than decoded: the encoder reorders pictures
                         raise Reordered(f"the stream has B-frames (a picture presented {video.composition_ms} ms "
                                         "after it is decoded); WebRTC cannot carry them: publish without "
                                         "(x264's bframes=0, ffmpeg's -bf 0, OBS's x264 options bframes=0)")
-                    packets = self.video.packets(h264_payloads(video, self.video_config),
-                                                 frame.timestamp + video.composition_ms)
+                    packets = self.video.packets(self._payloads(video, self.video_config), frame.timestamp)
                     self._keep(packets, video.keyframe)
                     batch.append(("video", packets))
             elif frame.kind == AUDIO:
@@ -170,6 +178,20 @@ class WebRtcStream:
                     for opus in coded:
                         batch.append(("audio", self.audio.packets([opus.data], opus.presented_ms, marker=False)))
         return batch
+
+    @staticmethod
+    def _payloads(video: VideoSample, config: VideoConfig) -> list[bytes]:
+        if config.codec == "vp09":
+            return vp9_payloads(video)
+        if config.codec == "av01":
+            return av1_payloads(video, config)
+        return h264_payloads(video, config)
+
+    @property
+    def mimes(self) -> dict[str, str]:
+        """The stream's codecs as WebRTC names them (once it is live)."""
+        video = self.video_config.codec if self.video_config is not None else "avc1"
+        return {"video": VIDEO_MIMES[video], "audio": MIME["audio"]}
 
     def _keep(self, packets: list[bytes], keyframe: bool) -> None:
         if keyframe:

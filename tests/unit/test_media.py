@@ -100,3 +100,17 @@ def test_any_sps_bytes_give_a_size_within_bounds_or_a_codec_error(data: bytes) -
     except CodecError:
         return
     assert 0 < width <= 16384 and 0 < height <= 16384
+
+
+def test_enhanced_coded_frames_carry_a_composition_time_only_for_avc_and_hevc() -> None:
+    """E-RTMP's CodedFrames: AVC and HEVC have an SI24 composition time before the data; AV1 and VP9 have
+    their frame right after the FourCC (ffmpeg's FLV muxer writes VP9 keyframes as 0x91 'vp09' 0x82...)."""
+    from castmesh.media.codecs import VideoSample, read_video
+
+    vp9 = read_video(b"\x91vp09\x82\x49\x83\x42\x00")
+    assert isinstance(vp9, VideoSample) and vp9.keyframe and vp9.composition_ms == 0
+    assert bytes(vp9.data) == b"\x82\x49\x83\x42\x00"
+    av1 = read_video(b"\xa1av01\x12\x00\x32\x05")
+    assert isinstance(av1, VideoSample) and not av1.keyframe and bytes(av1.data) == b"\x12\x00\x32\x05"
+    hevc = read_video(b"\x91hvc1\x00\x00\x21\x00\x00\x00\x02\x26\x01")
+    assert isinstance(hevc, VideoSample) and hevc.composition_ms == 0x21 and bytes(hevc.data) == b"\x00\x00\x00\x02\x26\x01"
