@@ -109,11 +109,13 @@ function whep(path, endpoint) {
     await pc.setRemoteDescription({ type: "answer", sdp: body });
     state.timer = setInterval(async () => {  // what arrives and is decoded, as getStats sees it
       const stats = {};
-      (await pc.getStats()).forEach((s) => {
+      const report = await pc.getStats();
+      report.forEach((s) => {
         if (s.type === "inbound-rtp") {
+          const codec = s.codecId && report.get(s.codecId);
           stats[s.kind] = { packets: s.packetsReceived, lost: s.packetsLost, bytes: s.bytesReceived,
                             framesDecoded: s.framesDecoded, samples: s.totalSamplesReceived,
-                            concealed: s.concealedSamples, codec: s.codecId };
+                            concealed: s.concealedSamples, codec: codec ? codec.mimeType : s.codecId };
         }
       });
       window.report.stats = stats;

@@ -37,6 +37,7 @@ from typing import Any
 
 import aioice.ice
 import aiortc.rtcicetransport
+import aiortc.rtp
 from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
@@ -150,6 +151,9 @@ def _register_video_codecs() -> None:
 
 
 _register_video_codecs()
+# Browsers number codecs 35-63 too once 96-127 are used (Chromium offers AV1 as 45); aiortc would answer
+# those with its own numbers, which the offer gave to other codecs. RFC 5761 keeps 64-95 for RTCP.
+aiortc.rtp.DYNAMIC_PAYLOAD_TYPES = frozenset((*range(35, 64), *range(96, 128)))  # type: ignore[assignment]
 
 
 def _ice_servers(settings: IceSettings) -> list[RTCIceServer]:

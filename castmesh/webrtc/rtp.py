@@ -11,8 +11,8 @@ same bytes to every viewer (only SRTP, which is keyed per peer, is done per view
   last), with no picture ID or layer indices, so receivers order and reference pictures by sequence number
   as for H.264 (libwebrtc does for VP9 without picture IDs) and a burst can be renumbered per viewer.
 - AV1 (the AOM's RTP payload format): every OBU but temporal delimiters, tile lists and padding, its size
-  field dropped, one OBU (or fragment of one) per packet behind the aggregation header (Z, Y, W=1, N on a
-  keyframe's first packet); the sequence header before every keyframe that lacks one.
+  field dropped, each behind its length in packets it fills and continues across (aggregation header Z, Y,
+  W=0, N on a keyframe's first packet); the sequence header before every keyframe that lacks one.
 - Opus (RFC 7587): one Opus packet per RTP packet, 48 kHz timestamps.
 
 Timestamps come from the frames' presentation times (milliseconds) on the codec's clock, from a random
@@ -103,8 +103,19 @@ def av1_obus(data: bytes | memoryview) -> list[bytes]:
     return out
 
 
+def _leb128(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
 def av1_payloads(sample: VideoSample, config: VideoConfig, max_payload: int = MAX_PAYLOAD) -> list[bytes]:
-    """One AV1 temporal unit as RTP payloads, an OBU element or a fragment of one per packet."""
+    """One AV1 temporal unit as RTP payloads: its OBU elements, each behind its length (W=0), filling
+    packets and continuing across them (Z, Y). A packet never ends where an OBU does unless the temporal
+    unit ends there: libwebrtc takes a packet that ends an OBU (Y=0) as the end of a frame."""
     elements = av1_obus(sample.data)
     sequence_header = any((e[0] >> 3) & 0x0F == _OBU_SEQUENCE_HEADER for e in elements)
     if sample.keyframe and not sequence_header:  # av1C's configOBUs carry it
@@ -114,11 +125,21 @@ def av1_payloads(sample: VideoSample, config: VideoConfig, max_payload: int = MA
     if not elements:
         raise CodecError("AV1 temporal unit with no OBU to send")
     room, out = max_payload - 1, []
-    for element in elements:
-        pieces = [element[i:i + room] for i in range(0, len(element), room)]
-        for i, piece in enumerate(pieces):
-            aggregation = 0x10 | (0x80 if i else 0) | (0x40 if i < len(pieces) - 1 else 0)  # W=1; Z; Y
-            out.append(bytes((aggregation,)) + piece)
+    body, continued = bytearray(), False  # the packet being filled; whether it starts inside an OBU
+    for index, element in enumerate(elements):
+        more, pos = index < len(elements) - 1, 0
+        while pos < len(element):
+            space, left = room - len(body), len(element) - pos
+            prefix = len(_leb128(min(left, space)))
+            take = min(left, space - prefix)
+            if take == left and more and left > 1 and space - prefix - take < 3:
+                take = left - 1  # ending here would end the packet on an OBU boundary: continue it
+            body += _leb128(take) + element[pos:pos + take]
+            pos += take
+            if pos < len(element):  # the packet is full and this OBU goes on in the next
+                out.append(bytes(((0x80 if continued else 0) | 0x40,)) + bytes(body))
+                body, continued = bytearray(), True
+    out.append(bytes((0x80 if continued else 0,)) + bytes(body))
     if sample.keyframe and sequence_header:
         out[0] = bytes((out[0][0] | 0x08,)) + out[0][1:]  # N: a new coded video sequence starts here
     return out

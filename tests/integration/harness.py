@@ -96,6 +96,12 @@ def publish(url: str, seconds: float, *, video: str | None = "libx264", audio: b
     elif video == "libx265":
         args += ["-c:v", "libx265", "-preset", "ultrafast", "-x265-params", f"log-level=error:keyint={gop}",
                  "-pix_fmt", "yuv420p"]
+    elif video == "libvpx-vp9":  # enhanced RTMP's vp09; realtime, no hidden frames
+        args += ["-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8", "-lag-in-frames", "0",
+                 "-g", str(gop), "-b:v", "400k", "-pix_fmt", "yuv420p"]
+    elif video == "libaom-av1":  # enhanced RTMP's av01
+        args += ["-c:v", "libaom-av1", "-usage", "realtime", "-cpu-used", "8", "-lag-in-frames", "0",
+                 "-g", str(gop), "-b:v", "300k", "-pix_fmt", "yuv420p"]
     if audio:
         args += ["-c:a", "aac", "-b:a", "64k"]
     args += [*(extra or []), "-f", "flv", url]

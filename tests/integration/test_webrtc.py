@@ -107,6 +107,37 @@ def test_a_stream_with_b_frames_is_refused_by_name(suite: Up) -> None:
     assert re.search(r"webrtc.refused stream=\S+/live/rtc-b reason=.*B-frames", suite.process.log())
 
 
+@pytest.mark.parametrize("codec", ["libvpx-vp9", "libaom-av1"])
+def test_chromium_plays_vp9_and_av1_streams_as_published(suite: Up, codec: str) -> None:
+    """VP9 and AV1 (enhanced RTMP from ffmpeg) go to a browser whose offer has them, packetized by castmesh,
+    never re-encoded; Chromium's offer has both, and the page's checks (picture, time, decoded audio) hold."""
+    from tests.integration.test_player_page import play_in_chromium
+
+    name = f"rtc-{codec.split('-')[1]}"
+    publisher = publish(suite.rtmp(name), 40, video=codec, gop=30)
+    try:
+        wait_live(suite.flv(name))
+        seen = play_in_chromium(suite, f"live/{name}", name, "webrtc")
+    finally:
+        publisher.kill()
+        publisher.wait()
+    stats = seen["phases"][0]["last"]["stats"]["video"]
+    assert stats["codec"] == {"libvpx-vp9": "video/VP9", "libaom-av1": "video/AV1"}[codec], stats
+    assert stats["framesDecoded"] > 60, stats
+
+
+def test_an_hevc_stream_is_refused_by_name(suite: Up) -> None:
+    publisher = publish(suite.rtmp("rtc-hevc"), 10, video="libx265", gop=30)
+    try:
+        wait_live(suite.flv("rtc-hevc"))
+        seen = asyncio.run(whep_client.watch(whep(suite, "rtc-hevc"), 0.5))
+    finally:
+        publisher.kill()
+        publisher.wait()
+    assert seen.status == 422, seen.body
+    assert "HEVC" in json.loads(seen.body)["detail"] and "H.264, VP9 and AV1" in json.loads(seen.body)["detail"]
+
+
 @pytest.fixture(scope="module")
 def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     up = start_up(Path(tmp_path_factory.mktemp("capped")), "--max-webrtc", "1", "--handshake-timeout-ms", "2000")

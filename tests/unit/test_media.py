@@ -113,4 +113,5 @@ def test_enhanced_coded_frames_carry_a_composition_time_only_for_avc_and_hevc() 
     av1 = read_video(b"\xa1av01\x12\x00\x32\x05")
     assert isinstance(av1, VideoSample) and not av1.keyframe and bytes(av1.data) == b"\x12\x00\x32\x05"
     hevc = read_video(b"\x91hvc1\x00\x00\x21\x00\x00\x00\x02\x26\x01")
-    assert isinstance(hevc, VideoSample) and hevc.composition_ms == 0x21 and bytes(hevc.data) == b"\x00\x00\x00\x02\x26\x01"
+    assert isinstance(hevc, VideoSample) and hevc.composition_ms == 0x21
+    assert bytes(hevc.data) == b"\x00\x00\x00\x02\x26\x01"

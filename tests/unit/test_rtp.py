@@ -1,5 +1,6 @@
-"""RTP packetizing for WebRTC viewers: H.264 (RFC 6184 mode 1) and the RTP header, checked by putting the
-access units back together from the packets as a receiver does."""
+"""RTP packetizing for WebRTC viewers: H.264 (RFC 6184 mode 1), VP9 (RFC 9628), AV1 (the AOM's payload
+format) and the RTP header, checked by putting the frames back together from the packets as a receiver
+(libwebrtc, for AV1's frame ends) does."""
 
 from __future__ import annotations
 
@@ -9,8 +10,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from castmesh.media.codecs import VideoConfig, VideoSample
-from castmesh.webrtc.rtp import MAX_PAYLOAD, Packetizer, Reordered, h264_payloads, parse_header, with_payload_type
+from castmesh.media.codecs import CodecError, VideoConfig, VideoSample
+from castmesh.webrtc.rtp import (
+    MAX_PAYLOAD,
+    Packetizer,
+    Reordered,
+    av1_obus,
+    av1_payloads,
+    h264_payloads,
+    parse_header,
+    vp9_payloads,
+    with_payload_type,
+)
 
 SPS = bytes.fromhex("6764001eacd940a0")
 PPS = bytes.fromhex("68ebe3cb")
@@ -158,3 +169,99 @@ def test_any_packets_leave_a_depacketizer_within_its_limits(packets: list[tuple[
         assert depacketizer.size <= MAX_ACCESS_UNIT and len(depacketizer.units) <= 4096
         if done:
             assert all(1 <= u[0] & 0x1F <= 23 for u in done[1])
+
+
+# VP9 and AV1 -----------------------------------------------------------------------------------------------
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(min_size=1, max_size=6000), st.booleans(), st.integers(min_value=16, max_value=1400))
+def test_a_vp9_frame_comes_back_whole_behind_its_descriptors(frame: bytes, keyframe: bool, max_payload: int) -> None:
+    payloads = vp9_payloads(VideoSample(keyframe, 0, frame), max_payload)
+    assert all(len(p) <= max_payload for p in payloads)
+    assert b"".join(p[1:] for p in payloads) == frame
+    flags = [p[0] for p in payloads]
+    assert flags[0] & 0x08 and flags[-1] & 0x04  # B on the first, E on the last
+    assert all(not f & 0x08 for f in flags[1:]) and all(not f & 0x04 for f in flags[:-1])
+    assert all(bool(f & 0x40) != keyframe for f in flags)  # P: predicted, unless a keyframe
+    assert all(not f & 0xB3 for f in flags)  # no picture ID, layer indices, flexible mode or SS
+
+
+def obu(kind: int, payload: bytes, extension: int | None = None) -> bytes:
+    """An OBU as MP4 and FLV carry it: header, optional extension, leb128 size, payload."""
+    header = bytes(((kind << 3) | 0x02 | (0x04 if extension is not None else 0),))
+    size, value = bytearray(), len(payload)
+    while True:
+        size.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            break
+    return header + (bytes((extension,)) if extension is not None else b"") + bytes(size) + payload
+
+
+def av1_depacketize(payloads: list[bytes]) -> tuple[list[bytes], list[int]]:
+    """OBU elements back from AV1 RTP payloads as libwebrtc reads them (Z, Y, W, lengths), and the indexes
+    of packets that end on an OBU boundary (Y=0: where libwebrtc ends a frame)."""
+    elements: list[bytes] = []
+    ends = []
+    expect_continued = False
+    for i, p in enumerate(payloads):
+        z, y, w = p[0] & 0x80, p[0] & 0x40, (p[0] >> 4) & 0x03
+        assert bool(z) == expect_continued
+        pos, number = 1, 1
+        while pos < len(p):
+            if w and number == w:
+                size = len(p) - pos
+            else:
+                size, shift = 0, 0
+                while True:
+                    byte = p[pos]
+                    size |= (byte & 0x7F) << shift
+                    pos, shift = pos + 1, shift + 7
+                    if not byte & 0x80:
+                        break
+            piece = p[pos:pos + size]
+            if number == 1 and z:
+                elements[-1] += piece
+            else:
+                elements.append(piece)
+            pos, number = pos + size, number + 1
+        expect_continued = bool(y)
+        if not y:
+            ends.append(i)
+    assert not expect_continued
+    return elements, ends
+
+
+SEQUENCE_HEADER = obu(1, bytes.fromhex("0000000a0bf3fb5f"))
+AV1_CONFIG = VideoConfig("av01", b"\x81\x00\x0c\x00" + SEQUENCE_HEADER, 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([1, 2, 3, 4, 5, 6, 15]), st.binary(min_size=1, max_size=3000),
+                          st.one_of(st.none(), st.integers(0, 255))), min_size=1, max_size=6),
+       st.booleans(), st.integers(min_value=24, max_value=1400))
+def test_an_av1_temporal_unit_comes_back_as_its_obus_and_packets_end_only_with_it(
+        obus: list[tuple[int, bytes, int | None]], keyframe: bool, max_payload: int) -> None:
+    unit = obu(2, b"") + b"".join(obu(kind, payload, ext) for kind, payload, ext in obus)  # a temporal delimiter
+    sent = [(k, p, e) for k, p, e in obus if k not in (2, 15)]
+    if not sent and not keyframe:
+        with pytest.raises(CodecError):
+            av1_payloads(VideoSample(keyframe, 0, unit), AV1_CONFIG, max_payload)
+        return
+    payloads = av1_payloads(VideoSample(keyframe, 0, unit), AV1_CONFIG, max_payload)
+    assert all(len(p) <= max_payload for p in payloads)
+    elements, ends = av1_depacketize(payloads)
+    expected = [bytes((k << 3 | (0x04 if e is not None else 0),)) + (bytes((e,)) if e is not None else b"") + p
+                for k, p, e in sent]
+    if keyframe and not any(k == 1 for k, _, _ in sent):  # the configuration's sequence header goes first
+        expected.insert(0, bytes((1 << 3,)) + SEQUENCE_HEADER[2:])
+    assert elements == expected
+    assert ends == [len(payloads) - 1]  # no packet but the last ends on an OBU boundary
+    assert bool(payloads[0][0] & 0x08) == keyframe  # N on a keyframe's first packet
+    assert all(not p[0] & 0x08 for p in payloads[1:])
+
+
+def test_a_malformed_av1_temporal_unit_is_refused() -> None:
+    for bad in (b"\x80", b"\x32\x05\x01", b"\x36", b"\x32\xff\xff\xff\xff\xff\xff\xff\xff"):
+        with pytest.raises(CodecError):
+            av1_obus(bad)
