@@ -75,8 +75,17 @@ def _trak(track_id: int, timescale: int, handler: bytes, entry: bytes, width: in
 _CONFIG_BOX = {"avc1": b"avcC", "hvc1": b"hvcC", "av01": b"av1C", "vp09": b"vpcC"}
 
 
+def _vpcc(record: bytes) -> bytes:
+    """vpcC's body: a full box (version 1, flags 0) around the VPCodecConfigurationRecord. E-RTMP senders
+    differ on whether the record they send has the version and flags already (ffmpeg's has: 01 000000,
+    then the profile and a level of 10 or more, so a second byte of 0 tells them apart)."""
+    if len(record) >= 12 and record[0] == 1 and record[1:4] == b"\x00\x00\x00":
+        return record
+    return b"\x01\x00\x00\x00" + record
+
+
 def _video_entry(video: VideoConfig, width: int, height: int) -> bytes:
-    config = video.record if video.codec != "vp09" else b"\x01\x00\x00\x00" + video.record  # vpcC is a full box
+    config = video.record if video.codec != "vp09" else _vpcc(video.record)
     return box(video.codec.encode(), bytes(6), struct.pack(">H", 1), bytes(16),
                struct.pack(">HHIIIH", width, height, 0x480000, 0x480000, 0, 1), bytes(32),
                struct.pack(">Hh", 0x18, -1), box(_CONFIG_BOX[video.codec], config))
