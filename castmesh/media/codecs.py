@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _AVC, _HEVC_LEGACY = 7, 12
-_AAC = 10
+_AAC, _AUDIO_EX_HEADER = 10, 9  # FLV SoundFormat: AAC; enhanced RTMP v2's ExHeader (a FourCC follows)
 _EX_SEQUENCE_START, _EX_CODED_FRAMES, _EX_SEQUENCE_END, _EX_CODED_FRAMES_X = 0, 1, 2, 3
 _FOURCCS = {b"avc1": "avc1", b"hvc1": "hvc1", b"av01": "av01", b"vp09": "vp09"}
 AAC_SAMPLE_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
@@ -179,6 +179,25 @@ def read_audio(payload: bytes) -> AudioConfig | bytes | None:
     if payload[1] == 0:
         return aac_config(payload[2:])
     return payload[2:]
+
+
+OPUS_HEAD = True  # what read_opus says of an Opus sequence start
+
+
+def read_opus(payload: bytes) -> bytes | bool | None:
+    """Enhanced RTMP v2 Opus audio (SoundFormat 9, FourCC 'Opus', as ffmpeg's FLV muxer and OBS write it):
+    OPUS_HEAD for its sequence start (the OpusHead header), an Opus packet for a coded frame, None for
+    anything else (another codec, or a packet type that carries no audio, like the channel layout)."""
+    if len(payload) < 5 or payload[0] >> 4 != _AUDIO_EX_HEADER or payload[1:5] != b"Opus":
+        return None
+    packet_type = payload[0] & 0x0F
+    if packet_type == _EX_SEQUENCE_START:
+        return OPUS_HEAD
+    if packet_type == _EX_CODED_FRAMES:
+        if len(payload) == 5:
+            raise CodecError("empty Opus frame")
+        return bytes(payload[5:])
+    return None
 
 
 def aac_config(asc: bytes) -> AudioConfig:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from castmesh.media.codecs import AudioConfig, CodecError, VideoConfig, read_audio, read_video
+from castmesh.media.codecs import OPUS_HEAD, AudioConfig, CodecError, VideoConfig, read_audio, read_opus, read_video
 from castmesh.media.gop import GopCache, metadata_values
 from castmesh.proto.v1.media_pb2 import MediaInfo
 
@@ -53,6 +53,8 @@ def describe(cache: GopCache, bytes_per_second: float) -> MediaInfo:
             audio = None
         if isinstance(audio, AudioConfig):
             info.audio_codec, info.audio_sample_rate, info.audio_channels = "AAC", audio.sample_rate, audio.channels
+        elif read_opus(cache.audio_config.payload) is OPUS_HEAD:  # enhanced RTMP's Opus
+            info.audio_codec = "Opus"
     meta = metadata_values(cache.metadata.payload) if cache.metadata is not None else None
     if meta:
         for field, key in (("width", "width"), ("height", "height")):

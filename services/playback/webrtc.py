@@ -1,8 +1,9 @@
 """WebRTC viewers (WHEP) on a playback node.
 
 A stream's WebRTC side is one `WebRtcStream`: a viewer of the stream's feed (like an HLS muxer) that takes
-its frames and makes them RTP packets once for all its viewers: H.264 as the publisher sent it (parameter
-sets before every IDR picture), AAC transcoded to Opus once (castmesh.media.audio). It keeps the packets
+its frames and makes them RTP packets once for all its viewers: H.264, VP9 or AV1 as the publisher sent
+it (H.264's parameter sets before every IDR picture), AAC transcoded to Opus once (castmesh.media.audio),
+Opus (enhanced RTMP's) as it came. It keeps the packets
 since the last keyframe, so a viewer that joins, or whose browser lost the picture (a PLI or FIR), is
 sent them at once (restamped to be decoded at once, castmesh.webrtc.rtp.burst) and has a picture without
 asking the publisher for anything. It is to WHEP viewers what the
@@ -27,7 +28,16 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
-from castmesh.media.codecs import AudioConfig, CodecError, VideoConfig, VideoSample, read_audio, read_video
+from castmesh.media.codecs import (
+    OPUS_HEAD,
+    AudioConfig,
+    CodecError,
+    VideoConfig,
+    VideoSample,
+    read_audio,
+    read_opus,
+    read_video,
+)
 from castmesh.media.describe import VIDEO_NAMES
 from castmesh.media.frames import AUDIO, VIDEO
 from castmesh.media.gop import GopCache
@@ -63,6 +73,8 @@ RESEND_PER_SECOND = 400  # packets a viewer's NACKs may have sent again a second
 KEYFRAME_REQUESTS = Counter("castmesh_playback_webrtc_keyframe_requests", "PLIs and FIRs from WebRTC viewers")
 RESENT = Counter("castmesh_playback_webrtc_resent_packets", "Video packets sent again for WebRTC viewers' NACKs")
 TRANSCODED = Counter("castmesh_playback_webrtc_opus_frames", "Opus frames made from AAC for WebRTC viewers")
+PASSED = Counter("castmesh_playback_webrtc_opus_passed_frames", "Opus frames of Opus streams sent to WebRTC "
+                 "viewers as published")
 TRANSCODE_CPU = Counter("castmesh_playback_webrtc_transcode_cpu_seconds",
                         "CPU time spent transcoding AAC to Opus for WebRTC viewers (once per stream)")
 
@@ -164,6 +176,14 @@ class WebRtcStream:
                     self._keep(packets, video.keyframe)
                     batch.append(("video", packets))
             elif frame.kind == AUDIO:
+                published = read_opus(frame.payload)
+                if published is OPUS_HEAD:  # the stream's audio is Opus already: it passes through
+                    self.audio_config = self.transcoder = None
+                    continue
+                if isinstance(published, bytes):
+                    PASSED.inc()
+                    batch.append(("audio", self.audio.packets([published], frame.timestamp, marker=False)))
+                    continue
                 audio = read_audio(frame.payload)
                 if isinstance(audio, AudioConfig):
                     if audio != self.audio_config:

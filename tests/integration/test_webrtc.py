@@ -126,6 +126,33 @@ def test_chromium_plays_vp9_and_av1_streams_as_published(suite: Up, codec: str) 
     assert stats["framesDecoded"] > 60, stats
 
 
+def test_opus_published_over_rtmp_passes_through_untranscoded(suite: Up) -> None:
+    """Enhanced RTMP's Opus (ffmpeg's FLV muxer with libopus; OBS 30 sends it too) reaches WHEP viewers as it
+    was published: decoded by an aiortc viewer, with no transcoder running and every frame counted as
+    passed through."""
+    def metric(name: str) -> float:
+        text = http_get(f"http://127.0.0.1:{suite.http_port}/metrics").read().decode()
+        found = re.search(rf"^{name} (\S+)$", text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    publisher = publish(suite.rtmp("rtc-opus"), 12, gop=30, extra=["-bf", "0", "-c:a", "libopus", "-ar", "48000"])
+    try:
+        wait_live(suite.flv("rtc-opus"))
+        before = metric("castmesh_playback_webrtc_opus_passed_frames_total")
+        made_before = metric("castmesh_playback_webrtc_opus_frames_total")
+        seen = asyncio.run(whep_client.watch(whep(suite, "rtc-opus"), 3.0))
+        passed = metric("castmesh_playback_webrtc_opus_passed_frames_total") - before
+        made = metric("castmesh_playback_webrtc_opus_frames_total") - made_before
+        listing = json.loads(http_get(f"http://127.0.0.1:{suite.http_port}/api/streams").read())
+    finally:
+        publisher.kill()
+        publisher.wait()
+    assert seen.status == 201 and seen.frames["audio"] >= 100, seen.frames  # 50 a second, decoded
+    assert passed >= 100 and made == 0, (passed, made)
+    row = next(s for s in listing["streams"] if s["path"] == "live/rtc-opus")
+    assert (row["video"], row["audio"]) == ("H.264", "Opus"), row
+
+
 def test_an_hevc_stream_is_refused_by_name(suite: Up) -> None:
     publisher = publish(suite.rtmp("rtc-hevc"), 10, video="libx265", gop=30)
     try:

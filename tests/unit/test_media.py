@@ -115,3 +115,17 @@ def test_enhanced_coded_frames_carry_a_composition_time_only_for_avc_and_hevc() 
     hevc = read_video(b"\x91hvc1\x00\x00\x21\x00\x00\x00\x02\x26\x01")
     assert isinstance(hevc, VideoSample) and hevc.composition_ms == 0x21
     assert bytes(hevc.data) == b"\x00\x00\x00\x02\x26\x01"
+
+
+def test_enhanced_rtmp_opus_is_read_as_its_head_and_packets() -> None:
+    """ffmpeg's FLV muxer writes Opus as 0x90 'Opus' OpusHead, 0x94 'Opus' (the channel layout), then
+    0x91 'Opus' and one Opus packet per tag."""
+    from castmesh.media.codecs import OPUS_HEAD, read_opus
+
+    assert read_opus(b"\x90OpusOpusHead\x01\x01\x38\x01\x80\xbb\x00\x00") is OPUS_HEAD
+    assert read_opus(b"\x94Opus\x01\x01\x00\x00\x00\x04") is None
+    assert read_opus(b"\x91Opus\xf8\x72\x49") == b"\xf8\x72\x49"
+    assert read_opus(b"\xaf\x01\x21\x10") is None  # AAC
+    assert read_opus(b"\x91mp4a\x01\x02") is None
+    with pytest.raises(CodecError):
+        read_opus(b"\x91Opus")
