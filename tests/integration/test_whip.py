@@ -79,3 +79,33 @@ def test_whip_requests_that_cannot_be_taken_get_problems(suite: Up) -> None:
     assert asyncio.run(attempts()) == {"options": 204, "get": 405, "not sdp type": 415, "garbage": 400,
                                        "an offer to receive": 422, "delete unknown": 404}
     assert "whip-bad" not in suite.process.log()  # none of them asked for the stream
+
+
+def test_chromium_publishes_over_whip_and_ffmpeg_decodes_it_over_flv(suite: Up) -> None:
+    """A browser as the WHIP publisher: Chromium's fake camera and microphone, its own H.264 (OpenH264)
+    and Opus; ffmpeg decodes the stream over HTTP-FLV (video, and the Opus as AAC)."""
+    import threading
+
+    from tests.integration.test_player_page import BROWSER_DIR
+
+    url = f"http://127.0.0.1:{suite.http_port}/live/browser-whip/whip"
+    done: list[subprocess.CompletedProcess[str]] = []
+    browser = threading.Thread(target=lambda: done.append(subprocess.run(
+        ["node", str(BROWSER_DIR / "whip.mjs"), f"http://127.0.0.1:{suite.http_port}/", url, "12"],
+        capture_output=True, text=True, timeout=120, check=False)))
+    browser.start()
+    try:
+        wait_live(suite.flv("browser-whip"), timeout=30)
+        counts, errors = decode(suite.flv("browser-whip"), seconds=4)
+    finally:
+        browser.join(120)
+    (result,) = done
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["status"] == 201 and seen["state"] == "connected" and seen["deleted"] == 200, seen
+    assert seen["sent"]["video"]["codec"] == "video/H264" and seen["sent"]["audio"]["codec"] == "audio/opus", seen
+    assert seen["consoleErrors"] == []
+    assert errors == "" and counts.get(0, 0) >= 60 and counts.get(1, 0) >= 100, (counts, errors)
+    log = suite.process.log()
+    assert re.search(r"whip.end session=\S+ stream=live/browser-whip reason=\"deleted by the publisher\" "
+                     r"clean=True", log)
