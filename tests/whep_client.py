@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urljoin
 
 import aiohttp
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from multidict import CIMultiDict
 
@@ -26,10 +26,18 @@ class Watched:
     deleted: int = 0
 
 
+STOCK_VIDEO = ("video/VP8", "video/H264", "video/rtx")  # what aiortc offers and decodes by itself
+
+
 async def offer(kinds: tuple[str, ...] = ("video", "audio")) -> RTCPeerConnection:
+    """An offer to receive, with aiortc's own video codecs only: castmesh.webrtc.peer adds VP9, AV1 and HEVC
+    to aiortc's list when a test process imports it, and this viewer could decode none of them."""
     pc = RTCPeerConnection()
     for kind in kinds:
-        pc.addTransceiver(kind, direction="recvonly")
+        transceiver = pc.addTransceiver(kind, direction="recvonly")
+        if kind == "video":
+            transceiver.setCodecPreferences([c for c in RTCRtpReceiver.getCapabilities("video").codecs
+                                             if c.mimeType in STOCK_VIDEO])
     await pc.setLocalDescription(await pc.createOffer())
     return pc
 

@@ -31,7 +31,7 @@ class VideoConfig:
     codec: str  # the MP4 sample entry: avc1, hvc1, av01, vp09
     record: bytes  # the decoder configuration record (avcC, hvcC, av1C, vpcC box body)
     nal_length_size: int = 4
-    parameter_sets: tuple[bytes, ...] = ()  # AVC: SPS then PPS, as NAL units
+    parameter_sets: tuple[bytes, ...] = ()  # AVC: SPS then PPS; HEVC: VPS, SPS, PPS (as NAL units)
 
 
 @dataclass(slots=True)
@@ -100,10 +100,32 @@ def _video_config(codec: str, record: bytes) -> VideoConfig:
     if codec == "hvc1":
         if len(record) < 23:
             raise CodecError("HEVC decoder configuration record shorter than 23 bytes")
-        return VideoConfig(codec, bytes(record), (record[21] & 0x03) + 1)
+        return VideoConfig(codec, bytes(record), (record[21] & 0x03) + 1, _hevc_parameter_sets(record))
     if not record:
         raise CodecError(f"empty {codec} configuration record")
     return VideoConfig(codec, bytes(record), 4)
+
+
+def _hevc_parameter_sets(record: bytes) -> tuple[bytes, ...]:
+    """The NAL units of an HEVCDecoderConfigurationRecord's arrays (ISO 14496-15 8.3.3.1: VPS, SPS, PPS
+    and SEI as the encoder put them), in order."""
+    sets: list[bytes] = []
+    pos, arrays = 23, record[22]
+    for _ in range(arrays):
+        if pos + 3 > len(record):
+            raise CodecError("HEVC configuration record ends inside its arrays")
+        count = int.from_bytes(record[pos + 1:pos + 3], "big")
+        pos += 3
+        for _ in range(count):
+            if pos + 2 > len(record):
+                raise CodecError("HEVC parameter set length past the record's end")
+            size = int.from_bytes(record[pos:pos + 2], "big")
+            pos += 2
+            if size < 2 or pos + size > len(record):
+                raise CodecError("HEVC parameter set past the record's end")
+            sets.append(bytes(record[pos:pos + size]))
+            pos += size
+    return tuple(sets)
 
 
 def _avc_config(record: bytes) -> VideoConfig:

@@ -133,13 +133,13 @@ aiortc.rtcicetransport.Connection = _Connection  # type: ignore[misc]  # the one
 
 
 def _register_video_codecs() -> None:
-    """aiortc negotiates VP8 and H.264 video only; castmesh also sends VP9 and AV1 as published (it
+    """aiortc negotiates VP8 and H.264 video only; castmesh also sends VP9, AV1 and HEVC as published (it
     packetizes them; aiortc never encodes or decodes them), so aiortc's codec list gets them, each with RTX,
     NACK and PLI feedback like its own."""
     video = aiortc_codecs.CODECS["video"]
     known = {c.mimeType.lower() for c in video}
     payload_type = max(c.payloadType or 0 for c in video) + 1
-    for mime, parameters in (("video/VP9", {"profile-id": "0"}), ("video/AV1", {})):
+    for mime, parameters in (("video/VP9", {"profile-id": "0"}), ("video/AV1", {}), ("video/H265", {})):
         if mime.lower() in known:
             continue
         video.append(RTCRtpCodecParameters(

@@ -7,6 +7,8 @@ same bytes to every viewer (only SRTP, which is keyed per peer, is done per view
   cut into FU-A fragments; SPS and PPS go before every IDR picture in one STAP-A, so a viewer can start
   at any keyframe. Access unit delimiters, filler and types no picture carries (0, 24-31, which would
   read as aggregation or fragment packets) are left out.
+- HEVC (RFC 7798, no DONL): as H.264, with its two-byte NAL header: single NAL unit packets, FUs for
+  larger units, VPS, SPS and PPS in an AP before every IRAP picture.
 - VP9 (RFC 9628): the frame cut into packets behind a one-byte descriptor (P: predicted, B: first, E:
   last), with no picture ID or layer indices, so receivers order and reference pictures by sequence number
   as for H.264 (libwebrtc does for VP9 without picture IDs) and a burst can be renumbered per viewer.
@@ -52,6 +54,39 @@ def h264_payloads(sample: VideoSample, config: VideoConfig, max_payload: int = M
             payloads.append(bytes(unit))
         else:
             payloads += _fu_a(unit, max_payload)
+    return payloads
+
+
+_H265_AP, _H265_FU = 48, 49
+_H265_VPS, _H265_PPS, _H265_IRAP = 32, 34, range(16, 22)  # IRAP: BLA, IDR, CRA pictures
+
+
+def h265_payloads(sample: VideoSample, config: VideoConfig, max_payload: int = MAX_PAYLOAD) -> list[bytes]:
+    """One HEVC access unit as RTP payloads (RFC 7798, no DONL): a NAL unit that fits is a packet of its
+    own, a larger one is cut into FUs; VPS, SPS and PPS go before every IRAP picture in one AP."""
+    units = [u for u in nal_units(sample.data, config.nal_length_size)
+             if len(u) >= 2 and (u[0] >> 1) & 0x3F < _H265_AP and (u[0] >> 1) & 0x3F != 35]  # not AUD
+    kinds = {(u[0] >> 1) & 0x3F for u in units}
+    payloads: list[bytes] = []
+    if kinds & set(_H265_IRAP) and not kinds & {_H265_VPS, _H265_VPS + 1, _H265_PPS}:
+        sets = [ps for ps in config.parameter_sets if _H265_VPS <= (ps[0] >> 1) & 0x3F <= _H265_PPS]
+        aggregated = b"".join(len(ps).to_bytes(2, "big") + ps for ps in sets)
+        if sets and 2 + len(aggregated) <= max_payload:  # the AP's header: the lowest layer and temporal id
+            layer = min((ps[0] & 0x01) << 5 | ps[1] >> 3 for ps in sets)
+            temporal = min(ps[1] & 0x07 for ps in sets)
+            payloads.append(bytes((_H265_AP << 1 | layer >> 5, (layer & 0x1F) << 3 | temporal)) + aggregated)
+        else:
+            payloads += [bytes(ps) for ps in sets]
+    for unit in units:
+        if len(unit) <= max_payload:
+            payloads.append(bytes(unit))
+            continue
+        kind, room = (unit[0] >> 1) & 0x3F, max_payload - 3
+        header = bytes((unit[0] & 0x81 | _H265_FU << 1, unit[1]))
+        body = unit[2:]
+        for start in range(0, len(body), room):
+            flags = (0x80 if start == 0 else 0) | (0x40 if start + room >= len(body) else 0)
+            payloads.append(header + bytes((flags | kind,)) + body[start:start + room])
     return payloads
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 MAX_OFFER = 64 * 1024
 MIME = {"video": "video/h264", "audio": "audio/opus"}  # what WHIP takes, and WHEP's default
-VIDEO_MIMES = {"avc1": "video/h264", "vp09": "video/vp9", "av01": "video/av1"}  # what WHEP sends, by FLV codec
+VIDEO_MIMES = {"avc1": "video/h264", "hvc1": "video/h265", "vp09": "video/vp9", "av01": "video/av1"}  # WHEP's
 
 
 class OfferError(ValueError):

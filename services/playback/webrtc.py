@@ -12,9 +12,9 @@ the same packets to every one of them; per viewer only SRTP is done (castmesh.we
 
 A stream WebRTC cannot carry says so once, by name: B-frames (pictures presented out of their order,
 which WebRTC receivers do not reorder; seen as a composition offset, a picture presented later than it is
-decoded, which encoders write only when they reorder), or a video codec other than H.264, VP9 and AV1
-(HEVC). Viewers that are watching are ended with the reason; new ones are refused with it (422). VP9 and
-AV1 go to a viewer whose offer has them (406 naming the codec otherwise).
+decoded, which encoders write only when they reorder), or a video codec other than H.264, HEVC, VP9 and
+AV1. Viewers that are watching are ended with the reason; new ones are refused with it (422). HEVC, VP9
+and AV1 go to a viewer whose offer has them (406 naming the codec otherwise).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from castmesh.webrtc.rtp import (
     av1_payloads,
     burst,
     h264_payloads,
+    h265_payloads,
     renumber,
     vp9_payloads,
     with_payload_type,
@@ -162,7 +163,7 @@ class WebRtcStream:
                 if isinstance(video, VideoConfig):
                     if video.codec not in VIDEO_MIMES:
                         raise CodecError(f"the stream's video is {VIDEO_NAMES.get(video.codec, video.codec)}; "
-                                         "castmesh's WebRTC carries H.264, VP9 and AV1")
+                                         "castmesh's WebRTC carries H.264, HEVC, VP9 and AV1")
                     if self.video_config is not None and self.video_config.codec != video.codec:
                         raise CodecError(f"the stream's video changed from {VIDEO_NAMES[self.video_config.codec]} "
                                          f"to {VIDEO_NAMES[video.codec]}: WebRTC viewers must connect again")
@@ -205,6 +206,8 @@ class WebRtcStream:
             return vp9_payloads(video)
         if config.codec == "av01":
             return av1_payloads(video, config)
+        if config.codec == "hvc1":
+            return h265_payloads(video, config)
         return h264_payloads(video, config)
 
     @property

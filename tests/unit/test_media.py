@@ -129,3 +129,17 @@ def test_enhanced_rtmp_opus_is_read_as_its_head_and_packets() -> None:
     assert read_opus(b"\x91mp4a\x01\x02") is None
     with pytest.raises(CodecError):
         read_opus(b"\x91Opus")
+
+
+def test_an_hevc_configuration_records_parameter_sets_are_read() -> None:
+    from castmesh.media.codecs import VideoConfig, read_video
+
+    vps, sps, pps = bytes.fromhex("40010c01ffff"), bytes.fromhex("420101016000"), bytes.fromhex("4401c172b4")
+    arrays = b"".join(bytes((0x80 | (ps[0] >> 1),)) + b"\x00\x01" + len(ps).to_bytes(2, "big") + ps
+                      for ps in (vps, sps, pps))
+    record = bytes((1,)) + bytes(20) + b"\x0f" + b"\x03" + arrays
+    config = read_video(b"\x1c\x00\x00\x00\x00" + record)  # legacy FLV HEVC (codec 12)
+    assert isinstance(config, VideoConfig) and config.parameter_sets == (vps, sps, pps)
+    assert config.nal_length_size == 4
+    with pytest.raises(CodecError):
+        read_video(b"\x1c\x00\x00\x00\x00" + record[:-3])

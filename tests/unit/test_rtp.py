@@ -1,4 +1,4 @@
-"""RTP packetizing for WebRTC viewers: H.264 (RFC 6184 mode 1), VP9 (RFC 9628), AV1 (the AOM's payload
+"""RTP packetizing for WebRTC viewers: H.264 (RFC 6184 mode 1), HEVC (RFC 7798), VP9 (RFC 9628), AV1 (the AOM's payload
 format) and the RTP header, checked by putting the frames back together from the packets as a receiver
 (libwebrtc, for AV1's frame ends) does."""
 
@@ -18,6 +18,7 @@ from castmesh.webrtc.rtp import (
     av1_obus,
     av1_payloads,
     h264_payloads,
+    h265_payloads,
     parse_header,
     vp9_payloads,
     with_payload_type,
@@ -265,3 +266,48 @@ def test_a_malformed_av1_temporal_unit_is_refused() -> None:
     for bad in (b"\x80", b"\x32\x05\x01", b"\x36", b"\x32\xff\xff\xff\xff\xff\xff\xff\xff"):
         with pytest.raises(CodecError):
             av1_obus(bad)
+
+
+# HEVC ------------------------------------------------------------------------------------------------------
+
+VPS, HSPS, HPPS = bytes.fromhex("40010c01ffff"), bytes.fromhex("420101016000"), bytes.fromhex("4401c172b4")
+HEVC_CONFIG = VideoConfig("hvc1", b"", 4, (VPS, HSPS, HPPS))
+
+
+def h265_depacketize(payloads: list[bytes]) -> list[bytes]:
+    """NAL units back from RFC 7798 payloads: single NAL units, APs, FUs (no DONL)."""
+    units: list[bytes] = []
+    fragment = b""
+    for p in payloads:
+        kind = (p[0] >> 1) & 0x3F
+        if kind == 48:
+            pos = 2
+            while pos < len(p):
+                size = int.from_bytes(p[pos:pos + 2], "big")
+                units.append(p[pos + 2:pos + 2 + size])
+                pos += 2 + size
+        elif kind == 49:
+            if p[2] & 0x80:
+                fragment = bytes((p[0] & 0x81 | (p[2] & 0x3F) << 1, p[1]))
+            fragment += p[3:]
+            if p[2] & 0x40:
+                units.append(fragment)
+        else:
+            units.append(p)
+    return units
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([1, 19, 20, 21, 39, 35]), st.binary(min_size=1, max_size=4000)),
+                min_size=1, max_size=6),
+       st.integers(min_value=24, max_value=1400))
+def test_any_hevc_access_unit_comes_back_whole(units: list[tuple[int, bytes]], max_payload: int) -> None:
+    nals = [bytes((kind << 1, 0x01)) + body for kind, body in units]
+    payloads = h265_payloads(sample(*nals), HEVC_CONFIG, max_payload)
+    assert all(len(p) <= max_payload for p in payloads)
+    kept = [n for n in nals if (n[0] >> 1) & 0x3F != 35]  # access unit delimiters are left out
+    restored = h265_depacketize(payloads)
+    if any(19 <= (n[0] >> 1) & 0x3F <= 21 for n in kept):  # an IRAP picture: VPS, SPS and PPS first
+        assert restored[:3] == [VPS, HSPS, HPPS]
+        restored = restored[3:]
+    assert restored == kept

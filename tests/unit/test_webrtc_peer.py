@@ -238,3 +238,33 @@ def test_a_mangled_offer_that_passes_the_checks_is_answered_or_refused_with_a_4x
             await peer.close()
 
     asyncio.run(scenario())
+
+
+def test_a_viewer_offering_the_streams_codec_gets_it_and_one_that_does_not_is_told() -> None:
+    """VP9, AV1 and HEVC are answered in the offer's own payload numbers when offered (aiortc offers them
+    in a process that imported castmesh.webrtc.peer); an offer without the stream's codec gets 406."""
+    from aiortc import RTCRtpReceiver
+
+    async def scenario() -> None:
+        for mime, name in (("video/h265", "H265"), ("video/vp9", "VP9"), ("video/av1", "AV1")):
+            viewer = await client(("video",))
+            offered = re.search(rf"a=rtpmap:(\d+) {name}/90000", viewer.localDescription.sdp)
+            assert offered, viewer.localDescription.sdp
+            peer, text = await answer(viewer.localDescription.sdp, LOCAL, ("video",), {"video": 0x11},
+                                      lambda: None, {"video": mime, "audio": "audio/opus"})
+            assert peer.payload_types["video"] == int(offered.group(1))
+            assert re.search(rf"a=rtpmap:{offered.group(1)} {name}/90000", text)
+            await peer.close()
+            await viewer.close()
+        stock = RTCPeerConnection()
+        transceiver = stock.addTransceiver("video", direction="recvonly")
+        transceiver.setCodecPreferences([c for c in RTCRtpReceiver.getCapabilities("video").codecs
+                                         if c.mimeType in ("video/VP8", "video/H264")])
+        await stock.setLocalDescription(await stock.createOffer())
+        with pytest.raises(OfferError) as refused:
+            await answer(stock.localDescription.sdp, LOCAL, ("video",), {"video": 0x11}, lambda: None,
+                         {"video": "video/h265", "audio": "audio/opus"})
+        assert refused.value.status == 406 and "video/h265" in refused.value.detail
+        await stock.close()
+
+    asyncio.run(scenario())
