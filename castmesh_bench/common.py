@@ -32,7 +32,7 @@ def make_clip(out: Path, seconds: float, bframes: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     name = "clip-720p30-2mbps-" + ("" if bframes else "nobf-")
     for existing in sorted(out.glob(f"{name}*s.flv")):
-        length = existing.stem.rsplit("-", 1)[1][:-1]
+        length = existing.stem[len(name):-1]  # "145" of ...-145s; not a digit string for the other kind
         if length.isdigit() and int(length) >= seconds:
             return existing
     seconds = max(60, int(seconds) + 1)
