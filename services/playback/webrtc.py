@@ -69,9 +69,12 @@ log = logging.getLogger("castmesh.playback")
 VIDEO_PT, AUDIO_PT = 102, 111  # the stream's own numbers; a viewer that negotiated others gets copies
 MAX_GOP_BYTES = 16 * 1024 * 1024  # packets kept for joining viewers; past it, they wait for the next keyframe
 KEYFRAME_EVERY = 1.0  # a viewer's repeated PLIs are answered at most this often
+DROP_LOG_EVERY = 10.0  # seconds between log lines about dropped frames of one stream
 RESEND_PER_SECOND = 400  # packets a viewer's NACKs may have sent again a second (about 4 Mbps)
 
 KEYFRAME_REQUESTS = Counter("castmesh_playback_webrtc_keyframe_requests", "PLIs and FIRs from WebRTC viewers")
+DROPPED = Counter("castmesh_playback_webrtc_dropped_frames", "Frames WebRTC viewers were not sent: unreadable, "
+                  "or pictures waiting for a keyframe after one")
 RESENT = Counter("castmesh_playback_webrtc_resent_packets", "Video packets sent again for WebRTC viewers' NACKs")
 TRANSCODED = Counter("castmesh_playback_webrtc_opus_frames", "Opus frames made from AAC for WebRTC viewers")
 PASSED = Counter("castmesh_playback_webrtc_opus_passed_frames", "Opus frames of Opus streams sent to WebRTC "
@@ -80,6 +83,10 @@ TRANSCODE_CPU = Counter("castmesh_playback_webrtc_transcode_cpu_seconds",
                         "CPU time spent transcoding AAC to Opus for WebRTC viewers (once per stream)")
 
 Batch = list[tuple[str, list[bytes]]]  # (kind, packets) in the order the frames came
+
+
+class Unplayable(CodecError):
+    """A stream WebRTC cannot carry at all (its video codec), unlike one bad frame, which is dropped."""
 
 
 class WebRtcStream:
@@ -106,6 +113,8 @@ class WebRtcStream:
         self.problem = ""  # why WebRTC cannot carry this stream, once known
         self.stopped = False
         self.pending = 0  # offers for it being answered: it outlives its last viewer while there are some
+        self.broken = False  # a video frame was dropped: later pictures wait for a keyframe
+        self.last_drop_log = -DROP_LOG_EVERY
         self.waiters: list[asyncio.Future[None]] = []
 
     # The feed's viewer ---------------------------------------------------------------------------------
@@ -122,7 +131,7 @@ class WebRtcStream:
             return
         try:
             batch = self._packetize(frames)
-        except (Reordered, CodecError) as exc:
+        except (Reordered, Unplayable) as exc:
             self._cannot(str(exc))
             return
         if not batch:
@@ -158,47 +167,76 @@ class WebRtcStream:
     def _packetize(self, frames: list[Frame]) -> Batch:
         batch: Batch = []
         for frame in frames:
-            if frame.kind == VIDEO:
-                video = read_video(frame.payload)
-                if isinstance(video, VideoConfig):
-                    if video.codec not in VIDEO_MIMES:
-                        raise CodecError(f"the stream's video is {VIDEO_NAMES.get(video.codec, video.codec)}; "
-                                         "castmesh's WebRTC carries H.264, HEVC, VP9 and AV1")
-                    if self.video_config is not None and self.video_config.codec != video.codec:
-                        raise CodecError(f"the stream's video changed from {VIDEO_NAMES[self.video_config.codec]} "
-                                         f"to {VIDEO_NAMES[video.codec]}: WebRTC viewers must connect again")
-                    self.video_config = video
-                elif isinstance(video, VideoSample) and self.video_config is not None:
-                    if video.composition_ms:  # presented later than decoded: the encoder reorders pictures
-                        raise Reordered(f"the stream has B-frames (a picture presented {video.composition_ms} ms "
-                                        "after it is decoded); WebRTC cannot carry them: publish without "
-                                        "(x264's bframes=0, ffmpeg's -bf 0, OBS's x264 options bframes=0)")
-                    packets = self.video.packets(self._payloads(video, self.video_config), frame.timestamp)
-                    self._keep(packets, video.keyframe)
-                    batch.append(("video", packets))
-            elif frame.kind == AUDIO:
-                published = read_opus(frame.payload)
-                if published is OPUS_HEAD:  # the stream's audio is Opus already: it passes through
-                    self.audio_config = self.transcoder = None
-                    continue
-                if isinstance(published, bytes):
-                    PASSED.inc()
-                    batch.append(("audio", self.audio.packets([published], frame.timestamp, marker=False)))
-                    continue
-                audio = read_audio(frame.payload)
-                if isinstance(audio, AudioConfig):
-                    if audio != self.audio_config:
-                        from castmesh.media.audio import aac_to_opus  # PyAV: loaded once there is audio to make
-
-                        self.audio_config, self.transcoder = audio, aac_to_opus(audio)
-                elif isinstance(audio, bytes) and self.transcoder is not None:
-                    began = time.thread_time()
-                    coded = self.transcoder.push(audio, frame.timestamp)
-                    TRANSCODE_CPU.inc(time.thread_time() - began)
-                    TRANSCODED.inc(len(coded))
-                    for opus in coded:
-                        batch.append(("audio", self.audio.packets([opus.data], opus.presented_ms, marker=False)))
+            try:
+                if frame.kind == VIDEO:
+                    self._video(frame, batch)
+                elif frame.kind == AUDIO:
+                    self._audio(frame, batch)
+            except (Reordered, Unplayable):
+                raise
+            except CodecError as exc:  # one bad frame: dropped, and video waits for the next keyframe
+                self._drop(frame, str(exc))
         return batch
+
+    def _video(self, frame: Frame, batch: Batch) -> None:
+        video = read_video(frame.payload)
+        if isinstance(video, VideoConfig):
+            if video.codec not in VIDEO_MIMES:
+                raise Unplayable(f"the stream's video is {VIDEO_NAMES.get(video.codec, video.codec)}; "
+                                 "castmesh's WebRTC carries H.264, HEVC, VP9 and AV1")
+            if self.video_config is not None and self.video_config.codec != video.codec:
+                raise Unplayable(f"the stream's video changed from {VIDEO_NAMES[self.video_config.codec]} "
+                                 f"to {VIDEO_NAMES[video.codec]}: WebRTC viewers must connect again")
+            self.video_config = video
+        elif isinstance(video, VideoSample) and self.video_config is not None:
+            if video.composition_ms:  # presented later than decoded: the encoder reorders pictures
+                raise Reordered(f"the stream has B-frames (a picture presented {video.composition_ms} ms "
+                                "after it is decoded); WebRTC cannot carry them: publish without "
+                                "(x264's bframes=0, ffmpeg's -bf 0, OBS's x264 options bframes=0)")
+            if self.broken and not video.keyframe:
+                DROPPED.inc()
+                return
+            payloads = self._payloads(video, self.video_config)
+            self.broken = False
+            packets = self.video.packets(payloads, frame.timestamp)
+            self._keep(packets, video.keyframe)
+            batch.append(("video", packets))
+
+    def _audio(self, frame: Frame, batch: Batch) -> None:
+        published = read_opus(frame.payload)
+        if published is OPUS_HEAD:  # the stream's audio is Opus already: it passes through
+            self.audio_config = self.transcoder = None
+            return
+        if isinstance(published, bytes):
+            PASSED.inc()
+            batch.append(("audio", self.audio.packets([published], frame.timestamp, marker=False)))
+            return
+        audio = read_audio(frame.payload)
+        if isinstance(audio, AudioConfig):
+            if audio != self.audio_config:
+                from castmesh.media.audio import aac_to_opus  # PyAV: loaded once there is audio to make
+
+                self.audio_config, self.transcoder = audio, aac_to_opus(audio)
+        elif isinstance(audio, bytes) and self.transcoder is not None:
+            began = time.thread_time()
+            coded = self.transcoder.push(audio, frame.timestamp)
+            TRANSCODE_CPU.inc(time.thread_time() - began)
+            TRANSCODED.inc(len(coded))
+            for opus in coded:
+                batch.append(("audio", self.audio.packets([opus.data], opus.presented_ms, marker=False)))
+
+    def _drop(self, frame: Frame, reason: str) -> None:
+        """A frame that cannot be read or packetized (the publisher's fault, or a corrupt relay hop): left
+        out; for video, the pictures after it wait for a keyframe, and joiners for the next GOP. Logged at
+        most once per DROP_LOG_EVERY seconds."""
+        DROPPED.inc()
+        if frame.kind == VIDEO:
+            self.broken, self.gop, self.gop_bytes, self.gop_open = True, [], 0, False
+        now = time.monotonic()
+        if now - self.last_drop_log >= DROP_LOG_EVERY:
+            self.last_drop_log = now
+            event(log, "webrtc.frame_dropped", level=logging.WARNING, stream=self.path,
+                  kind="video" if frame.kind == VIDEO else "audio", reason=reason)
 
     @staticmethod
     def _payloads(video: VideoSample, config: VideoConfig) -> list[bytes]:

@@ -110,3 +110,28 @@ def test_a_nacked_packet_is_sent_again_from_the_gop_with_that_viewers_numbers() 
         assert len(peer.sent) == RESEND_PER_SECOND
 
     asyncio.run(scenario())
+
+
+def test_a_bad_frame_is_dropped_and_pictures_wait_for_the_next_keyframe_the_stream_goes_on() -> None:
+    """One unreadable picture or AAC frame (a corrupt publisher) must not end every WebRTC viewer of the
+    stream: it is left out, the pictures after it wait for a keyframe, joiners for the next GOP."""
+    async def scenario() -> None:
+        stream = WebRtcStream("live/x", lambda s: None)
+        peer = FakePeer()
+        session = WhepSession(stream, peer, "v.1", lambda s: None, 5.0)  # type: ignore[arg-type]
+        viewer = Viewer("v.1", "webrtc", "", session, {"app": "live", "stream": "x"}, 3.0)
+        stream.add(viewer)
+        session.flowing = True
+        config = make_frame(VIDEO, 0, b"\x17\x00\x00\x00\x00" + avc_record(SPS, PPS))
+        corrupt = make_frame(VIDEO, 33, b"\x27\x01\x00\x00\x00" + struct.pack(">I", 5000) + b"\x41\x00")
+        stream.write([config, picture(0, True), corrupt, picture(66, False)])
+        assert stream.problem == "" and not stream.stopped
+        stamps = {parse_header(p)[3] for p in peer.sent}
+        assert len(stamps) == 1  # the keyframe only: the picture after the bad one waited
+        assert stream.gop == []  # a joiner waits for the next keyframe
+        peer.sent.clear()
+        stream.write([picture(99, True), picture(133, False)])
+        assert len({parse_header(p)[3] for p in peer.sent}) == 2 and stream.gop
+        assert viewer in stream.viewers
+
+    asyncio.run(scenario())
