@@ -1,8 +1,8 @@
 """WebRTC viewers (WHEP) on a playback node.
 
 A stream's WebRTC side is one `WebRtcStream`: a viewer of the stream's feed (like an HLS muxer) that takes
-its frames and makes them RTP packets once for all its viewers: H.264, VP9 or AV1 as the publisher sent
-it (H.264's parameter sets before every IDR picture), AAC transcoded to Opus once (castmesh.media.audio),
+its frames and makes them RTP packets once for all its viewers: H.264, HEVC, VP9 or AV1 as the publisher
+sent it (H.264's and HEVC's parameter sets before every keyframe), AAC transcoded to Opus once (castmesh.media.audio),
 Opus (enhanced RTMP's) as it came. It keeps the packets
 since the last keyframe, so a viewer that joins, or whose browser lost the picture (a PLI or FIR), is
 sent them at once (restamped to be decoded at once, castmesh.webrtc.rtp.burst) and has a picture without

@@ -37,6 +37,15 @@ class FakePeer:
     async def close(self) -> None: ...
 
 
+def watching(stream: WebRtcStream, peer: FakePeer) -> tuple[WhepSession, Viewer]:
+    """A connected WHEP viewer of the stream, with no network."""
+    session = WhepSession(stream, peer, "v.1", lambda s: None, 5.0)  # type: ignore[arg-type]
+    viewer = Viewer("v.1", "webrtc", "", session, {"app": "live", "stream": "x"}, 3.0)
+    stream.add(viewer)
+    session.flowing = True
+    return session, viewer
+
+
 def picture(ts: int, keyframe: bool, size: int = 3000) -> Any:
     nal = (b"\x65" if keyframe else b"\x41") + bytes(size)
     return make_frame(VIDEO, ts, bytes((0x17 if keyframe else 0x27, 1, 0, 0, 0)) + struct.pack(">I", len(nal)) + nal)
@@ -46,10 +55,7 @@ def test_a_pli_is_answered_with_the_gop_renumbered_for_that_viewer_alone() -> No
     async def scenario() -> None:
         stream = WebRtcStream("live/x", lambda s: None)
         peer = FakePeer()
-        session = WhepSession(stream, peer, "v.1", lambda s: None, 5.0)  # type: ignore[arg-type]
-        viewer = Viewer("v.1", "webrtc", "", session, {"app": "live", "stream": "x"}, 3.0)
-        stream.add(viewer)
-        session.flowing = True
+        session, _viewer = watching(stream, peer)
         config = make_frame(VIDEO, 0, b"\x17\x00\x00\x00\x00" + avc_record(SPS, PPS))
         stream.write([config, picture(0, True), picture(33, False), picture(66, False)])
         live = [parse_header(p) for p in peer.sent]
@@ -78,10 +84,7 @@ def test_a_nacked_packet_is_sent_again_from_the_gop_with_that_viewers_numbers() 
         peer = FakePeer()
         config = make_frame(VIDEO, 0, b"\x17\x00\x00\x00\x00" + avc_record(SPS, PPS))
         stream.write([config, picture(0, True)])  # before the viewer: it gets these in its join burst
-        session = WhepSession(stream, peer, "v.1", lambda s: None, 5.0)  # type: ignore[arg-type]
-        viewer = Viewer("v.1", "webrtc", "", session, {"app": "live", "stream": "x"}, 3.0)
-        stream.add(viewer)
-        session.flowing = True
+        session, _viewer = watching(stream, peer)
         session._send_gop("start")
         burst_seqs = [parse_header(p)[2] for p in peer.sent]
         stream.write([picture(33, False), picture(66, False)])
@@ -118,10 +121,7 @@ def test_a_bad_frame_is_dropped_and_pictures_wait_for_the_next_keyframe_the_stre
     async def scenario() -> None:
         stream = WebRtcStream("live/x", lambda s: None)
         peer = FakePeer()
-        session = WhepSession(stream, peer, "v.1", lambda s: None, 5.0)  # type: ignore[arg-type]
-        viewer = Viewer("v.1", "webrtc", "", session, {"app": "live", "stream": "x"}, 3.0)
-        stream.add(viewer)
-        session.flowing = True
+        _session, viewer = watching(stream, peer)
         config = make_frame(VIDEO, 0, b"\x17\x00\x00\x00\x00" + avc_record(SPS, PPS))
         corrupt = make_frame(VIDEO, 33, b"\x27\x01\x00\x00\x00" + struct.pack(">I", 5000) + b"\x41\x00")
         stream.write([config, picture(0, True), corrupt, picture(66, False)])
