@@ -9,7 +9,7 @@ WEB_STAMP := web/node_modules/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
 
-.PHONY: install browser web up test lint proto bench clean
+.PHONY: install browser web up test lint proto bench peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,13 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/castmesh bench fanout $(or $(ARGS),--viewers 100 --seconds 20)
+
+# The peer the latency benchmarks run beside castmesh (castmesh bench fanout --server nginx-rtmp).
+peers:
+	@{ command -v nginx >/dev/null && [ -e /usr/lib/nginx/modules/ngx_rtmp_module.so ]; } || { \
+		echo "installing Debian's nginx with libnginx-mod-rtmp for the benchmarks"; \
+		$(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			nginx-light libnginx-mod-rtmp; }
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -22,11 +22,13 @@ import json
 import multiprocessing
 import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from castmesh.mesh import runtime
+from castmesh_bench import nginx_rtmp
 from castmesh_bench.common import (
     STALL,
     Clock,
@@ -55,7 +57,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, default=20, help="measured seconds after the ramp (default 20)")
     p.add_argument("--sampled", type=int, default=20, help="viewers that parse FLV to measure lag (default 20)")
     p.add_argument("--ramp", type=int, default=200, help="viewer connections opened per second (default 200)")
-    p.add_argument("--merge-ms", type=int, default=50, help="playback's merged-write window (default 50)")
+    p.add_argument("--server", choices=["split", "up", "nginx-rtmp"], default="split",
+                   help="split: relay, ingest and playback as processes (playback measured); up: `castmesh up`, "
+                        "one process; nginx-rtmp: Debian's nginx with libnginx-mod-rtmp, the peer (RTMP only)")
+    p.add_argument("--merge-ms", type=int, default=None, help="playback's merged-write window (default: castmesh's)")
+    p.add_argument("--batch-ms", type=int, default=None, help="ingest's batch window (default: castmesh's)")
     p.add_argument("--out", default="bench-out", help="where the clip is cached (default bench-out)")
     p.add_argument("--no-pin", action="store_true", help="do not pin playback to CPU 0 and the load elsewhere")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -67,6 +73,49 @@ def _merged(counts: list[dict[str, int]]) -> dict[str, int]:
         for key, value in count.items():
             total[key] = total.get(key, 0) + value
     return total
+
+
+def _servers(args: argparse.Namespace, host: str, server_cpus: set[int] | None, load_cpus: set[int] | None,
+             ) -> tuple[list[subprocess.Popen[bytes]], subprocess.Popen[bytes], int, int, int]:
+    """Start the server under test: (processes to stop, the measured one, RTMP publish port, HTTP port,
+    RTMP play port)."""
+    merge = ["--merge-ms", str(args.merge_ms)] if args.merge_ms else []
+    batch = ["--batch-ms", str(args.batch_ms)] if args.batch_ms else []
+    if args.server == "nginx-rtmp":
+        if args.protocol != "rtmp":
+            raise SystemExit("nginx-rtmp serves RTMP play only: use --protocol rtmp")
+        port = free_port()
+        nginx = nginx_rtmp.start(port, Path(args.out), server_cpus)
+        return [], nginx, port, 0, port
+    if args.server == "up":
+        rtmp_port, http_port = free_port(), free_port()
+        up = spawn(["up", "--no-demo", "--host", host, "--rtmp-port", str(rtmp_port), "--http-port", str(http_port),
+                    *merge, *batch], server_cpus, ready=b"Ctrl-C stops.")
+        return [up], up, rtmp_port, http_port, rtmp_port
+    grpc_port, rtmp_port, http_port, play_port = free_port(), free_port(), free_port(), free_port()
+    procs = [spawn(["serve", "relay", "--host", host, "--grpc-port", str(grpc_port)], load_cpus)]
+    relay = f"{host}:{grpc_port}"
+    procs.append(spawn(["serve", "ingest", "--host", host, "--rtmp-port", str(rtmp_port), "--relay", relay,
+                        *batch], load_cpus))
+    playback = spawn(["serve", "playback", "--host", host, "--http-port", str(http_port), "--rtmp-port",
+                      str(play_port if args.protocol == "rtmp" else 0), "--relay", relay,
+                      *merge], server_cpus)
+    procs.append(playback)
+    return procs, playback, rtmp_port, http_port, play_port
+
+
+def _write_share(host: str, port: int) -> float | None:
+    """castmesh_playback_write_share from the server's /metrics (how busy its writes kept it lately)."""
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("castmesh_playback_write_share "):
+            return round(float(line.split()[1]), 3)
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,16 +132,8 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any] | None:
     ramp_seconds = args.viewers / args.ramp + 2
     total = ramp_seconds + args.seconds + (12 if args.protocol == "hls" else 3)  # HLS: first segment, settling
     clip = make_clip(Path(args.out), total + 5)
-    grpc_port, rtmp_port, http_port, play_port = free_port(), free_port(), free_port(), free_port()
     host = "127.0.0.1"
-    procs = [spawn(["serve", "relay", "--host", host, "--grpc-port", str(grpc_port)], load_cpus)]
-    relay = f"{host}:{grpc_port}"
-    procs.append(spawn(["serve", "ingest", "--host", host, "--rtmp-port", str(rtmp_port), "--relay", relay],
-                        load_cpus))
-    playback = spawn(["serve", "playback", "--host", host, "--http-port", str(http_port), "--rtmp-port",
-                      str(play_port if args.protocol == "rtmp" else 0), "--relay", relay, "--merge-ms",
-                      str(args.merge_ms)], server_cpus)
-    procs.append(playback)
+    procs, playback, rtmp_port, http_port, play_port = _servers(args, host, server_cpus, load_cpus)
     ctx = multiprocessing.get_context("spawn")
     receiver, sender = ctx.Pipe(duplex=False)
     publisher = ctx.Process(target=run_in_process, args=(str(clip), host, rtmp_port, "live", "bench", total, sender))
@@ -104,7 +145,10 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any] | None:
     tasks: list[asyncio.Task[None]] = []
     clock = Clock()
     try:
-        await wait_live(host, http_port, "/live/bench.flv", 20)
+        if args.server == "nginx-rtmp":
+            await asyncio.sleep(3)  # nginx-rtmp has no HTTP side to ask whether the stream is live
+        else:
+            await wait_live(host, http_port, "/live/bench.flv", 20)
         if args.protocol == "flv":
             viewers += await open_viewers(host, http_port, "/live/bench.flv", args.viewers, clock, args.sampled,
                                           args.ramp)
@@ -129,6 +173,7 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any] | None:
             await asyncio.sleep(1)
             rss = max(rss, rss_mb(playback.pid))
         cpu1, wall1 = cpu_seconds(playback.pid), time.monotonic()
+        write_share = _write_share(host, http_port) if http_port else None
         load1 = time.process_time()
         bytes1 = sum(v.bytes for v in viewers) + sum(c.bytes for c in clients)
         requests1 = sum(c.requests for c in clients)
@@ -141,6 +186,8 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any] | None:
         publisher.join(total + 30)
         sent: dict[int, float] = receiver.recv() if receiver.poll(5) else {}
         stop_all(procs)
+        if args.server == "nginx-rtmp":
+            nginx_rtmp.stop(playback)
     elapsed = window[1] - window[0]
     lags = lags_ms(viewers, sent, *window)
     ttff = [(v.first_video - v.started) * 1000 for v in viewers if v.first_video]
@@ -169,7 +216,10 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any] | None:
         "hls_error_kinds": _merged([c.problems for c in clients]) if clients else None,
         "hls_max_wait_s": round(max((c.max_wait for c in clients), default=0.0), 2) if clients else None,
         "max_gap_s": round(max((v.max_gap for v in viewers), default=0.0), 2),
+        "server": args.server,
+        "write_share": write_share,
         "merge_ms": args.merge_ms,
+        "batch_ms": args.batch_ms,
         "pinned": pin,
         "median_viewer_mbps": round(statistics.median([v.bytes for v in viewers]) * 8 / 1e6 / total, 2)
         if viewers else 0,

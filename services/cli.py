@@ -82,8 +82,11 @@ ADVERTISE = Option("--advertise", "", "address (host:port) others reach this rel
 ADVERTISE_HOST = Option("--advertise-host", "", "host others reach this node at; 'auto': the address of this "
                         "machine's name (containers); default: 127.0.0.1 when listening on all interfaces")
 CHECK_CONFIG = Option("--check-config", False, "print the resolved configuration as JSON and exit", config.flag)
-BATCH_MS = Option("--batch-ms", 10, "how long ingest gathers frames into one batch (ms)", config.positive)
-MERGE_MS = Option("--merge-ms", 50, "how long playback gathers frames into one socket write (ms)", config.positive)
+BATCH_MS = Option("--batch-ms", 50, "the longest ingest holds audio and data for the next video frame to carry "
+                  "them (ms); video goes at once. 0: every frame at once", config.non_negative)
+MERGE_MS = Option("--merge-ms", 50, "the longest playback holds audio and data for the next video frame, and the "
+                  "widest it gathers pictures when writing viewers keeps it busy (ms). 0: every frame at once",
+                  config.non_negative)
 HLS_SEGMENT_MS = Option("--hls-segment-ms", 2000, "HLS target segment duration (ms; cut at the next keyframe)",
                         config.positive)
 HLS_WINDOW = Option("--hls-window", 6, "HLS segments listed in a playlist", config.positive)

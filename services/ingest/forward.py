@@ -1,7 +1,9 @@
 """Forwarding one RTMP publish to its origin relay over Relay.Publish, across origin failures.
 
-Frames are gathered for batch_ms and sent as one FrameBatch on this stream's channel of the link to the
-origin (castmesh.mesh.link), which carries every stream this ingest sends there. When the relay falls
+A video frame is sent at once, as one FrameBatch on this stream's channel of the link to the origin
+(castmesh.mesh.link, which carries every stream this ingest sends there, and gathers what arrives while a
+write is in flight); the audio and data frames before it ride along in the same batch, waiting batch_ms
+at most. A stream without video sends each frame at once. When the relay falls
 behind, the queue grows past max_queued batches or max_queued_bytes and the owner is told to pause reading
 the publisher's socket: TCP
 then slows the publisher instead of ingest buffering without end.
@@ -21,6 +23,7 @@ from collections.abc import Callable
 
 from prometheus_client import Counter
 
+from castmesh.media.frames import VIDEO
 from castmesh.media.gop import GopCache, header_frames
 from castmesh.mesh.channels import Accepted, Rejected
 from castmesh.mesh.link import PublishChannel, RelayLinks
@@ -70,7 +73,7 @@ class RelayPublish:
         self.pending: list[Frame] = []
         self.pending_bytes = 0
         self.flush_handle: asyncio.TimerHandle | None = None
-        self.queue: asyncio.Queue[tuple[FrameBatch, int] | None] = asyncio.Queue()  # None: the end
+        self.queue: asyncio.Queue[tuple[list[Frame], int] | None] = asyncio.Queue()  # None: the end
         self.paused = False
         self.origin = ""
         self.channel: PublishChannel | None = None
@@ -120,9 +123,10 @@ class RelayPublish:
         self.cache.add(frame)
         self.pending.append(frame)
         self.pending_bytes += len(frame.payload)
-        if self.pending_bytes >= MAX_BATCH_BYTES:
-            self.flush()
-        elif self.flush_handle is None:
+        if (frame.kind == VIDEO or not self.batch_delay or not self.cache.has_video
+                or self.pending_bytes >= MAX_BATCH_BYTES):
+            self.flush()  # a picture goes at once, with the audio that waited for it
+        elif self.flush_handle is None:  # audio or data of a stream with video: wait for a picture, at most this
             self.flush_handle = asyncio.get_running_loop().call_later(self.batch_delay, self.flush)
 
     def flush(self) -> None:
@@ -131,7 +135,7 @@ class RelayPublish:
             self.flush_handle = None
         if not self.pending:
             return
-        self.queue.put_nowait((FrameBatch(frames=self.pending), self.pending_bytes))
+        self.queue.put_nowait((self.pending, self.pending_bytes))
         self.queued_bytes += self.pending_bytes
         FRAMES_IN.inc(len(self.pending))  # once per batch, not per frame
         self.pending = []
@@ -150,9 +154,15 @@ class RelayPublish:
                 await self.channel.answer(ANSWER_TIMEOUT)
                 self.channel.close()
                 return
-            batch, size = queued
+            frames, size = queued
+            while size < MAX_BATCH_BYTES and not self.queue.empty():  # what gathered while a write was in flight
+                if (more := self.queue.get_nowait()) is None:
+                    self.queue.put_nowait(None)
+                    break
+                frames = frames + more[0]
+                size += more[1]
             self.queued_bytes -= size
-            if not await self.channel.batch(batch, size):
+            if not await self.channel.batch(FrameBatch(frames=frames), size):
                 if not await self._failover(self.channel.lost):
                     return
             if (self.paused and self.queue.qsize() <= self.max_queued // 2
@@ -239,7 +249,7 @@ class RelayPublish:
             await channel.done.wait()
             if self.channel is channel and not self.closed:
                 self.switched.clear()
-                self.queue.put_nowait((FrameBatch(), 0))  # the writer finds the link broken and fails over
+                self.queue.put_nowait(([], 0))  # the writer finds the link broken and fails over
                 await self.switched.wait()
 
     async def close(self, clean: bool) -> None:

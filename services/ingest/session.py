@@ -61,7 +61,7 @@ LeaseFactory = Callable[[StreamKey, str, str], Lease]  # (stream, holder, client
 class Ingest:
     """The node's publish side: it makes the publish sessions and knows the live ones (for kicks)."""
 
-    def __init__(self, leases: LeaseFactory, batch_ms: float = 10.0, limits: RtmpLimits | None = None,
+    def __init__(self, leases: LeaseFactory, batch_ms: float = 50.0, limits: RtmpLimits | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
                  node_id: str = "ingest", signer: Signer | None = None, caps: ConnectionCaps | None = None,
                  hooks: Hooks | None = None) -> None:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from castmesh.media.frames import stream_path
+from castmesh.media.frames import VIDEO, stream_path
 from castmesh.media.gop import GopCache
 from castmesh.media.lag import Verdict
 from castmesh.media.timeline import Jitter
@@ -52,6 +53,43 @@ JITTER = Counter("castmesh_playback_timestamp_corrections", "Timestamps normalis
 IDLE_LINGER = 5.0  # keep an upstream subscription this long after its last viewer leaves
 
 
+class WriteLoad:
+    """How much of this process's time the feeds' writes to viewers take lately, and so how long a picture
+    may wait to be written with the next ones.
+
+    A write to a socket costs about the same whatever its size (perf, 1000 viewers of a 2 Mbps stream on
+    loopback: copying the bytes is a tenth of the time, the rest is per write), so writing each picture at
+    once costs 30 writes a second per viewer where gathering 50 ms costs 20, a third more CPU. While the
+    writes take less than LOW of the time, every picture goes out at once; from LOW to HIGH the window
+    grows to the merge window, so a large fan-out trades latency for CPU instead of taking more of the
+    core (docs/BENCHMARKS.md: 500 viewers of one stream are written each picture at once, 1000 mostly
+    gathered).
+    """
+
+    LOW, HIGH = 0.25, 0.35
+    TAU = 1.0  # seconds: the share is an average over about this long
+
+    def __init__(self) -> None:
+        self.share = 0.0
+        self.at = 0.0
+
+    def spent(self, start: float, end: float) -> None:
+        self.share = self.share * math.exp(min(0.0, self.at - end) / self.TAU) + (end - start) / self.TAU
+        self.at = end
+
+    def current(self) -> float:
+        return self.share * math.exp(min(0.0, self.at - time.monotonic()) / self.TAU)
+
+    def window(self, merge: float) -> float:
+        """The least time between two writes of one stream, at most merge."""
+        return merge * min(1.0, max(0.0, (self.current() - self.LOW) / (self.HIGH - self.LOW)))
+
+
+WRITES = WriteLoad()
+Gauge("castmesh_playback_write_share", "Share of this process's time spent writing to viewers lately (about "
+      "1 s); past 0.25 pictures are gathered for longer, up to --merge-ms at 0.35").set_function(WRITES.current)
+
+
 class StreamFeed:
     def __init__(self, locate: Locate, links: RelayLinks, key: StreamKey, merge_ms: float, max_lag: float,
                  on_closed: Callable[[StreamFeed], None], node_id: str = "playback") -> None:
@@ -66,7 +104,8 @@ class StreamFeed:
         self.viewers: dict[Viewer, None] = {}  # an ordered set: the viewers being sent the stream
         self.waiting: list[Viewer] = []  # admitted before the stream is live
         self.pending: list[Frame] = []
-        self.flush_handle: asyncio.TimerHandle | None = None
+        self.flush_handle: asyncio.Handle | None = None  # the next write of what is pending
+        self.flush_at = 0.0  # when it is due (time.monotonic)
         self.last_flush = 0.0
         self.idle_handle: asyncio.TimerHandle | None = None
         self.close_reason = ""
@@ -154,12 +193,24 @@ class StreamFeed:
         if self.jitter.corrections != before:
             JITTER.inc(self.jitter.corrections - before)
         self.pending.extend(frames)
-        if self.flush_handle is None:
-            delay = self.last_flush + self.merge - time.monotonic()
-            if delay <= 0:
-                self.flush()
-            else:
-                self.flush_handle = asyncio.get_running_loop().call_later(delay, self.flush)
+        if not self.merge:
+            self.flush()  # every frame at once
+            return
+        now = time.monotonic()
+        if not self.cache.has_video or any(frame.kind == VIDEO for frame in frames):
+            # A picture goes out at once, with whatever waited for it (so does everything of a stream with no
+            # video), unless the writes keep the loop busy: then it may wait the window WRITES says.
+            due = max(now, self.last_flush + WRITES.window(self.merge))
+        else:
+            due = now + self.merge  # audio or data: it rides along with the next picture, or waits merge
+        if self.flush_handle is not None:
+            if self.flush_at <= due:
+                return
+            self.flush_handle.cancel()
+        loop = asyncio.get_running_loop()
+        self.flush_at = due  # batches arriving together (one upstream message) still go out in one write
+        self.flush_handle = loop.call_soon(self.flush) if due <= now else loop.call_at(
+            loop.time() + due - now, self.flush)
 
     def flush(self) -> None:
         if self.flush_handle is not None:
@@ -168,8 +219,7 @@ class StreamFeed:
         frames, self.pending = self.pending, []
         if not frames:
             return
-        now = time.monotonic()
-        self.last_flush = now
+        now = self.last_flush = time.monotonic()
         self.cache.add_all(frames)
         encoded: dict[Hashable, tuple[Any, int]] = {}  # per format: these frames, made once, and their size
         resumed: dict[tuple[Hashable, int], tuple[Any, int]] = {}  # per format and resume point: from there on
@@ -214,6 +264,7 @@ class StreamFeed:
         BYTES_OUT.inc(delivered)
         FRAMES_OUT.inc(sent)
         FRAMES_DROPPED.inc(max(0, len(frames) * len(self.viewers) - sent))
+        WRITES.spent(now, time.monotonic())
         if not self.live:
             self._go_live()  # after the writes: the waiting viewers get these frames from the cache
 
@@ -233,8 +284,6 @@ class StreamFeed:
 
     def _finish(self, reason: str, status: int) -> None:
         self.closed = True
-        if self.flush_handle is not None:
-            self.flush_handle.cancel()
         if self.pending:
             self.flush()
         if self.idle_handle is not None:
