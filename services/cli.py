@@ -90,6 +90,8 @@ MERGE_MS = Option("--merge-ms", 50, "the longest playback holds audio and data f
 HLS_SEGMENT_MS = Option("--hls-segment-ms", 2000, "HLS target segment duration (ms; cut at the next keyframe)",
                         config.positive)
 HLS_WINDOW = Option("--hls-window", 6, "HLS segments listed in a playlist", config.positive)
+HLS_PART_MS = Option("--hls-part-ms", 200, "low-latency HLS (?format=llhls): the longest a partial segment lasts (ms)",
+                     config.positive)
 HLS_IDLE_MS = Option("--hls-idle-ms", 30000, "stop a stream's HLS muxer after this long without a request (ms)",
                      config.positive)
 MAX_LAG_MS = Option("--max-lag-ms", 3000, "how far a viewer or subscriber may fall behind before it skips "
@@ -144,7 +146,7 @@ WHIP_PORT = Option("--http-port", 0, "HTTP port for WHIP publishers, POST /{app}
                    "deploy/ uses 8081)", config.port)
 
 COMMON = [LOG_LEVEL, ADVERTISE_HOST, CHECK_CONFIG]
-HLS = [HLS_SEGMENT_MS, HLS_WINDOW, HLS_IDLE_MS]
+HLS = [HLS_SEGMENT_MS, HLS_WINDOW, HLS_PART_MS, HLS_IDLE_MS]
 LIMITS = [MAX_CONNECTIONS, MAX_PER_IP]
 PUBLISH_HOOKS = [ON_PUBLISH, ON_UNPUBLISH, HOOK_TIMEOUT_MS]
 PLAY_HOOKS = [ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS]
@@ -410,6 +412,7 @@ def _hooks(cfg: dict[str, Any], *actions: str) -> Hooks:
 def _playback_settings(cfg: dict[str, Any]) -> PlaybackSettings:
     return PlaybackSettings(merge_ms=cfg["merge_ms"], max_lag=cfg["max_lag_ms"] / 1000,
                             hls_segment_ms=cfg["hls_segment_ms"], hls_window=cfg["hls_window"],
+                            hls_part_ms=cfg["hls_part_ms"],
                             hls_idle=cfg["hls_idle_ms"] / 1000, handshake_timeout=cfg["handshake_timeout_ms"] / 1000,
                             idle_timeout=cfg["idle_timeout_ms"] / 1000, max_webrtc=cfg["max_webrtc"],
                             ice=_ice(cfg))

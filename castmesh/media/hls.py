@@ -48,14 +48,33 @@ class HlsError(ValueError):
 
 
 @dataclass(slots=True)
+class Part:
+    """A partial segment (low-latency HLS): one moof + mdat of its segment."""
+
+    index: int  # within its segment, from 0
+    duration: float  # seconds
+    data: bytes  # emptied once its segment is complete: then it is data[start:end] of the segment
+    independent: bool  # starts with a keyframe (or carries no video)
+    start: int = 0
+    end: int = 0
+
+
+@dataclass(slots=True)
 class Segment:
     sequence: int
     duration: float  # seconds
     data: bytes
     discontinuity: bool
     init: int  # which initialization segment it needs (fMP4)
-    started_at: float  # wall clock, for EXT-X-PROGRAM-DATE-TIME
+    started_at: float  # when ingest received its first frame (wall clock), for EXT-X-PROGRAM-DATE-TIME
     extension: str  # ts or m4s
+    parts: list[Part] = field(default_factory=list)
+
+    def part(self, index: int) -> bytes | None:
+        if not 0 <= index < len(self.parts):
+            return None
+        part = self.parts[index]
+        return part.data or self.data[part.start:part.end]
 
 
 class _Container(Protocol):
@@ -103,9 +122,8 @@ class _Fmp4:
         self.audio_config = audio
         self.init = init
         self.nal_length_size = video.nal_length_size if video is not None and video.codec in NAL_CODECS else 0
-        self.video_samples: list[tuple[int, VideoSample]] = []
-        self.audio_frames: list[bytes] = []
-        self.audio_start = 0
+        self.video_samples: list[tuple[int, VideoSample]] = []  # gathered for the next fragment
+        self.audio_frames: list[tuple[int, bytes]] = []
 
     def video(self, timestamp: int, sample: VideoSample) -> None:
         if self.nal_length_size:
@@ -113,23 +131,40 @@ class _Fmp4:
         self.video_samples.append((timestamp, sample))
 
     def audio(self, timestamp: int, frame: bytes) -> None:
-        if not self.audio_frames:
-            self.audio_start = timestamp
-        self.audio_frames.append(frame)
+        self.audio_frames.append((timestamp, frame))
+
+    def last_timestamp(self) -> int | None:
+        """The start of the newest gathered sample of the track that paces parts (video, else audio)."""
+        if self.video_samples:
+            return self.video_samples[-1][0]
+        if self.audio_frames and self.video_config is None:
+            return self.audio_frames[-1][0]
+        return None
+
+    def fragment(self, sequence: int, end_timestamp: int, everything: bool = True) -> tuple[bytes, bool]:
+        """moof + mdat of the gathered samples that start before end_timestamp (all of them if
+        `everything`), and whether it starts with a keyframe; the rest stay for the next fragment."""
+        video, audio = self.video_samples, self.audio_frames
+        if not everything:
+            video = [v for v in video if v[0] < end_timestamp]
+            audio = [a for a in audio if a[0] < end_timestamp]
+        self.video_samples = self.video_samples[len(video):]
+        self.audio_frames = self.audio_frames[len(audio):]
+        runs = []
+        if video:
+            ends = [ts for ts, _ in video[1:]] + [max(end_timestamp, video[-1][0] + 1)]
+            runs.append(fmp4.TrackRun(fmp4.VIDEO_TRACK, video[0][0] * 90, [
+                fmp4.Sample(max(end - ts, 1) * 90, s.data, s.keyframe, s.composition_ms * 90)
+                for (ts, s), end in zip(video, ends, strict=True)]))
+        if audio and self.audio_config is not None:
+            rate = self.audio_config.sample_rate
+            runs.append(fmp4.TrackRun(fmp4.AUDIO_TRACK, audio[0][0] * rate // 1000,
+                                      [fmp4.Sample(fmp4.AAC_FRAME_SAMPLES, f) for _, f in audio]))
+        independent = video[0][1].keyframe if video else self.video_config is None
+        return fmp4.media_segment(sequence, runs), independent
 
     def close(self, sequence: int, end_timestamp: int) -> bytes:
-        runs = []
-        if self.video_samples:
-            samples = self.video_samples
-            ends = [ts for ts, _ in samples[1:]] + [max(end_timestamp, samples[-1][0] + 1)]
-            runs.append(fmp4.TrackRun(fmp4.VIDEO_TRACK, samples[0][0] * 90, [
-                fmp4.Sample(max(end - ts, 1) * 90, s.data, s.keyframe, s.composition_ms * 90)
-                for (ts, s), end in zip(samples, ends, strict=True)]))
-        if self.audio_frames and self.audio_config is not None:
-            rate = self.audio_config.sample_rate
-            runs.append(fmp4.TrackRun(fmp4.AUDIO_TRACK, self.audio_start * rate // 1000,
-                                      [fmp4.Sample(fmp4.AAC_FRAME_SAMPLES, f) for f in self.audio_frames]))
-        return fmp4.media_segment(sequence, runs)
+        return self.fragment(sequence, end_timestamp)[0]
 
 
 @dataclass(slots=True)
@@ -141,6 +176,8 @@ class _Open:
     init: int
     started_at: float
     size: int = 0
+    parts: list[Part] = field(default_factory=list)
+    part_start: int = 0  # ms: where the part being gathered starts
 
 
 @dataclass
@@ -156,6 +193,7 @@ class Segmenter:
     target_duration: int = 0
     dropped_frames: int = 0
     removed_discontinuities: int = 0
+    part_ms: int = 0  # low-latency HLS: partial segments of at most this long (fMP4 only); 0: none
 
     def __post_init__(self) -> None:
         if self.container not in CONTAINERS:
@@ -164,8 +202,17 @@ class Segmenter:
         self.audio_config: AudioConfig | None = None
         self.width = self.height = 0
         self.open: _Open | None = None
-        self.next_sequence = 0
-        self.init_version = 0
+        self.next_sequence = -1  # set by the first segment
+        self.init_version = -1
+        self.fragments = 0  # moof sequence numbers, for parts
+        self.changes = 0  # parts and segments completed: what blocking requests wait on
+        self.ingest_time = 0.0  # of the frame being taken (seconds since the epoch)
+        self.intervals: deque[int] = deque(maxlen=8)  # recent gaps between frames of the pacing track
+        self.last_clock = -1
+        if self.part_ms and self.container == "ts":
+            raise HlsError("partial segments are made in fMP4 here, not MPEG-TS")
+        if self.part_ms:
+            self.container = "fmp4"
         self.config_changed = False
         self.discontinuity = False
         self.ts_writer: mpegts.TsWriter | None = None
@@ -189,6 +236,7 @@ class Segmenter:
 
     def _push(self, frame: Frame, done: list[Segment]) -> None:
         kind, ts = frame.kind, frame.timestamp
+        self.ingest_time = frame.ingest_time_us / 1e6 if frame.ingest_time_us else time.time()
         if kind == DATA:
             if is_metadata(frame.payload):
                 meta = metadata_values(frame.payload) or {}
@@ -205,6 +253,8 @@ class Segmenter:
                 return
             if item is None or self.video_config is None:
                 return
+            if self.part_ms and self.has_video:
+                self._maybe_cut_part(ts)
             if item.keyframe:
                 self._maybe_cut(ts, done)
             if self.open is not None and self.open.container.video_config is not None:
@@ -222,6 +272,8 @@ class Segmenter:
             if audio is None or self.audio_config is None:
                 return
             if not self.has_video:
+                if self.part_ms:
+                    self._maybe_cut_part(ts)
                 self._maybe_cut(ts, done)
             if self.open is not None and self.open.container.audio_config is not None:
                 self.open.container.audio(ts, audio)
@@ -243,11 +295,50 @@ class Segmenter:
             done.append(self._close(current, ts))
         self._start(ts)
 
+    def _maybe_cut_part(self, ts: int) -> None:
+        """Before a frame of the pacing track at ts is taken: end the part being gathered if it is full. A
+        part never lasts longer than part_ms: it ends at ts when the next frame would not fit, or, when
+        the timing was irregular and ts is already too late, at the frame before (which then starts the
+        next part). Only a single frame longer than part_ms makes a longer part."""
+        current = self.open
+        if self.last_clock >= 0 and ts > self.last_clock:
+            self.intervals.append(ts - self.last_clock)
+        self.last_clock = ts
+        if current is None or not isinstance(current.container, _Fmp4):
+            return
+        span = ts - current.part_start
+        if span > self.part_ms:
+            last = current.container.last_timestamp()
+            if last is not None and last > current.part_start:
+                self._cut_part(current, last, everything=False)
+            if ts - current.part_start > self.part_ms:
+                self._cut_part(current, ts)
+        elif span > 0 and span + min(self.intervals, default=span) > self.part_ms:
+            self._cut_part(current, ts)
+
+    def _cut_part(self, current: _Open, end: int, everything: bool = True) -> None:
+        assert isinstance(current.container, _Fmp4)
+        self.fragments += 1
+        data, independent = current.container.fragment(self.fragments, end, everything)
+        current.parts.append(Part(len(current.parts), max(end - current.part_start, 1) / 1000, data, independent))
+        current.part_start = end
+        self.changes += 1
+
     def _close(self, current: _Open, end: int) -> Segment:
         duration = max(end - current.start, 1) / 1000
         self.target_duration = max(self.target_duration, math.ceil(duration))
-        segment = Segment(current.sequence, duration, current.container.close(current.sequence, end),
-                          current.discontinuity, current.init, current.started_at, current.container.extension)
+        if self.part_ms and isinstance(current.container, _Fmp4):
+            if end > current.part_start or not current.parts:
+                self._cut_part(current, end)
+            data, offset = b"".join(part.data for part in current.parts), 0
+            for part in current.parts:  # from now on a part is a slice of its segment
+                part.start, part.end, offset = offset, offset + len(part.data), offset + len(part.data)
+                part.data = b""
+        else:
+            data = current.container.close(current.sequence, end)
+        segment = Segment(current.sequence, duration, data, current.discontinuity, current.init,
+                          current.started_at, current.container.extension, current.parts)
+        self.changes += 1
         self.segments.append(segment)
         while len(self.segments) > self.window + self.keep:
             if self.segments.popleft().discontinuity:
@@ -256,9 +347,13 @@ class Segmenter:
         return segment
 
     def _start(self, ts: int) -> None:
-        discontinuity = (self.discontinuity or self.config_changed) and self.next_sequence > 0
-        if self.config_changed or self.init_version == 0:
-            self.init_version += 1
+        discontinuity = (self.discontinuity or self.config_changed) and self.next_sequence >= 0
+        if self.next_sequence < 0:
+            # Numbered from the time ingest received the first frame, in target durations: names never
+            # repeat when a muxer stops and a new one starts, and nodes muxing one stream mostly agree.
+            self.next_sequence = int(self.ingest_time * 1000) // self.target_ms if self.part_ms else 0
+        if self.config_changed or self.init_version < 0:
+            self.init_version = self.next_sequence  # named after its first segment: never reused either
             self.ts_writer = None
         self.discontinuity = self.config_changed = False
         container = self._container()
@@ -266,7 +361,8 @@ class Segmenter:
             self.inits[self.init_version] = container.init
             for version in [v for v in self.inits if v < self.init_version and not self._needs(v)]:
                 del self.inits[version]
-        self.open = _Open(self.next_sequence, ts, container, discontinuity, self.init_version, time.time())
+        self.open = _Open(self.next_sequence, ts, container, discontinuity, self.init_version, self.ingest_time,
+                          part_start=ts)
         self.next_sequence += 1
 
     def _needs(self, version: int) -> bool:
@@ -300,30 +396,100 @@ class Segmenter:
         index = sequence - first
         return self.segments[index] if 0 <= index < len(self.segments) else None
 
-    def playlist(self, prefix: str, suffix: str = "") -> str:
+    def part(self, sequence: int, index: int) -> bytes | None:
+        """A partial segment's bytes, from a complete segment or the open one."""
+        current = self.open
+        if current is not None and current.sequence == sequence:
+            return current.parts[index].data if 0 <= index < len(current.parts) else None
+        segment = self.segment(sequence)
+        return segment.part(index) if segment is not None else None
+
+    def latest(self) -> tuple[int, int]:
+        """The newest (segment, part) there is: the open segment and its last complete part (-1: none yet),
+        else the last segment, complete."""
+        if self.open is not None:
+            return self.open.sequence, len(self.open.parts) - 1
+        if self.segments:
+            return self.segments[-1].sequence + 1, -1
+        return -1, -1
+
+    @property
+    def part_target(self) -> float:
+        return self.part_ms / 1000
+
+    def skip_until(self) -> float:
+        """CAN-SKIP-UNTIL: delta updates may leave out segments older than this (six target durations)."""
+        return 6.0 * self.target_duration
+
+    def playlist(self, prefix: str, suffix: str = "", skip: bool = False) -> str:
         """The media playlist; segment URIs are `prefix` + name + `suffix` (relative to the playlist's URL;
-        the suffix carries a signed URL's query)."""
+        the suffix carries a signed URL's query). With parts (low-latency HLS) it lists the recent parts,
+        the open segment's parts and a preload hint for the next one; `skip` asks for a delta update."""
         listed = self.listed()
         if not listed:
             return ""
         fmp4_segments = listed[-1].extension == "m4s"
         removed = self.removed_discontinuities + sum(
             1 for s in list(self.segments)[:-self.window] if s.discontinuity)
-        lines = ["#EXTM3U", f"#EXT-X-VERSION:{7 if fmp4_segments else 3}",
-                 f"#EXT-X-TARGETDURATION:{self.target_duration}",
-                 f"#EXT-X-MEDIA-SEQUENCE:{listed[0].sequence}",
-                 f"#EXT-X-DISCONTINUITY-SEQUENCE:{removed}"]
+        low_latency = bool(self.part_ms)
+        version = 9 if low_latency else 7 if fmp4_segments else 3
+        lines = ["#EXTM3U", f"#EXT-X-VERSION:{version}", f"#EXT-X-TARGETDURATION:{self.target_duration}"]
+        if low_latency:
+            lines.append(f"#EXT-X-SERVER-CONTROL:CAN-BLOCK-RELOAD=YES,PART-HOLD-BACK={3 * self.part_target:.3f},"
+                         f"CAN-SKIP-UNTIL={self.skip_until():.1f}")
+            lines.append(f"#EXT-X-PART-INF:PART-TARGET={self.part_target:.3f}")
+        lines += [f"#EXT-X-MEDIA-SEQUENCE:{listed[0].sequence}", f"#EXT-X-DISCONTINUITY-SEQUENCE:{removed}"]
         if self.has_video:
             lines.append("#EXT-X-INDEPENDENT-SEGMENTS")
-        init = 0
-        for segment in listed:
+        skipped = 0
+        if skip and low_latency:
+            total = sum(segment.duration for segment in listed)
+            for segment in listed[:-1]:  # those that start more than CAN-SKIP-UNTIL before the end
+                if total <= self.skip_until():
+                    break
+                total -= segment.duration
+                skipped += 1
+            if skipped:
+                lines.append(f"#EXT-X-SKIP:SKIPPED-SEGMENTS={skipped}")
+        with_parts = 0.0  # parts are listed for the last three target durations
+        parts_from = len(listed)
+        for i in range(len(listed) - 1, -1, -1):
+            with_parts += listed[i].duration
+            if with_parts > 3 * self.target_duration:
+                break
+            parts_from = i
+        init = -1
+        for i, segment in enumerate(listed):
+            if i < skipped:
+                continue
             if segment.discontinuity:
                 lines.append("#EXT-X-DISCONTINUITY")
             if fmp4_segments and segment.init != init:
                 init = segment.init
                 lines.append(f'#EXT-X-MAP:URI="{prefix}init-{init}.mp4{suffix}"')
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(segment.started_at))
-            lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{stamp}.{int(segment.started_at * 1000) % 1000:03d}Z")
+            lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{_date_time(segment.started_at)}")
+            if low_latency and i >= parts_from:
+                lines += [_part_line(prefix, suffix, segment.sequence, part) for part in segment.parts]
             lines.append(f"#EXTINF:{segment.duration:.3f},")
             lines.append(f"{prefix}{segment.sequence}.{segment.extension}{suffix}")
+        current = self.open
+        if low_latency and current is not None:
+            if current.parts:
+                if current.discontinuity:
+                    lines.append("#EXT-X-DISCONTINUITY")
+                if current.init != init:
+                    lines.append(f'#EXT-X-MAP:URI="{prefix}init-{current.init}.mp4{suffix}"')
+                lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{_date_time(current.started_at)}")
+            lines += [_part_line(prefix, suffix, current.sequence, part) for part in current.parts]
+            lines.append(f'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="{prefix}{current.sequence}.{len(current.parts)}.m4s'
+                         f'{suffix}"')
         return "\n".join(lines) + "\n"
+
+
+def _date_time(at: float) -> str:
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(at))}.{int(at * 1000) % 1000:03d}Z"
+
+
+def _part_line(prefix: str, suffix: str, sequence: int, part: Part) -> str:
+    independent = ",INDEPENDENT=YES" if part.independent else ""
+    return f'#EXT-X-PART:DURATION={part.duration:.3f},URI="{prefix}{sequence}.{part.index}.m4s{suffix}"{independent}'

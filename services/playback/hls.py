@@ -8,6 +8,13 @@ lets the feed drop its upstream subscription when nobody else watches. A playlis
 before the first segment is complete waits for it, as long as about three target durations.
 
 Segment names carry the muxer's id, so a name always means the same bytes and segments can be cached.
+
+Low-latency HLS (container "llhls": fMP4 with parts, castmesh.media.hls) names segments and parts by
+their media sequence number alone, numbered from ingest's clock (no muxer or session id: any node
+serving the stream answers the same URLs), and holds blocking requests: a playlist request with
+_HLS_msn/_HLS_part, or a part named by a preload hint, waits until that part exists. Waiting requests are
+kept by what they wait for and woken together when a part completes; one timer ends those that waited
+three target durations (503), and one asking too far ahead is refused at once (400), per RFC 8216bis.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -36,25 +44,35 @@ MUXERS = Gauge("castmesh_playback_hls_muxers", "HLS muxers running")
 SEGMENTS = Counter("castmesh_playback_hls_segments", "HLS segments made")
 HLS_REQUESTS = Counter("castmesh_playback_hls_requests", "HLS playlist and segment requests", ["kind"])
 CLIENT_WINDOW = 3  # target durations: a client that fetched a playlist within this is counted as watching
+LL_WINDOW = 10  # segments a low-latency playlist lists, so that delta updates (six target durations) skip some
+MAX_BLOCKED = 100_000  # per muxer: requests held for a part (past this, 503 at once)
 MAX_CLIENTS = 100_000  # per muxer: clients remembered for the viewer count (the oldest go first)
 
-Answer = Callable[[int, bytes, str], None]  # status, body, reason
+Answer = Callable[[int, bytes, str], None]  # status, body, reason (or Content-Type, for a file)
+Want = tuple[int, int]  # (media sequence number, part index; -1: the whole segment)
 
 
 class HlsMuxer:
     def __init__(self, path: str, container: str, target_ms: int, window: int, idle: float,
-                 on_stop: Callable[[HlsMuxer], None]) -> None:
-        self.id = secrets.token_hex(4)
+                 on_stop: Callable[[HlsMuxer], None], part_ms: int = 200) -> None:
+        low_latency = container == "llhls"
+        self.id = "ll" if low_latency else secrets.token_hex(4)
         self.transport = self  # its output is its own memory, which never falls behind
         self.format = HLS_FRAMES
         self.viewer: Viewer | None = None
         self.path = path
         self.container = container
-        self.segmenter = Segmenter(container, target_ms, window)
+        self.segmenter = (Segmenter("fmp4", target_ms, max(window, LL_WINDOW), part_ms=part_ms) if low_latency
+                          else Segmenter(container, target_ms, window))
+        self.blocked: dict[Want, list[Callable[[], None]]] = {}  # by what they wait for
+        self.deadlines: deque[tuple[float, Want, Callable[[], None]]] = deque()  # the same, oldest first
+        self.blocked_count = 0
+        self.deadline_handle: asyncio.TimerHandle | None = None
+        self.refusals: dict[Callable[[], None], Callable[[int, str], None]] = {}  # held request -> its refusal
         self.idle = idle
         self.on_stop = on_stop
         self.waiters: list[Answer] = []
-        self.rendered: dict[tuple[str, str], bytes] = {}  # (prefix, suffix) -> the playlist, until it changes
+        self.rendered: dict[tuple[str, str, bool], bytes] = {}  # (prefix, suffix, skip): until it changes
         self.clients: dict[str, float] = {}  # client -> last playlist request, oldest first
         self.last_request = time.monotonic()
         self.stopped = False
@@ -73,6 +91,7 @@ class HlsMuxer:
         return not self.stopped
 
     def write(self, frames: list[Frame]) -> None:
+        changes = self.segmenter.changes
         try:
             done = self.segmenter.push(frames)
         except HlsError as exc:
@@ -80,10 +99,13 @@ class HlsMuxer:
             return
         if done:
             SEGMENTS.inc(len(done))
-            self.rendered.clear()  # the playlist only changes when a segment completes
             waiters, self.waiters = self.waiters, []
             for answer in waiters:
                 answer(200, b"", "")
+        if self.segmenter.changes != changes:
+            self.rendered.clear()  # the playlist only changes when a part or a segment completes
+            if self.blocked:
+                self._wake()
 
     def discontinuity(self) -> None:
         self.segmenter.mark_discontinuity()
@@ -107,19 +129,100 @@ class HlsMuxer:
         for answer in waiters:
             answer(self.end_status, b"", reason)
         self.stop(reason)
+        self._release_blocked()
+
+    # Blocking requests (low-latency HLS) ----------------------------------------------------------------
+
+    def _has(self, want: Want) -> bool:
+        msn, part = want
+        latest_msn, latest_part = self.segmenter.latest()
+        return msn < latest_msn or (part >= 0 and msn == latest_msn and part <= latest_part)
+
+    def _too_far(self, want: Want) -> str:
+        """Why a request for `want` is refused at once (RFC 8216bis 6.2.5.2), or ""."""
+        msn, part = want
+        latest_msn, latest_part = self.segmenter.latest()
+        limit = round(3 / self.segmenter.part_target) if self.segmenter.part_target < 1 else 3  # Advance Part Limit
+        if msn > latest_msn + 1:  # the last complete segment is latest_msn - 1: more than two past it
+            return f"_HLS_msn={msn} is more than two segments past the last one ({latest_msn - 1})"
+        ahead = part - latest_part if msn == latest_msn else part + 1 + (limit if msn > latest_msn else 0)
+        if part >= 0 and msn >= latest_msn and ahead > limit:
+            return f"part {msn}.{part} is more than {limit} parts past the last one ({latest_msn}.{latest_part})"
+        return ""
+
+    def _hold(self, want: Want, then: Callable[[], None], refuse: Callable[[int, str], None]) -> None:
+        """Call `then` once `want` exists; refuse(503) if it does not within three target durations."""
+        if self.blocked_count >= MAX_BLOCKED:
+            refuse(503, "too many requests waiting for this stream")
+            return
+        self.blocked.setdefault(want, []).append(then)
+        self.blocked_count += 1
+        self.refusals[then] = refuse
+        patience = 3 * self.segmenter.target_duration
+        self.deadlines.append((time.monotonic() + patience, want, then))
+        if self.deadline_handle is None:
+            self.deadline_handle = asyncio.get_running_loop().call_later(patience, self._expire)
+
+    def _wake(self) -> None:
+        """A part or segment completed: answer everyone waiting for what exists now."""
+        for want in [w for w in self.blocked if self._has(w)]:
+            for then in self.blocked.pop(want):
+                self.blocked_count -= 1
+                self.refusals.pop(then, None)
+                then()
+
+    def _expire(self) -> None:
+        """The one timer for all held requests: end those past their deadline, then sleep until the next."""
+        now = time.monotonic()
+        deadlines = self.deadlines
+        while deadlines and (deadlines[0][0] <= now or deadlines[0][2] not in self.refusals):
+            _, want, then = deadlines.popleft()
+            refuse = self.refusals.pop(then, None)
+            if refuse is not None:
+                waiting = self.blocked.get(want, [])
+                if then in waiting:
+                    waiting.remove(then)
+                    self.blocked_count -= 1
+                    if not waiting:
+                        del self.blocked[want]
+                refuse(503, f"not there within {3 * self.segmenter.target_duration}s")
+        self.deadline_handle = (asyncio.get_running_loop().call_later(deadlines[0][0] - now, self._expire)
+                                if deadlines else None)
+
+    def _release_blocked(self) -> None:
+        refusals, self.refusals = self.refusals, {}
+        for refuse in refusals.values():
+            refuse(self.end_status, self.ended or "stream ended")
+        self.blocked.clear()
+        self.deadlines.clear()
+        self.blocked_count = 0
+        if self.deadline_handle is not None:
+            self.deadline_handle.cancel()
+            self.deadline_handle = None
 
     # Requests -------------------------------------------------------------------------------------------
 
-    def playlist(self, prefix: str, client: str, answer: Answer, wait: bool = True, suffix: str = "") -> None:
-        """Answer with the playlist now, or once the first segment is done."""
+    def playlist(self, prefix: str, client: str, answer: Answer, wait: bool = True, suffix: str = "",
+                 want: Want | None = None, skip: bool = False) -> None:
+        """Answer with the playlist now, or once the first segment is done; with `want` (a blocking reload:
+        _HLS_msn and _HLS_part), once that segment or part exists; `skip`: a delta update."""
         now = self.last_request = time.monotonic()
         self.clients.pop(client, None)
         self.clients[client] = now
         self._forget_clients(now)
         HLS_REQUESTS.labels("playlist").inc()
-        body = self.rendered.get((prefix, suffix))
-        if body is None:
-            body = self.rendered[(prefix, suffix)] = self.segmenter.playlist(prefix, suffix).encode()
+        if want is not None and self.segmenter.part_ms and self.segmenter.segments and not self._has(want):
+            refused = self._too_far(want)
+            if refused:
+                answer(400, b"", refused)
+            else:
+
+                def then() -> None:
+                    self._render(prefix, suffix, skip, answer)
+
+                self._hold(want, then, lambda status, reason: answer(status, b"", reason))
+            return
+        body = self._render(prefix, suffix, skip)
         if body:
             answer(200, body, "")
         elif self.ended or self.stopped:
@@ -144,6 +247,38 @@ class HlsMuxer:
         else:
             answer(503, b"", "no segment yet")
 
+    def _render(self, prefix: str, suffix: str, skip: bool, answer: Answer | None = None) -> bytes:
+        """The playlist as it is now (made once per change and URL form, whoever asks); given `answer`,
+        answered with it."""
+        key = (prefix, suffix, skip)
+        body = self.rendered.get(key)
+        if body is None:
+            body = self.rendered[key] = self.segmenter.playlist(prefix, suffix, skip).encode()
+        if answer is not None:
+            answer(200, body, "")
+        return body
+
+    def fetch(self, name: str, answer: Answer) -> None:
+        """A segment, part or initialization segment by name: answer(200, bytes, Content-Type), or 404. A part
+        that is not there yet but soon will be (a preload hint names it) is answered once it is."""
+        found = self.file(name)
+        if found is not None:
+            answer(200, *found)
+            return
+        pieces = name.split(".")
+        if (self.segmenter.part_ms and len(pieces) == 3 and pieces[2] == "m4s" and pieces[0].isdigit()
+                and pieces[1].isdigit()):
+            want = (int(pieces[0]), int(pieces[1]))
+            if not self._has(want) and not self._too_far(want) and not self.stopped:
+
+                def then() -> None:
+                    found = self.file(name)
+                    answer(*((200, *found) if found is not None else (404, b"", "that part was never made")))
+
+                self._hold(want, then, lambda status, reason: answer(status, b"", reason))
+                return
+        answer(404, b"", "no such segment (it may have left the window)")
+
     def file(self, name: str) -> tuple[bytes, str] | None:
         """A segment or initialization segment by name, with its Content-Type."""
         self.last_request = time.monotonic()
@@ -154,6 +289,9 @@ class HlsMuxer:
             return (init, "video/mp4") if init is not None else None
         if not stem.isdigit():
             return None
+        if extension.count(".") == 1 and extension.endswith(".m4s") and extension[:-4].isdigit():  # a part
+            part = self.segmenter.part(int(stem), int(extension[:-4]))
+            return (part, "video/mp4") if part is not None else None
         segment = self.segmenter.segment(int(stem))
         if segment is None or segment.extension != extension:
             return None

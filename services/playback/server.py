@@ -59,8 +59,9 @@ if TYPE_CHECKING:  # aiortc and PyAV load with the first WebRTC request
 WEBRTC_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})/(?P<kind>whep|whip)"
                          r"(?:/(?P<session>[A-Za-z0-9_.~-]{1,128}))?$")
 STREAM_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})"
-                         r"(?:\.(?P<ext>flv|m3u8)|/hls/(?P<muxer>[0-9a-f]{8})/(?P<file>[A-Za-z0-9_.-]{1,32}))$")
+                         r"(?:\.(?P<ext>flv|m3u8)|/hls/(?P<muxer>[0-9a-f]{8}|ll)/(?P<file>[A-Za-z0-9_.-]{1,40}))$")
 NO_CACHE = ("Cache-Control", "no-cache")
+FORMATS = (*CONTAINERS, "llhls")  # llhls: low-latency HLS, fMP4 with partial segments
 FORWARDED = ("/api/v1/", "/healthz", "/openapi.json", "/docs")
 CACHEABLE = ("Cache-Control", "max-age=600")  # a segment's name always means the same bytes
 log = logging.getLogger("castmesh.playback")
@@ -77,6 +78,7 @@ class PlaybackSettings:
     max_lag: float = 3.0
     hls_segment_ms: int = 2000
     hls_window: int = 6
+    hls_part_ms: int = 200
     hls_idle: float = 30.0
     handshake_timeout: float = 10.0  # an HTTP request head or an RTMP play must arrive within this
     idle_timeout: float = 60.0  # a kept-alive HTTP connection with no request is closed after this
@@ -217,8 +219,13 @@ class Playback:
         if self._refused(session, request, app, name):
             return
         container = request.query.get("format", "auto")
-        if container not in CONTAINERS:
-            session.respond(400, f"format is one of {', '.join(CONTAINERS)}\n".encode())
+        if container not in FORMATS:
+            session.respond(400, f"format is one of {', '.join(FORMATS)}\n".encode())
+            return
+        try:
+            want = _blocking_reload(request.query)
+        except ValueError as exc:
+            session.respond(400, f"{exc}\n".encode(), [NO_CACHE])
             return
         muxer = self.muxers.get((stream_path(stream_key(app, name)), container))
         if muxer is None:
@@ -232,28 +239,35 @@ class Playback:
 
         signed: dict[str, str] = {k: request.query[k] for k in ("expires", "sign") if k in request.query}
         suffix = f"?{urlencode(signed)}" if signed else ""  # segments carry the playlist's signature
-        muxer.playlist(f"{name}/hls/{muxer.id}/", session.peer, answer, suffix=suffix)
+        muxer.playlist(f"{name}/hls/{muxer.id}/", session.peer, answer, suffix=suffix, want=want,
+                       skip=request.query.get("_HLS_skip") in ("YES", "v2"))
 
     def _hls_file(self, session: HttpSession, request: Request, app: str, name: str, muxer_id: str,
                   file: str) -> None:
         if self._refused(session, request, app, name):
             return
         path = stream_path(stream_key(app, name))
-        found = next((muxer.file(file) for container in CONTAINERS
+        muxer = next((muxer for container in FORMATS
                       if (muxer := self.muxers.get((path, container))) is not None and muxer.id == muxer_id), None)
-        if found is None:
+        if muxer is None:
             session.respond(404, b"no such segment (it may have left the window)\n")
             return
-        data, content_type = found
-        BYTES_OUT.inc(len(data))
-        session.respond(200, data, [("Content-Type", content_type), CACHEABLE])
+
+        def answer(status: int, data: bytes, detail: str) -> None:
+            if status == 200:
+                BYTES_OUT.inc(len(data))
+                session.respond(200, data, [("Content-Type", detail), CACHEABLE])
+            else:
+                session.respond(status, f"{detail}\n".encode(), [NO_CACHE])
+
+        muxer.fetch(file, answer)
 
     def _hls_viewer(self, app: str, name: str, container: str) -> HlsMuxer:
         """A stream's HLS muxer for one container: a viewer of its feed that stands for every HLS client."""
         feed = self._feed(app, name)
         settings = self.settings
         muxer = HlsMuxer(feed.path, container, settings.hls_segment_ms, settings.hls_window, settings.hls_idle,
-                         self._muxer_stopped)
+                         self._muxer_stopped, part_ms=settings.hls_part_ms)
         self.muxers[(feed.path, container)] = muxer
         viewer = Viewer(f"{self.node_id}.hls-{muxer.id}", HLS_FRAMES.protocol, "", muxer, {
             "app": app, "stream": name, "node": self.node_id, "protocol": HLS_FRAMES.protocol}, settings.max_lag)
@@ -549,3 +563,16 @@ def problem(session: HttpSession, status: int, detail: str, headers: list[tuple[
     """An RFC 9457 problem for WHEP's and WHIP's clients (and people reading them)."""
     reply = sessions_problem(status, detail, *(headers or []))
     session.respond(reply.status, reply.body, reply.headers)
+
+
+def _blocking_reload(query: dict[str, str]) -> tuple[int, int] | None:
+    """_HLS_msn (and _HLS_part) of a blocking playlist reload, as (msn, part; -1 for none); ValueError if
+    they are malformed (RFC 8216bis 6.2.5.2: _HLS_part without _HLS_msn is a 400)."""
+    msn, part = query.get("_HLS_msn"), query.get("_HLS_part")
+    if msn is None:
+        if part is not None:
+            raise ValueError("_HLS_part needs _HLS_msn")
+        return None
+    if not msn.isdigit() or len(msn) > 19 or (part is not None and (not part.isdigit() or len(part) > 9)):
+        raise ValueError("_HLS_msn and _HLS_part are decimal integers")
+    return int(msn), int(part) if part is not None else -1

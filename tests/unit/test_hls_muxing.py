@@ -271,7 +271,7 @@ def test_nothing_before_the_first_keyframe_and_bad_frames_are_dropped() -> None:
     done = seg.push(frames)
     assert seg.dropped_frames == 1
     assert [s.duration for s in done] == [1.0, 1.0] and done[0].extension == "m4s"
-    assert 1 in seg.inits and "#EXT-X-MAP:URI=\"init-1.mp4\"" in seg.playlist("")
+    assert 0 in seg.inits and "#EXT-X-MAP:URI=\"init-0.mp4\"" in seg.playlist("")  # named after segment 0
 
 
 def test_a_new_configuration_means_a_new_init_segment() -> None:
@@ -280,7 +280,7 @@ def test_a_new_configuration_means_a_new_init_segment() -> None:
     changed = AVC_RECORD[:3] + b"\x28" + AVC_RECORD[4:]  # another level
     seg.push([make_frame(VIDEO, 2100, b"\x17\x00\x00\x00\x00" + changed), *stream(2.1, start=2120)])
     listed = seg.listed()
-    assert [s.init for s in listed] == [1, 1, 1, 2, 2] and listed[3].discontinuity
+    assert [s.init for s in listed] == [0, 0, 0, 3, 3] and listed[3].discontinuity  # named by first segment
     assert listed[2].duration == 0.12  # the open segment closes where the new configuration takes over
     text = seg.playlist("")
     assert text.count("#EXT-X-MAP") == 2 and "#EXT-X-DISCONTINUITY" in text
