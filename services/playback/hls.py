@@ -46,6 +46,7 @@ HLS_REQUESTS = Counter("castmesh_playback_hls_requests", "HLS playlist and segme
 CLIENT_WINDOW = 3  # target durations: a client that fetched a playlist within this is counted as watching
 LL_WINDOW = 10  # segments a low-latency playlist lists, so that delta updates (six target durations) skip some
 MAX_BLOCKED = 100_000  # per muxer: requests held for a part (past this, 503 at once)
+HOLD_FOR = 3.0  # target durations a blocking request is held before a 503 (RFC 8216bis 6.2.5.2)
 MAX_CLIENTS = 100_000  # per muxer: clients remembered for the viewer count (the oldest go first)
 
 Answer = Callable[[int, bytes, str], None]  # status, body, reason (or Content-Type, for a file)
@@ -158,7 +159,7 @@ class HlsMuxer:
         self.blocked.setdefault(want, []).append(then)
         self.blocked_count += 1
         self.refusals[then] = refuse
-        patience = 3 * self.segmenter.target_duration
+        patience = HOLD_FOR * self.segmenter.target_duration
         self.deadlines.append((time.monotonic() + patience, want, then))
         if self.deadline_handle is None:
             self.deadline_handle = asyncio.get_running_loop().call_later(patience, self._expire)
@@ -185,7 +186,7 @@ class HlsMuxer:
                     self.blocked_count -= 1
                     if not waiting:
                         del self.blocked[want]
-                refuse(503, f"not there within {3 * self.segmenter.target_duration}s")
+                refuse(503, f"not there within {HOLD_FOR * self.segmenter.target_duration:g}s")
         self.deadline_handle = (asyncio.get_running_loop().call_later(deadlines[0][0] - now, self._expire)
                                 if deadlines else None)
 
