@@ -16,7 +16,8 @@ window.report.supported = {
   hls: typeof Hls !== "undefined" && (Hls.isSupported() || !!video.canPlayType("application/vnd.apple.mpegurl")),
   webrtc: typeof RTCPeerConnection !== "undefined",
 };
-const NAMES = { flv: "HTTP-FLV", ws: "WebSocket-FLV", hls: "HLS", webrtc: "WebRTC (WHEP)" };
+const NAMES = { flv: "HTTP-FLV", ws: "WebSocket-FLV", hls: "HLS", llhls: "LL-HLS", webrtc: "WebRTC (WHEP)" };
+const latencyLine = document.getElementById("latency");
 
 function protocol() {
   return document.querySelector("input[name=protocol]:checked").value;
@@ -32,6 +33,20 @@ function stop() {
   if (current) current.destroy();
   current = null;
   errorLine.hidden = true;
+  latencyLine.textContent = "";
+}
+
+// The live latency a player can measure: now minus the program date time (ingest's clock) of the frame on
+// screen. hls.js knows the playhead's date from EXT-X-PROGRAM-DATE-TIME.
+function showLatency(hls) {
+  const timer = setInterval(() => {
+    const date = hls.playingDate;
+    if (!date) return;
+    const seconds = (Date.now() - date.getTime()) / 1000;
+    window.report.latency = seconds;
+    latencyLine.textContent = `latency ${seconds.toFixed(2)} s`;
+  }, 500);
+  return () => clearInterval(timer);
 }
 
 function play(path, kind) {
@@ -42,18 +57,22 @@ function play(path, kind) {
   if (kind === "webrtc") {
     if (!window.report.supported.webrtc) return fail("this browser has no WebRTC");
     current = whep(path, `${base}/whep`);
-  } else if (kind === "hls") {
+  } else if (kind === "hls" || kind === "llhls") {
+    const url = kind === "llhls" ? `${base}.m3u8?format=llhls` : `${base}.m3u8`;
     if (typeof Hls !== "undefined" && Hls.isSupported()) {
-      const hls = new Hls({ liveSyncDurationCount: 3 });
+      // LL-HLS: hls.js follows the parts, blocking reloads and preload hints, PART-HOLD-BACK behind the edge
+      const hls = new Hls(kind === "llhls" ? { lowLatencyMode: true, backBufferLength: 10 }
+                                           : { liveSyncDurationCount: 3 });
       hls.on(Hls.Events.ERROR, (_, data) => {
         if (data.fatal) fail(`hls.js: ${data.type} ${data.details}`);
         else window.report.warnings.push(data.details);
       });
-      hls.loadSource(`${base}.m3u8`);
+      hls.loadSource(url);
       hls.attachMedia(video);
-      current = { path, protocol: kind, destroy: () => hls.destroy() };
+      const stopLatency = showLatency(hls);
+      current = { path, protocol: kind, destroy: () => { stopLatency(); hls.destroy(); } };
     } else {
-      video.src = `${base}.m3u8`;  // Safari plays HLS natively
+      video.src = url;  // Safari plays HLS and LL-HLS natively
       current = { path, protocol: kind, destroy: () => video.removeAttribute("src") };
     }
   } else {

@@ -98,15 +98,16 @@ class HlsMuxer:
         except HlsError as exc:
             self.end(str(exc), 415)
             return
+        if self.segmenter.changes == changes:
+            return
+        self.rendered.clear()  # the playlist only changes when a part or a segment completes
         if done:
             SEGMENTS.inc(len(done))
             waiters, self.waiters = self.waiters, []
             for answer in waiters:
                 answer(200, b"", "")
-        if self.segmenter.changes != changes:
-            self.rendered.clear()  # the playlist only changes when a part or a segment completes
-            if self.blocked:
-                self._wake()
+        if self.blocked:
+            self._wake()
 
     def discontinuity(self) -> None:
         self.segmenter.mark_discontinuity()

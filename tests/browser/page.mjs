@@ -17,11 +17,12 @@ const context = await chromium.launchPersistentContext(profile, {
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required"],
 });
-const result = { phases: [], consoleErrors: [], requests: [] };
+const result = { phases: [], consoleErrors: [], requests: [], failures: [] };
 try {
   const page = await context.newPage();
   page.on("console", (msg) => { if (msg.type() === "error") result.consoleErrors.push(msg.text()); });
   page.on("request", (req) => result.requests.push(new URL(req.url()).host));
+  page.on("response", (res) => { if (res.status() >= 400) result.failures.push(`${res.status()} ${res.url()}`); });
   await page.goto(pageUrl);
   const row = page.locator(`tr[data-stream="${stream}"]`);
   await row.waitFor({ timeout: 15000 });

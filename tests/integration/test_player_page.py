@@ -47,7 +47,7 @@ def play_in_chromium(suite: Up, stream: str, shots: str, *protocols: str) -> dic
                              *protocols], capture_output=True, text=True, timeout=180, check=False)
     assert result.returncode == 0, result.stderr
     seen: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-    assert seen["consoleErrors"] == []
+    assert seen["consoleErrors"] == [], seen["failures"]
     assert set(seen["requests"]) <= {f"127.0.0.1:{suite.http_port}", ""}, seen["requests"]  # "": blob: workers
     assert [phase["protocol"] for phase in seen["phases"]] == list(protocols)
     for phase in seen["phases"]:
@@ -57,6 +57,8 @@ def play_in_chromium(suite: Up, stream: str, shots: str, *protocols: str) -> dic
         advanced = last["t"] - first["t"]
         assert advanced >= 0.5 * phase["wall"], f"{phase['protocol']}: played {advanced:.2f}s in {phase['wall']:.2f}s"
         assert last["frames"] > first["frames"], phase
+        if phase["protocol"] == "llhls":  # now minus the program date time (ingest's clock) of the playhead
+            assert report["latency"] is not None and 0 < report["latency"] < 2.0, phase
         if phase["protocol"] == "webrtc":  # the audio reaches the browser as Opus, and is decoded
             before, after = first["stats"]["audio"], last["stats"]["audio"]
             assert after["packets"] > before["packets"] + 100 and after["samples"] > before["samples"], phase
@@ -68,11 +70,11 @@ def play_in_chromium(suite: Up, stream: str, shots: str, *protocols: str) -> dic
     return seen
 
 
-def test_chromium_plays_from_the_page_over_http_flv_then_websocket_flv_then_hls_then_webrtc(suite: Up) -> None:
+def test_chromium_plays_from_the_page_over_http_flv_websocket_flv_hls_ll_hls_then_webrtc(suite: Up) -> None:
     publisher = publish(suite.rtmp("page"), 80, gop=30, extra=["-bf", "0"])  # B-frames are refused by WebRTC
     try:
         wait_live(suite.flv("page"))
-        seen = play_in_chromium(suite, "live/page", "player", "flv", "ws", "hls", "webrtc")
+        seen = play_in_chromium(suite, "live/page", "player", "flv", "ws", "hls", "llhls", "webrtc")
     finally:
         publisher.kill()
         publisher.wait()

@@ -123,3 +123,19 @@ def test_a_preload_hinted_part_is_answered_once_it_exists() -> None:
         muxer.stop("test over")
 
     asyncio.run(scenario())
+
+
+def test_a_playlist_asked_for_before_the_first_segment_waits_for_it() -> None:
+    async def scenario() -> list[tuple[int, bytes]]:
+        got: list[tuple[int, bytes]] = []
+        for container in ("ts", "llhls"):
+            muxer = HlsMuxer("live/a", container, 1000, 6, 30, on_stop=lambda m: None)
+            muxer.write(config_frames() + stream(0.52, fps=25))
+            muxer.playlist("p/", "c", lambda s, b, r: got.append((s, b)))
+            assert len(got) == (container == "llhls") and len(muxer.waiters) == 1  # waiting, not answered
+            muxer.write(stream(0.6, fps=25, gop_ms=480, start=520))  # a keyframe at 1 s: the first segment
+            muxer.stop("test over")
+        return got
+
+    got = asyncio.run(scenario())
+    assert [status for status, _ in got] == [200, 200] and all(b"#EXTINF" in body for _, body in got)
