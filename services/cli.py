@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -59,6 +60,7 @@ from services.gateway.app import Gateway
 from services.ingest.lease import DispatchLease, FixedLease, Lease
 from services.ingest.session import Ingest
 from services.ingest.whip import WhipIngest, whip_app
+from services.playback.h2 import tls_context
 from services.playback.server import Playback, PlaybackSettings
 from services.relay import service as relay_service
 from services.relay.service import RelayService
@@ -106,6 +108,13 @@ UP_GRPC_PORT = Option("--grpc-port", 0, "gRPC port of the in-process relay on 12
                       config.port)
 HEALTH_PORT = Option("--grpc-port", 0, "gRPC port for the health service that Consul checks (0: any free port)",
                      config.port)
+TLS_CERT = Option("--tls-cert", "", "PEM certificate chain for HTTPS (with --tls-key); empty: no HTTPS")
+TLS_KEY = Option("--tls-key", "", "PEM private key for HTTPS")
+HTTPS_PORT = Option("--https-port", 8443, "HTTPS port (HTTP/2 and HTTP/1.1 by ALPN) when --tls-cert is given",
+                    config.port)
+TLS = [TLS_CERT, TLS_KEY, HTTPS_PORT]
+GATEWAY_HTTPS_PORT = Option("--https-port", 8493, "the gateway's HTTPS port (HTTP/1.1) when --tls-cert is given",
+                            config.port)
 GATEWAY_PORT = Option("--http-port", 8090, "HTTP port of the gateway's REST API and redirects", config.port)
 MAX_CONNECTIONS = Option("--max-connections", 0, "cap on connections to this node's public ports (0: none)",
                          config.non_negative)
@@ -150,7 +159,7 @@ HLS = [HLS_SEGMENT_MS, HLS_WINDOW, HLS_PART_MS, HLS_IDLE_MS]
 LIMITS = [MAX_CONNECTIONS, MAX_PER_IP]
 PUBLISH_HOOKS = [ON_PUBLISH, ON_UNPUBLISH, HOOK_TIMEOUT_MS]
 PLAY_HOOKS = [ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS]
-UP = [HOST, RTMP_PORT, HTTP_PORT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, *WEBRTC, GRACE_MS, SECRET,
+UP = [HOST, RTMP_PORT, HTTP_PORT, *TLS, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, *WEBRTC, GRACE_MS, SECRET,
       *LIMITS,
       HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, ON_PUBLISH, ON_UNPUBLISH, ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS, NO_DEMO,
       *COMMON]
@@ -160,9 +169,10 @@ SERVE = {
               REGISTRY, *COMMON],
     "ingest": [HOST, RTMP_PORT, WHIP_PORT, *WEBRTC_ICE, HEALTH_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT,
                REGISTRY, SECRET, *LIMITS, HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, *PUBLISH_HOOKS, *COMMON],
-    "playback": [HOST, HTTP_PORT, PLAY_RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *HLS,
+    "playback": [HOST, HTTP_PORT, *TLS, PLAY_RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *HLS,
                  *WEBRTC, REGISTRY, SECRET, *LIMITS, HANDSHAKE_TIMEOUT_MS, HTTP_IDLE_TIMEOUT_MS, *PLAY_HOOKS, *COMMON],
-    "gateway": [HOST, GATEWAY_PORT, HEALTH_PORT, DISPATCH, ADMIN_TOKEN, SECRET, REGISTRY, *COMMON],
+    "gateway": [HOST, GATEWAY_PORT, TLS_CERT, TLS_KEY, GATEWAY_HTTPS_PORT,
+                HEALTH_PORT, DISPATCH, ADMIN_TOKEN, SECRET, REGISTRY, *COMMON],
 }
 WAIT_FOR_PEER = 5.0
 
@@ -293,7 +303,10 @@ def _banner(cfg: dict[str, Any], relay_port: int, dispatch_port: int) -> str:
         f"  play     http://{host}:{http}/live/STREAM.flv (HTTP-FLV, WebSocket-FLV)",
         f"           http://{host}:{http}/live/STREAM.m3u8 (HLS)   rtmp://{host}:{rtmp}/live/STREAM",
         f"           http://{host}:{http}/live/STREAM/whep (WHEP: WebRTC)",
+        f"           http://{host}:{http}/live/STREAM.m3u8?format=llhls (low-latency HLS)",
     ]
+    if cfg["tls_cert"]:
+        lines.append(f"  https    https://{host}:{cfg['https_port']}/ (HTTP/2 and HTTP/1.1: every path above, wss://)")
     if not cfg["no_demo"]:
         lines.append(f"  demo     ffplay http://{host}:{http}/live/demo.flv")
     lines += [f"  watch    http://{host}:{http}/   (the player page: every live stream, HTTP-FLV, HLS or WebRTC)",
@@ -329,6 +342,8 @@ async def up(cfg: dict[str, Any]) -> int:
                                    cfg["idle_timeout_ms"] / 1000, ingest.caps)  # WHIP on the one HTTP port
         closers.append(playback.links.close)
         closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
+        if (context := _tls(cfg)) is not None:
+            closers.append(_closing(await playback.listen_tls(cfg["host"], cfg["https_port"], context)))
         assert wiring.registry is not None
         closers.append(wiring.registry.close)
         relay = RelayService(max_lag=max_lag, grace=grace, node_id="relay-origin")
@@ -513,11 +528,14 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             closers.append(playback.close)
             closers.append(playback.links.close)
             closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
+            if (context := _tls(cfg)) is not None:
+                closers.append(_closing(await playback.listen_tls(cfg["host"], cfg["https_port"], context)))
             if cfg["rtmp_port"]:
                 closers.append(_closing(await playback.listen_rtmp(cfg["host"], cfg["rtmp_port"])))
             health_port = await _health_server(cfg, closers, lambda r: playback.kick(r.client_id, r.reason))
             _register_playback(wiring, playback, cfg, cfg["rtmp_port"], health_port)
             rtmp = f", {cfg['rtmp_port']} (RTMP play)" if cfg["rtmp_port"] else ""
+            rtmp += f", {cfg['https_port']} (HTTPS: HTTP/2, HTTP/1.1)" if cfg["tls_cert"] else ""
             print(f"castmesh playback listening on {cfg['host']}:{cfg['http_port']} (HTTP-FLV){rtmp}, "
                   f"{_peer_text(cfg)}", flush=True)
         await stop.wait()
@@ -546,6 +564,9 @@ async def _serve_gateway(cfg: dict[str, Any], closers: list[Callable[[], Awaitab
         raise OSError(f"cannot listen on {cfg['host']}:{cfg['http_port']} (gateway HTTP): {exc.strerror or exc}") \
             from exc
     closers.append(runner.cleanup)
+    if (context := _tls(cfg, alpn=["http/1.1"])) is not None:
+        tls_site = web.TCPSite(runner, cfg["host"], cfg["https_port"], ssl_context=context, reuse_address=True)
+        await tls_site.start()
     wiring = Wiring(dispatch, "", registry=cfg["registry"])
     if wiring.registry is not None:
         closers.append(wiring.registry.close)
@@ -555,6 +576,21 @@ async def _serve_gateway(cfg: dict[str, Any], closers: list[Callable[[], Awaitab
                          meta={"http": str(cfg["http_port"]), "grpc": str(health_port)}), NodeLoad)
     print(f"castmesh gateway listening on {cfg['host']}:{cfg['http_port']} (HTTP), dispatch {cfg['dispatch']}",
           flush=True)
+
+
+def _tls(cfg: dict[str, Any], alpn: list[str] | None = None) -> ssl.SSLContext | None:
+    """The HTTPS context from --tls-cert and --tls-key, or None when they are not given."""
+    if not cfg["tls_cert"] and not cfg["tls_key"]:
+        return None
+    if not cfg["tls_cert"] or not cfg["tls_key"]:
+        raise ConfigError("HTTPS needs both --tls-cert and --tls-key")
+    try:
+        context = tls_context(cfg["tls_cert"], cfg["tls_key"])
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS certificate or key: {exc}") from exc
+    if alpn is not None:
+        context.set_alpn_protocols(alpn)
+    return context
 
 
 async def _health(address: str, service: str) -> int:

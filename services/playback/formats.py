@@ -82,6 +82,19 @@ class HttpFlv(Bytes):
         return http_chunk(flv.tags(frames))
 
 
+class RawFlv(Bytes):
+    """An FLV file as the DATA frames of an HTTP/2 stream (HTTP/2 has no chunked encoding)."""
+
+    key = "h2-flv"
+    protocol = "http-flv"
+
+    def head(self, cache: GopCache) -> bytes:
+        return flv_start(cache)
+
+    def body(self, frames: list[Frame]) -> bytes:
+        return flv.tags(frames)
+
+
 class WebSocketFlv(Bytes):
     """An FLV stream in binary WebSocket messages, one per flush (mpegts.js and flv.js reassemble it)."""
 
@@ -129,6 +142,7 @@ class Frames:
 
 
 HTTP_FLV = HttpFlv()
+H2_FLV = RawFlv()
 WEBSOCKET_FLV = WebSocketFlv()
 HLS_FRAMES = Frames("hls")
 WEBRTC_FRAMES = Frames("webrtc")

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import re
+import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,6 +47,7 @@ from castmesh.mesh.tracing import SessionSpan
 from castmesh.webrtc.settings import IceSettings, OfferError
 from services.playback.feed import BUFFERED, BYTES_OUT, StreamFeed
 from services.playback.formats import HLS_FRAMES, HTTP_FLV, WEBRTC_FRAMES, WEBSOCKET_FLV
+from services.playback.h2 import H2Session, Negotiated
 from services.playback.hls import HlsMuxer
 from services.playback.http import HttpSession, Request
 from services.playback.rtmp import RtmpPlayer
@@ -121,6 +123,19 @@ class Playback:
             return await loop.create_server(self._session, host, port, reuse_address=True, backlog=1024)
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port} (HTTP): {exc.strerror or exc}") from exc
+
+    async def listen_tls(self, host: str, port: int, context: ssl.SSLContext) -> asyncio.Server:
+        """HTTPS: HTTP/2 or HTTP/1.1 by ALPN, the same paths as the plain port."""
+        loop = asyncio.get_running_loop()
+
+        def negotiated() -> Negotiated:
+            return Negotiated(self._session, lambda: H2Session(self.route, self._gone, self.caps,
+                                                               self.settings.idle_timeout))
+        try:
+            return await loop.create_server(negotiated, host, port, ssl=context, reuse_address=True, backlog=1024,
+                                            ssl_handshake_timeout=self.settings.handshake_timeout)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {host}:{port} (HTTPS): {exc.strerror or exc}") from exc
 
     async def listen_rtmp(self, host: str, port: int) -> asyncio.Server:
         """This node's own RTMP port: plays only (publishes are refused: they go to ingest)."""
@@ -213,7 +228,7 @@ class Playback:
                                 [("Sec-WebSocket-Version", "13")], close=True)
                 return
             session.format = WEBSOCKET_FLV
-        self._watch(app, name, session, str(session.format.key), request.query, session.peer, request.headers)
+        self._watch(app, name, session, session.format.protocol, request.query, session.peer, request.headers)
 
     def _playlist(self, session: HttpSession, request: Request, app: str, name: str) -> None:
         if self._refused(session, request, app, name):

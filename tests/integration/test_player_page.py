@@ -38,17 +38,18 @@ def test_page_lists_streams_and_exposes_them_as_json(suite: Up) -> None:
         publisher.wait()
 
 
-def play_in_chromium(suite: Up, stream: str, shots: str, *protocols: str) -> dict[str, Any]:
-    """The player page in headless Chromium plays `stream` over each protocol in turn, 5 s each; what it saw
-    (tests/browser/page.mjs), with the checks every protocol shares done."""
+def play_in_chromium(suite: Up, stream: str, shots: str, *protocols: str, page: str = "") -> dict[str, Any]:
+    """The player page (at `page`, by default the suite's HTTP port) in headless Chromium plays `stream` over
+    each protocol in turn, 5 s each; what it saw (tests/browser/page.mjs), with the checks every protocol
+    shares done."""
     ARTIFACTS.mkdir(exist_ok=True)
-    page = f"http://127.0.0.1:{suite.http_port}/"
+    page = page or f"http://127.0.0.1:{suite.http_port}/"
     result = subprocess.run(["node", str(BROWSER_DIR / "page.mjs"), page, stream, str(ARTIFACTS / shots), "5",
                              *protocols], capture_output=True, text=True, timeout=180, check=False)
     assert result.returncode == 0, result.stderr
     seen: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["consoleErrors"] == [], seen["failures"]
-    assert set(seen["requests"]) <= {f"127.0.0.1:{suite.http_port}", ""}, seen["requests"]  # "": blob: workers
+    assert set(seen["requests"]) <= {page.split("/")[2], ""}, seen["requests"]  # "": blob: workers
     assert [phase["protocol"] for phase in seen["phases"]] == list(protocols)
     for phase in seen["phases"]:
         first, last, report = phase["first"], phase["last"], phase["report"]
