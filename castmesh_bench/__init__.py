@@ -9,19 +9,23 @@ from castmesh.mesh import runtime
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
-    from castmesh_bench import cluster, fanout, relay, webrtc
+    from castmesh_bench import cluster, fanout, llhls, relay, webrtc
 
     fanout.add_parser(commands)
     webrtc.add_parser(commands)
+    llhls.add_parser(commands)
     relay.add_parsers(commands)
     cluster.add_parsers(commands)
 
 
 def run(args: argparse.Namespace) -> int:
-    from castmesh_bench import cluster, fanout, relay, webrtc
+    from castmesh_bench import cluster, fanout, llhls, relay, webrtc
 
     if args.bench == "fanout":
         return fanout.run(args)
+    if args.bench == "llhls":
+        llhls.report(runtime.run(llhls.bench(args)), args.json)
+        return 0
     if args.bench == "webrtc":
         webrtc.report(runtime.run(webrtc.bench(args)), args.json)
         return 0

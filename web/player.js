@@ -44,6 +44,8 @@ function showLatency(hls) {
     if (!date) return;
     const seconds = (Date.now() - date.getTime()) / 1000;
     window.report.latency = seconds;
+    window.report.edgeLatency = hls.latency;  // hls.js's own: how far behind the playlist's live edge
+    window.report.targetLatency = hls.targetLatency;
     latencyLine.textContent = `latency ${seconds.toFixed(2)} s`;
   }, 500);
   return () => clearInterval(timer);

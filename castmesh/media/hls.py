@@ -52,6 +52,7 @@ class Part:
     """A partial segment (low-latency HLS): one moof + mdat of its segment."""
 
     index: int  # within its segment, from 0
+    number: int  # across segments: its name (a preload hint names the next number before its segment is known)
     duration: float  # seconds
     data: bytes  # emptied once its segment is complete: then it is data[start:end] of the segment
     independent: bool  # starts with a keyframe (or carries no video)
@@ -203,6 +204,7 @@ class Segmenter:
         self.width = self.height = 0
         self.open: _Open | None = None
         self.next_sequence = -1  # set by the first segment
+        self.next_part = -1  # likewise: the number the next part will have
         self.init_version = -1
         self.fragments = 0  # moof sequence numbers, for parts
         self.changes = 0  # parts and segments completed: what blocking requests wait on
@@ -320,7 +322,9 @@ class Segmenter:
         assert isinstance(current.container, _Fmp4)
         self.fragments += 1
         data, independent = current.container.fragment(self.fragments, end, everything)
-        current.parts.append(Part(len(current.parts), max(end - current.part_start, 1) / 1000, data, independent))
+        current.parts.append(Part(len(current.parts), self.next_part, max(end - current.part_start, 1) / 1000, data,
+                                  independent))
+        self.next_part += 1
         current.part_start = end
         self.changes += 1
 
@@ -352,6 +356,7 @@ class Segmenter:
             # Numbered from the time ingest received the first frame, in target durations: names never
             # repeat when a muxer stops and a new one starts, and nodes muxing one stream mostly agree.
             self.next_sequence = int(self.ingest_time * 1000) // self.target_ms if self.part_ms else 0
+            self.next_part = int(self.ingest_time * 1000) // self.part_ms if self.part_ms else 0
         if self.config_changed or self.init_version < 0:
             self.init_version = self.next_sequence  # named after its first segment: never reused either
             self.ts_writer = None
@@ -396,13 +401,16 @@ class Segmenter:
         index = sequence - first
         return self.segments[index] if 0 <= index < len(self.segments) else None
 
-    def part(self, sequence: int, index: int) -> bytes | None:
-        """A partial segment's bytes, from a complete segment or the open one."""
+    def part(self, number: int) -> bytes | None:
+        """A partial segment's bytes by its number, from the open segment or a complete one."""
         current = self.open
-        if current is not None and current.sequence == sequence:
-            return current.parts[index].data if 0 <= index < len(current.parts) else None
-        segment = self.segment(sequence)
-        return segment.part(index) if segment is not None else None
+        if current is not None and current.parts and current.parts[0].number <= number:
+            index = number - current.parts[0].number
+            return current.parts[index].data if index < len(current.parts) else None
+        for segment in reversed(self.segments):
+            if segment.parts and segment.parts[0].number <= number:
+                return segment.part(number - segment.parts[0].number)
+        return None
 
     def latest(self) -> tuple[int, int]:
         """The newest (segment, part) there is: the open segment and its last complete part (-1: none yet),
@@ -469,7 +477,7 @@ class Segmenter:
                 lines.append(f'#EXT-X-MAP:URI="{prefix}init-{init}.mp4{suffix}"')
             lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{_date_time(segment.started_at)}")
             if low_latency and i >= parts_from:
-                lines += [_part_line(prefix, suffix, segment.sequence, part) for part in segment.parts]
+                lines += [_part_line(prefix, suffix, part) for part in segment.parts]
             lines.append(f"#EXTINF:{segment.duration:.3f},")
             lines.append(f"{prefix}{segment.sequence}.{segment.extension}{suffix}")
         current = self.open
@@ -480,9 +488,8 @@ class Segmenter:
                 if current.init != init:
                     lines.append(f'#EXT-X-MAP:URI="{prefix}init-{current.init}.mp4{suffix}"')
                 lines.append(f"#EXT-X-PROGRAM-DATE-TIME:{_date_time(current.started_at)}")
-            lines += [_part_line(prefix, suffix, current.sequence, part) for part in current.parts]
-            lines.append(f'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="{prefix}{current.sequence}.{len(current.parts)}.m4s'
-                         f'{suffix}"')
+            lines += [_part_line(prefix, suffix, part) for part in current.parts]
+            lines.append(f'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="{prefix}part-{self.next_part}.m4s{suffix}"')
         return "\n".join(lines) + "\n"
 
 
@@ -490,6 +497,6 @@ def _date_time(at: float) -> str:
     return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(at))}.{int(at * 1000) % 1000:03d}Z"
 
 
-def _part_line(prefix: str, suffix: str, sequence: int, part: Part) -> str:
+def _part_line(prefix: str, suffix: str, part: Part) -> str:
     independent = ",INDEPENDENT=YES" if part.independent else ""
-    return f'#EXT-X-PART:DURATION={part.duration:.3f},URI="{prefix}{sequence}.{part.index}.m4s{suffix}"{independent}'
+    return f'#EXT-X-PART:DURATION={part.duration:.3f},URI="{prefix}part-{part.number}.m4s{suffix}"{independent}'

@@ -50,7 +50,7 @@ HOLD_FOR = 3.0  # target durations a blocking request is held before a 503 (RFC 
 MAX_CLIENTS = 100_000  # per muxer: clients remembered for the viewer count (the oldest go first)
 
 Answer = Callable[[int, bytes, str], None]  # status, body, reason (or Content-Type, for a file)
-Want = tuple[int, int]  # (media sequence number, part index; -1: the whole segment)
+Want = tuple[int, int]  # (media sequence number, part index; -1: the whole segment), or (-1, part number)
 
 
 class HlsMuxer:
@@ -137,6 +137,8 @@ class HlsMuxer:
 
     def _has(self, want: Want) -> bool:
         msn, part = want
+        if msn < 0:  # a part by its number
+            return part < self.segmenter.next_part
         latest_msn, latest_part = self.segmenter.latest()
         return msn < latest_msn or (part >= 0 and msn == latest_msn and part <= latest_part)
 
@@ -145,6 +147,9 @@ class HlsMuxer:
         msn, part = want
         latest_msn, latest_part = self.segmenter.latest()
         limit = round(3 / self.segmenter.part_target) if self.segmenter.part_target < 1 else 3  # Advance Part Limit
+        if msn < 0:
+            ahead = part - self.segmenter.next_part + 1
+            return f"part {part} is more than {limit} parts ahead" if ahead > limit else ""
         if msn > latest_msn + 1:  # the last complete segment is latest_msn - 1: more than two past it
             return f"_HLS_msn={msn} is more than two segments past the last one ({latest_msn - 1})"
         ahead = part - latest_part if msn == latest_msn else part + 1 + (limit if msn > latest_msn else 0)
@@ -267,10 +272,9 @@ class HlsMuxer:
         if found is not None:
             answer(200, *found)
             return
-        pieces = name.split(".")
-        if (self.segmenter.part_ms and len(pieces) == 3 and pieces[2] == "m4s" and pieces[0].isdigit()
-                and pieces[1].isdigit()):
-            want = (int(pieces[0]), int(pieces[1]))
+        number = name[5:-4]
+        if self.segmenter.part_ms and name.startswith("part-") and name.endswith(".m4s") and number.isdigit():
+            want = (-1, int(number))
             if not self._has(want) and not self._too_far(want) and not self.stopped:
 
                 def then() -> None:
@@ -289,11 +293,11 @@ class HlsMuxer:
         if extension == "mp4" and stem.startswith("init-") and stem[5:].isdigit():
             init = self.segmenter.inits.get(int(stem[5:]))
             return (init, "video/mp4") if init is not None else None
+        if stem.startswith("part-") and stem[5:].isdigit() and extension == "m4s":
+            part = self.segmenter.part(int(stem[5:]))
+            return (part, "video/mp4") if part is not None else None
         if not stem.isdigit():
             return None
-        if extension.count(".") == 1 and extension.endswith(".m4s") and extension[:-4].isdigit():  # a part
-            part = self.segmenter.part(int(stem), int(extension[:-4]))
-            return (part, "video/mp4") if part is not None else None
         segment = self.segmenter.segment(int(stem))
         if segment is None or segment.extension != extension:
             return None

@@ -258,16 +258,17 @@ class HttpSession(asyncio.Protocol):
             head.append(("Content-Type", "text/plain; charset=utf-8"))
         head += headers or []
         head_only = self.request is not None and self.request.method == "HEAD"
+        send = self.http.send_with_data_passthrough  # the body is written as it is, never copied
         try:
-            out = self.http.send(h11.Response(status_code=status, headers=head, reason=REASONS.get(status, b""))) or b""
+            out = send(h11.Response(status_code=status, headers=head, reason=REASONS.get(status, b""))) or []
             if body and not head_only:
-                out += self.http.send(h11.Data(data=body)) or b""
-            out += self.http.send(h11.EndOfMessage()) or b""
+                out += send(h11.Data(data=body)) or []
+            out += send(h11.EndOfMessage()) or []
         except h11.LocalProtocolError:  # no request was read (a refusal before one): answer plainly
             close = True
-            out = b"HTTP/1.1 %d %b\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (
-                status, REASONS.get(status, b""), len(body), body)
-        self.transport.write(out)
+            out = [b"HTTP/1.1 %d %b\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (
+                status, REASONS.get(status, b""), len(body), body)]
+        self.transport.writelines(out)
         self.request = None
         if self.span is not None:
             tracing.http_done(self.span, status)

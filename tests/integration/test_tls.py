@@ -7,7 +7,6 @@ too many streams, oversized headers) closes that one connection with a reason, n
 from __future__ import annotations
 
 import os
-import re
 import socket
 import ssl
 import subprocess
@@ -26,6 +25,7 @@ from wsproto.events import AcceptConnection, BytesMessage
 from wsproto.events import Request as WsRequest
 
 from tests.integration.harness import FFMPEG, Up, free_port, publish, start_up, wait_live
+from tests.integration.test_llhls import edge_of, hint_of
 from tests.integration.test_player_page import play_in_chromium
 from tests.tls import self_signed
 
@@ -109,11 +109,11 @@ def test_ffmpeg_httpx_and_websockets_play_over_https(secure: tuple[Up, int, Path
         with httpx.Client(http2=True, verify=ssl.create_default_context(cafile=str(cert)), timeout=10) as client:
             playlist = client.get(f"{base}/tls.m3u8?format=llhls")
             assert playlist.http_version == "HTTP/2" and playlist.status_code == 200
-            hint = re.search(r'PRELOAD-HINT:TYPE=PART,URI="([^"]+)/(\d+)\.(\d+)\.m4s"', playlist.text)
-            assert hint, playlist.text
-            blocked = client.get(f"{base}/tls.m3u8?format=llhls&_HLS_msn={hint[2]}&_HLS_part={hint[3]}")
-            assert blocked.status_code == 200 and f"/{hint[2]}.{hint[3]}.m4s" in blocked.text
-            part = client.get(f"{base}/{hint[1]}/{hint[2]}.{hint[3]}.m4s")
+            msn, index = edge_of(playlist.text)
+            hinted = hint_of(playlist.text)
+            blocked = client.get(f"{base}/tls.m3u8?format=llhls&_HLS_msn={msn}&_HLS_part={index}")
+            assert blocked.status_code == 200 and f'URI="{hinted}"' in blocked.text
+            part = client.get(f"{base}/{hinted}")
             assert part.http_version == "HTTP/2" and part.status_code == 200 and part.content[4:8] == b"moof"
             assert part.headers["content-type"] == "video/mp4"
             with client.stream("GET", f"{base}/tls.flv") as flv:

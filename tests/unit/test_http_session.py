@@ -16,6 +16,10 @@ class Transport:
     def write(self, data: bytes) -> None:
         self.data += data
 
+    def writelines(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
     def close(self) -> None:
         self.closed = True
 

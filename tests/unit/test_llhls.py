@@ -78,7 +78,8 @@ def test_a_thousand_blocked_reloads_are_answered_with_one_rendering() -> None:
         muxer.write(stream(0.3, fps=25, start=2200))
         assert len(answers) == 1000 and {s for s, _ in answers} == {200}
         assert len({id(body) for _, body in answers}) == 1  # rendered once for all of them
-        assert f"p/{msn}.{part + 1}.m4s".encode() in answers[0][1]
+        number = muxer.segmenter.open.parts[part + 1].number if muxer.segmenter.open else -1
+        assert f"p/part-{number}.m4s".encode() in answers[0][1]
         assert muxer.blocked_count == 0 and muxer.deadline_handle is handle  # one timer, whatever the count
         muxer.stop("test over")
 
@@ -101,7 +102,7 @@ def test_held_requests_time_out_with_503_and_go_when_the_stream_ends(monkeypatch
         assert far == [400, 400]
         ended: list[int] = []
         muxer.playlist("p/", "c3", lambda s, b, r: ended.append(s), want=(msn, part + 1))
-        muxer.fetch(f"{msn}.{part + 2}.m4s", lambda s, b, r: ended.append(s))
+        muxer.fetch(f"part-{muxer.segmenter.next_part + 1}.m4s", lambda s, b, r: ended.append(s))
         muxer.end("publisher left", 0)
         assert ended == [404, 404] and muxer.blocked_count == 0
 
@@ -111,15 +112,17 @@ def test_held_requests_time_out_with_503_and_go_when_the_stream_ends(monkeypatch
 def test_a_preload_hinted_part_is_answered_once_it_exists() -> None:
     async def scenario() -> None:
         muxer = await started()
-        msn, part = muxer.segmenter.latest()
+        hinted = muxer.segmenter.next_part  # the preload hint's part, whichever segment it turns out in
+        assert f"part-{hinted}.m4s" in muxer.segmenter.playlist("p/")
         got: list[tuple[int, bytes, str]] = []
-        muxer.fetch(f"{msn}.{part + 1}.m4s", lambda s, b, r: got.append((s, b, r)))
+        muxer.fetch(f"part-{hinted}.m4s", lambda s, b, r: got.append((s, b, r)))
         assert got == []
         muxer.write(stream(0.4, fps=25, start=2100))
         assert len(got) == 1 and got[0][0] == 200 and got[0][1][4:8] == b"moof" and got[0][2] == "video/mp4"
         missing: list[int] = []
-        muxer.fetch(f"{msn - 40}.0.m4s", lambda s, b, r: missing.append(s))  # long gone: 404 at once
-        assert missing == [404]
+        muxer.fetch(f"part-{hinted - 400}.m4s", lambda s, b, r: missing.append(s))  # long gone: 404 at once
+        muxer.fetch(f"part-{hinted + 100}.m4s", lambda s, b, r: missing.append(s))  # too far ahead: 404 at once
+        assert missing == [404, 404]
         muxer.stop("test over")
 
     asyncio.run(scenario())
@@ -139,3 +142,12 @@ def test_a_playlist_asked_for_before_the_first_segment_waits_for_it() -> None:
 
     got = asyncio.run(scenario())
     assert [status for status, _ in got] == [200, 200] and all(b"#EXTINF" in body for _, body in got)
+
+
+def test_the_hinted_part_exists_even_when_a_keyframe_starts_a_new_segment_with_it() -> None:
+    seg = Segmenter("fmp4", target_ms=1000, part_ms=200)
+    seg.push(config_frames() + stream(1.0, fps=25))  # the open segment's last part waits for the keyframe
+    hinted, msn = seg.next_part, seg.latest()[0]
+    seg.push(stream(0.3, fps=25, start=1000))  # the keyframe at 1 s starts the next segment
+    assert seg.latest()[0] == msn + 1
+    assert seg.part(hinted) is not None  # the hint named a part that was made, in whichever segment

@@ -1,0 +1,206 @@
+"""`castmesh bench llhls`: low-latency HLS from `castmesh up`, one real 2 Mbps stream on loopback.
+
+`castmesh up` is pinned to CPU 0; the publisher (the cached 720p30 clip in real time, its own process) and
+the load to the other CPUs. Two parts, in one run:
+- clients: --clients LL-HLS clients in one process, each on one kept-alive HTTP/1.1 connection, doing what
+  hls.js does in lowLatencyMode: a blocking playlist reload for the part the preload hint names
+  (_HLS_msn/_HLS_part), then a fetch of every part the playlist lists that it has not had. Reported: the
+  up process's CPU% of one core over --seconds, requests per second, and for every part and client how
+  long after the part's publication the client had the playlist listing it and the part's bytes, where a
+  part's publication is the moment the first client learned of it (so the spread across clients; the first
+  client's own delay is not in it). Target: under 50% of a core at 1000 clients, no client more than two
+  part durations behind.
+- browser: Chromium plays the stream over LL-HLS from the player page (tests/browser/latency.mjs, which
+  `make browser` installs) for --seconds, and the page samples its latency every half second: now minus
+  the program date time (ingest's receive time) of the frame on screen. Target: p50 <= 1.5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from castmesh_bench.common import cpu_seconds, free_port, make_clip, pct, spawn, stop_all, wait_live
+from castmesh_bench.rtmp_publisher import run_in_process
+
+HOST = "127.0.0.1"
+PART = re.compile(rb'#EXT-X-PART:DURATION=[\d.]+,URI="([^"]+)"')
+HINT = re.compile(rb'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="[^"]*/(\d+)\.(\d+)\.m4s"')
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("llhls", help="LL-HLS: blocking clients per core, and latency in Chromium",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=1000, help="blocking LL-HLS clients (default 1000)")
+    p.add_argument("--seconds", type=float, default=15, help="measured seconds per part (default 15)")
+    p.add_argument("--parts", default="clients,browser", help="what to run (default clients,browser)")
+    p.add_argument("--out", default="bench-out", help="where the clip is cached (default bench-out)")
+    p.add_argument("--no-pin", action="store_true", help="do not pin castmesh to CPU 0 and the load elsewhere")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+class LowLatencyClient:
+    """One client following the live edge part by part, as hls.js does."""
+
+    def __init__(self, port: int, path: str, first_seen: dict[bytes, float]) -> None:
+        self.port, self.path = port, path
+        self.first_seen = first_seen
+        self.listed: list[float] = []  # per new part: receipt of the playlist listing it minus its publication
+        self.fetched: list[float] = []  # ... of the part's bytes
+        self.requests = self.errors = 0
+        self.measuring = False
+
+    async def run(self, until: float) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(HOST, self.port)
+        except OSError:
+            self.errors += 1
+            return
+        known: set[bytes] = set()
+        want = ""
+        try:
+            while time.monotonic() < until:
+                status, body = await self._get(reader, writer, self.path + want)
+                now = time.monotonic()
+                if status != 200:
+                    self.errors += status not in (503, 404) or self.measuring
+                    want = ""
+                    await asyncio.sleep(0.2)
+                    continue
+                new = [uri for uri in PART.findall(body) if uri not in known]
+                for uri in new:
+                    published = self.first_seen.setdefault(uri, now)
+                    if self.measuring and known:
+                        self.listed.append(now - published)
+                for uri in new[-3:] if not known else new:  # a joining client starts near the edge
+                    part_status, _ = await self._get(reader, writer, "/live/" + uri.decode())
+                    if self.measuring and known:
+                        self.fetched.append(time.monotonic() - self.first_seen[uri])
+                    self.errors += part_status != 200
+                known.update(new)
+                hint = HINT.search(body)
+                want = f"&_HLS_msn={int(hint[1])}&_HLS_part={int(hint[2])}" if hint else ""
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            self.errors += 1
+        finally:
+            writer.close()
+
+    async def _get(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> tuple[int, bytes]:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        body = await reader.readexactly(length)
+        self.requests += 1
+        return int(head[9:12]), body
+
+
+async def _clients(args: argparse.Namespace, up: Any, http_port: int, load_cpus: set[int] | None) -> dict[str, Any]:
+    first_seen: dict[bytes, float] = {}
+    path = "/live/bench.m3u8?format=llhls"
+    clients = [LowLatencyClient(http_port, path, first_seen) for _ in range(args.clients)]
+    until = time.monotonic() + args.clients / 500 + 8 + args.seconds
+    tasks = []
+    for client in clients:
+        tasks.append(asyncio.get_running_loop().create_task(client.run(until)))
+        await asyncio.sleep(0.002)
+    await asyncio.sleep(5)  # every client is following the edge
+    for client in clients:
+        client.measuring = True
+    requests0 = sum(c.requests for c in clients)
+    cpu0, wall0, load0 = cpu_seconds(up.pid), time.monotonic(), time.process_time()
+    await asyncio.sleep(args.seconds)
+    cpu1, wall1, load1 = cpu_seconds(up.pid), time.monotonic(), time.process_time()
+    requests1 = sum(c.requests for c in clients)
+    for client in clients:
+        client.measuring = False
+    await asyncio.gather(*tasks)
+    listed = [d * 1000 for c in clients for d in c.listed]
+    fetched = [d * 1000 for c in clients for d in c.fetched]
+    elapsed = wall1 - wall0
+    return {
+        "clients": args.clients,
+        "up_cpu_pct": round((cpu1 - cpu0) / elapsed * 100, 1),
+        "load_generator_cpu_pct": round((load1 - load0) / elapsed * 100, 1),
+        "requests_per_s": round((requests1 - requests0) / elapsed),
+        "parts_measured": len(fetched),
+        "playlist_after_publication_ms_p50": round(pct(listed, 0.5), 1),
+        "playlist_after_publication_ms_p99": round(pct(listed, 0.99), 1),
+        "part_after_publication_ms_p50": round(pct(fetched, 0.5), 1),
+        "part_after_publication_ms_p99": round(pct(fetched, 0.99), 1),
+        "part_after_publication_ms_max": round(max(fetched), 1) if fetched else None,
+        "errors": sum(c.errors for c in clients),
+    }
+
+
+def _browser(http_port: int, seconds: float) -> dict[str, Any]:
+    script = ROOT / "tests" / "browser" / "latency.mjs"
+    if not (ROOT / "tests" / "browser" / "node_modules").exists():
+        return {"skipped": "run `make browser` first (playwright-core and Debian's chromium)"}
+    result = subprocess.run(["node", str(script), f"http://{HOST}:{http_port}/", "live/bench", "llhls",
+                             str(seconds)], capture_output=True, text=True, timeout=seconds + 120, check=False)
+    if result.returncode != 0:
+        return {"error": result.stderr[-500:]}
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    samples = [s["latency"] * 1000 for s in seen["samples"] if s["latency"] is not None]
+    edge = [s["edge"] * 1000 for s in seen["samples"] if s.get("edge") is not None]
+    return {"latency_ms_p50": round(pct(samples, 0.5)), "latency_ms_p95": round(pct(samples, 0.95)),
+            "latency_ms_max": round(max(samples)) if samples else None, "samples": len(samples),
+            "behind_live_edge_ms_p50": round(pct(edge, 0.5)), "target_ms": seen["samples"][-1].get("target"),
+            "stalled_samples": seen["stalls"], "player_errors": seen["errors"],
+            "player_warnings": sorted(set(seen.get("warnings") or [])),
+            "series_ms": [round(s) for s in samples]}
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    affinity = os.sched_getaffinity(0)
+    server_cpus = {min(affinity)} if len(affinity) >= 2 and not args.no_pin else None
+    load_cpus = affinity - server_cpus if server_cpus else None
+    if load_cpus:
+        os.sched_setaffinity(0, load_cpus)
+    parts = set(args.parts.split(","))
+    total = 30 + (args.seconds + args.clients / 500 + 15 if "clients" in parts else 0) + (
+        args.seconds + 40 if "browser" in parts else 0)
+    clip = make_clip(Path(args.out), total)
+    rtmp_port, http_port = free_port(), free_port()
+    up = spawn(["up", "--no-demo", "--host", HOST, "--rtmp-port", str(rtmp_port), "--http-port", str(http_port)],
+               server_cpus, ready=b"Ctrl-C stops.")
+    ctx = multiprocessing.get_context("spawn")
+    _, sender = ctx.Pipe(duplex=False)
+    publisher = ctx.Process(target=run_in_process, args=(str(clip), HOST, rtmp_port, "live", "bench", total, sender))
+    publisher.start()
+    if load_cpus and publisher.pid:
+        os.sched_setaffinity(publisher.pid, load_cpus)
+    result: dict[str, Any] = {}
+    try:
+        await wait_live(HOST, http_port, "/live/bench.flv", 20)
+        if "clients" in parts:
+            result["clients"] = await _clients(args, up, http_port, load_cpus)
+        if "browser" in parts:
+            result["browser"] = await asyncio.to_thread(_browser, http_port, args.seconds)
+    finally:
+        publisher.terminate()
+        publisher.join(10)
+        stop_all([up])
+    return result
+
+
+def report(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    for part, values in result.items():
+        print(part)
+        for key, value in values.items():
+            print(f"  {key:<36} {value}")
