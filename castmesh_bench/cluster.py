@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import multiprocessing
 import signal
 import statistics
 import subprocess
@@ -45,7 +44,7 @@ from castmesh_bench.common import (
     stop_all,
     wait_live,
 )
-from castmesh_bench.rtmp_publisher import run_in_process
+from castmesh_bench.rtmp_publisher import start_in_process
 
 HOST = "127.0.0.1"
 
@@ -117,16 +116,8 @@ class Setup:
         stop_all(list(self.procs.values()))
 
 
-def _publisher(clip: Path, rtmp_port: int, seconds: float) -> tuple[Any, Any]:
-    ctx = multiprocessing.get_context("spawn")
-    receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=run_in_process, args=(str(clip), HOST, rtmp_port, "live", "bench", seconds, sender))
-    proc.start()
-    return proc, receiver
-
-
 async def _measure_latency(setup: Setup, clip: Path, seconds: float, viewers: int) -> dict[str, Any]:
-    publisher, receiver = _publisher(clip, setup.rtmp_port, seconds + 4)
+    publisher, receiver = start_in_process(clip, HOST, setup.rtmp_port, seconds + 4)
     watching = []
     try:
         await wait_live(HOST, setup.http_port, "/live/bench.flv", 20)
@@ -199,7 +190,7 @@ async def _inject(setup: Setup, kind: str, down: float) -> tuple[float, float]:
 
 async def _one_failover(clip: Path, kind: str, after: float, viewers: int, down: float) -> dict[str, Any]:
     setup = Setup().cluster(origins=2, edges=2)
-    publisher, receiver = _publisher(clip, setup.rtmp_port, after + 12 + down)
+    publisher, receiver = start_in_process(clip, HOST, setup.rtmp_port, after + 12 + down)
     watching = []
     relisted = None
     disconnected = 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import os
 import statistics
 import subprocess
@@ -45,7 +44,7 @@ from castmesh_bench.common import (
     stop_all,
     wait_live,
 )
-from castmesh_bench.rtmp_publisher import run_in_process
+from castmesh_bench.rtmp_publisher import start_in_process
 from castmesh_bench.viewers import HlsClient, RtmpViewer, open_rtmp_viewers
 
 
@@ -134,12 +133,7 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any] | None:
     clip = make_clip(Path(args.out), total + 5)
     host = "127.0.0.1"
     procs, playback, rtmp_port, http_port, play_port = _servers(args, host, server_cpus, load_cpus)
-    ctx = multiprocessing.get_context("spawn")
-    receiver, sender = ctx.Pipe(duplex=False)
-    publisher = ctx.Process(target=run_in_process, args=(str(clip), host, rtmp_port, "live", "bench", total, sender))
-    publisher.start()
-    if load_cpus and publisher.pid:
-        os.sched_setaffinity(publisher.pid, load_cpus)
+    publisher, receiver = start_in_process(clip, host, rtmp_port, total, load_cpus)
     viewers: list[Viewer | RtmpViewer] = []
     clients: list[HlsClient] = []
     tasks: list[asyncio.Task[None]] = []

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import os
 import re
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from castmesh_bench.common import cpu_seconds, free_port, make_clip, pct, spawn, stop_all, wait_live
-from castmesh_bench.rtmp_publisher import run_in_process
+from castmesh_bench.rtmp_publisher import start_in_process
 
 HOST = "127.0.0.1"
 PART = re.compile(rb'#EXT-X-PART:DURATION=[\d.]+,URI="([^"]+)"')
@@ -176,12 +175,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     rtmp_port, http_port = free_port(), free_port()
     up = spawn(["up", "--no-demo", "--host", HOST, "--rtmp-port", str(rtmp_port), "--http-port", str(http_port)],
                server_cpus, ready=b"Ctrl-C stops.")
-    ctx = multiprocessing.get_context("spawn")
-    _, sender = ctx.Pipe(duplex=False)
-    publisher = ctx.Process(target=run_in_process, args=(str(clip), HOST, rtmp_port, "live", "bench", total, sender))
-    publisher.start()
-    if load_cpus and publisher.pid:
-        os.sched_setaffinity(publisher.pid, load_cpus)
+    publisher, _ = start_in_process(clip, HOST, rtmp_port, total, load_cpus)
     result: dict[str, Any] = {}
     try:
         await wait_live(HOST, http_port, "/live/bench.flv", 20)

@@ -8,6 +8,8 @@ Runs in its own process, so the viewers' load does not delay the publisher's clo
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -55,3 +57,16 @@ def run_in_process(path: str, host: str, port: int, app: str, name: str, seconds
     """multiprocessing target: publish, then send the send-time table back through the pipe."""
     result = asyncio.run(publish_file(Path(path), host, port, app, name, seconds, key, stop))
     conn.send(result)  # type: ignore[attr-defined]
+
+
+def start_in_process(clip: Path, host: str, port: int, seconds: float,
+                     cpus: set[int] | None = None) -> tuple[Any, Any]:
+    """Publish `clip` to rtmp://host:port/live/bench in its own process (pinned to `cpus`, if given): the
+    process, and the pipe its send-time table comes back on when it is done."""
+    ctx = multiprocessing.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=run_in_process, args=(str(clip), host, port, "live", "bench", seconds, sender))
+    proc.start()
+    if cpus and proc.pid:
+        os.sched_setaffinity(proc.pid, cpus)
+    return proc, receiver
