@@ -65,6 +65,7 @@ class Up:
     process: Castmesh
     rtmp_port: int
     http_port: int
+    https_port: int = 0  # with --tls-cert: HTTP/2 and HTTP/1.1 over TLS
 
     def rtmp(self, name: str) -> str:
         return f"rtmp://127.0.0.1:{self.rtmp_port}/live/{name}"
