@@ -74,7 +74,8 @@ def play_in_chromium(suite: Up, stream: str, shots: str, *protocols: str, page: 
 def test_chromium_plays_from_the_page_over_https_flv_websocket_flv_hls_ll_hls_then_webrtc(suite: Up) -> None:
     """Over HTTPS (HTTP/2 for the page, the FLV body, HLS and the WHEP exchange; HTTP/1.1 for wss://): the
     plain-HTTP paths are the same router, which the other tests exercise."""
-    publisher = publish(suite.rtmp("page"), 80, gop=30, extra=["-bf", "0"])  # B-frames are refused by WebRTC
+    # B-frames are refused by WebRTC; a keyframe every 0.5 s: hls.js starts LL-HLS on one, PART-HOLD-BACK behind
+    publisher = publish(suite.rtmp("page"), 80, gop=15, extra=["-bf", "0"])
     try:
         wait_live(suite.flv("page"))
         seen = play_in_chromium(suite, "live/page", "player", "flv", "ws", "hls", "llhls", "webrtc",
