@@ -29,6 +29,7 @@ from typing import Any
 
 from castmesh_bench.common import cpu_seconds, free_port, make_clip, pct, spawn, stop_all, wait_live
 from castmesh_bench.rtmp_publisher import start_in_process
+from castmesh_bench.viewers import keepalive_get
 
 HOST = "127.0.0.1"
 PART = re.compile(rb'#EXT-X-PART:DURATION=[\d.]+,URI="([^"]+)"')
@@ -94,15 +95,9 @@ class LowLatencyClient:
             writer.close()
 
     async def _get(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> tuple[int, bytes]:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-        body = await reader.readexactly(length)
+        status, _, body = await keepalive_get(reader, writer, HOST, path)
         self.requests += 1
-        return int(head[9:12]), body
+        return status, body
 
 
 async def _clients(args: argparse.Namespace, up: Any, http_port: int, load_cpus: set[int] | None) -> dict[str, Any]:

@@ -137,14 +137,19 @@ class HlsClient:
             self.problems[what] = self.problems.get(what, 0) + 1
 
     async def _get(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> tuple[int, bytes]:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
-        head = await reader.readuntil(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":", 1)[1])
-        body = await reader.readexactly(length)
+        status, head, body = await keepalive_get(reader, writer, self.host, path)
         self.requests += 1
-        self.bytes += len(head) + length
+        self.bytes += head + len(body)
         return status, body
+
+
+async def keepalive_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str,
+                        path: str) -> tuple[int, int, bytes]:
+    """One GET on a kept-alive HTTP/1.1 connection: the status, the head's size and the body."""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    return int(head[9:12]), len(head), await reader.readexactly(length)

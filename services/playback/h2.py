@@ -104,7 +104,7 @@ class H2Session(asyncio.Protocol):
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:  # h2 has queued a GOAWAY naming the error
-            self._bad(f"HTTP/2 protocol error: {type(exc).__name__}: {exc}")
+            self.close(None, f"HTTP/2 protocol error: {type(exc).__name__}: {exc}")
             return
         for ev in events:
             if isinstance(ev, h2.events.RequestReceived):
@@ -146,17 +146,14 @@ class H2Session(asyncio.Protocol):
         if data and not self.transport.is_closing():
             self.transport.write(data)
 
-    def close(self, code: h2.errors.ErrorCodes, reason: str) -> None:
+    def close(self, code: h2.errors.ErrorCodes | None, reason: str) -> None:
+        """Close the connection with a log line; with `code`, after a GOAWAY naming it (None: h2 has
+        already queued one for a protocol error)."""
         if self.closed:
             return
         event(log, "http2.close", level=logging.WARNING, peer=self.peer, reason=reason)
-        self.conn.close_connection(error_code=code, additional_data=reason[:200].encode())
-        self.flush()
-        self.closed = True
-        self.transport.close()
-
-    def _bad(self, reason: str) -> None:
-        event(log, "http2.close", level=logging.WARNING, peer=self.peer, reason=reason)
+        if code is not None:
+            self.conn.close_connection(error_code=code, additional_data=reason[:200].encode())
         self.flush()
         self.closed = True
         self.transport.close()
@@ -360,11 +357,10 @@ class H2Stream:
         if self.span is not None:
             tracing.http_done(self.span, 499)
             self.span = None
-        was_done, self.done = self.done, True
+        self.done = True
         self.pending.clear()
         self.pending_size = 0
-        if self.viewer is not None or not was_done:
-            self.session.on_gone(self)
+        self.session.on_gone(self)  # the server forgets it if it was a viewer (twice is harmless)
 
 
 class Negotiated(asyncio.Protocol):

@@ -67,7 +67,6 @@ class HlsMuxer:
                           else Segmenter(container, target_ms, window))
         self.blocked: dict[Want, list[Callable[[], None]]] = {}  # by what they wait for
         self.deadlines: deque[tuple[float, Want, Callable[[], None]]] = deque()  # the same, oldest first
-        self.blocked_count = 0
         self.deadline_handle: asyncio.TimerHandle | None = None
         self.refusals: dict[Callable[[], None], Callable[[int, str], None]] = {}  # held request -> its refusal
         self.idle = idle
@@ -135,6 +134,11 @@ class HlsMuxer:
 
     # Blocking requests (low-latency HLS) ----------------------------------------------------------------
 
+    @property
+    def blocked_count(self) -> int:
+        """Requests held now (each has its refusal waiting)."""
+        return len(self.refusals)
+
     def _has(self, want: Want) -> bool:
         msn, part = want
         if msn < 0:  # a part by its number
@@ -145,14 +149,14 @@ class HlsMuxer:
     def _too_far(self, want: Want) -> str:
         """Why a request for `want` is refused at once (RFC 8216bis 6.2.5.2), or ""."""
         msn, part = want
-        latest_msn, latest_part = self.segmenter.latest()
         limit = round(3 / self.segmenter.part_target) if self.segmenter.part_target < 1 else 3  # Advance Part Limit
         if msn < 0:
             ahead = part - self.segmenter.next_part + 1
             return f"part {part} is more than {limit} parts ahead" if ahead > limit else ""
+        latest_msn, latest_part = self.segmenter.latest()
         if msn > latest_msn + 1:  # the last complete segment is latest_msn - 1: more than two past it
             return f"_HLS_msn={msn} is more than two segments past the last one ({latest_msn - 1})"
-        ahead = part - latest_part if msn == latest_msn else part + 1 + (limit if msn > latest_msn else 0)
+        ahead = part - latest_part if msn == latest_msn else part + 1  # the next segment: at least part + 1
         if part >= 0 and msn >= latest_msn and ahead > limit:
             return f"part {msn}.{part} is more than {limit} parts past the last one ({latest_msn}.{latest_part})"
         return ""
@@ -163,7 +167,6 @@ class HlsMuxer:
             refuse(503, "too many requests waiting for this stream")
             return
         self.blocked.setdefault(want, []).append(then)
-        self.blocked_count += 1
         self.refusals[then] = refuse
         patience = HOLD_FOR * self.segmenter.target_duration
         self.deadlines.append((time.monotonic() + patience, want, then))
@@ -174,7 +177,6 @@ class HlsMuxer:
         """A part or segment completed: answer everyone waiting for what exists now."""
         for want in [w for w in self.blocked if self._has(w)]:
             for then in self.blocked.pop(want):
-                self.blocked_count -= 1
                 self.refusals.pop(then, None)
                 then()
 
@@ -189,7 +191,6 @@ class HlsMuxer:
                 waiting = self.blocked.get(want, [])
                 if then in waiting:
                     waiting.remove(then)
-                    self.blocked_count -= 1
                     if not waiting:
                         del self.blocked[want]
                 refuse(503, f"not there within {HOLD_FOR * self.segmenter.target_duration:g}s")
@@ -202,7 +203,6 @@ class HlsMuxer:
             refuse(self.end_status, self.ended or "stream ended")
         self.blocked.clear()
         self.deadlines.clear()
-        self.blocked_count = 0
         if self.deadline_handle is not None:
             self.deadline_handle.cancel()
             self.deadline_handle = None

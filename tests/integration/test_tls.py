@@ -177,7 +177,6 @@ def test_bad_tls_and_http2_input_closes_only_that_connection(secure: tuple[Up, i
         assert ended and ended[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, ended
 
         crowd = H2Client(https)  # more concurrent streams than the 128 it announced
-        crowd.conn.update_settings({})
         crowd.conn.remote_settings.max_concurrent_streams = 1000  # ignore what the server said
         for _ in range(130):
             crowd.get("/live/calm/whep", [("content-type", "application/sdp"), ("content-length", "10")],

@@ -151,3 +151,18 @@ def test_the_hinted_part_exists_even_when_a_keyframe_starts_a_new_segment_with_i
     seg.push(stream(0.3, fps=25, start=1000))  # the keyframe at 1 s starts the next segment
     assert seg.latest()[0] == msn + 1
     assert seg.part(hinted) is not None  # the hint named a part that was made, in whichever segment
+
+
+def test_a_reload_for_the_next_segments_first_parts_is_held_not_refused() -> None:
+    async def scenario() -> list[int]:
+        muxer = await started()
+        msn, _ = muxer.segmenter.latest()
+        got: list[int] = []
+        for part in (0, 1, 14):  # within the Advance Part Limit (15 parts of 200 ms) past the last part
+            muxer.playlist("p/", "c", lambda s, b, r: got.append(s), want=(msn + 1, part))
+        assert got == [] and muxer.blocked_count == 3
+        muxer.write(stream(1.6, fps=25, start=2100))  # the keyframe at 3.1 s starts segment msn + 1
+        muxer.stop("test over")
+        return got
+
+    assert asyncio.run(scenario())[:2] == [200, 200]
