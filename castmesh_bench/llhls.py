@@ -33,7 +33,19 @@ from castmesh_bench.viewers import keepalive_get
 
 HOST = "127.0.0.1"
 PART = re.compile(rb'#EXT-X-PART:DURATION=[\d.]+,URI="([^"]+)"')
-HINT = re.compile(rb'#EXT-X-PRELOAD-HINT:TYPE=PART,URI="[^"]*/(\d+)\.(\d+)\.m4s"')
+SEQUENCE = re.compile(rb"#EXT-X-MEDIA-SEQUENCE:(\d+)")
+SKIPPED = re.compile(rb"#EXT-X-SKIP:SKIPPED-SEGMENTS=(\d+)")
+
+
+def next_part(playlist: bytes) -> str:
+    """The blocking-reload query for the part after the last one listed, as hls.js asks it."""
+    sequence = SEQUENCE.search(playlist)
+    if sequence is None:
+        return ""
+    skipped = SKIPPED.search(playlist)
+    segments = playlist.count(b"#EXTINF:") + (int(skipped[1]) if skipped else 0)
+    open_parts = playlist.rpartition(b"#EXTINF:")[2].count(b"#EXT-X-PART:")
+    return f"&_HLS_msn={int(sequence[1]) + segments}&_HLS_part={open_parts}"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -87,8 +99,7 @@ class LowLatencyClient:
                         self.fetched.append(time.monotonic() - self.first_seen[uri])
                     self.errors += part_status != 200
                 known.update(new)
-                hint = HINT.search(body)
-                want = f"&_HLS_msn={int(hint[1])}&_HLS_part={int(hint[2])}" if hint else ""
+                want = next_part(body)
         except (OSError, asyncio.IncompleteReadError, ValueError):
             self.errors += 1
         finally:
