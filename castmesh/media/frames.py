@@ -95,4 +95,9 @@ def stream_key(app: str, name: str, vhost: str = "") -> StreamKey:
 
 def stream_path(key: StreamKey) -> str:
     """The one text form of a stream's identity: vhost/app/name."""
-    return f"{key.vhost or DEFAULT_VHOST}/{key.app}/{key.name}"
+    return path_of(key.app, key.name, key.vhost)
+
+
+def path_of(app: str, name: str, vhost: str = "") -> str:
+    """stream_path(stream_key(app, name, vhost)) without making the key (for per-request lookups)."""
+    return f"{vhost or DEFAULT_VHOST}/{app}/{name}"

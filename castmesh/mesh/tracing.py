@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import grpc
@@ -224,14 +224,15 @@ def http_done(span: trace.Span, status: int) -> None:
     span.end()
 
 
-@contextmanager
-def current(span: trace.Span | None) -> Iterator[None]:
-    """Make `span` the current one (what RPCs and spans started inside become children of)."""
-    if span is None:
-        yield
-        return
-    with trace.use_span(span, end_on_exit=False):
-        yield
+NOTHING = nullcontext()
+
+
+def current(span: trace.Span | None) -> AbstractContextManager[Any]:
+    """Make `span` the current one (what RPCs and spans started inside become children of). With tracing
+    off (no span, or the invalid one) this costs nothing: it is on every LL-HLS playlist request."""
+    if span is None or span is trace.INVALID_SPAN:
+        return NOTHING
+    return trace.use_span(span, end_on_exit=False)
 
 
 class SessionSpan:

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -43,6 +43,7 @@ log = logging.getLogger("castmesh.playback")
 MUXERS = Gauge("castmesh_playback_hls_muxers", "HLS muxers running")
 SEGMENTS = Counter("castmesh_playback_hls_segments", "HLS segments made")
 HLS_REQUESTS = Counter("castmesh_playback_hls_requests", "HLS playlist and segment requests", ["kind"])
+PLAYLIST_REQUESTS, SEGMENT_REQUESTS = HLS_REQUESTS.labels("playlist"), HLS_REQUESTS.labels("segment")
 CLIENT_WINDOW = 3  # target durations: a client that fetched a playlist within this is counted as watching
 LL_WINDOW = 10  # segments a low-latency playlist lists, so that delta updates (six target durations) skip some
 MAX_BLOCKED = 100_000  # per muxer: requests held for a part (past this, 503 at once)
@@ -73,7 +74,7 @@ class HlsMuxer:
         self.on_stop = on_stop
         self.waiters: list[Answer] = []
         self.rendered: dict[tuple[str, str, bool], bytes] = {}  # (prefix, suffix, skip): until it changes
-        self.clients: dict[str, float] = {}  # client -> last playlist request, oldest first
+        self.clients: OrderedDict[str, float] = OrderedDict()  # client -> last playlist request, oldest first
         self.last_request = time.monotonic()
         self.stopped = False
         self.ended = ""
@@ -214,10 +215,10 @@ class HlsMuxer:
         """Answer with the playlist now, or once the first segment is done; with `want` (a blocking reload:
         _HLS_msn and _HLS_part), once that segment or part exists; `skip`: a delta update."""
         now = self.last_request = time.monotonic()
-        self.clients.pop(client, None)
         self.clients[client] = now
+        self.clients.move_to_end(client)
         self._forget_clients(now)
-        HLS_REQUESTS.labels("playlist").inc()
+        PLAYLIST_REQUESTS.inc()
         if want is not None and self.segmenter.part_ms and self.segmenter.segments and not self._has(want):
             refused = self._too_far(want)
             if refused:
@@ -288,7 +289,7 @@ class HlsMuxer:
     def file(self, name: str) -> tuple[bytes, str] | None:
         """A segment or initialization segment by name, with its Content-Type."""
         self.last_request = time.monotonic()
-        HLS_REQUESTS.labels("segment").inc()
+        SEGMENT_REQUESTS.inc()
         stem, _, extension = name.partition(".")
         if extension == "mp4" and stem.startswith("init-") and stem[5:].isdigit():
             init = self.segmenter.inits.get(int(stem[5:]))

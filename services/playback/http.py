@@ -1,26 +1,33 @@
 """The playback node's HTTP/1.1 connections: short responses (playlists, segments, pages, /metrics) with
 keep-alive, long ones (an HTTP-FLV body, a WebSocket-FLV upgrade) that last as long as the stream.
 
-h11 parses requests, bounded: a request head over 16 KiB, a body over 64 KiB (only POST and PATCH have
-one: a WHEP offer, a trickle-ICE fragment), or a request that takes longer than REQUEST_TIMEOUT to
-arrive, is refused, and bytes a client sends while its answer is pending are capped too. The session
+httptools (llhttp, Node's parser) parses requests; the session bounds what it takes: a request head over
+16 KiB (counted as it arrives, so one sent in pieces is stopped too), a body over 64 KiB (only POST and
+PATCH have one: a WHEP offer, a trickle-ICE fragment), or a request that takes longer than REQUEST_TIMEOUT
+to arrive, is refused, and so are requests piled up (pipelined) behind one still being answered past the
+same 16 KiB. A refusal is answered after the requests before it, then the connection closes. The session
 only speaks HTTP; what a path means is the router's business (services.playback.server).
 
-For a stream, h11 (or the WebSocket handshake) writes the response head and the feed then writes
-pre-framed bytes straight to the transport: that is the serialize-once path, so nothing is framed per
-viewer. What a WebSocket-FLV viewer sends is read by wsproto, which answers pings and closes.
+Response heads are written here (status line, a prebuilt block of the headers every response has, then
+the response's own): this is the hot path of LL-HLS, where a thousand clients each make two requests per
+part. httptools and these heads cost a quarter of what h11's parsing and framing did (docs/ARCHITECTURE.md).
+
+For a stream, the session writes the response head and the feed then writes pre-framed bytes straight to
+the transport: that is the serialize-once path, so nothing is framed per viewer. What a WebSocket-FLV
+viewer sends is read by wsproto, which answers pings and closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
-import h11
+import httptools
 from opentelemetry.trace import Span
 from wsproto import ConnectionType
 from wsproto.connection import Connection as WebSocket
@@ -44,6 +51,7 @@ MAX_REQUEST_HEAD = 16 * 1024
 MAX_REQUEST_BODY = 64 * 1024  # an SDP offer is a few KiB
 BODY_METHODS = ("POST", "PATCH")
 MAX_WEBSOCKET_INPUT = 64 * 1024  # what a viewer may send between two reads of it
+INFINITY = float("inf")
 CORS = [
     ("Access-Control-Allow-Origin", "*"),
     ("Access-Control-Allow-Methods", "GET, HEAD, POST, PATCH, DELETE, OPTIONS"),
@@ -51,6 +59,7 @@ CORS = [
     ("Access-Control-Expose-Headers", "*, Location, ETag, Link"),
 ]
 SERVER = ("Server", "castmesh")
+NO_CACHE = ("Cache-Control", "no-cache")
 REASONS = {200: b"OK", 201: b"Created", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",
            403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed", 406: b"Not Acceptable",
            408: b"Request Timeout", 409: b"Conflict", 411: b"Length Required", 412: b"Precondition Failed",
@@ -62,6 +71,30 @@ REASONS = {200: b"OK", 201: b"Created", 204: b"No Content", 400: b"Bad Request",
 Headers = list[tuple[str, str]]
 
 
+def header_lines(headers: Headers) -> bytes:
+    """Header lines, each ended by CRLF; a value that would break the head (CR or LF in it) is an error."""
+    text = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    if text.count("\n") != len(headers) or text.count("\r") != len(headers):
+        raise ValueError(f"a header would break the response head: {headers!r}")
+    return text.encode("latin-1")
+
+
+STATUS_LINES = {status: b"HTTP/1.1 %d %b\r\n" % (status, reason) for status, reason in REASONS.items()}
+EVERY_RESPONSE = header_lines([SERVER, *CORS])
+PLAIN_TEXT = b"Content-Type: text/plain; charset=utf-8\r\n"
+
+
+def response_head(status: int, headers: Headers | None, length: int | None, close: bool) -> bytes:
+    """An HTTP/1.1 response head: the headers every response has, Content-Length (unless None: a body
+    framed otherwise), Connection: close if so, a plain-text Content-Type unless `headers` name one."""
+    own = header_lines(headers) if headers else b""
+    return b"%b%b%b%b%b%b\r\n" % (
+        STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status, EVERY_RESPONSE,
+        b"Content-Length: %d\r\n" % length if length is not None else b"",
+        b"Connection: close\r\n" if close else b"",
+        b"" if b"content-type:" in own.lower() else PLAIN_TEXT, own)
+
+
 @dataclass(slots=True)
 class Request:
     method: str
@@ -69,6 +102,8 @@ class Request:
     query: dict[str, str]
     headers: dict[str, str]  # names in lower case
     body: bytes = b""  # POST and PATCH only, whole
+    keep_alive: bool = True  # HTTP/1.1 without Connection: close
+    size: int = 0  # on the wire (head and body)
 
     @property
     def websocket(self) -> bool:
@@ -76,6 +111,14 @@ class Request:
 
 
 Router = Callable[["HttpSession", Request], None]
+
+
+class Refusal(Exception):
+    """A request the parser will not take: answered with `status` (after those before it), then closed."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
 
 
 class HttpSession(asyncio.Protocol):
@@ -88,22 +131,34 @@ class HttpSession(asyncio.Protocol):
         self.caps = caps
         self.ip = ""  # set once counted against the caps
         self.on_gone = on_gone
-        self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()
         self.peer = "?"
         self.request: Request | None = None  # the one being answered
+        self.queue: deque[Request] = deque()  # complete requests behind it (pipelined), in order
+        self.queued = 0  # their bytes, with those of the request being read
+        self.refusal: Refusal | None = None  # what the parser refused, answered once those before it are
         self.streaming = False
         self.websocket: WebSocket | None = None
+        self.upgrade_data = b""  # what followed a WebSocket request's head, for wsproto once it is accepted
+        self.upgraded = False  # the parser stopped at an Upgrade request: it reads nothing more
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline = INFINITY  # when the request (or an idle keep-alive) times out: one timer, moved lazily
         self.done = False
         self.span: Span | None = None  # the current request's span, if its route traces it; ended by respond()
-        self.received = 0  # bytes since the current request began
-        self.reading_body: Request | None = None  # a POST or PATCH whose body is arriving
         self.format: OutputFormat = HTTP_FLV
         self.viewer: Viewer | None = None  # once a request of it is a viewer
         self.requests = 0
         self.paused = False  # the transport's buffer is full: answer nothing more until it drains
         self.reading = False
+        # the request being read (between on_message_begin and on_message_complete)
+        self.incoming: Request | None = None
+        self.in_message = False
+        self.in_head = False
+        self.url = b""
+        self.header_list: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
@@ -121,7 +176,9 @@ class HttpSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.done = True
-        self._disarm()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.span is not None:  # left before its answer (a playlist waiting for the first segment)
             tracing.http_done(self.span, 499)
             self.span = None
@@ -136,24 +193,99 @@ class HttpSession(asyncio.Protocol):
         if self.websocket is not None:
             self._websocket_input(data)
             return
-        if self.streaming:
+        if self.streaming or self.refusal is not None:
             return  # an HTTP-FLV viewer has nothing more to say; what it sends is dropped, never buffered
-        self.received += len(data)
+        if self.upgraded:
+            self._after_upgrade(data)
+            return
+        if self.in_head:
+            self.head_size += len(data)  # a head arriving in pieces: counted as it comes (the parser buffers it)
         try:
-            self.http.receive_data(data)
-        except h11.RemoteProtocolError as exc:
-            self.respond(exc.error_status_hint, f"bad request: {exc}\n".encode(), close=True)
-            return
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.upgraded = True
+            self._after_upgrade(data[upgrade.args[0]:])
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self.refusal = cause if isinstance(cause, Refusal) else Refusal(400, f"bad request: {cause}")
+        except httptools.HttpParserError as exc:
+            self.refusal = Refusal(400, f"bad request: {exc}")
+        if self.in_head and self.head_size > MAX_REQUEST_HEAD and self.refusal is None:
+            self.refusal = Refusal(431, f"request head over {MAX_REQUEST_HEAD} bytes")
+        limit = MAX_REQUEST_HEAD + (MAX_REQUEST_BODY if any(r.body for r in self.queue) or (
+            self.incoming is not None and self.incoming.method in BODY_METHODS) else 0)
+        if self.queued > limit and self.refusal is None:
+            # requests piled up behind one that is still being answered (or a client that does not read)
+            self.refusal = Refusal(431, f"requests waiting to be answered over {MAX_REQUEST_HEAD} bytes")
+            self.queue.clear()
         self._next_request()
-        body = self.reading_body is not None or (self.request is not None and self.request.method in BODY_METHODS)
-        if self.done or self.received <= MAX_REQUEST_HEAD + (MAX_REQUEST_BODY if body else 0):
-            return
-        # h11's own cap only applies while a head is incomplete; a big head in one read passes it,
-        # and so would requests piled up behind one that is still being answered.
-        if body:
-            self.respond(413, f"request body over {MAX_REQUEST_BODY} bytes\n".encode(), close=True)
-        else:
-            self.respond(431, f"request head over {MAX_REQUEST_HEAD} bytes\n".encode(), close=True)
+
+    # The parser's callbacks (httptools) ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.request is None and self.requests:
+            self._arm(self.request_timeout)  # from the first byte of a kept-alive connection's next request
+        self.in_message = self.in_head = True
+        self.url = b""
+        self.header_list = []
+        self.head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_list.append((name, value))
+        self.head_size += len(name) + len(value) + 4
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        method = self.parser.get_method().decode("ascii", "replace")
+        size = len(method) + len(self.url) + 13 + sum(len(k) + len(v) + 4 for k, v in self.header_list)
+        if size > MAX_REQUEST_HEAD:
+            raise Refusal(431, f"request head over {MAX_REQUEST_HEAD} bytes")
+        path, _, query = self.url.decode("ascii", "replace").partition("?")
+        request = self.incoming = Request(method, path, dict(parse_qsl(query)) if query else {},
+                                          {k.decode("latin-1").lower(): v.decode("latin-1")
+                                           for k, v in self.header_list})
+        request.keep_alive = self.parser.should_keep_alive()
+        request.size = size
+        if method in BODY_METHODS:
+            length = request.headers.get("content-length", "")
+            if not length:
+                raise Refusal(411, "say the body's Content-Length")
+            if int(length) > MAX_REQUEST_BODY:  # the parser has checked it is a number
+                raise Refusal(413, f"request body over {MAX_REQUEST_BODY} bytes")
+
+    def on_body(self, body: bytes) -> None:
+        request = self.incoming
+        assert request is not None
+        request.body += body
+        request.size += len(body)
+        if len(request.body) > MAX_REQUEST_BODY:
+            raise Refusal(413, f"request body over {MAX_REQUEST_BODY} bytes")
+
+    def on_message_complete(self) -> None:
+        request = self.incoming
+        assert request is not None
+        self.in_message = False
+        self.incoming = None
+        self.requests += 1
+        self.queue.append(request)
+        self.queued += request.size
+
+    def _after_upgrade(self, data: bytes) -> None:
+        """Bytes after a request with an Upgrade: a WebSocket's first frames (kept for wsproto, bounded);
+        any other upgrade is not spoken here, and the connection closes once that request is answered."""
+        self.upgrade_data += data
+        if len(self.upgrade_data) > MAX_WEBSOCKET_INPUT:
+            self.refusal = Refusal(413, "sent too much before its upgrade was answered")
+            self.queue.clear()
+            self._next_request()
+        for request in self.queue:
+            request.keep_alive = False
+
+    # Answering, in order --------------------------------------------------------------------------------
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -169,57 +301,20 @@ class HttpSession(asyncio.Protocol):
             return  # respond() called from inside the loop below: the loop carries on by itself
         self.reading = True
         try:
-            # while paused, pipelined requests wait in h11's buffer (capped at MAX_REQUEST_HEAD)
-            while self.request is None and not self.done and not self.paused:
-                try:
-                    ev = self.http.next_event()
-                except h11.RemoteProtocolError as exc:
-                    self.respond(exc.error_status_hint, f"bad request: {exc}\n".encode(), close=True)
-                    return
-                if isinstance(ev, h11.Request):
-                    if len(ev.target) + sum(len(k) + len(v) + 4 for k, v in ev.headers) > MAX_REQUEST_HEAD:
-                        self.respond(431, f"request head over {MAX_REQUEST_HEAD} bytes\n".encode(), close=True)
-                        return  # (a whole head in one read passes h11's own cap, which is for incomplete ones)
-                    target = urlsplit(ev.target.decode("ascii", "replace"))
-                    request = Request(ev.method.decode("ascii", "replace"), target.path, dict(parse_qsl(target.query)),
-                                      {k.decode("latin-1"): v.decode("latin-1") for k, v in ev.headers})
-                    self.requests += 1
-                    if request.method in BODY_METHODS:
-                        self._read_body(request)
-                        continue
-                    self._disarm()
-                    self.request = request
+            while self.request is None and not self.done:
+                if self.queue and not self.paused:
+                    request = self.request = self.queue.popleft()
+                    self.queued -= request.size
                     self._dispatch(request)
-                elif isinstance(ev, h11.Data) and self.reading_body is not None:
-                    self.reading_body.body += ev.data
-                    if len(self.reading_body.body) > MAX_REQUEST_BODY:
-                        self.respond(413, f"request body over {MAX_REQUEST_BODY} bytes\n".encode(), close=True)
-                        return
-                elif isinstance(ev, h11.EndOfMessage) and self.reading_body is not None:
-                    self._disarm()
-                    self.request, self.reading_body = self.reading_body, None
-                    self._dispatch(self.request)
-                elif isinstance(ev, h11.ConnectionClosed):
-                    self.transport.close()
-                    return
+                elif self.refusal is not None and not self.queue:  # (even into a full buffer: it is the last)
+                    self.respond(self.refusal.status, f"{self.refusal}\n".encode(), close=True)
                 else:
-                    return  # more bytes needed
+                    return  # more bytes needed, or the client to read what it was sent
         finally:
             self.reading = False
 
-    def _read_body(self, request: Request) -> None:
-        """A POST or PATCH: its body is read whole (it must say its length, within MAX_REQUEST_BODY) before
-        it is routed."""
-        self.request = request  # so that a refusal answers this request
-        length = request.headers.get("content-length", "")
-        if not length:
-            self.respond(411, b"say the body's Content-Length\n", close=True)
-        elif int(length) > MAX_REQUEST_BODY:  # h11 has checked it is a number
-            self.respond(413, f"request body over {MAX_REQUEST_BODY} bytes\n".encode(), close=True)
-        else:
-            self.request, self.reading_body = None, request
-
     def _dispatch(self, request: Request) -> None:
+        self._arm(INFINITY)
         if request.method not in ("GET", "HEAD", "OPTIONS", "DELETE", *BODY_METHODS):
             self.respond(405, b"only GET, HEAD, POST, PATCH, DELETE and OPTIONS\n",
                          [("Allow", "GET, HEAD, POST, PATCH, DELETE, OPTIONS")])
@@ -227,18 +322,21 @@ class HttpSession(asyncio.Protocol):
             self.route(self, request)
 
     def _arm(self, delay: float) -> None:
-        self._disarm()
-        self.timer = asyncio.get_running_loop().call_later(delay, self._timeout)
-
-    def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        """Time out `delay` from now (INFINITY: not at all). One timer per connection, moved lazily: a
+        request costs a number stored, not a timer made and cancelled."""
+        self.deadline = self.loop.time() + delay
+        if self.timer is None and delay != INFINITY:
+            self.timer = self.loop.call_at(self.deadline, self._timeout)
 
     def _timeout(self) -> None:
         self.timer = None
-        if self.request is None and not self.done:
-            if self.requests and self.received == 0:
+        if self.done or self.deadline == INFINITY:
+            return
+        if self.loop.time() < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._timeout)
+            return
+        if self.request is None:
+            if self.requests and not self.in_message:
                 self.done = True
                 self.transport.close()  # an idle kept-alive connection: nothing to say
             else:
@@ -251,47 +349,21 @@ class HttpSession(asyncio.Protocol):
         `close`) says otherwise."""
         if self.done or self.streaming:
             return
-        head = [SERVER, *CORS, ("Content-Length", str(len(body)))]
-        if close:
-            head.append(("Connection", "close"))
-        if headers is None or all(k.lower() != "content-type" for k, _ in headers):
-            head.append(("Content-Type", "text/plain; charset=utf-8"))
-        head += headers or []
-        head_only = self.request is not None and self.request.method == "HEAD"
-        send = self.http.send_with_data_passthrough  # the body is written as it is, never copied
-        try:
-            out = send(h11.Response(status_code=status, headers=head, reason=REASONS.get(status, b""))) or []
-            if body and not head_only:
-                out += send(h11.Data(data=body)) or []
-            out += send(h11.EndOfMessage()) or []
-        except h11.LocalProtocolError:  # no request was read (a refusal before one): answer plainly
-            close = True
-            out = [b"HTTP/1.1 %d %b\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (
-                status, REASONS.get(status, b""), len(body), body)]
-        self.transport.writelines(out)
+        request = self.request
+        close = close or request is None or not request.keep_alive
+        head_only = request is not None and request.method == "HEAD"
+        head = response_head(status, headers, len(body), close)
+        self.transport.writelines((head, body) if body and not head_only else (head,))
         self.request = None
         if self.span is not None:
             tracing.http_done(self.span, status)
             self.span = None
-        self._end_of_request()
-        if close or self.http.our_state is not h11.DONE or self.http.their_state is not h11.DONE:
+        if close:
             self.done = True
             self.transport.close()
             return
-        self.http.start_next_cycle()
-        self.received = len(self.http.trailing_data[0])
-        self._arm(self.idle_timeout if not self.received else self.request_timeout)
+        self._arm(self.request_timeout if self.in_message else self.idle_timeout)
         self._next_request()
-
-    def _end_of_request(self) -> None:
-        """Read past the rest of the answered request (h11 reports its end as an event of its own); a
-        request body that has not all arrived leaves the connection to be closed."""
-        try:
-            while self.http.their_state is h11.SEND_BODY:
-                if self.http.next_event() is h11.NEED_DATA:
-                    return
-        except h11.RemoteProtocolError:
-            return
 
     # ViewerSink: called by the stream's feed ------------------------------------------------------------
 
@@ -303,15 +375,15 @@ class HttpSession(asyncio.Protocol):
         self.streaming = True
         if self.format is WEBSOCKET_FLV:
             key = request.headers.get("sec-websocket-key", "").encode()
-            head = self.http.send(h11.InformationalResponse(status_code=101, reason=b"Switching Protocols", headers=[
-                SERVER, ("Upgrade", "websocket"), ("Connection", "Upgrade"),
-                ("Sec-WebSocket-Accept", generate_accept_token(key).decode())]))
-            self.websocket = WebSocket(ConnectionType.SERVER, trailing_data=self.http.trailing_data[0])
+            head = b"HTTP/1.1 101 Switching Protocols\r\n%b\r\n" % header_lines(
+                [SERVER, ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                 ("Sec-WebSocket-Accept", generate_accept_token(key).decode())])
+            self.websocket = WebSocket(ConnectionType.SERVER, trailing_data=self.upgrade_data)
+            self.upgrade_data = b""
         else:
-            head = self.http.send(h11.Response(status_code=200, reason=b"OK", headers=[
-                SERVER, *CORS, ("Content-Type", "video/x-flv"), ("Cache-Control", "no-cache"),
-                ("Connection", "close"), ("Transfer-Encoding", "chunked")]))
-        self.transport.write(head or b"")
+            head = response_head(200, [("Content-Type", "video/x-flv"), NO_CACHE, ("Transfer-Encoding", "chunked")],
+                                 None, close=True)
+        self.transport.write(head)
         if request.method == "HEAD":
             self.done = True
             self.transport.close()

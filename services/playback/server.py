@@ -31,7 +31,7 @@ import aiohttp
 import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
-from castmesh.media.frames import stream_key, stream_path
+from castmesh.media.frames import path_of, stream_key, stream_path
 from castmesh.media.hls import CONTAINERS
 from castmesh.mesh import tracing
 from castmesh.mesh.auth import Signer, bearer_query
@@ -49,7 +49,7 @@ from services.playback.feed import BUFFERED, BYTES_OUT, StreamFeed
 from services.playback.formats import HLS_FRAMES, HTTP_FLV, WEBRTC_FRAMES, WEBSOCKET_FLV
 from services.playback.h2 import H2Session, Negotiated
 from services.playback.hls import HlsMuxer
-from services.playback.http import HttpSession, Request
+from services.playback.http import NO_CACHE, HttpSession, Request
 from services.playback.rtmp import RtmpPlayer
 from services.playback.viewer import Viewer, ViewerSink
 from services.playback.web import ListStreams, WebPage, streams_json
@@ -62,7 +62,6 @@ WEBRTC_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0
                          r"(?:/(?P<session>[A-Za-z0-9_.~-]{1,128}))?$")
 STREAM_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})"
                          r"(?:\.(?P<ext>flv|m3u8)|/hls/(?P<muxer>[0-9a-f]{8}|ll)/(?P<file>[A-Za-z0-9_.-]{1,40}))$")
-NO_CACHE = ("Cache-Control", "no-cache")
 FORMATS = (*CONTAINERS, "llhls")  # llhls: low-latency HLS, fMP4 with partial segments
 FORWARDED = ("/api/v1/", "/healthz", "/openapi.json", "/docs")
 CACHEABLE = ("Cache-Control", "max-age=600")  # a segment's name always means the same bytes
@@ -109,6 +108,7 @@ class Playback:
         self.clients: dict[str, Viewer] = {}  # by client id: connected viewers, admitted or waiting for on_play
         self.next_client = 0
         self.muxers: dict[tuple[str, str], HlsMuxer] = {}  # (stream path, container) -> its HLS viewer
+        self.muxer_ids: dict[tuple[str, str], HlsMuxer] = {}  # the same by (stream path, muxer id), for files
         self.webrtc: dict[str, WebRtcStream] = {}  # stream path -> its packets for WHEP viewers
         self.whep_pending = 0  # offers being answered
         for protocol in PROTOCOLS:
@@ -242,7 +242,7 @@ class Playback:
         except ValueError as exc:
             session.respond(400, f"{exc}\n".encode(), [NO_CACHE])
             return
-        muxer = self.muxers.get((stream_path(stream_key(app, name)), container))
+        muxer = self.muxers.get((path_of(app, name), container))
         if muxer is None:
             muxer = self._hls_viewer(app, name, container)
 
@@ -261,9 +261,7 @@ class Playback:
                   file: str) -> None:
         if self._refused(session, request, app, name):
             return
-        path = stream_path(stream_key(app, name))
-        muxer = next((muxer for container in FORMATS
-                      if (muxer := self.muxers.get((path, container))) is not None and muxer.id == muxer_id), None)
+        muxer = self.muxer_ids.get((path_of(app, name), muxer_id))
         if muxer is None:
             session.respond(404, b"no such segment (it may have left the window)\n")
             return
@@ -283,7 +281,7 @@ class Playback:
         settings = self.settings
         muxer = HlsMuxer(feed.path, container, settings.hls_segment_ms, settings.hls_window, settings.hls_idle,
                          self._muxer_stopped, part_ms=settings.hls_part_ms)
-        self.muxers[(feed.path, container)] = muxer
+        self.muxers[(feed.path, container)] = self.muxer_ids[(feed.path, muxer.id)] = muxer
         viewer = Viewer(f"{self.node_id}.hls-{muxer.id}", HLS_FRAMES.protocol, "", muxer, {
             "app": app, "stream": name, "node": self.node_id, "protocol": HLS_FRAMES.protocol}, settings.max_lag)
         viewer.feed = feed
@@ -489,6 +487,8 @@ class Playback:
     def _muxer_stopped(self, muxer: HlsMuxer) -> None:
         if self.muxers.get((muxer.path, muxer.container)) is muxer:
             del self.muxers[(muxer.path, muxer.container)]
+        if self.muxer_ids.get((muxer.path, muxer.id)) is muxer:
+            del self.muxer_ids[(muxer.path, muxer.id)]
         viewer = muxer.viewer
         if viewer is not None and viewer.feed is not None:
             viewer.feed.remove(viewer)

@@ -87,13 +87,61 @@ def test_request_heads_are_bounded_even_when_pipelined() -> None:
         http.data_received(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n" * (MAX_REQUEST_HEAD // 20))
         assert transport.closed and b"431" in transport.data
 
-    def whole_in_one_read() -> None:  # complete, so h11's cap (for incomplete heads) does not see it
+    def whole_in_one_read() -> None:  # complete: its size is known only once it is whole
         http, transport, served = session()
         http.data_received(b"GET /live/a.flv HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 4000 + b"\r\n")
         assert transport.closed and b"431" in transport.data and served == []
 
+    def in_pieces() -> None:  # a header that never ends, a little at a time: stopped at the cap
+        http, transport, served = session()
+        http.data_received(b"GET /live/a.flv HTTP/1.1\r\nHost: x\r\nX: ")
+        sent = 0
+        while not transport.closed and sent < 10 * MAX_REQUEST_HEAD:
+            http.data_received(b"y" * 1000)
+            sent += 1000
+        assert transport.closed and b"431" in transport.data and served == []
+        assert MAX_REQUEST_HEAD < sent <= MAX_REQUEST_HEAD + 1000
+
     run(test)
     run(whole_in_one_read)
+    run(in_pieces)
+
+
+def test_malformed_requests_get_400_after_the_good_ones_before_them() -> None:
+    def test() -> None:
+        for bad in (b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n", b"GET / HTTP/1.1\r\nX: a\nb\r\n\r\n",
+                    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello on the plain port
+                    b"GET / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"):
+            http, transport, served = session(b"ok")
+            http.data_received(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n" + bad)
+            answers = transport.data.split(b"HTTP/1.1 ")[1:]
+            assert served == ["/first"] and answers[0].startswith(b"200") and answers[1].startswith(b"400")
+            assert transport.closed and len(answers) == 2
+
+    run(test)
+
+
+def test_an_upgrade_other_than_websocket_is_answered_then_closed() -> None:
+    def test() -> None:
+        http, transport, served = session(b"ok")
+        http.data_received(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\nPRI * x")
+        assert served == ["/a"] and transport.data.startswith(b"HTTP/1.1 200") and transport.closed
+
+    run(test)
+
+
+def test_response_heads_refuse_a_value_that_would_split_them() -> None:
+    import pytest
+
+    from services.playback.http import header_lines, response_head
+
+    assert header_lines([("Location", "/live/a/whep/1")]) == b"Location: /live/a/whep/1\r\n"
+    head = response_head(200, [("Content-Type", "video/mp4")], 5, close=False)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n") and b"text/plain" not in head
+    assert b"Content-Length: 5\r\n" in head and b"Connection" not in head
+    for bad in ("a\r\nSet-Cookie: x", "a\nb", "a\rb"):
+        with pytest.raises(ValueError):
+            header_lines([("Location", bad)])
 
 
 def test_hundreds_of_tiny_pipelined_requests_are_answered_without_recursion() -> None:
