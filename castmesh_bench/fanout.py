@@ -74,19 +74,20 @@ def _merged(counts: list[dict[str, int]]) -> dict[str, int]:
     return total
 
 
-def _servers(args: argparse.Namespace, host: str, server_cpus: set[int] | None, load_cpus: set[int] | None,
-             ) -> tuple[list[subprocess.Popen[bytes]], subprocess.Popen[bytes], int, int, int]:
+def start_servers(server: str, host: str, server_cpus: set[int] | None, load_cpus: set[int] | None,
+                  out: Path, merge_ms: float = 0, batch_ms: float = 0, rtmp_play: bool = False,
+                  ) -> tuple[list[subprocess.Popen[bytes]], subprocess.Popen[bytes], int, int, int]:
     """Start the server under test: (processes to stop, the measured one, RTMP publish port, HTTP port,
-    RTMP play port)."""
-    merge = ["--merge-ms", str(args.merge_ms)] if args.merge_ms else []
-    batch = ["--batch-ms", str(args.batch_ms)] if args.batch_ms else []
-    if args.server == "nginx-rtmp":
-        if args.protocol != "rtmp":
+    RTMP play port). split: relay and ingest on the load's CPUs, playback (measured) on the server's."""
+    merge = ["--merge-ms", str(merge_ms)] if merge_ms else []
+    batch = ["--batch-ms", str(batch_ms)] if batch_ms else []
+    if server == "nginx-rtmp":
+        if not rtmp_play:
             raise SystemExit("nginx-rtmp serves RTMP play only: use --protocol rtmp")
         port = free_port()
-        nginx = nginx_rtmp.start(port, Path(args.out), server_cpus)
+        nginx = nginx_rtmp.start(port, out, server_cpus)
         return [], nginx, port, 0, port
-    if args.server == "up":
+    if server == "up":
         rtmp_port, http_port = free_port(), free_port()
         up = spawn(["up", "--no-demo", "--host", host, "--rtmp-port", str(rtmp_port), "--http-port", str(http_port),
                     *merge, *batch], server_cpus, ready=b"Ctrl-C stops.")
@@ -97,8 +98,7 @@ def _servers(args: argparse.Namespace, host: str, server_cpus: set[int] | None, 
     procs.append(spawn(["serve", "ingest", "--host", host, "--rtmp-port", str(rtmp_port), "--relay", relay,
                         *batch], load_cpus))
     playback = spawn(["serve", "playback", "--host", host, "--http-port", str(http_port), "--rtmp-port",
-                      str(play_port if args.protocol == "rtmp" else 0), "--relay", relay,
-                      *merge], server_cpus)
+                      str(play_port if rtmp_play else 0), "--relay", relay, *merge], server_cpus)
     procs.append(playback)
     return procs, playback, rtmp_port, http_port, play_port
 
@@ -132,7 +132,9 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any] | None:
     total = ramp_seconds + args.seconds + (12 if args.protocol == "hls" else 3)  # HLS: first segment, settling
     clip = make_clip(Path(args.out), total + 5)
     host = "127.0.0.1"
-    procs, playback, rtmp_port, http_port, play_port = _servers(args, host, server_cpus, load_cpus)
+    procs, playback, rtmp_port, http_port, play_port = start_servers(
+        args.server, host, server_cpus, load_cpus, Path(args.out), args.merge_ms, args.batch_ms,
+        rtmp_play=args.protocol == "rtmp")
     publisher, receiver = start_in_process(clip, host, rtmp_port, total, load_cpus)
     viewers: list[Viewer | RtmpViewer] = []
     clients: list[HlsClient] = []

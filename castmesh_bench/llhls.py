@@ -1,11 +1,13 @@
 """`castmesh bench llhls`: low-latency HLS from `castmesh up`, one real 2 Mbps stream on loopback.
 
-`castmesh up` is pinned to CPU 0; the publisher (the cached 720p30 clip in real time, its own process) and
-the load to the other CPUs. Two parts, in one run:
+The measured server is pinned to CPU 0; the publisher (the cached 720p30 clip in real time, its own
+process) and the load to the other CPUs. Two parts, in one run:
 - clients: --clients LL-HLS clients in one process, each on one kept-alive HTTP/1.1 connection, doing what
   hls.js does in lowLatencyMode: a blocking playlist reload for the part the preload hint names
-  (_HLS_msn/_HLS_part), then a fetch of every part the playlist lists that it has not had. Reported: the
-  up process's CPU% of one core over --seconds, requests per second, and for every part and client how
+  (_HLS_msn/_HLS_part), then a fetch of every part the playlist lists that it has not had. The server is
+  --server split (default: relay, ingest and playback as processes; the playback process is measured, as
+  the issue's target is put) or up (`castmesh up`, every service in the measured process). Reported: the
+  measured process's CPU% of one core over --seconds, requests per second, and for every part and client how
   long after the part's publication the client had the playlist listing it and the part's bytes, where a
   part's publication is the moment the first client learned of it (so the spread across clients; the first
   client's own delay is not in it). Target: under 50% of a core at 1000 clients, no client more than two
@@ -24,10 +26,12 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from castmesh_bench.common import cpu_seconds, free_port, make_clip, pct, spawn, stop_all, wait_live
+from castmesh_bench.common import cpu_seconds, make_clip, pct, stop_all, wait_live
+from castmesh_bench.fanout import start_servers
 from castmesh_bench.rtmp_publisher import start_in_process
 from castmesh_bench.viewers import keepalive_get
 
@@ -47,6 +51,7 @@ def next_part(playlist: bytes) -> str:
     open_parts = playlist.rpartition(b"#EXTINF:")[2].count(b"#EXT-X-PART:")
     return f"&_HLS_msn={int(sequence[1]) + segments}&_HLS_part={open_parts}"
 ROOT = Path(__file__).resolve().parent.parent
+Part = Callable[[argparse.Namespace, Any, int], Awaitable[dict[str, Any]]]  # args, the server process, its HTTP port
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -56,6 +61,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, default=15, help="measured seconds per part (default 15)")
     p.add_argument("--parts", default="clients,browser", help="what to run (default clients,browser)")
     p.add_argument("--out", default="bench-out", help="where the clip is cached (default bench-out)")
+    p.add_argument("--server", choices=["split", "up"], default="split",
+                   help="the clients' server: split (the playback process measured) or up (default split)")
     p.add_argument("--no-pin", action="store_true", help="do not pin castmesh to CPU 0 and the load elsewhere")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
@@ -111,7 +118,7 @@ class LowLatencyClient:
         return status, body
 
 
-async def _clients(args: argparse.Namespace, up: Any, http_port: int, load_cpus: set[int] | None) -> dict[str, Any]:
+async def _clients(args: argparse.Namespace, server: Any, http_port: int) -> dict[str, Any]:
     first_seen: dict[bytes, float] = {}
     path = "/live/bench.m3u8?format=llhls"
     clients = [LowLatencyClient(http_port, path, first_seen) for _ in range(args.clients)]
@@ -124,9 +131,9 @@ async def _clients(args: argparse.Namespace, up: Any, http_port: int, load_cpus:
     for client in clients:
         client.measuring = True
     requests0 = sum(c.requests for c in clients)
-    cpu0, wall0, load0 = cpu_seconds(up.pid), time.monotonic(), time.process_time()
+    cpu0, wall0, load0 = cpu_seconds(server.pid), time.monotonic(), time.process_time()
     await asyncio.sleep(args.seconds)
-    cpu1, wall1, load1 = cpu_seconds(up.pid), time.monotonic(), time.process_time()
+    cpu1, wall1, load1 = cpu_seconds(server.pid), time.monotonic(), time.process_time()
     requests1 = sum(c.requests for c in clients)
     for client in clients:
         client.measuring = False
@@ -136,7 +143,8 @@ async def _clients(args: argparse.Namespace, up: Any, http_port: int, load_cpus:
     elapsed = wall1 - wall0
     return {
         "clients": args.clients,
-        "up_cpu_pct": round((cpu1 - cpu0) / elapsed * 100, 1),
+        "server": args.server,
+        "server_cpu_pct": round((cpu1 - cpu0) / elapsed * 100, 1),
         "load_generator_cpu_pct": round((load1 - load0) / elapsed * 100, 1),
         "requests_per_s": round((requests1 - requests0) / elapsed),
         "parts_measured": len(fetched),
@@ -178,22 +186,30 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     total = 30 + (args.seconds + args.clients / 500 + 15 if "clients" in parts else 0) + (
         args.seconds + 40 if "browser" in parts else 0)
     clip = make_clip(Path(args.out), total)
-    rtmp_port, http_port = free_port(), free_port()
-    up = spawn(["up", "--no-demo", "--host", HOST, "--rtmp-port", str(rtmp_port), "--http-port", str(http_port)],
-               server_cpus, ready=b"Ctrl-C stops.")
-    publisher, _ = start_in_process(clip, HOST, rtmp_port, total, load_cpus)
     result: dict[str, Any] = {}
+    if "clients" in parts:
+        result["clients"] = await _run(args, args.server, clip, total, server_cpus, load_cpus, _clients)
+    if "browser" in parts:  # the player page lists streams through the gateway: `castmesh up`
+        result["browser"] = await _run(args, "up", clip, total, server_cpus, load_cpus, _browser_part)
+    return result
+
+
+async def _browser_part(args: argparse.Namespace, server: Any, http_port: int) -> dict[str, Any]:
+    return await asyncio.to_thread(_browser, http_port, args.seconds)
+
+
+async def _run(args: argparse.Namespace, kind: str, clip: Path, total: float, server_cpus: set[int] | None,
+               load_cpus: set[int] | None, part: Part) -> dict[str, Any]:
+    """One part against a fresh server with the clip being published."""
+    procs, server, rtmp_port, http_port, _ = start_servers(kind, HOST, server_cpus, load_cpus, Path(args.out))
+    publisher, _ = start_in_process(clip, HOST, rtmp_port, total, load_cpus)
     try:
         await wait_live(HOST, http_port, "/live/bench.flv", 20)
-        if "clients" in parts:
-            result["clients"] = await _clients(args, up, http_port, load_cpus)
-        if "browser" in parts:
-            result["browser"] = await asyncio.to_thread(_browser, http_port, args.seconds)
+        return dict(await part(args, server, http_port))
     finally:
         publisher.terminate()
         publisher.join(10)
-        stop_all([up])
-    return result
+        stop_all(procs)
 
 
 def report(result: dict[str, Any], as_json: bool) -> None:

@@ -374,7 +374,7 @@ async def up(cfg: dict[str, Any]) -> int:
             if signer.enabled:
                 url += f"?{signer.query('live', 'demo', ttl=365 * 86400)}"
             demo = asyncio.get_running_loop().create_task(run_demo(url, stop))
-        await stop.wait()
+        await runtime.until_stopped(stop)
         if demo is not None:
             await demo
     finally:
@@ -467,7 +467,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
     try:
         if service == "gateway":
             await _serve_gateway(cfg, closers)
-            await stop.wait()
+            await runtime.until_stopped(stop)
             return 0  # (it registers itself as a node in _serve_gateway)
         if service == "dispatch":
             directory: Directory = InMemoryDirectory(cfg["grace_ms"] / 1000)
@@ -489,7 +489,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
                 registry.register(Node(id=f"dispatch-{port}", role=NODE_ROLE_DISPATCH, address=_advertise(cfg, port),
                                        meta={"grpc": str(port)}), NodeLoad)
             print(f"castmesh dispatch listening on {cfg['host']}:{port} (gRPC); directory {source}", flush=True)
-            await stop.wait()
+            await runtime.until_stopped(stop)
             return 0
         dispatch = None
         if cfg.get("dispatch"):
@@ -538,7 +538,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             rtmp += f", {cfg['https_port']} (HTTPS: HTTP/2, HTTP/1.1)" if cfg["tls_cert"] else ""
             print(f"castmesh playback listening on {cfg['host']}:{cfg['http_port']} (HTTP-FLV){rtmp}, "
                   f"{_peer_text(cfg)}", flush=True)
-        await stop.wait()
+        await runtime.until_stopped(stop)
     finally:
         for close in reversed(closers):
             await close()

@@ -217,7 +217,13 @@ def http_span(method: str, route: str, path: str, headers: Mapping[str, str]) ->
                  kind=trace.SpanKind.SERVER, context={key.lower(): value for key, value in headers.items()})
 
 
+def enabled() -> bool:
+    return _provider is not None
+
+
 def http_done(span: trace.Span, status: int) -> None:
+    if span is trace.INVALID_SPAN:
+        return
     span.set_attribute("http.response.status_code", status)
     if status >= 500:
         span.set_status(trace.StatusCode.ERROR)

@@ -33,6 +33,7 @@ from castmesh.media.gop import GopCache
 from castmesh.media.hls import HlsError, Segmenter
 from castmesh.mesh.logs import event
 from castmesh.proto.v1.media_pb2 import Frame
+from services.playback.feed import BYTES_OUT
 from services.playback.formats import HLS_FRAMES, start_frames
 
 if TYPE_CHECKING:
@@ -76,6 +77,9 @@ class HlsMuxer:
         self.rendered: dict[tuple[str, str, bool], bytes] = {}  # (prefix, suffix, skip): until it changes
         self.clients: OrderedDict[str, float] = OrderedDict()  # client -> last playlist request, oldest first
         self.last_request = time.monotonic()
+        # requests and bytes served since the metrics were last told (once per part or segment, and at the
+        # end: an LL-HLS client makes two requests per part, so the metrics are not touched per request)
+        self.playlists_asked = self.files_asked = self.bytes_sent = 0
         self.stopped = False
         self.ended = ""
         self.end_status = 404
@@ -100,6 +104,7 @@ class HlsMuxer:
             return
         if self.segmenter.changes == changes:
             return
+        self._count()
         self.rendered.clear()  # the playlist only changes when a part or a segment completes
         if done:
             SEGMENTS.inc(len(done))
@@ -180,6 +185,9 @@ class HlsMuxer:
             for then in self.blocked.pop(want):
                 self.refusals.pop(then, None)
                 then()
+        deadlines = self.deadlines  # those answered leave the front now, not when its deadline comes
+        while deadlines and deadlines[0][2] not in self.refusals:
+            deadlines.popleft()
 
     def _expire(self) -> None:
         """The one timer for all held requests: end those past their deadline, then sleep until the next."""
@@ -218,7 +226,7 @@ class HlsMuxer:
         self.clients[client] = now
         self.clients.move_to_end(client)
         self._forget_clients(now)
-        PLAYLIST_REQUESTS.inc()
+        self.playlists_asked += 1
         if want is not None and self.segmenter.part_ms and self.segmenter.segments and not self._has(want):
             refused = self._too_far(want)
             if refused:
@@ -271,6 +279,7 @@ class HlsMuxer:
         that is not there yet but soon will be (a preload hint names it) is answered once it is."""
         found = self.file(name)
         if found is not None:
+            self.bytes_sent += len(found[0])
             answer(200, *found)
             return
         number = name[5:-4]
@@ -280,7 +289,11 @@ class HlsMuxer:
 
                 def then() -> None:
                     found = self.file(name)
-                    answer(*((200, *found) if found is not None else (404, b"", "that part was never made")))
+                    if found is None:
+                        answer(404, b"", "that part was never made")
+                        return
+                    self.bytes_sent += len(found[0])
+                    answer(200, *found)
 
                 self._hold(want, then, lambda status, reason: answer(status, b"", reason))
                 return
@@ -289,7 +302,7 @@ class HlsMuxer:
     def file(self, name: str) -> tuple[bytes, str] | None:
         """A segment or initialization segment by name, with its Content-Type."""
         self.last_request = time.monotonic()
-        SEGMENT_REQUESTS.inc()
+        self.files_asked += 1
         stem, _, extension = name.partition(".")
         if extension == "mp4" and stem.startswith("init-") and stem[5:].isdigit():
             init = self.segmenter.inits.get(int(stem[5:]))
@@ -303,6 +316,12 @@ class HlsMuxer:
         if segment is None or segment.extension != extension:
             return None
         return segment.data, "video/mp2t" if extension == "ts" else "video/mp4"
+
+    def _count(self) -> None:
+        PLAYLIST_REQUESTS.inc(self.playlists_asked)
+        SEGMENT_REQUESTS.inc(self.files_asked)
+        BYTES_OUT.inc(self.bytes_sent)
+        self.playlists_asked = self.files_asked = self.bytes_sent = 0
 
     def watching(self) -> int:
         self._forget_clients(time.monotonic())
@@ -332,6 +351,7 @@ class HlsMuxer:
             return
         self.stopped = True
         self.idle_handle.cancel()
+        self._count()
         MUXERS.dec()
         event(log, "hls.stop", stream=self.path, muxer=self.id, reason=reason,
               segments=self.segmenter.next_sequence, dropped_frames=self.segmenter.dropped_frames)

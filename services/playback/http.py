@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING, cast
 from urllib.parse import parse_qsl
 
@@ -68,7 +68,7 @@ REASONS = {200: b"OK", 201: b"Created", 204: b"No Content", 400: b"Bad Request",
            426: b"Upgrade Required", 431: b"Request Header Fields Too Large", 502: b"Bad Gateway",
            503: b"Service Unavailable", 504: b"Gateway Timeout"}
 
-Headers = list[tuple[str, str]]
+Headers = Sequence[tuple[str, str]]
 
 
 def header_lines(headers: Headers) -> bytes:
@@ -84,26 +84,57 @@ EVERY_RESPONSE = header_lines([SERVER, *CORS])
 PLAIN_TEXT = b"Content-Type: text/plain; charset=utf-8\r\n"
 
 
+@lru_cache(maxsize=256)
+def own_lines(headers: tuple[tuple[str, str], ...]) -> bytes:
+    """A response's own header lines, with a plain-text Content-Type unless they name one. Made once per
+    set of headers: a few sets (a playlist's, a part's) answer nearly every request."""
+    own = header_lines(headers)
+    return own if b"content-type:" in own.lower() else PLAIN_TEXT + own
+
+
 def response_head(status: int, headers: Headers | None, length: int | None, close: bool) -> bytes:
     """An HTTP/1.1 response head: the headers every response has, Content-Length (unless None: a body
-    framed otherwise), Connection: close if so, a plain-text Content-Type unless `headers` name one."""
-    own = header_lines(headers) if headers else b""
-    return b"%b%b%b%b%b%b\r\n" % (
+    framed otherwise), Connection: close if so, then the response's own headers."""
+    return b"%b%b%b%b%b\r\n" % (
         STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status, EVERY_RESPONSE,
         b"Content-Length: %d\r\n" % length if length is not None else b"",
         b"Connection: close\r\n" if close else b"",
-        b"" if b"content-type:" in own.lower() else PLAIN_TEXT, own)
+        own_lines(tuple(headers)) if headers else PLAIN_TEXT)
 
 
-@dataclass(slots=True)
+METHODS = {method.encode(): method for method in ("GET", "HEAD", "POST", "PATCH", "DELETE", "OPTIONS")}
+
+
+def parse_query(query: str) -> dict[str, str]:
+    """A query string's fields (the last of a repeated name; empty values left out, as parse_qsl does).
+    Percent-encoding is decoded by parse_qsl; a query without any (an LL-HLS reload) is split directly."""
+    if "%" in query or "+" in query:
+        return dict(parse_qsl(query))
+    return {name: value for name, _, value in (field.partition("=") for field in query.split("&")) if value}
+
+
 class Request:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]  # names in lower case
-    body: bytes = b""  # POST and PATCH only, whole
-    keep_alive: bool = True  # HTTP/1.1 without Connection: close
-    size: int = 0  # on the wire (head and body)
+    """A request as the router sees it. Its headers (names in lower case) are decoded when first asked
+    for: an LL-HLS request never asks."""
+
+    __slots__ = ("body", "decoded", "keep_alive", "method", "path", "query", "raw_headers", "size")
+
+    def __init__(self, method: str, path: str, query: dict[str, str], headers: dict[str, str] | None = None,
+                 body: bytes = b"", raw_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.decoded = headers
+        self.raw_headers = raw_headers or []
+        self.body = body  # POST and PATCH only, whole
+        self.keep_alive = True  # HTTP/1.1 without Connection: close
+        self.size = 0  # on the wire (head and body)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.decoded is None:
+            self.decoded = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self.raw_headers}
+        return self.decoded
 
     @property
     def websocket(self) -> bool:
@@ -158,7 +189,8 @@ class HttpSession(asyncio.Protocol):
         self.in_head = False
         self.url = b""
         self.header_list: list[tuple[bytes, bytes]] = []
-        self.head_size = 0
+        self.head_size = 0  # its URL and header lines so far, as the parser has passed them on
+        self.partial = 0  # what the parser holds of a line not finished yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
@@ -198,8 +230,6 @@ class HttpSession(asyncio.Protocol):
         if self.upgraded:
             self._after_upgrade(data)
             return
-        if self.in_head:
-            self.head_size += len(data)  # a head arriving in pieces: counted as it comes (the parser buffers it)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -210,8 +240,11 @@ class HttpSession(asyncio.Protocol):
             self.refusal = cause if isinstance(cause, Refusal) else Refusal(400, f"bad request: {cause}")
         except httptools.HttpParserError as exc:
             self.refusal = Refusal(400, f"bad request: {exc}")
-        if self.in_head and self.head_size > MAX_REQUEST_HEAD and self.refusal is None:
-            self.refusal = Refusal(431, f"request head over {MAX_REQUEST_HEAD} bytes")
+        if self.in_head:  # a head arriving in pieces: the parser holds its unfinished line (after the last LF)
+            newline = data.rfind(b"\n")
+            self.partial = len(data) - newline - 1 if newline >= 0 else self.partial + len(data)
+            if self.head_size + self.partial > MAX_REQUEST_HEAD and self.refusal is None:
+                self.refusal = Refusal(431, f"request head over {MAX_REQUEST_HEAD} bytes")
         limit = MAX_REQUEST_HEAD + (MAX_REQUEST_BODY if any(r.body for r in self.queue) or (
             self.incoming is not None and self.incoming.method in BODY_METHODS) else 0)
         if self.queued > limit and self.refusal is None:
@@ -228,7 +261,7 @@ class HttpSession(asyncio.Protocol):
         self.in_message = self.in_head = True
         self.url = b""
         self.header_list = []
-        self.head_size = 0
+        self.head_size = self.partial = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -240,14 +273,14 @@ class HttpSession(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        method = self.parser.get_method().decode("ascii", "replace")
-        size = len(method) + len(self.url) + 13 + sum(len(k) + len(v) + 4 for k, v in self.header_list)
+        raw_method = self.parser.get_method()
+        method = METHODS.get(raw_method) or raw_method.decode("ascii", "replace")
+        size = self.head_size + len(method) + 13  # the URL and the header lines, the rest of the request line
         if size > MAX_REQUEST_HEAD:
             raise Refusal(431, f"request head over {MAX_REQUEST_HEAD} bytes")
         path, _, query = self.url.decode("ascii", "replace").partition("?")
-        request = self.incoming = Request(method, path, dict(parse_qsl(query)) if query else {},
-                                          {k.decode("latin-1").lower(): v.decode("latin-1")
-                                           for k, v in self.header_list})
+        request = self.incoming = Request(method, path, parse_query(query) if query else {},
+                                          raw_headers=self.header_list)
         request.keep_alive = self.parser.should_keep_alive()
         request.size = size
         if method in BODY_METHODS:
@@ -314,7 +347,7 @@ class HttpSession(asyncio.Protocol):
             self.reading = False
 
     def _dispatch(self, request: Request) -> None:
-        self._arm(INFINITY)
+        self.deadline = INFINITY  # no timeout while it is answered (a blocking reload, a stream)
         if request.method not in ("GET", "HEAD", "OPTIONS", "DELETE", *BODY_METHODS):
             self.respond(405, b"only GET, HEAD, POST, PATCH, DELETE and OPTIONS\n",
                          [("Allow", "GET, HEAD, POST, PATCH, DELETE, OPTIONS")])

@@ -29,6 +29,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 import grpc
+from opentelemetry.trace import Span
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 from castmesh.media.frames import path_of, stream_key, stream_path
@@ -45,7 +46,7 @@ from castmesh.mesh.sessions import problem as sessions_problem
 from castmesh.mesh.subscription import Locate
 from castmesh.mesh.tracing import SessionSpan
 from castmesh.webrtc.settings import IceSettings, OfferError
-from services.playback.feed import BUFFERED, BYTES_OUT, StreamFeed
+from services.playback.feed import BUFFERED, StreamFeed
 from services.playback.formats import HLS_FRAMES, HTTP_FLV, WEBRTC_FRAMES, WEBSOCKET_FLV
 from services.playback.h2 import H2Session, Negotiated
 from services.playback.hls import HlsMuxer
@@ -205,12 +206,11 @@ class Playback:
         elif match["ext"] == "flv":
             self._flv(session, request, match["app"], match["stream"])
         elif match["ext"] == "m3u8":
-            session.span = tracing.http_span(request.method, "/{app}/{stream}.m3u8", request.path, request.headers)
+            session.span = http_span(request, "/{app}/{stream}.m3u8")
             with tracing.current(session.span):  # the first playlist request starts the stream's feed
                 self._playlist(session, request, match["app"], match["stream"])
         else:
-            session.span = tracing.http_span(request.method, "/{app}/{stream}/hls/{muxer}/{segment}", request.path,
-                                             request.headers)
+            session.span = http_span(request, "/{app}/{stream}/hls/{muxer}/{segment}")
             self._hls_file(session, request, match["app"], match["stream"], match["muxer"], match["file"])
 
     def _refused(self, session: HttpSession, request: Request, app: str, name: str) -> bool:
@@ -268,8 +268,7 @@ class Playback:
 
         def answer(status: int, data: bytes, detail: str) -> None:
             if status == 200:
-                BYTES_OUT.inc(len(data))
-                session.respond(200, data, [("Content-Type", detail), CACHEABLE])
+                session.respond(200, data, (("Content-Type", detail), CACHEABLE))
             else:
                 session.respond(status, f"{detail}\n".encode(), [NO_CACHE])
 
@@ -294,7 +293,7 @@ class Playback:
         if request.method == "OPTIONS":
             session.respond(204, b"", [("Accept-Post", "application/sdp"), WHEP_METHODS])
         elif client_id is None and request.method == "POST":
-            session.span = tracing.http_span("POST", "/{app}/{stream}/whep", request.path, request.headers)
+            session.span = http_span(request, "/{app}/{stream}/whep")
             self._spawn(self._whep_offer(session, request, app, name))
         elif client_id is not None and request.method == "DELETE":
             viewer = self.clients.get(client_id)
@@ -578,6 +577,11 @@ def problem(session: HttpSession, status: int, detail: str, headers: list[tuple[
     """An RFC 9457 problem for WHEP's and WHIP's clients (and people reading them)."""
     reply = sessions_problem(status, detail, *(headers or []))
     session.respond(reply.status, reply.body, reply.headers)
+
+
+def http_span(request: Request, route: str) -> Span | None:
+    """A request's server span; None with tracing off (then an HLS request decodes none of its headers)."""
+    return tracing.http_span(request.method, route, request.path, request.headers) if tracing.enabled() else None
 
 
 def _blocking_reload(query: dict[str, str]) -> tuple[int, int] | None:

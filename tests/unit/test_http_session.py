@@ -212,3 +212,20 @@ def test_a_body_that_stops_arriving_times_out() -> None:
         return transport.data
 
     assert b"HTTP/1.1 408" in asyncio.run(main())
+
+
+def test_queries_read_as_parse_qsl_reads_them() -> None:
+    """parse_query splits a plain query itself (the LL-HLS hot path) and must agree with parse_qsl."""
+    import random
+    from urllib.parse import parse_qsl
+
+    from services.playback.http import parse_query
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        query = "".join(rng.choice("ab=&%2+_x") for _ in range(rng.randrange(0, 12)))
+        try:
+            expected = dict(parse_qsl(query))
+        except ValueError:
+            continue
+        assert parse_query(query) == expected, query
