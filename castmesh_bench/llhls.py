@@ -30,10 +30,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httptools
+
 from castmesh_bench.common import cpu_seconds, make_clip, pct, stop_all, wait_live
 from castmesh_bench.fanout import start_servers
 from castmesh_bench.rtmp_publisher import start_in_process
-from castmesh_bench.viewers import keepalive_get
 
 HOST = "127.0.0.1"
 PART = re.compile(rb'#EXT-X-PART:DURATION=[\d.]+,URI="([^"]+)"')
@@ -67,65 +68,101 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
-class LowLatencyClient:
-    """One client following the live edge part by part, as hls.js does."""
+class LowLatencyClient(asyncio.Protocol):
+    """One client following the live edge part by part, as hls.js does, on one kept-alive connection. A
+    protocol on httptools' response parser rather than a coroutine on a StreamReader: a thousand of them
+    share the load generator's one core, and its own delays would read as the server's."""
 
-    def __init__(self, port: int, path: str, first_seen: dict[bytes, float]) -> None:
-        self.port, self.path = port, path
+    def __init__(self, path: str, first_seen: dict[bytes, float], until: float) -> None:
+        self.path = path
         self.first_seen = first_seen
+        self.until = until
         self.listed: list[float] = []  # per new part: receipt of the playlist listing it minus its publication
         self.fetched: list[float] = []  # ... of the part's bytes
         self.requests = self.errors = 0
         self.measuring = False
+        self.known: set[bytes] = set()
+        self.want = ""  # the blocking-reload query for the next part
+        self.parts: list[bytes] = []  # listed, not fetched yet
+        self.asked: bytes | None = None  # the part being fetched; None: the playlist
+        self.body: list[bytes] = []
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.done = asyncio.get_running_loop().create_future()
 
-    async def run(self, until: float) -> None:
-        try:
-            reader, writer = await asyncio.open_connection(HOST, self.port)
-        except OSError:
-            self.errors += 1
-            return
-        known: set[bytes] = set()
-        want = ""
-        try:
-            while time.monotonic() < until:
-                status, body = await self._get(reader, writer, self.path + want)
-                now = time.monotonic()
-                if status != 200:
-                    self.errors += status not in (503, 404) or self.measuring
-                    want = ""
-                    await asyncio.sleep(0.2)
-                    continue
-                new = [uri for uri in PART.findall(body) if uri not in known]
-                for uri in new:
-                    published = self.first_seen.setdefault(uri, now)
-                    if self.measuring and known:
-                        self.listed.append(now - published)
-                for uri in new[-3:] if not known else new:  # a joining client starts near the edge
-                    part_status, _ = await self._get(reader, writer, "/live/" + uri.decode())
-                    if self.measuring and known:
-                        self.fetched.append(time.monotonic() - self.first_seen[uri])
-                    self.errors += part_status != 200
-                known.update(new)
-                want = next_part(body)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
-            self.errors += 1
-        finally:
-            writer.close()
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._next()
 
-    async def _get(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> tuple[int, bytes]:
-        status, _, body = await keepalive_get(reader, writer, HOST, path)
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.errors += 1
+            self._close()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        status, body, self.body = self.parser.get_status_code(), b"".join(self.body), []
+        now = time.monotonic()
         self.requests += 1
-        return status, body
+        if self.asked is not None:  # a part
+            if self.measuring and self.known:
+                self.fetched.append(now - self.first_seen[self.asked])
+            self.errors += status != 200
+            self.known.add(self.asked)
+        elif status != 200:
+            self.errors += status not in (503, 404) or self.measuring
+            self.want = ""
+            asyncio.get_running_loop().call_later(0.2, self._next)
+            return
+        else:
+            new = [uri for uri in PART.findall(body) if uri not in self.known]
+            for uri in new:
+                published = self.first_seen.setdefault(uri, now)
+                if self.measuring and self.known:
+                    self.listed.append(now - published)
+            self.parts = new[-3:] if not self.known else new  # a joining client starts near the edge
+            if not self.known:
+                self.known.update(new[:-3])
+            self.want = next_part(body)
+        self._next()
+
+    def _next(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if time.monotonic() >= self.until:
+            self._close()
+            return
+        self.asked = self.parts.pop(0) if self.parts else None
+        path = self.path + self.want if self.asked is None else "/live/" + self.asked.decode()
+        self.transport.write(b"GET %b HTTP/1.1\r\nHost: %b\r\n\r\n" % (path.encode(), HOST.encode()))
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 async def _clients(args: argparse.Namespace, server: Any, http_port: int) -> dict[str, Any]:
     first_seen: dict[bytes, float] = {}
     path = "/live/bench.m3u8?format=llhls"
-    clients = [LowLatencyClient(http_port, path, first_seen) for _ in range(args.clients)]
     until = time.monotonic() + args.clients / 500 + 8 + args.seconds
-    tasks = []
-    for client in clients:
-        tasks.append(asyncio.get_running_loop().create_task(client.run(until)))
+    loop = asyncio.get_running_loop()
+    clients: list[LowLatencyClient] = []
+    for _ in range(args.clients):
+        client = LowLatencyClient(path, first_seen, until)
+        try:
+            await loop.create_connection(lambda: client, HOST, http_port)  # noqa: B023 (awaited here)
+        except OSError:
+            client.errors += 1
+            client.done.set_result(None)
+        clients.append(client)
         await asyncio.sleep(0.002)
     await asyncio.sleep(5)  # every client is following the edge
     for client in clients:
@@ -137,7 +174,7 @@ async def _clients(args: argparse.Namespace, server: Any, http_port: int) -> dic
     requests1 = sum(c.requests for c in clients)
     for client in clients:
         client.measuring = False
-    await asyncio.gather(*tasks)
+    await asyncio.gather(*(client.done for client in clients))
     listed = [d * 1000 for c in clients for d in c.listed]
     fetched = [d * 1000 for c in clients for d in c.fetched]
     elapsed = wall1 - wall0

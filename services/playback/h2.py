@@ -34,7 +34,16 @@ from castmesh.mesh import tracing
 from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.logs import event
 from services.playback.formats import H2_FLV, OutputFormat
-from services.playback.http import BODY_METHODS, CORS, MAX_REQUEST_BODY, MAX_REQUEST_HEAD, Headers, Request, Router
+from services.playback.http import (
+    BODY_METHODS,
+    CORS,
+    MAX_REQUEST_BODY,
+    MAX_REQUEST_HEAD,
+    SERVED_METHODS,
+    Headers,
+    Request,
+    Router,
+)
 
 if TYPE_CHECKING:
     from services.playback.viewer import Viewer
@@ -221,7 +230,7 @@ class H2Stream:
     def dispatch(self) -> None:
         self.routed = True
         assert self.request is not None
-        if self.request.method not in ("GET", "HEAD", "OPTIONS", "DELETE", *BODY_METHODS):
+        if self.request.method not in SERVED_METHODS:
             self.respond(405, b"only GET, HEAD, POST, PATCH, DELETE and OPTIONS\n",
                          [("Allow", "GET, HEAD, POST, PATCH, DELETE, OPTIONS")])
         else:

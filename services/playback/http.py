@@ -50,6 +50,7 @@ IDLE_TIMEOUT = 60.0  # a kept-alive connection with no request for this long is 
 MAX_REQUEST_HEAD = 16 * 1024
 MAX_REQUEST_BODY = 64 * 1024  # an SDP offer is a few KiB
 BODY_METHODS = ("POST", "PATCH")
+SERVED_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "DELETE", *BODY_METHODS))
 MAX_WEBSOCKET_INPUT = 64 * 1024  # what a viewer may send between two reads of it
 INFINITY = float("inf")
 CORS = [
@@ -90,6 +91,12 @@ def own_lines(headers: tuple[tuple[str, str], ...]) -> bytes:
     set of headers: a few sets (a playlist's, a part's) answer nearly every request."""
     own = header_lines(headers)
     return own if b"content-type:" in own.lower() else PLAIN_TEXT + own
+
+
+@lru_cache(maxsize=1024)
+def cached_head(status: int, headers: tuple[tuple[str, str], ...], length: int, close: bool) -> bytes:
+    """The head of a response many clients get alike (a playlist, a part): made once."""
+    return response_head(status, headers, length, close)
 
 
 def response_head(status: int, headers: Headers | None, length: int | None, close: bool) -> bytes:
@@ -348,7 +355,7 @@ class HttpSession(asyncio.Protocol):
 
     def _dispatch(self, request: Request) -> None:
         self.deadline = INFINITY  # no timeout while it is answered (a blocking reload, a stream)
-        if request.method not in ("GET", "HEAD", "OPTIONS", "DELETE", *BODY_METHODS):
+        if request.method not in SERVED_METHODS:
             self.respond(405, b"only GET, HEAD, POST, PATCH, DELETE and OPTIONS\n",
                          [("Allow", "GET, HEAD, POST, PATCH, DELETE, OPTIONS")])
         else:
@@ -385,7 +392,8 @@ class HttpSession(asyncio.Protocol):
         request = self.request
         close = close or request is None or not request.keep_alive
         head_only = request is not None and request.method == "HEAD"
-        head = response_head(status, headers, len(body), close)
+        head = (cached_head(status, headers, len(body), close) if type(headers) is tuple
+                else response_head(status, headers, len(body), close))
         self.transport.writelines((head, body) if body and not head_only else (head,))
         self.request = None
         if self.span is not None:

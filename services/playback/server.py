@@ -69,6 +69,8 @@ CACHEABLE = ("Cache-Control", "max-age=600")  # a segment's name always means th
 log = logging.getLogger("castmesh.playback")
 PROTOCOLS = (HTTP_FLV.protocol, WEBSOCKET_FLV.protocol, "rtmp", HLS_FRAMES.protocol, WEBRTC_FRAMES.protocol)
 WHEP_METHODS = ("Allow", "POST, DELETE, OPTIONS")
+READS = frozenset(("GET", "HEAD"))
+PLAYLIST_HEADERS = (("Content-Type", "application/vnd.apple.mpegurl"), NO_CACHE)  # a tuple: its head is cached
 
 VIEWERS = Gauge("castmesh_playback_viewers", "Viewers by protocol (HLS: clients that fetched lately)", ["protocol"])
 TRANSCODERS = Gauge("castmesh_playback_webrtc_transcoders", "Streams whose AAC is transcoded to Opus for WebRTC")
@@ -168,6 +170,22 @@ class Playback:
         self.forward_base = base
 
     def route(self, session: HttpSession, request: Request) -> None:
+        match = STREAM_PATH.match(request.path) if request.method in READS else None
+        if match is None:
+            self._route_other(session, request)
+        elif match["ext"] == "flv":
+            self._flv(session, request, match["app"], match["stream"])
+        elif match["ext"] == "m3u8":
+            session.span = http_span(request, "/{app}/{stream}.m3u8")
+            with tracing.current(session.span):  # the first playlist request starts the stream's feed
+                self._playlist(session, request, match["app"], match["stream"])
+        else:
+            session.span = http_span(request, "/{app}/{stream}/hls/{muxer}/{segment}")
+            self._hls_file(session, request, match["app"], match["stream"], match["muxer"], match["file"])
+
+    def _route_other(self, session: HttpSession, request: Request) -> None:
+        """Anything but a GET of a stream: the gateway's API (in `castmesh up`), WHEP and WHIP, the page,
+        /metrics."""
         if self.forward_base and request.path.startswith(FORWARDED):
             self._spawn(self._forward(session, request))
             return
@@ -200,18 +218,7 @@ class Playback:
             status, body, content_type = page
             session.respond(status, body, [("Content-Type", content_type), NO_CACHE])
             return
-        match = STREAM_PATH.match(request.path)
-        if match is None:
-            session.respond(404, b"no such path; streams are at /{app}/{stream}.flv or .m3u8\n")
-        elif match["ext"] == "flv":
-            self._flv(session, request, match["app"], match["stream"])
-        elif match["ext"] == "m3u8":
-            session.span = http_span(request, "/{app}/{stream}.m3u8")
-            with tracing.current(session.span):  # the first playlist request starts the stream's feed
-                self._playlist(session, request, match["app"], match["stream"])
-        else:
-            session.span = http_span(request, "/{app}/{stream}/hls/{muxer}/{segment}")
-            self._hls_file(session, request, match["app"], match["stream"], match["muxer"], match["file"])
+        session.respond(404, b"no such path; streams are at /{app}/{stream}.flv or .m3u8\n")
 
     def _refused(self, session: HttpSession, request: Request, app: str, name: str) -> bool:
         refused = self.signer.refuse(app, name, request.query)
@@ -248,7 +255,7 @@ class Playback:
 
         def answer(status: int, body: bytes, reason: str) -> None:
             if status == 200:
-                session.respond(200, body, [("Content-Type", "application/vnd.apple.mpegurl"), NO_CACHE])
+                session.respond(200, body, PLAYLIST_HEADERS)
             else:
                 session.respond(status, f"{reason}\n".encode(), [NO_CACHE])
 
