@@ -40,6 +40,7 @@ from castmesh.proto.v1.media_pb2 import Frame
 
 CONTAINERS = ("auto", "ts", "fmp4")
 MAX_SEGMENT_BYTES = 64 << 20
+MAX_DATE_DRIFT = 0.5  # seconds: past this between ingest's clock and the media's, segment dates re-anchor
 NAL_CODECS = ("avc1", "hvc1")
 
 
@@ -209,6 +210,7 @@ class Segmenter:
         self.fragments = 0  # moof sequence numbers, for parts
         self.changes = 0  # parts and segments completed: what blocking requests wait on
         self.ingest_time = 0.0  # of the frame being taken (seconds since the epoch)
+        self.date_anchor: tuple[float, int] | None = None  # (ingest time, media timestamp) segments are dated from
         self.intervals: deque[int] = deque(maxlen=8)  # recent gaps between frames of the pacing track
         self.last_clock = -1
         if self.part_ms and self.container == "ts":
@@ -366,9 +368,23 @@ class Segmenter:
             self.inits[self.init_version] = container.init
             for version in [v for v in self.inits if v < self.init_version and not self._needs(v)]:
                 del self.inits[version]
-        self.open = _Open(self.next_sequence, ts, container, discontinuity, self.init_version, self.ingest_time,
-                          part_start=ts)
+        self.open = _Open(self.next_sequence, ts, container, discontinuity, self.init_version,
+                          self._date(ts, discontinuity), part_start=ts)
         self.next_sequence += 1
+
+    def _date(self, ts: int, discontinuity: bool) -> float:
+        """When ingest received the frame at `ts`, on one line through the stream: anchored at the first
+        segment (again after a discontinuity, or when ingest's clock and the media's part by more than
+        MAX_DATE_DRIFT), so that consecutive segments' dates differ by their durations exactly. Dating each
+        segment by its own first frame's arrival carried arrival jitter into the dates, and hls.js, which
+        aligns playlist reloads by them, shifted its whole timeline by a millisecond or two at such reloads."""
+        anchor = self.date_anchor
+        if anchor is not None and not discontinuity:
+            date = anchor[0] + (ts - anchor[1]) / 1000
+            if abs(date - self.ingest_time) <= MAX_DATE_DRIFT:
+                return date
+        self.date_anchor = (self.ingest_time, ts)
+        return self.ingest_time
 
     def _needs(self, version: int) -> bool:
         return any(s.init == version for s in self.segments)

@@ -166,3 +166,39 @@ def test_a_reload_for_the_next_segments_first_parts_is_held_not_refused() -> Non
         return got
 
     assert asyncio.run(scenario())[:2] == [200, 200]
+
+
+def test_segment_dates_follow_the_media_not_each_arrival() -> None:
+    """EXT-X-PROGRAM-DATE-TIME: consecutive segments differ by their durations exactly, whatever jitter
+    the frames arrived with; a jump of ingest's clock past MAX_DATE_DRIFT re-anchors the dates."""
+    import random
+    import re
+    from itertools import pairwise
+
+    from castmesh.media.hls import MAX_DATE_DRIFT
+
+    rng = random.Random(3)
+    seg = Segmenter("fmp4", target_ms=1000, window=20, part_ms=200)
+    frames = config_frames() + stream(6.0)
+    for frame in frames:  # arrivals jitter by up to 40 ms around the media's clock
+        frame.ingest_time_us = 1_700_000_000_000_000 + frame.timestamp * 1000 + rng.randrange(0, 40_000)
+    seg.push(frames)
+    dated = [(s.started_at, s.duration) for s in seg.segments]
+    assert len(dated) >= 4
+    for (start, duration), (following, _) in pairwise(dated):
+        assert abs(following - (start + duration)) < 1e-6
+    text = seg.playlist("")
+    assert len(re.findall("PROGRAM-DATE-TIME", text)) >= 4
+
+    later = stream(2.0, start=6000)
+    for frame in later:  # ingest's clock jumps a second ahead of the media's
+        frame.ingest_time_us = 1_700_000_000_000_000 + (frame.timestamp + 1000) * 1000
+    seg.push(later)
+    last = seg.segments[-1]
+    assert abs(last.started_at - (1_700_000_000 + 1.0 + last_start_ms(seg) / 1000)) < MAX_DATE_DRIFT
+
+
+def last_start_ms(seg: Segmenter) -> int:
+    """The media timestamp (ms) the last complete segment starts at."""
+    total = sum(s.duration for s in list(seg.segments)[:-1])
+    return round(total * 1000)
