@@ -198,6 +198,7 @@ class HttpSession(asyncio.Protocol):
         self.header_list: list[tuple[bytes, bytes]] = []
         self.head_size = 0  # its URL and header lines so far, as the parser has passed them on
         self.partial = 0  # what the parser holds of a line not finished yet
+        self.url_in_read = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
@@ -237,6 +238,7 @@ class HttpSession(asyncio.Protocol):
         if self.upgraded:
             self._after_upgrade(data)
             return
+        self.url_in_read = 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -247,9 +249,10 @@ class HttpSession(asyncio.Protocol):
             self.refusal = cause if isinstance(cause, Refusal) else Refusal(400, f"bad request: {cause}")
         except httptools.HttpParserError as exc:
             self.refusal = Refusal(400, f"bad request: {exc}")
-        if self.in_head:  # a head arriving in pieces: the parser holds its unfinished line (after the last LF)
-            newline = data.rfind(b"\n")
-            self.partial = len(data) - newline - 1 if newline >= 0 else self.partial + len(data)
+        if self.in_head:  # a head arriving in pieces: the parser holds its unfinished line (after the last LF;
+            newline = data.rfind(b"\n")  # URL bytes are passed on as they come, and counted as such)
+            after = len(data) - newline - 1 if newline >= 0 else self.partial + len(data)
+            self.partial = max(0, after - self.url_in_read)
             if self.head_size + self.partial > MAX_REQUEST_HEAD and self.refusal is None:
                 self.refusal = Refusal(431, f"request head over {MAX_REQUEST_HEAD} bytes")
         limit = MAX_REQUEST_HEAD + (MAX_REQUEST_BODY if any(r.body for r in self.queue) or (
@@ -273,6 +276,7 @@ class HttpSession(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self.url += url
         self.head_size += len(url)
+        self.url_in_read += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_list.append((name, value))

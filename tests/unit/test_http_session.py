@@ -102,9 +102,18 @@ def test_request_heads_are_bounded_even_when_pipelined() -> None:
         assert transport.closed and b"431" in transport.data and served == []
         assert MAX_REQUEST_HEAD < sent <= MAX_REQUEST_HEAD + 1000
 
+    def long_but_within() -> None:  # a 12 KiB URL and a 3 KiB header, in reads cut anywhere: served
+        request = (b"GET /live/a.m3u8?x=" + b"u" * 12_000 + b" HTTP/1.1\r\nHost: x\r\nX: " + b"v" * 3000 + b"\r\n\r\n")
+        for step in (700, 5000, 9000):
+            http, transport, served = session()
+            for at in range(0, len(request), step):
+                http.data_received(request[at:at + step])
+            assert served == ["/live/a.m3u8"] and not transport.closed, step
+
     run(test)
     run(whole_in_one_read)
     run(in_pieces)
+    run(long_but_within)
 
 
 def test_malformed_requests_get_400_after_the_good_ones_before_them() -> None:
