@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from castmesh.media.frames import AUDIO, VIDEO, make_frame
 from castmesh.media.hls import Segmenter
+from tests.fuzz.damage import BASIC, damage
 from tests.unit.test_hls_muxing import config_frames, stream
 
 SEEDS = [(f.kind, f.payload) for f in config_frames() + stream(1.0, gop_ms=200)]
@@ -23,14 +24,7 @@ def damaged_frames(draw: st.DrawFn) -> list[tuple[int, int, bytes]]:
             if not data:
                 break
             pos = draw(st.integers(0, len(data) - 1))
-            action = draw(st.sampled_from(["flip", "truncate", "insert", "enhanced"]))
-            if action == "flip":
-                data[pos] ^= 1 << draw(st.integers(0, 7))
-            elif action == "truncate":
-                del data[pos:]
-            elif action == "insert":
-                data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
-            else:
+            if not damage(draw, data, draw(st.sampled_from([*BASIC, "enhanced"])), pos):
                 data[0:1] = bytes((0x80 | draw(st.integers(0, 0x7F)),)) + draw(st.sampled_from(
                     [b"hvc1", b"av01", b"avc1", b"vp09", b"xxxx"]))
         frames.append((kind, index * draw(st.integers(0, 400)), bytes(data)))

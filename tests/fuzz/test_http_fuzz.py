@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.playback.http import MAX_REQUEST_BODY, MAX_REQUEST_HEAD, MAX_WEBSOCKET_INPUT, HttpSession, Request
+from tests.fuzz.damage import BASIC, damage
 from tests.unit.test_http_session import Transport
 
 SEEDS = [
@@ -30,17 +31,11 @@ def damaged_stream(draw: st.DrawFn) -> tuple[bytes, list[int]]:
     data = bytearray(b"".join(SEEDS[draw(st.integers(0, len(SEEDS) - 1))] for _ in range(draw(st.integers(1, 6)))))
     for _ in range(draw(st.integers(0, 6))):
         pos = draw(st.integers(0, len(data) - 1))
-        action = draw(st.sampled_from(["flip", "truncate", "insert", "repeat"]))
-        if action == "flip":
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif action == "truncate":
-            del data[pos:]
-            if not data:
-                data = bytearray(b"G")
-        elif action == "insert":
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
-        else:  # a long header value or URL: the head limit
+        if not damage(draw, data, draw(st.sampled_from([*BASIC, "repeat"])), pos, max_insert=16):
+            # a long header value or URL: the head limit
             data[pos:pos] = bytes((draw(st.sampled_from(b"aX:/ ")),)) * draw(st.integers(100, 3 * MAX_REQUEST_HEAD))
+        if not data:
+            data = bytearray(b"G")
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=8)))
     return bytes(data), cuts
 
