@@ -1,4 +1,4 @@
-"""`castmesh bench llhls`: low-latency HLS from `castmesh up`, one real 2 Mbps stream on loopback.
+"""`castmesh bench llhls`: low-latency HLS, one real 2 Mbps stream on loopback.
 
 The measured server is pinned to CPU 0; the publisher (the cached 720p30 clip in real time, its own
 process) and the load to the other CPUs. Two parts, in one run:
@@ -40,6 +40,8 @@ HOST = "127.0.0.1"
 PART = re.compile(rb'#EXT-X-PART:DURATION=[\d.]+,URI="([^"]+)"')
 SEQUENCE = re.compile(rb"#EXT-X-MEDIA-SEQUENCE:(\d+)")
 SKIPPED = re.compile(rb"#EXT-X-SKIP:SKIPPED-SEGMENTS=(\d+)")
+ROOT = Path(__file__).resolve().parent.parent
+BenchPart = Callable[[argparse.Namespace, Any, int], Awaitable[dict[str, Any]]]  # args, the server, its HTTP port
 
 
 def next_part(playlist: bytes) -> str:
@@ -51,8 +53,6 @@ def next_part(playlist: bytes) -> str:
     segments = playlist.count(b"#EXTINF:") + (int(skipped[1]) if skipped else 0)
     open_parts = playlist.rpartition(b"#EXTINF:")[2].count(b"#EXT-X-PART:")
     return f"&_HLS_msn={int(sequence[1]) + segments}&_HLS_part={open_parts}"
-ROOT = Path(__file__).resolve().parent.parent
-Part = Callable[[argparse.Namespace, Any, int], Awaitable[dict[str, Any]]]  # args, the server process, its HTTP port
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -236,7 +236,7 @@ async def _browser_part(args: argparse.Namespace, server: Any, http_port: int) -
 
 
 async def _run(args: argparse.Namespace, kind: str, clip: Path, total: float, server_cpus: set[int] | None,
-               load_cpus: set[int] | None, part: Part) -> dict[str, Any]:
+               load_cpus: set[int] | None, part: BenchPart) -> dict[str, Any]:
     """One part against a fresh server with the clip being published."""
     procs, server, rtmp_port, http_port, _ = start_servers(kind, HOST, server_cpus, load_cpus, Path(args.out))
     publisher, _ = start_in_process(clip, HOST, rtmp_port, total, load_cpus)

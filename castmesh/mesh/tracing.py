@@ -222,8 +222,6 @@ def enabled() -> bool:
 
 
 def http_done(span: trace.Span, status: int) -> None:
-    if span is trace.INVALID_SPAN:
-        return
     span.set_attribute("http.response.status_code", status)
     if status >= 500:
         span.set_status(trace.StatusCode.ERROR)

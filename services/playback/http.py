@@ -93,12 +93,6 @@ def own_lines(headers: tuple[tuple[str, str], ...]) -> bytes:
     return own if b"content-type:" in own.lower() else PLAIN_TEXT + own
 
 
-@lru_cache(maxsize=1024)
-def cached_head(status: int, headers: tuple[tuple[str, str], ...], length: int, close: bool) -> bytes:
-    """The head of a response many clients get alike (a playlist, a part): made once."""
-    return response_head(status, headers, length, close)
-
-
 def response_head(status: int, headers: Headers | None, length: int | None, close: bool) -> bytes:
     """An HTTP/1.1 response head: the headers every response has, Content-Length (unless None: a body
     framed otherwise), Connection: close if so, then the response's own headers."""
@@ -396,8 +390,7 @@ class HttpSession(asyncio.Protocol):
         request = self.request
         close = close or request is None or not request.keep_alive
         head_only = request is not None and request.method == "HEAD"
-        head = (cached_head(status, headers, len(body), close) if type(headers) is tuple
-                else response_head(status, headers, len(body), close))
+        head = response_head(status, headers, len(body), close)
         self.transport.writelines((head, body) if body and not head_only else (head,))
         self.request = None
         if self.span is not None:

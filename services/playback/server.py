@@ -70,7 +70,7 @@ log = logging.getLogger("castmesh.playback")
 PROTOCOLS = (HTTP_FLV.protocol, WEBSOCKET_FLV.protocol, "rtmp", HLS_FRAMES.protocol, WEBRTC_FRAMES.protocol)
 WHEP_METHODS = ("Allow", "POST, DELETE, OPTIONS")
 READS = frozenset(("GET", "HEAD"))
-PLAYLIST_HEADERS = (("Content-Type", "application/vnd.apple.mpegurl"), NO_CACHE)  # a tuple: its head is cached
+PLAYLIST_HEADERS = (("Content-Type", "application/vnd.apple.mpegurl"), NO_CACHE)
 
 VIEWERS = Gauge("castmesh_playback_viewers", "Viewers by protocol (HLS: clients that fetched lately)", ["protocol"])
 TRANSCODERS = Gauge("castmesh_playback_webrtc_transcoders", "Streams whose AAC is transcoded to Opus for WebRTC")
