@@ -38,9 +38,13 @@ try {
   for (const [index, protocol] of protocols.entries()) {
     await page.check(`input[name=protocol][value=${protocol}]`);
     if (index === 0) await row.click();  // later switches replay the current stream by themselves
-    // start-up: connect, first keyframe, MSE buffer (HLS needs its playlist and first segments)
+    // start-up: connect, first keyframe, MSE buffer (HLS needs its playlist and first segments); WebRTC:
+    // both tracks in getStats (polled every 0.5 s; audio's inbound-rtp appears with its first packet, which
+    // can come a poll after video's: waiting for any stats at all let a sample miss the audio)
     await page.waitForFunction(() => document.getElementById("video").currentTime > 0.2
-                                     && (window.report.protocol !== "webrtc" || window.report.stats), null,
+                                     && (window.report.protocol !== "webrtc"
+                                         || (window.report.stats && window.report.stats.audio
+                                             && window.report.stats.video)), null,
                                { timeout: 20000 }).catch(() => {});
     const first = await sample();
     const started = Date.now();
