@@ -62,8 +62,12 @@ function play(path, kind) {
   } else if (kind === "hls" || kind === "llhls") {
     const url = kind === "llhls" ? `${base}.m3u8?format=llhls` : `${base}.m3u8`;
     if (typeof Hls !== "undefined" && Hls.isSupported()) {
-      // LL-HLS: hls.js follows the parts, blocking reloads and preload hints, PART-HOLD-BACK behind the edge
-      const hls = new Hls(kind === "llhls" ? { lowLatencyMode: true, backBufferLength: 10 }
+      // LL-HLS: hls.js follows the parts, blocking reloads and preload hints, PART-HOLD-BACK behind the edge,
+      // and plays up to 1.5x until it is there (it starts on a keyframe, up to a GOP behind). The back buffer
+      // stays at hls.js's default (unbounded; Chrome evicts played media itself): a bounded one is flushed
+      // after every segment, and in hls.js 1.7 a flush that lands between a part's load and its append drops
+      // the segment being loaded, and it waits on that segment until it leaves the playlist: ~6 s frozen.
+      const hls = new Hls(kind === "llhls" ? { lowLatencyMode: true, maxLiveSyncPlaybackRate: 1.5 }
                                            : { liveSyncDurationCount: 3 });
       hls.on(Hls.Events.ERROR, (_, data) => {
         if (data.fatal) fail(`hls.js: ${data.type} ${data.details}`);
