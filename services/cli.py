@@ -60,7 +60,9 @@ from services.gateway.app import Gateway
 from services.ingest.lease import DispatchLease, FixedLease, Lease
 from services.ingest.session import Ingest
 from services.ingest.whip import WhipIngest, whip_app
-from services.playback.h2 import tls_context
+from services.playback.forward import Forwarder
+from services.playback.h2 import H2Session, serve_tls, tls_context
+from services.playback.http import HttpSession
 from services.playback.server import Playback, PlaybackSettings
 from services.relay import service as relay_service
 from services.relay.service import RelayService
@@ -113,13 +115,13 @@ TLS_KEY = Option("--tls-key", "", "PEM private key for HTTPS")
 HTTPS_PORT = Option("--https-port", 8443, "HTTPS port (HTTP/2 and HTTP/1.1 by ALPN) when --tls-cert is given",
                     config.port)
 TLS = [TLS_CERT, TLS_KEY, HTTPS_PORT]
-GATEWAY_HTTPS_PORT = Option("--https-port", 8493, "the gateway's HTTPS port (HTTP/1.1) when --tls-cert is given",
+GATEWAY_HTTPS_PORT = Option("--https-port", 8493, "the gateway's HTTPS port (HTTP/2 and HTTP/1.1) with --tls-cert",
                             config.port)
 GATEWAY_PORT = Option("--http-port", 8090, "HTTP port of the gateway's REST API and redirects", config.port)
 MAX_CONNECTIONS = Option("--max-connections", 0, "cap on connections to this node's public ports (0: none)",
                          config.non_negative)
 MAX_PER_IP = Option("--max-per-ip", 0, "cap on connections from one client address (0: none)", config.non_negative)
-HANDSHAKE_TIMEOUT_MS = Option("--handshake-timeout-ms", 10000, "an RTMP connection must finish its handshake "
+HANDSHAKE_TIMEOUT_MS = Option("--handshake-timeout-ms", 10000, "an RTMP or TLS connection must finish its handshake "
                               "within this (ms)", config.positive)
 IDLE_TIMEOUT_MS = Option("--idle-timeout-ms", 30000, "a publisher silent this long is disconnected (ms)",
                          config.positive)
@@ -171,8 +173,8 @@ SERVE = {
                REGISTRY, SECRET, *LIMITS, HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, *PUBLISH_HOOKS, *COMMON],
     "playback": [HOST, HTTP_PORT, *TLS, PLAY_RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *HLS,
                  *WEBRTC, REGISTRY, SECRET, *LIMITS, HANDSHAKE_TIMEOUT_MS, HTTP_IDLE_TIMEOUT_MS, *PLAY_HOOKS, *COMMON],
-    "gateway": [HOST, GATEWAY_PORT, TLS_CERT, TLS_KEY, GATEWAY_HTTPS_PORT,
-                HEALTH_PORT, DISPATCH, ADMIN_TOKEN, SECRET, REGISTRY, *COMMON],
+    "gateway": [HOST, GATEWAY_PORT, TLS_CERT, TLS_KEY, GATEWAY_HTTPS_PORT, HEALTH_PORT, DISPATCH, ADMIN_TOKEN, SECRET,
+                REGISTRY, HANDSHAKE_TIMEOUT_MS, HTTP_IDLE_TIMEOUT_MS, *COMMON],
 }
 WAIT_FOR_PEER = 5.0
 
@@ -400,10 +402,12 @@ def _register_ingest(wiring: Wiring, ingest: Ingest, cfg: dict[str, Any], grpc_p
 
 def _register_playback(wiring: Wiring, playback: Playback, cfg: dict[str, Any], rtmp_port: int,
                        grpc_port: int) -> None:
-    """A playback node: its HTTP port is its address; RTMP play (0: none) and its gRPC port in meta."""
+    """A playback node: its HTTP port is its address; RTMP play (0: none), HTTPS ("": none) and its gRPC port
+    in meta."""
+    meta = {"http": str(cfg["http_port"]), "rtmp": str(rtmp_port or ""), "grpc": str(grpc_port),
+            "https": str(cfg["https_port"]) if cfg.get("tls_cert") else ""}
     wiring.register(Node(id=playback.node_id, role=NODE_ROLE_PLAYBACK, address=_advertise(cfg, cfg["http_port"]),
-                         zone=cfg.get("zone", ""), meta={"http": str(cfg["http_port"]), "rtmp": str(rtmp_port or ""),
-                                                         "grpc": str(grpc_port)}),
+                         zone=cfg.get("zone", ""), meta=meta),
                     lambda: NodeLoad(streams=len(playback.feeds), subscribers=len(playback.clients)))
 
 
@@ -564,9 +568,20 @@ async def _serve_gateway(cfg: dict[str, Any], closers: list[Callable[[], Awaitab
         raise OSError(f"cannot listen on {cfg['host']}:{cfg['http_port']} (gateway HTTP): {exc.strerror or exc}") \
             from exc
     closers.append(runner.cleanup)
-    if (context := _tls(cfg, alpn=["http/1.1"])) is not None:
-        tls_site = web.TCPSite(runner, cfg["host"], cfg["https_port"], ssl_context=context, reuse_address=True)
-        await tls_site.start()
+    https = ""
+    if (context := _tls(cfg)) is not None:
+        # aiohttp speaks HTTP/1.1 only: the HTTPS port is playback's HTTP/2 and HTTP/1.1 sessions, each request
+        # handed to the gateway on a loopback port.
+        loopback = socket.create_server(("127.0.0.1", 0))
+        await web.SockSite(runner, loopback).start()
+        forwarder = Forwarder(f"http://127.0.0.1:{loopback.getsockname()[1]}")
+        closers.append(forwarder.close)
+        handshake, idle = cfg["handshake_timeout_ms"] / 1000, cfg["idle_timeout_ms"] / 1000
+        closers.append(_closing(await serve_tls(
+            cfg["host"], cfg["https_port"], context,
+            lambda: HttpSession(forwarder.route, lambda _: None, None, handshake, idle),
+            lambda: H2Session(forwarder.route, lambda _: None, None, idle), handshake, "gateway")))
+        https = f", {cfg['https_port']} (HTTPS: HTTP/2, HTTP/1.1)"
     wiring = Wiring(dispatch, "", registry=cfg["registry"])
     if wiring.registry is not None:
         closers.append(wiring.registry.close)
@@ -574,11 +589,11 @@ async def _serve_gateway(cfg: dict[str, Any], closers: list[Callable[[], Awaitab
     wiring.register(Node(id=f"gateway-{cfg['http_port']}", role=NODE_ROLE_GATEWAY,
                          address=_advertise(cfg, cfg["http_port"]),
                          meta={"http": str(cfg["http_port"]), "grpc": str(health_port)}), NodeLoad)
-    print(f"castmesh gateway listening on {cfg['host']}:{cfg['http_port']} (HTTP), dispatch {cfg['dispatch']}",
+    print(f"castmesh gateway listening on {cfg['host']}:{cfg['http_port']} (HTTP){https}, dispatch {cfg['dispatch']}",
           flush=True)
 
 
-def _tls(cfg: dict[str, Any], alpn: list[str] | None = None) -> ssl.SSLContext | None:
+def _tls(cfg: dict[str, Any]) -> ssl.SSLContext | None:
     """The HTTPS context from --tls-cert and --tls-key, or None when they are not given."""
     if not cfg["tls_cert"] and not cfg["tls_key"]:
         return None
@@ -588,8 +603,6 @@ def _tls(cfg: dict[str, Any], alpn: list[str] | None = None) -> ssl.SSLContext |
         context = tls_context(cfg["tls_cert"], cfg["tls_key"])
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the TLS certificate or key: {exc}") from exc
-    if alpn is not None:
-        context.set_alpn_protocols(alpn)
     return context
 
 

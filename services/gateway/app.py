@@ -208,7 +208,8 @@ class Gateway:
         reply: ListNodesReply = await self.dispatch.ListNodes(ListNodesRequest(), timeout=TIMEOUT)
         return reply
 
-    async def _choose(self, app: str, name: str, protocol: str, query: dict[str, str]) -> dict[str, Any]:
+    async def _choose(self, app: str, name: str, protocol: str, query: dict[str, str],
+                      secure: bool = False) -> dict[str, Any]:
         if protocol not in PROTOCOLS:
             raise web.HTTPBadRequest(text=f"protocol is one of {', '.join(PROTOCOLS)}")
         refused = self.signer.refuse(app, name, query)
@@ -223,6 +224,8 @@ class Gateway:
             entries = [e for e in entries if e.node.meta.get("rtmp")]
         if not entries:
             raise web.HTTPServiceUnavailable(text=f"no live playback node serves {protocol}")
+        if secure and protocol != "rtmp":  # a caller on HTTPS (a page there cannot load http:// media)
+            entries = [e for e in entries if e.node.meta.get("https")] or entries
         now = time.monotonic()
         loads = {}
         for e in entries:
@@ -235,12 +238,12 @@ class Gateway:
         node = next(e.node for e in entries if e.node.id == chosen)
         self.sent[node.id].append(now)
         ANSWERS.labels(protocol).inc()
-        return {"url": url_for(node, app, name, protocol, query), "node": node.id, "protocol": protocol}
+        return {"url": url_for(node, app, name, protocol, query, secure), "node": node.id, "protocol": protocol}
 
     async def play(self, request: web.Request) -> web.Response:
         query = {k: v for k, v in request.query.items() if k != "protocol"}
         answer = await self._choose(request.match_info["app"], request.match_info["stream"],
-                                    request.query.get("protocol", "flv"), query)
+                                    request.query.get("protocol", "flv"), query, secure(request))
         return web.json_response(answer)
 
     async def redirect(self, request: web.Request) -> web.Response:
@@ -248,7 +251,8 @@ class Gateway:
         protocols = {"flv": "flv", "m3u8": "hls"}
         if not name or extension not in protocols:
             return problem(404, "Not Found", "streams are at /{app}/{stream}.flv or .m3u8")
-        answer = await self._choose(request.match_info["app"], name, protocols[extension], dict(request.query))
+        answer = await self._choose(request.match_info["app"], name, protocols[extension], dict(request.query),
+                                    secure(request))
         raise web.HTTPFound(answer["url"])
 
     async def publish(self, request: web.Request) -> web.Response:
@@ -336,13 +340,22 @@ class Gateway:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def url_for(node: Node, app: str, name: str, protocol: str, query: dict[str, str]) -> str:
+def secure(request: web.Request) -> bool:
+    """Whether the caller came over TLS: to this server, or to the HTTPS port in front of it (Forwarder)."""
+    return request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+
+
+def url_for(node: Node, app: str, name: str, protocol: str, query: dict[str, str], secure: bool = False) -> str:
+    """Where `node` serves the stream over `protocol`; over TLS when the caller is on TLS and the node has
+    an HTTPS port (meta "https")."""
     host = node.address.rpartition(":")[0]
     suffix = f"?{urlencode(query)}" if query else ""
     if protocol == "rtmp":
         return f"rtmp://{host}:{node.meta['rtmp']}/{app}/{name}{suffix}"
+    tls = secure and bool(node.meta.get("https"))
+    address = f"{host}:{node.meta['https']}" if tls else node.address
     if protocol == "webrtc":
-        return f"http://{node.address}/{app}/{name}/whep{suffix}"  # a WHEP player POSTs its offer there
-    scheme = "ws" if protocol == "ws" else "http"
+        return f"{'https' if tls else 'http'}://{address}/{app}/{name}/whep{suffix}"  # a WHEP player POSTs there
+    scheme = ("wss" if tls else "ws") if protocol == "ws" else ("https" if tls else "http")
     extension = "m3u8" if protocol == "hls" else "flv"
-    return f"{scheme}://{node.address}/{app}/{name}.{extension}{suffix}"
+    return f"{scheme}://{address}/{app}/{name}.{extension}{suffix}"

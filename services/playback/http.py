@@ -167,6 +167,7 @@ class HttpSession(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.loop = asyncio.get_running_loop()
         self.peer = "?"
+        self.secure = False  # over TLS
         self.request: Request | None = None  # the one being answered
         self.queue: deque[Request] = deque()  # complete requests behind it (pipelined), in order
         self.queued = 0  # their bytes, with those of the request being read
@@ -196,6 +197,7 @@ class HttpSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        self.secure = transport.get_extra_info("ssl_object") is not None
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         if self.caps is not None:

@@ -27,7 +27,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlencode
 
-import aiohttp
 import grpc
 from opentelemetry.trace import Span
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
@@ -48,7 +47,8 @@ from castmesh.mesh.tracing import SessionSpan
 from castmesh.webrtc.settings import IceSettings, OfferError
 from services.playback.feed import BUFFERED, StreamFeed
 from services.playback.formats import HLS_FRAMES, HTTP_FLV, WEBRTC_FRAMES, WEBSOCKET_FLV
-from services.playback.h2 import H2Session, Negotiated
+from services.playback.forward import Forwarder
+from services.playback.h2 import H2Session, serve_tls
 from services.playback.hls import HlsMuxer
 from services.playback.http import NO_CACHE, HttpSession, Request
 from services.playback.rtmp import RtmpPlayer
@@ -101,9 +101,8 @@ class Playback:
         self.list_streams = list_streams
         self.page = WebPage()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.forward_base = ""  # in `castmesh up`: the in-process gateway that API paths are handed to
+        self.forwarder: Forwarder | None = None  # in `castmesh up`: the in-process gateway gets the API paths
         self.whip: HttpPublishes | None = None  # in `castmesh up`: the in-process ingest's WHIP
-        self.forward_http: aiohttp.ClientSession | None = None
         self.settings = settings or PlaybackSettings()
         self.links = RelayLinks()
         self.node_id = node_id
@@ -129,16 +128,9 @@ class Playback:
 
     async def listen_tls(self, host: str, port: int, context: ssl.SSLContext) -> asyncio.Server:
         """HTTPS: HTTP/2 or HTTP/1.1 by ALPN, the same paths as the plain port."""
-        loop = asyncio.get_running_loop()
-
-        def negotiated() -> Negotiated:
-            return Negotiated(self._session, lambda: H2Session(self.route, self._gone, self.caps,
-                                                               self.settings.idle_timeout))
-        try:
-            return await loop.create_server(negotiated, host, port, ssl=context, reuse_address=True, backlog=1024,
-                                            ssl_handshake_timeout=self.settings.handshake_timeout)
-        except OSError as exc:
-            raise OSError(f"cannot listen on {host}:{port} (HTTPS): {exc.strerror or exc}") from exc
+        return await serve_tls(host, port, context, self._session,
+                               lambda: H2Session(self.route, self._gone, self.caps, self.settings.idle_timeout),
+                               self.settings.handshake_timeout, "playback")
 
     async def listen_rtmp(self, host: str, port: int) -> asyncio.Server:
         """This node's own RTMP port: plays only (publishes are refused: they go to ingest)."""
@@ -167,7 +159,7 @@ class Playback:
 
     def forward_to(self, base: str) -> None:
         """Hand the gateway's paths (FORWARDED) to the gateway at `base`: one public port for everything."""
-        self.forward_base = base
+        self.forwarder = Forwarder(base)
 
     def route(self, session: HttpSession, request: Request) -> None:
         match = STREAM_PATH.match(request.path) if request.method in READS else None
@@ -186,8 +178,8 @@ class Playback:
     def _route_other(self, session: HttpSession, request: Request) -> None:
         """Anything but a GET of a stream: the gateway's API (in `castmesh up`), WHEP and WHIP, the page,
         /metrics."""
-        if self.forward_base and request.path.startswith(FORWARDED):
-            self._spawn(self._forward(session, request))
+        if self.forwarder is not None and request.path.startswith(FORWARDED):
+            self.forwarder.route(session, request)
             return
         webrtc = WEBRTC_PATH.match(request.path)
         if webrtc is not None and webrtc["kind"] == "whep":
@@ -447,26 +439,9 @@ class Playback:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _forward(self, session: HttpSession, request: Request) -> None:
-        if self.forward_http is None:
-            self.forward_http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        query = f"?{urlencode(request.query)}" if request.query else ""
-        headers = {k: v for k, v in request.headers.items()  # the caller's trace goes on
-                   if k in ("authorization", "accept", "content-type", "traceparent", "tracestate")}
-        try:
-            async with self.forward_http.request(request.method, f"{self.forward_base}{request.path}{query}",
-                                                 headers=headers, data=request.body or None,
-                                                 allow_redirects=False) as answer:
-                body = await answer.read()
-                passed = [(k, v) for k, v in answer.headers.items()
-                          if k.lower() in ("content-type", "location", "www-authenticate", "cache-control")]
-                session.respond(answer.status, body, passed)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            session.respond(502, f"the gateway did not answer: {exc}\n".encode(), [NO_CACHE])
-
     async def close(self) -> None:
-        if self.forward_http is not None:
-            await self.forward_http.close()
+        if self.forwarder is not None:
+            await self.forwarder.close()
         await self.hooks.close()
 
     async def _stream_list(self, session: HttpSession) -> None:

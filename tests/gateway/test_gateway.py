@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -15,11 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from castmesh.mesh.ring import BoundedRing
 from tests.cluster.harness import Cluster
-from tests.integration.harness import decode, publish, wait_live, watch_in_background
+from tests.integration.harness import decode, free_port, publish, wait_live, watch_in_background
+from tests.tls import self_signed
 
 
 @pytest.fixture
@@ -209,3 +213,57 @@ def test_kicks_need_the_admin_token_and_end_a_viewer_or_a_publish(cluster: Clust
     finally:
         publisher.kill()
         publisher.wait()
+
+
+def test_gateway_over_https_and_http2_sends_tls_callers_to_https(cluster: Cluster, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway's HTTPS port speaks HTTP/2 and HTTP/1.1 (ALPN); a caller on it is answered with https://
+    and wss:// URLs of a playback node that has an HTTPS port, a caller on plain HTTP with http://; ffmpeg
+    follows the gateway's HTTPS redirect and decodes; a failed handshake is a log line with its reason."""
+    cert, key = self_signed(tmp_path)
+    tls = ["--tls-cert", str(cert), "--tls-key", str(key), "--handshake-timeout-ms", "1500"]
+    cluster.relay("origin-1")
+    rtmp = cluster.ingest()
+    secure_https, gateway_https = free_port(), free_port()
+    cluster.playback("playback-plain")
+    cluster.playback("playback-tls", extra=[*tls, "--https-port", str(secure_https)])
+    gateway = cluster.gateway(extra=[*tls, "--https-port", str(gateway_https)])
+    cluster.wait_registered()
+    publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/sec", 30, gop=30)
+    try:
+        wait_live(f"http://127.0.0.1:{cluster.ports['playback-plain']}/live/sec.flv")
+        trust = ssl.create_default_context(cafile=str(cert))
+        base = f"https://127.0.0.1:{gateway_https}"
+        with httpx.Client(http2=True, verify=trust, timeout=10) as client:
+            for protocol, url in (("flv", f"https://127.0.0.1:{secure_https}/live/sec.flv"),
+                                  ("ws", f"wss://127.0.0.1:{secure_https}/live/sec.flv"),
+                                  ("hls", f"https://127.0.0.1:{secure_https}/live/sec.m3u8"),
+                                  ("webrtc", f"https://127.0.0.1:{secure_https}/live/sec/whep")):
+                answer = client.get(f"{base}/api/v1/streams/live/sec/play", params={"protocol": protocol})
+                assert answer.http_version == "HTTP/2" and answer.status_code == 200, answer.text
+                assert answer.json()["url"] == url, answer.json()
+            moved = client.get(f"{base}/live/sec.m3u8")
+            assert moved.http_version == "HTTP/2" and moved.status_code == 302
+            assert moved.headers["location"] == f"https://127.0.0.1:{secure_https}/live/sec.m3u8"
+            missing = client.get(f"{base}/api/v1/streams/live/nobody/play")
+            assert missing.status_code == 404 and missing.headers["content-type"] == "application/problem+json"
+        with httpx.Client(http2=False, verify=trust, timeout=10) as client:
+            listing = client.get(f"{base}/api/v1/streams")
+            assert listing.http_version == "HTTP/1.1" and [s["stream"] for s in listing.json()["streams"]] == ["sec"]
+        plain = get(f"http://127.0.0.1:{gateway}/api/v1/streams/live/sec/play?protocol=hls")[2]
+        assert plain["url"].startswith("http://127.0.0.1:"), plain
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # ffmpeg checks the certificates, the gateway's and the node's
+        counts, errors = decode(f"{base}/live/sec.flv", timeout=40, seconds=3)  # the 302, then TLS to the node
+        assert errors == "" and counts.get(0, 0) >= 60 and counts.get(1, 0) > 60
+    finally:
+        publisher.kill()
+        publisher.wait()
+    garbage = socket.create_connection(("127.0.0.1", gateway_https), timeout=5)
+    garbage.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP on the HTTPS port
+    assert garbage.recv(100) == b""
+    garbage.close()
+    deadline = time.monotonic() + 5
+    while "tls.handshake_failed" not in cluster.nodes["gateway"].log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert re.search(r'tls.handshake_failed service=gateway peer=127\.0\.0\.1:\d+ reason="\[SSL: HTTP_REQUEST\]',
+                     cluster.nodes["gateway"].log())

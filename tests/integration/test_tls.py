@@ -167,6 +167,13 @@ def test_bad_tls_and_http2_input_closes_only_that_connection(secure: tuple[Up, i
         started = time.monotonic()
         assert _closed(silent, wait=6)
         assert 1.0 < time.monotonic() - started < 5.0  # --handshake-timeout-ms 1500
+        failed: list[str] = []
+        for _ in range(40):  # the socket closes a moment before the handshake's task logs the reason
+            failed = [line for line in up.process.log().splitlines() if "tls.handshake_failed service=playback" in line]
+            if len(failed) >= 2:
+                break
+            time.sleep(0.05)
+        assert len(failed) == 2 and "HTTP_REQUEST" in failed[0] and "timeout" in failed[1], failed  # with reasons
 
         resets = H2Client(https)  # opens and resets streams without end: the rapid-reset flood
         for _ in range(1100):
