@@ -73,8 +73,11 @@ class WriteLoad:
         self.share = 0.0
         self.at = 0.0
 
-    def spent(self, start: float, end: float) -> None:
-        self.share = self.share * math.exp(min(0.0, self.at - end) / self.TAU) + (end - start) / self.TAU
+    def spent(self, busy: float, end: float) -> None:
+        """`busy` seconds of this thread's CPU (user and kernel) went into writes that ended at `end`
+        (time.monotonic). CPU time, not wall time: a machine that stalls the process mid-write (another
+        process, a hypervisor's steal) must not read as writes costing more and make pictures wait."""
+        self.share = self.share * math.exp(min(0.0, self.at - end) / self.TAU) + busy / self.TAU
         self.at = end
 
     def current(self) -> float:
@@ -220,6 +223,7 @@ class StreamFeed:
         if not frames:
             return
         now = self.last_flush = time.monotonic()
+        cpu = time.thread_time()
         self.cache.add_all(frames)
         encoded: dict[Hashable, tuple[Any, int]] = {}  # per format: these frames, made once, and their size
         resumed: dict[tuple[Hashable, int], tuple[Any, int]] = {}  # per format and resume point: from there on
@@ -264,7 +268,7 @@ class StreamFeed:
         BYTES_OUT.inc(delivered)
         FRAMES_OUT.inc(sent)
         FRAMES_DROPPED.inc(max(0, len(frames) * len(self.viewers) - sent))
-        WRITES.spent(now, time.monotonic())
+        WRITES.spent(time.thread_time() - cpu, time.monotonic())
         if not self.live:
             self._go_live()  # after the writes: the waiting viewers get these frames from the cache
 

@@ -3,6 +3,7 @@ that waited for it; audio alone waits at most its window; and playback gathers p
 writes keep the process busy (services.playback.feed.WriteLoad)."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -84,7 +85,7 @@ def test_write_load_widens_the_window_only_past_its_share() -> None:
     assert load.current() < 0.01 and load.window(0.05) == 0.0
     busy = WriteLoad()
     for n in range(150):  # five seconds of 30 writes a second, 13 ms each: 0.39 of the time
-        busy.spent(n / 30, n / 30 + 0.013)
+        busy.spent(0.013, n / 30 + 0.013)
     assert 0.35 < busy.share < 0.43
 
 
@@ -133,3 +134,28 @@ def test_ingest_sends_a_picture_at_once_and_audio_rides_along() -> None:
         return batches
 
     assert asyncio.run(scenario()) == [[0], [0, 23, 33]]
+
+
+def test_write_load_counts_cpu_not_a_stalled_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write during which the process is stalled (here: it sleeps, as when another process or the
+    hypervisor has the core) costs no CPU, so it must not read as load and make later pictures wait."""
+    load = WriteLoad()
+    monkeypatch.setattr(feed_module, "WRITES", load)
+
+    async def scenario() -> None:
+        feed, sink = await live_feed(merge_ms=50)
+        write = sink.transport.write
+
+        def stalled(data: bytes) -> None:
+            time.sleep(0.02)
+            write(data)
+
+        sink.transport.write = stalled  # type: ignore[method-assign]
+        for n in range(1, 16):  # 15 pictures, each write stalled 20 ms: 0.6 of the wall time
+            feed._on_frames([picture(n * 33)])
+            await asyncio.sleep(0.013)
+        assert load.current() < 0.1, load.current()
+        assert load.window(0.05) == 0.0
+        feed.task.cancel()
+
+    asyncio.run(scenario())
