@@ -37,6 +37,7 @@ from castmesh.mesh.consul import client_from_env as consul_client
 from castmesh.mesh.hooks import Hooks
 from castmesh.mesh.registry import DispatchRegistry, Registry
 from castmesh.mesh.subscription import Locate, dispatch_upstream, fixed_upstream
+from castmesh.mesh.tls import serve_tls, tls_context
 from castmesh.proto.v1.admin_pb2 import KickRequest
 from castmesh.proto.v1.dispatch_pb2 import (
     NODE_ROLE_DISPATCH,
@@ -61,7 +62,7 @@ from services.ingest.lease import DispatchLease, FixedLease, Lease
 from services.ingest.session import Ingest
 from services.ingest.whip import WhipIngest, whip_app
 from services.playback.forward import Forwarder
-from services.playback.h2 import H2Session, serve_tls, tls_context
+from services.playback.h2 import HTTPS_ALPN, H2Session, by_alpn
 from services.playback.http import HttpSession
 from services.playback.server import Playback, PlaybackSettings
 from services.relay import service as relay_service
@@ -577,10 +578,9 @@ async def _serve_gateway(cfg: dict[str, Any], closers: list[Callable[[], Awaitab
         forwarder = Forwarder(f"http://127.0.0.1:{loopback.getsockname()[1]}")
         closers.append(forwarder.close)
         handshake, idle = cfg["handshake_timeout_ms"] / 1000, cfg["idle_timeout_ms"] / 1000
-        closers.append(_closing(await serve_tls(
-            cfg["host"], cfg["https_port"], context,
+        closers.append(_closing(await serve_tls(cfg["host"], cfg["https_port"], context, by_alpn(
             lambda: HttpSession(forwarder.route, lambda _: None, None, handshake, idle),
-            lambda: H2Session(forwarder.route, lambda _: None, None, idle), handshake, "gateway")))
+            lambda: H2Session(forwarder.route, lambda _: None, None, idle)), handshake, "gateway")))
         https = f", {cfg['https_port']} (HTTPS: HTTP/2, HTTP/1.1)"
     wiring = Wiring(dispatch, "", registry=cfg["registry"])
     if wiring.registry is not None:
@@ -600,7 +600,7 @@ def _tls(cfg: dict[str, Any]) -> ssl.SSLContext | None:
     if not cfg["tls_cert"] or not cfg["tls_key"]:
         raise ConfigError("HTTPS needs both --tls-cert and --tls-key")
     try:
-        context = tls_context(cfg["tls_cert"], cfg["tls_key"])
+        context = tls_context(cfg["tls_cert"], cfg["tls_key"], HTTPS_ALPN)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the TLS certificate or key: {exc}") from exc
     return context

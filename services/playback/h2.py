@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, urlsplit
@@ -29,11 +28,11 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from opentelemetry.trace import Span
-from prometheus_client import Counter
 
 from castmesh.mesh import tracing
 from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.logs import event
+from castmesh.mesh.tls import Choose
 from services.playback.formats import H2_FLV, OutputFormat
 from services.playback.http import (
     BODY_METHODS,
@@ -53,9 +52,6 @@ log = logging.getLogger("castmesh.playback")
 
 MAX_STREAMS = 128
 MAX_RESETS = 1000  # streams a client may reset over a connection's life before it is closed
-MAX_EARLY = 256 * 1024  # bytes a TLS peer may send between its handshake's end and the session taking over
-TLS_FAILURES = Counter("castmesh_tls_handshake_failures", "TLS handshakes that failed or timed out, by service and "
-                       "reason (OpenSSL's, or timeout, or closed)", ["service", "reason"])
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "upgrade", "proxy-connection"}
 
 
@@ -378,143 +374,9 @@ class H2Stream:
         self.session.on_gone(self)  # the server forgets it if it was a viewer (twice is harmless)
 
 
-class Negotiated(asyncio.Protocol):
-    """A TLS connection's protocol, chosen by ALPN once the handshake is done: HTTP/2 for "h2", HTTP/1.1
-    (an HttpSession) otherwise. TlsAccept calls connection_made once the handshake is done; what the peer
-    sent in the same read as its last handshake bytes may come first, and waits here (at most MAX_EARLY)."""
-
-    def __init__(self, http1: Callable[[], asyncio.Protocol], http2: Callable[[], asyncio.Protocol]) -> None:
-        self.http1, self.http2 = http1, http2
-        self.inner: asyncio.Protocol | None = None
-        self.early: list[bytes] = []
-        self.early_size = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.early_size > MAX_EARLY:
-            cast(asyncio.Transport, transport).abort()
-            return
-        tls = transport.get_extra_info("ssl_object")
-        alpn = tls.selected_alpn_protocol() if tls is not None else None
-        self.inner = self.http2() if alpn == "h2" else self.http1()
-        self.inner.connection_made(transport)
-        early, self.early = self.early, []
-        for data in early:
-            self.inner.data_received(data)
-
-    def data_received(self, data: bytes) -> None:
-        if self.inner is not None:
-            self.inner.data_received(data)
-        elif self.early_size <= MAX_EARLY:
-            self.early.append(data)
-            self.early_size += len(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self.inner is not None else None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.inner is not None:
-            self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.resume_writing()
+HTTPS_ALPN = ["h2", "http/1.1"]
 
 
-class TlsAccept(asyncio.Protocol):
-    """A connection on an HTTPS port while its TLS handshake runs, then handed to a Negotiated protocol.
-    The handshake is the loop's (start_tls), as with create_server(ssl=...), which would drop a failed one
-    without a word: here each failure is one log line with its reason and a count by reason."""
-
-    def __init__(self, context: ssl.SSLContext, negotiated: Callable[[], Negotiated], timeout: float,
-                 service: str, handshakes: set[asyncio.Task[None]]) -> None:
-        self.context = context
-        self.negotiated = negotiated
-        self.timeout = timeout
-        self.service = service
-        self.handshakes = handshakes
-        self.early: list[bytes] = []  # what arrived before start_tls took the transport (a ClientHello)
-        self.early_size = 0
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.pause_reading()  # asyncio's loop then reads nothing before start_tls; uvloop may
-        task = asyncio.get_running_loop().create_task(self._handshake())
-        self.handshakes.add(task)
-        task.add_done_callback(self.handshakes.discard)
-
-    def data_received(self, data: bytes) -> None:
-        self.early_size += len(data)
-        if self.early_size > MAX_EARLY:
-            self.transport.abort()
-            return
-        self.early.append(data)
-
-    async def _handshake(self) -> None:
-        protocol = self.negotiated()
-        loop = asyncio.get_running_loop()
-        loop.call_soon(self._hand_over)  # runs after start_tls (below) has put its TLS protocol in place
-        try:
-            tls = await loop.start_tls(self.transport, protocol, self.context, server_side=True,
-                                       ssl_handshake_timeout=self.timeout)
-        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError, as are a reset and the timeout
-            kind, reason = handshake_failure(exc)
-            TLS_FAILURES.labels(self.service, kind).inc()
-            peer = self.transport.get_extra_info("peername")
-            event(log, "tls.handshake_failed", level=logging.WARNING, service=self.service,
-                  peer=f"{peer[0]}:{peer[1]}" if peer else "?", reason=reason)
-            self.transport.abort()
-            return
-        if tls is None or tls.is_closing():
-            return
-        protocol.connection_made(tls)
-
-    def _hand_over(self) -> None:
-        """Give the TLS protocol (a buffered protocol in asyncio and uvloop alike) the bytes read before it
-        was in place; until its connection_made it only stores them."""
-        early, self.early = b"".join(self.early), []
-        tls = self.transport.get_protocol()
-        if not early or tls is self or self.transport.is_closing():
-            return
-        view = memoryview(early)
-        while view:
-            buffer = memoryview(cast(asyncio.BufferedProtocol, tls).get_buffer(len(view)))
-            size = min(len(buffer), len(view))
-            buffer[:size] = view[:size]
-            cast(asyncio.BufferedProtocol, tls).buffer_updated(size)
-            view = view[size:]
-
-
-def handshake_failure(exc: BaseException) -> tuple[str, str]:
-    """(a short kind for the metric's label, the reason for the log) of a failed TLS handshake."""
-    if isinstance(exc, ssl.SSLError):
-        return (exc.reason or "ssl_error").lower(), str(exc)
-    if isinstance(exc, TimeoutError) or "taking longer" in str(exc):
-        return "timeout", "no complete handshake within the handshake timeout"
-    return "closed", f"the peer went away during the handshake ({type(exc).__name__})"
-
-
-async def serve_tls(host: str, port: int, context: ssl.SSLContext, http1: Callable[[], asyncio.Protocol],
-                    http2: Callable[[], asyncio.Protocol], handshake_timeout: float, service: str) -> asyncio.Server:
-    """An HTTPS port: HTTP/2 or HTTP/1.1 by ALPN after a handshake of at most handshake_timeout."""
-    handshakes: set[asyncio.Task[None]] = set()
-
-    def accept() -> TlsAccept:
-        return TlsAccept(context, lambda: Negotiated(http1, http2), handshake_timeout, service, handshakes)
-    try:
-        return await asyncio.get_running_loop().create_server(accept, host, port, reuse_address=True, backlog=1024)
-    except OSError as exc:
-        raise OSError(f"cannot listen on {host}:{port} (HTTPS): {exc.strerror or exc}") from exc
-
-
-def tls_context(cert: str, key: str) -> ssl.SSLContext:
-    """A server context from a PEM certificate chain and key, offering h2 and http/1.1 (TLS 1.2 or later)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    context.set_alpn_protocols(["h2", "http/1.1"])
-    return context
+def by_alpn(http1: Callable[[], asyncio.Protocol], http2: Callable[[], asyncio.Protocol]) -> Choose:
+    """An HTTPS port's sessions: HTTP/2 when the client agreed to "h2" in the handshake, HTTP/1.1 otherwise."""
+    return lambda alpn: http2() if alpn == "h2" else http1()

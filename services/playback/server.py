@@ -43,12 +43,13 @@ from castmesh.mesh.rtmp_server import RtmpPlay, RtmpServer
 from castmesh.mesh.sessions import HttpPublishes, StreamRequest
 from castmesh.mesh.sessions import problem as sessions_problem
 from castmesh.mesh.subscription import Locate
+from castmesh.mesh.tls import serve_tls
 from castmesh.mesh.tracing import SessionSpan
 from castmesh.webrtc.settings import IceSettings, OfferError
 from services.playback.feed import BUFFERED, StreamFeed
 from services.playback.formats import HLS_FRAMES, HTTP_FLV, WEBRTC_FRAMES, WEBSOCKET_FLV
 from services.playback.forward import Forwarder
-from services.playback.h2 import H2Session, serve_tls
+from services.playback.h2 import H2Session, by_alpn
 from services.playback.hls import HlsMuxer
 from services.playback.http import NO_CACHE, HttpSession, Request
 from services.playback.rtmp import RtmpPlayer
@@ -128,9 +129,9 @@ class Playback:
 
     async def listen_tls(self, host: str, port: int, context: ssl.SSLContext) -> asyncio.Server:
         """HTTPS: HTTP/2 or HTTP/1.1 by ALPN, the same paths as the plain port."""
-        return await serve_tls(host, port, context, self._session,
-                               lambda: H2Session(self.route, self._gone, self.caps, self.settings.idle_timeout),
-                               self.settings.handshake_timeout, "playback")
+        return await serve_tls(host, port, context, by_alpn(
+            self._session, lambda: H2Session(self.route, self._gone, self.caps, self.settings.idle_timeout)),
+            self.settings.handshake_timeout, "playback")
 
     async def listen_rtmp(self, host: str, port: int) -> asyncio.Server:
         """This node's own RTMP port: plays only (publishes are refused: they go to ingest)."""

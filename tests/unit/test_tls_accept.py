@@ -1,4 +1,4 @@
-"""An HTTPS port (services.playback.h2.serve_tls) on both event loops the services run on: clients that
+"""An HTTPS port (castmesh.mesh.tls.serve_tls) on both event loops the services run on: clients that
 send their ClientHello the moment they connect are all served (uvloop reads before start_tls takes over,
 and those bytes are handed on), and each failed handshake is counted and logged with its reason while a
 connection already open is undisturbed."""
@@ -16,7 +16,8 @@ import pytest
 import uvloop
 from prometheus_client import REGISTRY
 
-from services.playback.h2 import H2Session, serve_tls, tls_context
+from castmesh.mesh.tls import serve_tls, tls_context
+from services.playback.h2 import HTTPS_ALPN, H2Session, by_alpn
 from services.playback.http import HttpSession, Request
 from tests.tls import self_signed
 
@@ -50,9 +51,9 @@ def test_https_port_serves_eager_clients_and_logs_each_failed_handshake(
     before = {reason: failures(reason) for reason in ("http_request", "timeout", "closed")}
 
     async def main() -> None:
-        server = await serve_tls("127.0.0.1", 0, tls_context(str(cert), str(key)),
-                                 lambda: HttpSession(route, lambda _: None),
-                                 lambda: H2Session(route, lambda _: None), 0.5, "unit")
+        server = await serve_tls("127.0.0.1", 0, tls_context(str(cert), str(key), HTTPS_ALPN),
+                                 by_alpn(lambda: HttpSession(route, lambda _: None),
+                                         lambda: H2Session(route, lambda _: None)), 0.5, "unit")
         port = server.sockets[0].getsockname()[1]
         try:
             answers = await asyncio.gather(*(get(port, client, f"/{i}") for i in range(20)))
@@ -89,7 +90,7 @@ def test_https_port_serves_eager_clients_and_logs_each_failed_handshake(
         finally:
             server.close()
 
-    with caplog.at_level(logging.WARNING, logger="castmesh.playback"):
+    with caplog.at_level(logging.WARNING, logger="castmesh.tls"):
         LOOPS[loop](main())
     for reason in ("http_request", "timeout", "closed"):
         assert failures(reason) == before[reason] + 1, reason
