@@ -27,6 +27,7 @@ import grpc
 from aiohttp import web
 
 from castmesh.mesh import config, grpcutil, logs, runtime, tracing
+from castmesh.mesh.access import AccessLists, parse_networks, parse_per_app
 from castmesh.mesh.admin import add_admin
 from castmesh.mesh.auth import Signer
 from castmesh.mesh.caps import ConnectionCaps
@@ -73,6 +74,9 @@ log = logging.getLogger("castmesh")
 HOST = Option("--host", "0.0.0.0", "address the public ports listen on")
 RTMP_PORT = Option("--rtmp-port", 1935, "RTMP port for publishers (in `up`, for players too)", config.port)
 PLAY_RTMP_PORT = Option("--rtmp-port", 1936, "RTMP port for players (0: no RTMP play)", config.port)
+RTMPS_PORT = Option("--rtmps-port", 1937, "RTMPS port (RTMP inside TLS) when --tls-cert is given (0: none)",
+                    config.port)
+PLAY_RTMPS_PORT = Option("--rtmps-port", 0, "RTMPS port for players, with --tls-cert (0: none)", config.port)
 HTTP_PORT = Option("--http-port", 8080, "HTTP port for HTTP-FLV viewers and /metrics", config.port)
 GRPC_PORT = Option("--grpc-port", 50051, "gRPC port of the relay", config.port)
 DISPATCH_PORT = Option("--grpc-port", 50050, "gRPC port of dispatch", config.port)
@@ -111,8 +115,8 @@ UP_GRPC_PORT = Option("--grpc-port", 0, "gRPC port of the in-process relay on 12
                       config.port)
 HEALTH_PORT = Option("--grpc-port", 0, "gRPC port for the health service that Consul checks (0: any free port)",
                      config.port)
-TLS_CERT = Option("--tls-cert", "", "PEM certificate chain for HTTPS (with --tls-key); empty: no HTTPS")
-TLS_KEY = Option("--tls-key", "", "PEM private key for HTTPS")
+TLS_CERT = Option("--tls-cert", "", "PEM certificate chain for HTTPS and RTMPS (with --tls-key); empty: neither")
+TLS_KEY = Option("--tls-key", "", "PEM private key for HTTPS and RTMPS")
 HTTPS_PORT = Option("--https-port", 8443, "HTTPS port (HTTP/2 and HTTP/1.1 by ALPN) when --tls-cert is given",
                     config.port)
 TLS = [TLS_CERT, TLS_KEY, HTTPS_PORT]
@@ -136,6 +140,26 @@ HOOK_TIMEOUT_MS = Option("--hook-timeout-ms", 3000, "how long a hook may take to
                          config.positive)
 SECRET = Option("--secret", "", "signed URLs for publish and play: one secret, or app=secret,app2=secret2; "
                 "empty: off")
+
+
+def _cidrs(option: str, per_app: bool = True) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        (parse_per_app if per_app else parse_networks)(text, option)  # a bad list stops the node at start
+        return text
+    return check
+
+
+PUBLISH_ALLOW = Option("--publish-allow", "", "who may publish: CIDRs (e.g. 10.0.0.0/8 2001:db8::/32), or per app "
+                       "live=CIDRS,studio=CIDRS; empty: anyone", _cidrs("--publish-allow"))
+PUBLISH_DENY = Option("--publish-deny", "", "who may not publish (wins over allow): CIDRs or app=CIDRS; 'all' for "
+                      "everyone", _cidrs("--publish-deny"))
+PLAY_ALLOW = Option("--play-allow", "", "who may play (every protocol): CIDRs or app=CIDRS; empty: anyone",
+                    _cidrs("--play-allow"))
+PLAY_DENY = Option("--play-deny", "", "who may not play (wins over allow): CIDRs or app=CIDRS", _cidrs("--play-deny"))
+TRUSTED_PROXIES = Option("--trusted-proxies", "", "CIDRs of reverse proxies whose X-Forwarded-For names the client "
+                         "for the IP lists; empty: the header is ignored", _cidrs("--trusted-proxies", per_app=False))
+PUBLISH_ACCESS = [PUBLISH_ALLOW, PUBLISH_DENY, TRUSTED_PROXIES]
+PLAY_ACCESS = [PLAY_ALLOW, PLAY_DENY, TRUSTED_PROXIES]
 ADMIN_TOKEN = Option("--admin-token", "", "bearer token the gateway's admin calls (kicks) need; empty: none")
 REGISTRY = Option("--registry", "dispatch", "where nodes register: dispatch (its Register call) or consul (the "
                   "agent at CONSUL_HTTP_ADDR; dispatch then watches Consul)")
@@ -162,18 +186,20 @@ HLS = [HLS_SEGMENT_MS, HLS_WINDOW, HLS_PART_MS, HLS_IDLE_MS]
 LIMITS = [MAX_CONNECTIONS, MAX_PER_IP]
 PUBLISH_HOOKS = [ON_PUBLISH, ON_UNPUBLISH, HOOK_TIMEOUT_MS]
 PLAY_HOOKS = [ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS]
-UP = [HOST, RTMP_PORT, HTTP_PORT, *TLS, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, *WEBRTC, GRACE_MS, SECRET,
-      *LIMITS,
+UP = [HOST, RTMP_PORT, HTTP_PORT, *TLS, RTMPS_PORT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, *WEBRTC,
+      GRACE_MS, SECRET, *LIMITS, PUBLISH_ALLOW, PUBLISH_DENY, PLAY_ALLOW, PLAY_DENY, TRUSTED_PROXIES,
       HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, ON_PUBLISH, ON_UNPUBLISH, ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS, NO_DEMO,
       *COMMON]
 SERVE = {
     "dispatch": [HOST, DISPATCH_PORT, GRACE_MS, METRICS_PORT, REGISTRY, *COMMON],
     "relay": [HOST, GRPC_PORT, ROLE, DISPATCH, UPSTREAM, ZONE, ADVERTISE, MAX_LAG_MS, GRACE_MS, METRICS_PORT,
               REGISTRY, *COMMON],
-    "ingest": [HOST, RTMP_PORT, WHIP_PORT, *WEBRTC_ICE, HEALTH_PORT, DISPATCH, RELAY, BATCH_MS, METRICS_PORT,
-               REGISTRY, SECRET, *LIMITS, HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, *PUBLISH_HOOKS, *COMMON],
-    "playback": [HOST, HTTP_PORT, *TLS, PLAY_RTMP_PORT, HEALTH_PORT, DISPATCH, RELAY, ZONE, MERGE_MS, MAX_LAG_MS, *HLS,
-                 *WEBRTC, REGISTRY, SECRET, *LIMITS, HANDSHAKE_TIMEOUT_MS, HTTP_IDLE_TIMEOUT_MS, *PLAY_HOOKS, *COMMON],
+    "ingest": [HOST, RTMP_PORT, TLS_CERT, TLS_KEY, RTMPS_PORT, WHIP_PORT, *WEBRTC_ICE, HEALTH_PORT, DISPATCH, RELAY,
+               BATCH_MS, METRICS_PORT, REGISTRY, SECRET, *LIMITS, *PUBLISH_ACCESS, HANDSHAKE_TIMEOUT_MS,
+               IDLE_TIMEOUT_MS, *PUBLISH_HOOKS, *COMMON],
+    "playback": [HOST, HTTP_PORT, *TLS, PLAY_RTMP_PORT, PLAY_RTMPS_PORT, HEALTH_PORT, DISPATCH, RELAY, ZONE, MERGE_MS,
+                 MAX_LAG_MS, *HLS, *WEBRTC, REGISTRY, SECRET, *LIMITS, *PLAY_ACCESS, HANDSHAKE_TIMEOUT_MS,
+                 HTTP_IDLE_TIMEOUT_MS, *PLAY_HOOKS, *COMMON],
     "gateway": [HOST, GATEWAY_PORT, TLS_CERT, TLS_KEY, GATEWAY_HTTPS_PORT, HEALTH_PORT, DISPATCH, ADMIN_TOKEN, SECRET,
                 REGISTRY, HANDSHAKE_TIMEOUT_MS, HTTP_IDLE_TIMEOUT_MS, *COMMON],
 }
@@ -310,6 +336,8 @@ def _banner(cfg: dict[str, Any], relay_port: int, dispatch_port: int) -> str:
     ]
     if cfg["tls_cert"]:
         lines.append(f"  https    https://{host}:{cfg['https_port']}/ (HTTP/2 and HTTP/1.1: every path above, wss://)")
+        if cfg["rtmps_port"]:
+            lines.append(f"  rtmps    rtmps://{host}:{cfg['rtmps_port']}/live/STREAM (publish and play)")
     if not cfg["no_demo"]:
         lines.append(f"  demo     ffplay http://{host}:{http}/live/demo.flv")
     lines += [f"  watch    http://{host}:{http}/   (the player page: every live stream, HTTP-FLV, HLS or WebRTC)",
@@ -336,13 +364,17 @@ async def up(cfg: dict[str, Any]) -> int:
         closers.append(ingest.links.close)
         rtmp = ingest.rtmp()  # one RTMP port for publish and play: the plays go to playback, below
         closers.append(_closing(await rtmp.listen(cfg["host"], cfg["rtmp_port"])))
+        if cfg["rtmps_port"] and (rtmps := _tls(cfg, alpn=None)) is not None:
+            closers.append(_closing(await rtmp.listen_tls(cfg["host"], cfg["rtmps_port"], rtmps, "ingest")))
         catalog = Catalog(wiring.dispatch)
         closers.append(catalog.close)
         playback = Playback(wiring.upstream(), _playback_settings(cfg), list_streams=catalog.streams, signer=signer,
-                            caps=_caps("playback", cfg), hooks=_hooks(cfg, "on_play", "on_stop"))
+                            caps=_caps("playback", cfg), hooks=_hooks(cfg, "on_play", "on_stop"),
+                            access=ingest.access)
         rtmp.plays = playback
+        # WHIP on the one HTTP port
         playback.whip = WhipIngest(ingest, playback.settings.ice, cfg["handshake_timeout_ms"] / 1000,
-                                   cfg["idle_timeout_ms"] / 1000, ingest.caps)  # WHIP on the one HTTP port
+                                   cfg["idle_timeout_ms"] / 1000, ingest.caps, ingest.access)
         closers.append(playback.links.close)
         closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
         if (context := _tls(cfg)) is not None:
@@ -396,8 +428,9 @@ async def _wait_registered(wiring: Wiring) -> None:
 
 
 def _register_ingest(wiring: Wiring, ingest: Ingest, cfg: dict[str, Any], grpc_port: int) -> None:
+    rtmps = str(cfg["rtmps_port"]) if cfg.get("tls_cert") and cfg.get("rtmps_port") else ""
     wiring.register(Node(id=ingest.node_id, role=NODE_ROLE_INGEST, address=_advertise(cfg, cfg["rtmp_port"]),
-                         meta={"rtmp": str(cfg["rtmp_port"]), "grpc": str(grpc_port)}),
+                         meta={"rtmp": str(cfg["rtmp_port"]), "rtmps": rtmps, "grpc": str(grpc_port)}),
                     lambda: NodeLoad(streams=len(ingest.sessions)))
 
 
@@ -405,8 +438,9 @@ def _register_playback(wiring: Wiring, playback: Playback, cfg: dict[str, Any], 
                        grpc_port: int) -> None:
     """A playback node: its HTTP port is its address; RTMP play (0: none), HTTPS ("": none) and its gRPC port
     in meta."""
+    tls = bool(cfg.get("tls_cert"))
     meta = {"http": str(cfg["http_port"]), "rtmp": str(rtmp_port or ""), "grpc": str(grpc_port),
-            "https": str(cfg["https_port"]) if cfg.get("tls_cert") else ""}
+            "https": str(cfg["https_port"]) if tls else "", "rtmps": str(cfg.get("rtmps_port") or "") if tls else ""}
     wiring.register(Node(id=playback.node_id, role=NODE_ROLE_PLAYBACK, address=_advertise(cfg, cfg["http_port"]),
                          zone=cfg.get("zone", ""), meta=meta),
                     lambda: NodeLoad(streams=len(playback.feeds), subscribers=len(playback.clients)))
@@ -421,6 +455,7 @@ def _ingest(cfg: dict[str, Any], wiring: Wiring, signer: Signer, closers: list[C
     hooks = _hooks(cfg, "on_publish", "on_unpublish")
     closers.append(hooks.close)
     return Ingest(wiring.leases, cfg["batch_ms"], node_id=node_id, signer=signer, caps=_caps("ingest", cfg),
+                  access=AccessLists.from_config(cfg),
                   handshake_timeout=cfg["handshake_timeout_ms"] / 1000, idle_timeout=cfg["idle_timeout_ms"] / 1000,
                   hooks=hooks)
 
@@ -512,11 +547,15 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             ingest = _ingest(cfg, wiring, Signer.parse(cfg["secret"]), closers,
                              node_id=_node_id("ingest", cfg, cfg["rtmp_port"]))
             closers.append(ingest.links.close)
-            closers.append(_closing(await ingest.listen(cfg["host"], cfg["rtmp_port"])))
+            rtmp_server = ingest.rtmp()
+            closers.append(_closing(await rtmp_server.listen(cfg["host"], cfg["rtmp_port"])))
             whip = ""
+            if cfg["rtmps_port"] and (rtmps := _tls(cfg, alpn=None)) is not None:
+                closers.append(_closing(await rtmp_server.listen_tls(cfg["host"], cfg["rtmps_port"], rtmps, "ingest")))
+                whip = f", {cfg['rtmps_port']} (RTMPS)"
             if cfg["http_port"]:
                 app = whip_app(WhipIngest(ingest, _ice(cfg), cfg["handshake_timeout_ms"] / 1000,
-                                          cfg["idle_timeout_ms"] / 1000, ingest.caps))
+                                          cfg["idle_timeout_ms"] / 1000, ingest.caps, ingest.access))
                 closers.append(await _serve_app(app, cfg["host"], cfg["http_port"]))
                 whip = f", {cfg['host']}:{cfg['http_port']} (WHIP)"
             health_port = await _health_server(cfg, closers, lambda r: ingest.kick(r.stream, r.reason))
@@ -529,7 +568,8 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             closers.append(catalog.close)
             playback = Playback(wiring.upstream(), _playback_settings(cfg), node_id=node_id,
                                 list_streams=catalog.streams, signer=Signer.parse(cfg["secret"]),
-                                caps=_caps("playback", cfg), hooks=_hooks(cfg, "on_play", "on_stop"))
+                                caps=_caps("playback", cfg), hooks=_hooks(cfg, "on_play", "on_stop"),
+                                access=AccessLists.from_config(cfg))
             closers.append(playback.close)
             closers.append(playback.links.close)
             closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
@@ -537,10 +577,13 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
                 closers.append(_closing(await playback.listen_tls(cfg["host"], cfg["https_port"], context)))
             if cfg["rtmp_port"]:
                 closers.append(_closing(await playback.listen_rtmp(cfg["host"], cfg["rtmp_port"])))
+            if cfg["rtmps_port"] and (rtmps := _tls(cfg, alpn=None)) is not None:
+                closers.append(_closing(await playback.listen_rtmp(cfg["host"], cfg["rtmps_port"], rtmps)))
             health_port = await _health_server(cfg, closers, lambda r: playback.kick(r.client_id, r.reason))
             _register_playback(wiring, playback, cfg, cfg["rtmp_port"], health_port)
             rtmp = f", {cfg['rtmp_port']} (RTMP play)" if cfg["rtmp_port"] else ""
             rtmp += f", {cfg['https_port']} (HTTPS: HTTP/2, HTTP/1.1)" if cfg["tls_cert"] else ""
+            rtmp += f", {cfg['rtmps_port']} (RTMPS play)" if cfg["tls_cert"] and cfg["rtmps_port"] else ""
             print(f"castmesh playback listening on {cfg['host']}:{cfg['http_port']} (HTTP-FLV){rtmp}, "
                   f"{_peer_text(cfg)}", flush=True)
         await runtime.until_stopped(stop)
@@ -593,14 +636,15 @@ async def _serve_gateway(cfg: dict[str, Any], closers: list[Callable[[], Awaitab
           flush=True)
 
 
-def _tls(cfg: dict[str, Any]) -> ssl.SSLContext | None:
-    """The HTTPS context from --tls-cert and --tls-key, or None when they are not given."""
+def _tls(cfg: dict[str, Any], alpn: list[str] | None = HTTPS_ALPN) -> ssl.SSLContext | None:
+    """The TLS context from --tls-cert and --tls-key (HTTPS: offering h2 and http/1.1), or None when they are
+    not given."""
     if not cfg["tls_cert"] and not cfg["tls_key"]:
         return None
     if not cfg["tls_cert"] or not cfg["tls_key"]:
         raise ConfigError("HTTPS needs both --tls-cert and --tls-key")
     try:
-        context = tls_context(cfg["tls_cert"], cfg["tls_key"], HTTPS_ALPN)
+        context = tls_context(cfg["tls_cert"], cfg["tls_key"], alpn)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the TLS certificate or key: {exc}") from exc
     return context

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 
 from castmesh.rtmp.client import ClientConnection, ClientEvent, PlayStarted, PublishStarted, Refused, StreamEnded
@@ -34,10 +35,15 @@ class RtmpClient:
 
     @classmethod
     async def open(cls, host: str, port: int, app: str, name: str, mode: str = "publish", tc_url: str = "",
-                   timeout: float = 10.0) -> RtmpClient:
-        """Connect and run the session up to publishing or playing; RtmpRefused if the server says no."""
-        conn = ClientConnection(app, name, mode=mode, tc_url=tc_url or f"rtmp://{host}:{port}/{app}")
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+                   timeout: float = 10.0, tls: ssl.SSLContext | None = None,
+                   local_address: tuple[str, int] | None = None) -> RtmpClient:
+        """Connect and run the session up to publishing or playing; RtmpRefused if the server says no. With
+        `tls`, RTMPS: the same session inside TLS (the certificate checked as `tls` says, for `host`)."""
+        scheme = "rtmps" if tls is not None else "rtmp"
+        conn = ClientConnection(app, name, mode=mode, tc_url=tc_url or f"{scheme}://{host}:{port}/{app}")
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            host, port, ssl=tls, server_hostname=host if tls is not None else None, local_addr=local_address),
+            timeout)
         client = cls(conn, reader, writer)
         try:
             await asyncio.wait_for(client._start(), timeout)

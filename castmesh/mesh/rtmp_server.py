@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, cast
@@ -27,6 +28,7 @@ from castmesh.media.frames import make_frame
 from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.logs import event
 from castmesh.mesh.sessions import Publish, Publishes, Refused, StreamRequest
+from castmesh.mesh.tls import serve_tls
 from castmesh.rtmp.connection import (
     Connected,
     Event,
@@ -105,6 +107,7 @@ class RtmpServer:
         self.protocol_errors = protocol_errors
         self.connections: set[RtmpServerSession] = set()
         self.sweeper: asyncio.Task[None] | None = None
+        self.servers: list[asyncio.Server] = []  # the plain port, and the TLS one if there is one
 
     async def listen(self, host: str, port: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -113,13 +116,24 @@ class RtmpServer:
                                               backlog=1024)
         except OSError as exc:
             raise OSError(f"cannot listen on {host}:{port} (RTMP): {exc.strerror or exc}") from exc
-        self.sweeper = loop.create_task(self._sweep(server))
+        return self._sweeping(server)
+
+    async def listen_tls(self, host: str, port: int, context: ssl.SSLContext, service: str) -> asyncio.Server:
+        """RTMPS: the same sessions inside TLS (the handshake within handshake_timeout, then RTMP's)."""
+        server = await serve_tls(host, port, context, lambda alpn: RtmpServerSession(self), self.handshake_timeout,
+                                 service, "RTMPS")
+        return self._sweeping(server)
+
+    def _sweeping(self, server: asyncio.Server) -> asyncio.Server:
+        self.servers.append(server)
+        if self.sweeper is None or self.sweeper.done():
+            self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
         return server
 
-    async def _sweep(self, server: asyncio.Server) -> None:
+    async def _sweep(self) -> None:
         """Close connections that never finish the handshake, never play, or go silent (half-open, stuck)."""
         every = min(SWEEP_EVERY, self.handshake_timeout / 2, *([self.setup_timeout / 2] if self.setup_timeout else []))
-        while server.is_serving() or self.connections:
+        while any(server.is_serving() for server in self.servers) or self.connections:
             await asyncio.sleep(every)
             now = time.monotonic()
             for session in list(self.connections):

@@ -7,7 +7,7 @@ GOP replay, failover). An adapter needs nothing else of ingest, and ingest nothi
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,6 +23,7 @@ class StreamRequest:
     query: dict[str, str]  # the URL's query: a signed URL's expires and sign, anything the hooks should see
     peer: str  # the client's address, "ip:port"
     protocol: str  # "rtmp", "whip", "srt"...
+    headers: Mapping[str, str] | None = None  # an HTTP request's (lower-case names): X-Forwarded-For
 
     @property
     def ip(self) -> str:

@@ -224,8 +224,9 @@ class Gateway:
             entries = [e for e in entries if e.node.meta.get("rtmp")]
         if not entries:
             raise web.HTTPServiceUnavailable(text=f"no live playback node serves {protocol}")
-        if secure and protocol != "rtmp":  # a caller on HTTPS (a page there cannot load http:// media)
-            entries = [e for e in entries if e.node.meta.get("https")] or entries
+        if secure:  # a caller on HTTPS (a page there cannot load http:// media): nodes with TLS first
+            tls = "rtmps" if protocol == "rtmp" else "https"
+            entries = [e for e in entries if e.node.meta.get(tls)] or entries
         now = time.monotonic()
         loads = {}
         for e in entries:
@@ -260,8 +261,13 @@ class Gateway:
         ingests = [e for e in (await self._nodes()).nodes if e.node.role == NODE_ROLE_INGEST]
         if not ingests:
             return problem(503, "Service Unavailable", "no live ingest node")
+        if secure(request):  # a caller on TLS is sent to RTMPS where an ingest has it
+            ingests = [e for e in ingests if e.node.meta.get("rtmps")] or ingests
         best = min(ingests, key=lambda e: (e.load.streams, e.node.id)).node
         host = best.address.rpartition(":")[0]
+        if secure(request) and best.meta.get("rtmps"):
+            return web.json_response({"url": f"rtmps://{host}:{best.meta['rtmps']}/{app}/{name}", "node": best.id,
+                                      "protocol": "rtmps"})
         return web.json_response({"url": f"rtmp://{host}:{best.meta.get('rtmp', '1935')}/{app}/{name}",
                                   "node": best.id, "protocol": "rtmp"})
 
@@ -347,10 +353,12 @@ def secure(request: web.Request) -> bool:
 
 def url_for(node: Node, app: str, name: str, protocol: str, query: dict[str, str], secure: bool = False) -> str:
     """Where `node` serves the stream over `protocol`; over TLS when the caller is on TLS and the node has
-    an HTTPS port (meta "https")."""
+    a TLS port for it (meta "https", "rtmps")."""
     host = node.address.rpartition(":")[0]
     suffix = f"?{urlencode(query)}" if query else ""
     if protocol == "rtmp":
+        if secure and node.meta.get("rtmps"):
+            return f"rtmps://{host}:{node.meta['rtmps']}/{app}/{name}{suffix}"
         return f"rtmp://{host}:{node.meta['rtmp']}/{app}/{name}{suffix}"
     tls = secure and bool(node.meta.get("https"))
     address = f"{host}:{node.meta['https']}" if tls else node.address

@@ -58,7 +58,8 @@ DOCUMENT: dict[str, Any] = {
             "responses": {"200": _json("Placement", "Where to play"), "400": PROBLEM, "403": PROBLEM,
                           "404": PROBLEM, "503": PROBLEM}}},
         "/api/v1/publish/{app}/{stream}": {"get": {
-            "summary": "The RTMP URL of the ingest node a publisher should use", "operationId": "publish",
+            "summary": "The RTMP URL of the ingest node a publisher should use (RTMPS for a caller on HTTPS, "
+                       "where the ingest has it)", "operationId": "publish",
             "parameters": _path_params("app", "stream"),
             "responses": {"200": _json("Placement", "Where to publish"), "503": PROBLEM}}},
         "/api/v1/nodes": {"get": {
@@ -83,7 +84,7 @@ DOCUMENT: dict[str, Any] = {
             "detail": {"type": "string"}}},
         "Placement": {"type": "object", "required": ["url", "node", "protocol"], "properties": {
             "url": {"type": "string"}, "node": {"type": "string"},
-            "protocol": {"type": "string", "enum": ["flv", "hls", "rtmp", "ws", "webrtc"]}}},
+            "protocol": {"type": "string", "enum": ["flv", "hls", "rtmp", "rtmps", "ws", "webrtc"]}}},
         "Stream": {"type": "object", "required": ["app", "stream", "publisher", "viewers", "nodes"], "properties": {
             "app": {"type": "string"}, "stream": {"type": "string"}, "vhost": {"type": "string"},
             "publisher": {"type": "object", "properties": {"holder": {"type": "string"},

@@ -22,6 +22,7 @@ from prometheus_client import Counter, Gauge
 
 from castmesh.media.frames import stream_key, stream_path
 from castmesh.mesh import tracing
+from castmesh.mesh.access import AccessLists
 from castmesh.mesh.auth import Signer
 from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.hooks import Hooks
@@ -64,10 +65,11 @@ class Ingest:
     def __init__(self, leases: LeaseFactory, batch_ms: float = 50.0, limits: RtmpLimits | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
                  node_id: str = "ingest", signer: Signer | None = None, caps: ConnectionCaps | None = None,
-                 hooks: Hooks | None = None) -> None:
+                 hooks: Hooks | None = None, access: AccessLists | None = None) -> None:
         self.leases = leases
         self.hooks = hooks or Hooks()
         self.signer = signer or Signer()
+        self.access = access or AccessLists()
         self.caps = caps or ConnectionCaps("ingest")
         self.links = RelayLinks()
         self.node_id = node_id
@@ -124,8 +126,9 @@ class PublishSession:
         if not request.app:
             raise Refused("rejected", "connect named no application (rtmp://host/APP/stream)"
                           if request.protocol == "rtmp" else "no application named")
-        refused = self.ingest.signer.refuse(request.app, request.name, request.query) or await self.ingest.hooks.ask(
-            "on_publish", self._hook_body())
+        refused = (self.ingest.access.refuse("publish", request.app, request.ip, request.headers)
+                   or self.ingest.signer.refuse(request.app, request.name, request.query)
+                   or await self.ingest.hooks.ask("on_publish", self._hook_body()))
         if self.ended:
             raise Refused("rejected", "the publisher left while its publish was being asked for")
         if refused:

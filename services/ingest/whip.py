@@ -28,6 +28,7 @@ from prometheus_client import Counter
 from castmesh.media import amf0
 from castmesh.media.codecs import CodecError, avc_dimensions
 from castmesh.media.frames import AUDIO, DATA, VIDEO, make_frame
+from castmesh.mesh.access import AccessLists, ip_of
 from castmesh.mesh.auth import bearer_query
 from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.logs import event
@@ -181,8 +182,9 @@ class WhipIngest:
     """WHIP requests, whatever HTTP server brings them (ingest's own port, or `castmesh up`'s one)."""
 
     def __init__(self, publishes: Publishes, ice: IceSettings, handshake_timeout: float,
-                 idle_timeout: float, caps: ConnectionCaps | None = None) -> None:
+                 idle_timeout: float, caps: ConnectionCaps | None = None, access: AccessLists | None = None) -> None:
         self.publishes = publishes
+        self.access = access or AccessLists()  # checked before the offer is read (and again by the session)
         self.caps = caps or ConnectionCaps("ingest")  # a WHIP publisher counts as a connection, as RTMP's do
         self.ice = ice
         self.handshake_timeout = handshake_timeout
@@ -210,6 +212,9 @@ class WhipIngest:
 
     async def _offer(self, app: str, name: str, query: dict[str, str], headers: dict[str, str], body: bytes,
                      peer: str) -> Reply:
+        refused = self.access.refuse("publish", app, ip_of(peer), headers)
+        if refused:
+            return problem(403, refused)
         if headers.get("content-type", "").split(";")[0].strip().lower() != "application/sdp":
             return problem(415, "a WHIP offer is an SDP body with Content-Type: application/sdp")
         from castmesh.webrtc.peer import check_offer
@@ -239,7 +244,7 @@ class WhipIngest:
             if whip is not None:
                 whip.end(reason, clean=False)
 
-        request = StreamRequest(app, name, bearer_query(query, headers), peer, "whip")
+        request = StreamRequest(app, name, bearer_query(query, headers), peer, "whip", headers)
         publish = self.publishes.publish(request, pause=lambda paused: None, stop=stop)  # UDP cannot pause
         whip = WhipSession(publish, session_id, f"{app}/{name}", self.idle_timeout, self._ended)
         whip.ip = request.ip

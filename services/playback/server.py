@@ -34,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from castmesh.media.frames import path_of, stream_key, stream_path
 from castmesh.media.hls import CONTAINERS
 from castmesh.mesh import tracing
+from castmesh.mesh.access import AccessLists, ip_of
 from castmesh.mesh.auth import Signer, bearer_query
 from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.hooks import Hooks
@@ -94,14 +95,17 @@ class PlaybackSettings:
 class Playback:
     def __init__(self, locate: Locate, settings: PlaybackSettings | None = None, node_id: str = "playback",
                  list_streams: ListStreams | None = None, signer: Signer | None = None,
-                 caps: ConnectionCaps | None = None, hooks: Hooks | None = None) -> None:
+                 caps: ConnectionCaps | None = None, hooks: Hooks | None = None,
+                 access: AccessLists | None = None) -> None:
         self.locate = locate
         self.hooks = hooks or Hooks()
         self.caps = caps or ConnectionCaps("playback")
         self.signer = signer or Signer()
+        self.access = access or AccessLists()
         self.list_streams = list_streams
         self.page = WebPage()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.rtmp_server: RtmpServer | None = None  # this node's own RTMP (and RTMPS) play port
         self.forwarder: Forwarder | None = None  # in `castmesh up`: the in-process gateway gets the API paths
         self.whip: HttpPublishes | None = None  # in `castmesh up`: the in-process ingest's WHIP
         self.settings = settings or PlaybackSettings()
@@ -133,10 +137,15 @@ class Playback:
             self._session, lambda: H2Session(self.route, self._gone, self.caps, self.settings.idle_timeout)),
             self.settings.handshake_timeout, "playback")
 
-    async def listen_rtmp(self, host: str, port: int) -> asyncio.Server:
-        """This node's own RTMP port: plays only (publishes are refused: they go to ingest)."""
-        return await RtmpServer(None, self, caps=self.caps, handshake_timeout=self.settings.handshake_timeout,
-                                setup_timeout=self.settings.handshake_timeout, node_id=self.node_id).listen(host, port)
+    async def listen_rtmp(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> asyncio.Server:
+        """This node's own RTMP port, or RTMPS port with `tls`: plays only (publishes are refused: they go to
+        ingest)."""
+        if self.rtmp_server is None:
+            self.rtmp_server = RtmpServer(None, self, caps=self.caps, handshake_timeout=self.settings.handshake_timeout,
+                                          setup_timeout=self.settings.handshake_timeout, node_id=self.node_id)
+        if tls is not None:
+            return await self.rtmp_server.listen_tls(host, port, tls, "playback")
+        return await self.rtmp_server.listen(host, port)
 
     def play_rtmp(self, request: StreamRequest, play: RtmpPlay) -> Callable[[], None]:
         """Start an RTMP play (from this node's RTMP port, or from the one port of `castmesh up`); the
@@ -145,7 +154,8 @@ class Playback:
         if not request.app:
             player.refuse(404, "connect named no application (rtmp://host/APP/stream)")
             return lambda: None
-        refused = self.signer.refuse(request.app, request.name, request.query)
+        refused = self.access.refuse("play", request.app, request.ip) or self.signer.refuse(
+            request.app, request.name, request.query)
         if refused:
             player.refuse(403, refused)
             return lambda: None
@@ -214,7 +224,8 @@ class Playback:
         session.respond(404, b"no such path; streams are at /{app}/{stream}.flv or .m3u8\n")
 
     def _refused(self, session: HttpSession, request: Request, app: str, name: str) -> bool:
-        refused = self.signer.refuse(app, name, request.query)
+        refused = ((self.access.enabled and self.access.refuse("play", app, ip_of(session.peer), request.headers))
+                   or self.signer.refuse(app, name, request.query))
         if refused:
             session.respond(403, f"{refused}\n".encode(), [NO_CACHE], close=True)
         return bool(refused)
@@ -334,7 +345,8 @@ class Playback:
         if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/sdp":
             problem(session, 415, "a WHEP offer is an SDP body with Content-Type: application/sdp")
             return
-        refused = self.signer.refuse(app, name, bearer_query(request.query, request.headers))
+        refused = self.access.refuse("play", app, ip_of(session.peer), request.headers) or self.signer.refuse(
+            app, name, bearer_query(request.query, request.headers))
         if refused:
             problem(session, 403, refused)
             return
