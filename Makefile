@@ -9,7 +9,7 @@ WEB_STAMP := web/node_modules/.installed-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
 
-.PHONY: install browser web up test lint proto bench peers clean
+.PHONY: install browser web srt up test lint proto bench peers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,14 +36,20 @@ $(WEB_STAMP): web/package.json web/package-lock.json
 
 web: $(WEB_STAMP)
 
-up: $(STAMP) $(WEB_STAMP)
+# SRT: Debian's libsrt 1.5 (OpenSSL build), which castmesh/srt/libsrt.py binds with ctypes.
+srt:
+	@ldconfig -p | grep -q 'libsrt\.so\.1\.5' || { \
+		echo "installing Debian's libsrt for SRT"; \
+		$(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q libsrt1.5-openssl; }
+
+up: $(STAMP) $(WEB_STAMP) srt
 	$(VENV)/bin/castmesh up $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check castmesh castmesh_bench services tests tools
 	$(VENV)/bin/mypy
 
-test: lint browser web
+test: lint browser web srt
 	$(VENV)/bin/pytest
 
 proto: $(STAMP)
