@@ -278,7 +278,7 @@ def adts_header(config: AudioConfig, frame_size: int) -> bytes:
     ))
 
 
-class _Bits:
+class Bits:
     """An H.264 RBSP read bit by bit (emulation prevention bytes removed), bounded by its length."""
 
     def __init__(self, nal: bytes) -> None:
@@ -313,7 +313,7 @@ class _Bits:
 
 def avc_dimensions(sps: bytes) -> tuple[int, int]:
     """Width and height of the pictures an H.264 SPS NAL unit describes (ITU-T H.264 7.3.2.1.1), cropped."""
-    bits = _Bits(sps[1:])
+    bits = Bits(sps[1:])
     profile = bits.bits(8)
     bits.bits(16)  # constraint flags, level
     bits.ue()  # seq_parameter_set_id

@@ -133,3 +133,195 @@ class TsWriter:
             pos += take
             first = False
         return b"".join(out)
+
+
+# Reading ----------------------------------------------------------------------------------------------
+
+STREAM_TYPE_HEVC = 0x24
+READ_TYPES = {STREAM_TYPE_H264: "h264", STREAM_TYPE_HEVC: "hevc", STREAM_TYPE_AAC_ADTS: "aac"}
+MAX_PES = 8 << 20  # bytes of one PES packet: a 4K keyframe is a few MB
+MAX_SECTION = 1024  # PAT and PMT sections: ISO 13818-1 caps them at 1021 bytes
+MAX_TRACKS = 8  # elementary streams taken from one PMT
+
+
+class TsError(ValueError):
+    """Input that is not a transport stream at all (no sync to be found)."""
+
+
+class Pes:
+    """One elementary stream packet: its track ("h264", "hevc", "aac"), 90 kHz PTS and DTS, and payload."""
+
+    __slots__ = ("data", "dts", "kind", "pid", "pts")
+
+    def __init__(self, pid: int, kind: str, pts: int, dts: int, data: bytes) -> None:
+        self.pid, self.kind, self.pts, self.dts, self.data = pid, kind, pts, dts, data
+
+
+class TsReader:
+    """A transport stream in, PES packets of the first program's H.264, HEVC and AAC tracks out. Sans-IO:
+    `feed` takes bytes cut anywhere and returns the PES packets they complete.
+
+    Bounded: a partial packet (under 188 bytes) and one PES per track of at most MAX_PES are held; a PES
+    that grows past that, or that loses a packet (a continuity counter skips), is dropped and counted in
+    `errors`. Lost sync is found again at the next 0x47 that a second one 188 bytes on confirms."""
+
+    def __init__(self) -> None:
+        self.rest = b""
+        self.pmt_pid: int | None = None
+        self.tracks: dict[int, str] = {}  # PID -> kind
+        self.sections: dict[int, bytearray] = {}
+        self.building: dict[int, list[bytes]] = {}
+        self.sizes: dict[int, int] = {}
+        self.counters: dict[int, int] = {}
+        self.errors = 0
+        self.resyncs = 0
+
+    def feed(self, data: bytes) -> list[Pes]:
+        out: list[Pes] = []
+        buffer = self.rest + data if self.rest else data
+        pos, end = 0, len(buffer)
+        while end - pos >= PACKET:
+            if buffer[pos] != 0x47:
+                pos = self._resync(buffer, pos)
+                continue
+            self._packet(memoryview(buffer)[pos:pos + PACKET], out)
+            pos += PACKET
+        self.rest = bytes(buffer[pos:])
+        return out
+
+    def flush(self) -> list[Pes]:
+        """The PES packets still being gathered (at the end of the stream)."""
+        out: list[Pes] = []
+        for pid in list(self.building):
+            self._finish(pid, out)
+        return out
+
+    def _resync(self, buffer: bytes, pos: int) -> int:
+        """Where the next packet starts: a 0x47 with another 0x47 188 bytes on (or too near the end to
+        tell yet); the end of the buffer if there is no 0x47 at all."""
+        self.resyncs += 1
+        at = pos + 1
+        while True:
+            found = buffer.find(b"\x47", at)
+            if found < 0:
+                return len(buffer)
+            if found + PACKET >= len(buffer) or buffer[found + PACKET] == 0x47:
+                return found
+            at = found + 1
+
+    def _packet(self, packet: memoryview, out: list[Pes]) -> None:
+        start = bool(packet[1] & 0x40)
+        pid = ((packet[1] & 0x1F) << 8) | packet[2]
+        control, counter = (packet[3] >> 4) & 0x03, packet[3] & 0x0F
+        offset = 4
+        if control & 0x02:  # adaptation field
+            offset += 1 + packet[4]
+        if not control & 0x01 or offset >= PACKET:
+            return  # no payload
+        payload = packet[offset:]
+        if pid in self.tracks:
+            expected = self.counters.get(pid)
+            self.counters[pid] = counter
+            if expected is not None and counter == expected:
+                return  # a duplicate packet (ISO 13818-1 allows one)
+            if expected is not None and counter != (expected + 1) & 0x0F and pid in self.building and not start:
+                self._drop(pid)  # a packet was lost: the PES would decode wrong
+            self._pes_data(pid, start, payload, out)
+        elif pid == PAT_PID or pid == self.pmt_pid:
+            self._section(pid, start, payload)
+
+    def _pes_data(self, pid: int, start: bool, payload: memoryview, out: list[Pes]) -> None:
+        if start:
+            self._finish(pid, out)
+            self.building[pid] = []
+            self.sizes[pid] = 0
+        parts = self.building.get(pid)
+        if parts is None:
+            return  # joined mid-PES: wait for the next start
+        self.sizes[pid] += len(payload)
+        if self.sizes[pid] > MAX_PES:
+            self._drop(pid)
+            return
+        parts.append(bytes(payload))
+
+    def _drop(self, pid: int) -> None:
+        self.building.pop(pid, None)
+        self.errors += 1
+
+    def _finish(self, pid: int, out: list[Pes]) -> None:
+        parts = self.building.pop(pid, None)
+        if not parts:
+            return
+        data = b"".join(parts)
+        if len(data) < 9 or data[:3] != b"\x00\x00\x01":
+            self.errors += 1
+            return
+        flags, header_length = data[7], data[8]
+        body = 9 + header_length
+        if body > len(data) or (flags & 0x80 and header_length < 5) or (flags & 0x40 and header_length < 10):
+            self.errors += 1
+            return
+        if not flags & 0x80:
+            self.errors += 1  # no PTS: nothing to place it with
+            return
+        pts = _read_timestamp(data, 9)
+        dts = _read_timestamp(data, 14) if flags & 0x40 else pts
+        length = (data[4] << 8) | data[5]
+        payload = data[body:6 + length] if length else data[body:]
+        out.append(Pes(pid, self.tracks[pid], pts, dts, payload))
+
+    def _section(self, pid: int, start: bool, payload: memoryview) -> None:
+        if start:
+            pointer = payload[0]
+            self.sections[pid] = bytearray(payload[1 + pointer:])
+        elif pid in self.sections:
+            self.sections[pid] += payload
+        else:
+            return
+        section = self.sections[pid]
+        if len(section) > MAX_SECTION:
+            del self.sections[pid]
+            self.errors += 1
+            return
+        if len(section) < 3:
+            return
+        length = ((section[1] & 0x0F) << 8) | section[2]
+        if len(section) < 3 + length:
+            return
+        del self.sections[pid]
+        body = bytes(section[:3 + length])
+        if length < 9 or crc32_mpeg2(body[:-4]) != int.from_bytes(body[-4:], "big"):
+            self.errors += 1
+            return
+        if pid == PAT_PID and body[0] == 0x00:
+            self._pat(body[8:-4])
+        elif body[0] == 0x02:
+            self._pmt(body)
+
+    def _pat(self, entries: bytes) -> None:
+        for at in range(0, len(entries) - 3, 4):
+            program = (entries[at] << 8) | entries[at + 1]
+            if program != 0:  # 0 names the network PID
+                self.pmt_pid = ((entries[at + 2] & 0x1F) << 8) | entries[at + 3]
+                return
+
+    def _pmt(self, body: bytes) -> None:
+        info_length = ((body[10] & 0x0F) << 8) | body[11]
+        at, end = 12 + info_length, len(body) - 4
+        tracks: dict[int, str] = {}
+        while at + 5 <= end and len(tracks) < MAX_TRACKS:
+            stream_type, pid = body[at], ((body[at + 1] & 0x1F) << 8) | body[at + 2]
+            es_length = ((body[at + 3] & 0x0F) << 8) | body[at + 4]
+            kind = READ_TYPES.get(stream_type)
+            if kind is not None and kind not in tracks.values():
+                tracks[pid] = kind  # the first track of each kind
+            at += 5 + es_length
+        if tracks != self.tracks:
+            for pid in set(self.building) - set(tracks):
+                self.building.pop(pid)
+            self.tracks = tracks
+
+
+def _read_timestamp(data: bytes, at: int) -> int:
+    return (((data[at] >> 1) & 0x07) << 30) | (data[at + 1] << 22) | ((data[at + 2] >> 1) << 15) \
+        | (data[at + 3] << 7) | (data[at + 4] >> 1)

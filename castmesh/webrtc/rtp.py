@@ -366,11 +366,3 @@ class H264Depacketizer:
                 return None
             self.waiting_keyframe = False
         return timestamp, units
-
-
-def avc_record(sps: bytes, pps: bytes) -> bytes:
-    """An AVCDecoderConfigurationRecord (ISO 14496-15 5.3.3.1) for one SPS and one PPS, 4-byte lengths."""
-    if len(sps) < 4:
-        raise CodecError("SPS shorter than its profile and level")
-    return (bytes((1, sps[1], sps[2], sps[3], 0xFF, 0xE1)) + len(sps).to_bytes(2, "big") + sps
-            + b"\x01" + len(pps).to_bytes(2, "big") + pps)

@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import Counter
 
-from castmesh.media import amf0
-from castmesh.media.codecs import CodecError, avc_dimensions
-from castmesh.media.frames import AUDIO, DATA, VIDEO, make_frame
+from castmesh.media.codecs import CodecError
+from castmesh.media.elementary import VideoPacker
+from castmesh.media.frames import AUDIO, make_frame
 from castmesh.mesh.access import AccessLists, ip_of
 from castmesh.mesh.auth import bearer_query
 from castmesh.mesh.caps import ConnectionCaps
 from castmesh.mesh.logs import event
 from castmesh.mesh.sessions import Publish, Publishes, Refused, Reply, StreamRequest, problem
-from castmesh.webrtc.rtp import H264Depacketizer, avc_record
+from castmesh.webrtc.rtp import H264Depacketizer
 from castmesh.webrtc.settings import MAX_OFFER, IceSettings, OfferError
 
 if TYPE_CHECKING:  # aiortc and PyAV load with the first WHIP request
@@ -44,7 +44,6 @@ log = logging.getLogger("castmesh.ingest")
 
 WHIP_PACKETS = Counter("castmesh_ingest_whip_packets", "RTP packets from WHIP publishers", ["kind"])
 REFUSED_KINDS = {"unauthorized": 403, "unavailable": 503, "rejected": 409}
-_SPS, _PPS, _AUD, _IDR = 7, 8, 9, 5
 KEYFRAME_ASK_EVERY = 1.0  # while a picture is missing, the publisher is sent a PLI at most this often
 _ids = itertools.count(1)
 
@@ -61,7 +60,7 @@ class WhipSession:
         self.on_end = on_end
         self.publisher: Publisher | None = None
         self.video = H264Depacketizer()
-        self.parameter_sets: tuple[bytes, bytes] | None = None
+        self.packer = VideoPacker("h264", "castmesh WHIP")  # onMetaData, sequence headers, pictures
         self.transcoder: Transcoder | None = None
         self.audio_config_sent = False
         self.started = time.monotonic()
@@ -125,30 +124,10 @@ class WhipSession:
         if picture is None:
             return
         timestamp, units = picture
-        ms = self._ms("video", timestamp, 90)
-        sps = next((u for u in units if u[0] & 0x1F == _SPS), None)
-        pps = next((u for u in units if u[0] & 0x1F == _PPS), None)
-        if sps is not None and pps is not None and (sps, pps) != self.parameter_sets:
-            self.parameter_sets = (sps, pps)
-            self.publish.push(make_frame(DATA, ms, self._metadata(sps)))
-            self.publish.push(make_frame(VIDEO, ms, b"\x17\x00\x00\x00\x00" + avc_record(sps, pps)))
-        if self.parameter_sets is None:
-            return  # nothing decodes before the parameter sets
-        keyframe = any(u[0] & 0x1F == _IDR for u in units)
-        body = b"".join(len(u).to_bytes(4, "big") + u for u in units if u[0] & 0x1F not in (_SPS, _PPS, _AUD))
-        self.publish.push(make_frame(VIDEO, ms, bytes((0x17 if keyframe else 0x27, 1, 0, 0, 0)) + body))
-
-    def _metadata(self, sps: bytes) -> bytes:
-        """onMetaData, as an RTMP encoder sends it: what the stream carries and its picture's size (which
-        the listings show and HLS's fMP4 init segment carries)."""
-        meta: dict[str, Any] = {"videocodecid": 7.0, "encoder": "castmesh WHIP"}
-        try:
-            meta["width"], meta["height"] = (float(v) for v in avc_dimensions(sps))
-        except CodecError:
-            pass  # a size is nice to have; the stream plays without it
-        if self.publisher is not None and "audio" in self.publisher.payload_types:
-            meta |= {"audiocodecid": 10.0, "audiosamplerate": 48000.0, "stereo": True}
-        return amf0.encode("onMetaData", meta)
+        if self.packer.audio is None and self.publisher is not None and "audio" in self.publisher.payload_types:
+            self.packer.audio = {"audiocodecid": 10.0, "audiosamplerate": 48000.0, "stereo": True}
+        for kind, ms, payload in self.packer.push(self._ms("video", timestamp, 90), 0, units):
+            self.publish.push(make_frame(kind, ms, payload))
 
     def _audio(self, packet: Any) -> None:
         if self.transcoder is None:

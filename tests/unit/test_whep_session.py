@@ -9,8 +9,9 @@ import struct
 import time
 from typing import Any
 
+from castmesh.media.elementary import avc_record
 from castmesh.media.frames import VIDEO, make_frame
-from castmesh.webrtc.rtp import avc_record, parse_header
+from castmesh.webrtc.rtp import parse_header
 from services.playback.viewer import Viewer
 from services.playback.webrtc import RESEND_PER_SECOND, WebRtcStream, WhepSession
 from tests.unit.test_rtp import PPS, SPS
