@@ -61,6 +61,7 @@ from services.dispatch.directory import Directory, InMemoryDirectory
 from services.gateway.app import Gateway
 from services.ingest.lease import DispatchLease, FixedLease, Lease
 from services.ingest.session import Ingest
+from services.ingest.srt import SrtIngest, parse_passphrases
 from services.ingest.whip import WhipIngest, whip_app
 from services.playback.forward import Forwarder
 from services.playback.h2 import HTTPS_ALPN, H2Session, by_alpn
@@ -76,6 +77,15 @@ RTMP_PORT = Option("--rtmp-port", 1935, "RTMP port for publishers (in `up`, for 
 PLAY_RTMP_PORT = Option("--rtmp-port", 1936, "RTMP port for players (0: no RTMP play)", config.port)
 RTMPS_PORT = Option("--rtmps-port", 1937, "RTMPS port (RTMP inside TLS) when --tls-cert is given (0: none)",
                     config.port)
+SRT_PORT = Option("--srt-port", 8890, "UDP port for SRT publishers (stream id #!::r=APP/STREAM,m=publish or "
+                  "publish:APP/STREAM); 0: none", config.port)
+SRT_PASSPHRASE = Option("--srt-passphrase", "", "SRT encryption: one passphrase (10-79 characters) or per app "
+                        "live=PASS,studio=PASS; callers without it are rejected")
+SRT_LATENCY_MS = Option("--srt-latency-ms", 120, "SRT receive latency: how long lost packets may take to be "
+                        "resent (ms; SRT's default 120)", config.positive)
+SRT_MAX_BW = Option("--srt-max-bw", 0, "SRT: cap on the bytes per second a connection sends, retransmissions "
+                    "included (0: libsrt's default)", config.non_negative)
+SRT = [SRT_PORT, SRT_PASSPHRASE, SRT_LATENCY_MS, SRT_MAX_BW]
 PLAY_RTMPS_PORT = Option("--rtmps-port", 0, "RTMPS port for players, with --tls-cert (0: none)", config.port)
 HTTP_PORT = Option("--http-port", 8080, "HTTP port for HTTP-FLV viewers and /metrics", config.port)
 GRPC_PORT = Option("--grpc-port", 50051, "gRPC port of the relay", config.port)
@@ -186,7 +196,7 @@ HLS = [HLS_SEGMENT_MS, HLS_WINDOW, HLS_PART_MS, HLS_IDLE_MS]
 LIMITS = [MAX_CONNECTIONS, MAX_PER_IP]
 PUBLISH_HOOKS = [ON_PUBLISH, ON_UNPUBLISH, HOOK_TIMEOUT_MS]
 PLAY_HOOKS = [ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS]
-UP = [HOST, RTMP_PORT, HTTP_PORT, *TLS, RTMPS_PORT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, *WEBRTC,
+UP = [HOST, RTMP_PORT, HTTP_PORT, *TLS, RTMPS_PORT, *SRT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, *WEBRTC,
       GRACE_MS, SECRET, *LIMITS, PUBLISH_ALLOW, PUBLISH_DENY, PLAY_ALLOW, PLAY_DENY, TRUSTED_PROXIES,
       HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, ON_PUBLISH, ON_UNPUBLISH, ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS, NO_DEMO,
       *COMMON]
@@ -194,8 +204,8 @@ SERVE = {
     "dispatch": [HOST, DISPATCH_PORT, GRACE_MS, METRICS_PORT, REGISTRY, *COMMON],
     "relay": [HOST, GRPC_PORT, ROLE, DISPATCH, UPSTREAM, ZONE, ADVERTISE, MAX_LAG_MS, GRACE_MS, METRICS_PORT,
               REGISTRY, *COMMON],
-    "ingest": [HOST, RTMP_PORT, TLS_CERT, TLS_KEY, RTMPS_PORT, WHIP_PORT, *WEBRTC_ICE, HEALTH_PORT, DISPATCH, RELAY,
-               BATCH_MS, METRICS_PORT, REGISTRY, SECRET, *LIMITS, *PUBLISH_ACCESS, HANDSHAKE_TIMEOUT_MS,
+    "ingest": [HOST, RTMP_PORT, TLS_CERT, TLS_KEY, RTMPS_PORT, *SRT, WHIP_PORT, *WEBRTC_ICE, HEALTH_PORT, DISPATCH,
+               RELAY, BATCH_MS, METRICS_PORT, REGISTRY, SECRET, *LIMITS, *PUBLISH_ACCESS, HANDSHAKE_TIMEOUT_MS,
                IDLE_TIMEOUT_MS, *PUBLISH_HOOKS, *COMMON],
     "playback": [HOST, HTTP_PORT, *TLS, PLAY_RTMP_PORT, PLAY_RTMPS_PORT, HEALTH_PORT, DISPATCH, RELAY, ZONE, MERGE_MS,
                  MAX_LAG_MS, *HLS, *WEBRTC, REGISTRY, SECRET, *LIMITS, *PLAY_ACCESS, HANDSHAKE_TIMEOUT_MS,
@@ -329,6 +339,8 @@ def _banner(cfg: dict[str, Any], relay_port: int, dispatch_port: int) -> str:
         "castmesh is up: dispatch, relay, ingest, playback and gateway in one process (no Consul)",
         f"  publish  rtmp://{host}:{rtmp}/live/STREAM   (OBS: server rtmp://{host}:{rtmp}/live, key STREAM)",
         f"           http://{host}:{http}/live/STREAM/whip (WHIP: WebRTC, H.264 and Opus)",
+        *([f"           srt://{host}:{cfg['srt_port']}?streamid=publish:live/STREAM (SRT: MPEG-TS, H.264/HEVC, AAC)"]
+          if cfg["srt_port"] else []),
         f"  play     http://{host}:{http}/live/STREAM.flv (HTTP-FLV, WebSocket-FLV)",
         f"           http://{host}:{http}/live/STREAM.m3u8 (HLS)   rtmp://{host}:{rtmp}/live/STREAM",
         f"           http://{host}:{http}/live/STREAM/whep (WHEP: WebRTC)",
@@ -366,6 +378,7 @@ async def up(cfg: dict[str, Any]) -> int:
         closers.append(_closing(await rtmp.listen(cfg["host"], cfg["rtmp_port"])))
         if cfg["rtmps_port"] and (rtmps := _tls(cfg, alpn=None)) is not None:
             closers.append(_closing(await rtmp.listen_tls(cfg["host"], cfg["rtmps_port"], rtmps, "ingest")))
+        await _listen_srt(cfg, ingest, closers)
         catalog = Catalog(wiring.dispatch)
         closers.append(catalog.close)
         playback = Playback(wiring.upstream(), _playback_settings(cfg), list_streams=catalog.streams, signer=signer,
@@ -425,6 +438,20 @@ async def _wait_registered(wiring: Wiring) -> None:
         if (await wiring.dispatch.ListNodes(ListNodesRequest())).nodes:
             return
         await asyncio.sleep(0.02)
+
+
+async def _listen_srt(cfg: dict[str, Any], ingest: Ingest, closers: list[Callable[[], Awaitable[None]]]) -> str:
+    """Ingest's SRT port, if --srt-port is not 0; the banner's words for it."""
+    if not cfg["srt_port"]:
+        return ""
+    srt = SrtIngest(ingest, parse_passphrases(cfg["srt_passphrase"]), cfg["srt_latency_ms"], cfg["srt_max_bw"],
+                    cfg["idle_timeout_ms"] / 1000)
+    stop = await srt.listen(cfg["host"], cfg["srt_port"])
+
+    async def close() -> None:
+        stop()
+    closers.append(close)
+    return f", {cfg['srt_port']} (SRT)"
 
 
 def _register_ingest(wiring: Wiring, ingest: Ingest, cfg: dict[str, Any], grpc_port: int) -> None:
@@ -553,11 +580,12 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             if cfg["rtmps_port"] and (rtmps := _tls(cfg, alpn=None)) is not None:
                 closers.append(_closing(await rtmp_server.listen_tls(cfg["host"], cfg["rtmps_port"], rtmps, "ingest")))
                 whip = f", {cfg['rtmps_port']} (RTMPS)"
+            whip += await _listen_srt(cfg, ingest, closers)
             if cfg["http_port"]:
                 app = whip_app(WhipIngest(ingest, _ice(cfg), cfg["handshake_timeout_ms"] / 1000,
                                           cfg["idle_timeout_ms"] / 1000, ingest.caps, ingest.access))
                 closers.append(await _serve_app(app, cfg["host"], cfg["http_port"]))
-                whip = f", {cfg['host']}:{cfg['http_port']} (WHIP)"
+                whip += f", {cfg['host']}:{cfg['http_port']} (WHIP)"
             health_port = await _health_server(cfg, closers, lambda r: ingest.kick(r.stream, r.reason))
             _register_ingest(wiring, ingest, cfg, health_port)
             print(f"castmesh ingest listening on {cfg['host']}:{cfg['rtmp_port']} (RTMP){whip}, "
