@@ -171,6 +171,7 @@ class AdtsPacker:
 
 
 TS_WRAP = 1 << 33
+MAX_AHEAD = 300  # frames held back waiting for the audio track's first frame (a few seconds of video)
 
 
 class TsFrames:
@@ -189,6 +190,7 @@ class TsFrames:
         self.last_raw = 0
         self.clock = 0  # unwrapped 90 kHz
         self.bad_media = 0  # PES packets whose contents did not parse (NAL units, parameter sets)
+        self.holding: list[Packed] | None = []  # frames held until the audio track's first frame; None: done
 
     @property
     def errors(self) -> int:
@@ -201,7 +203,20 @@ class TsFrames:
                 self._pes(pes, out)
             except CodecError:
                 self.bad_media += 1  # that access unit is lost; the next one may decode
-        return out
+        return self._in_order(out)
+
+    def _in_order(self, out: list[Packed]) -> list[Packed]:
+        """Both sequence headers before any picture, as an RTMP publisher sends them: while the PMT names an
+        AAC track whose first frame has not come, video waits (at most MAX_AHEAD frames; then it goes
+        alone, and audio that starts later is a new track to the muxers)."""
+        if self.holding is None:
+            return out
+        self.holding += out
+        if self.audio.config is None and "aac" in self.reader.tracks.values() and len(self.holding) < MAX_AHEAD:
+            return []
+        held, self.holding = self.holding, None
+        configs = [p for p in held if p[0] == AUDIO and p[2][1] == 0]
+        return configs + [p for p in held if not (p[0] == AUDIO and p[2][1] == 0)]
 
     def _ms(self, ts: int) -> float:
         if self.origin is None:
@@ -221,5 +236,7 @@ class TsFrames:
             has_audio = "aac" in self.reader.tracks.values()
             self.video = VideoPacker(pes.kind, self.encoder, {"audiocodecid": 10.0} if has_audio else None)
         dts = self._ms(pes.dts)
-        cts = round(((pes.pts - pes.dts) % TS_WRAP) / 90) if pes.pts != pes.dts else 0
-        out += self.video.push(int(dts), cts if cts < 1 << 23 else 0, nal_units(pes.data))
+        offset = (pes.pts - pes.dts) % TS_WRAP  # PTS before DTS is an encoder's error: taken as 0
+        ms = round(dts)
+        cts = round(dts + offset / 90) - ms if offset < 1 << 23 else 0  # both rounded alike: PTS order holds
+        out += self.video.push(ms, cts, nal_units(pes.data))

@@ -13,6 +13,7 @@ import ctypes.util
 import ipaddress
 import socket
 import struct
+from collections.abc import Callable
 from functools import cache
 
 SRTSOCKET = ctypes.c_int
@@ -51,7 +52,7 @@ REJX_BAD_REQUEST, REJX_UNAUTHORIZED, REJX_FORBIDDEN, REJX_NOTFOUND = 1400, 1401,
 REJX_BAD_MODE, REJX_CONFLICT, REJX_OVERLOAD = 1405, 1409, 1402
 
 MAX_STREAMID = 512  # libsrt's own limit on the stream id
-LOG_CRIT = 2  # syslog's level numbers
+LOG_CRIT, LOG_WARNING = 2, 4  # syslog's level numbers
 
 
 class SrtError(OSError):
@@ -64,6 +65,8 @@ class EpollEvent(ctypes.Structure):
     _fields_ = [("fd", SRTSOCKET), ("events", ctypes.c_int)]
 
 
+LOG_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                               ctypes.c_char_p)
 LISTEN_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, SRTSOCKET, ctypes.c_int, ctypes.c_void_p,
                                    ctypes.c_char_p)
 
@@ -173,3 +176,17 @@ def get_int(sock: int, option: int) -> int:
     length = ctypes.c_int(ctypes.sizeof(v))
     check("srt_getsockflag", lib().srt_getsockflag(sock, option, ctypes.byref(v), ctypes.byref(length)))
     return v.value
+
+
+_handlers: list[object] = []  # the ctypes callbacks libsrt holds pointers to: kept alive here
+
+
+def on_log(handler: Callable[[int, str], None], level: int = LOG_WARNING) -> None:
+    """libsrt's log lines up to `level` to handler(level, message) (in libsrt's threads), not to stderr."""
+    def call(opaque: int | None, lvl: int, file: bytes | None, line: int, area: bytes | None,
+             message: bytes | None) -> None:
+        handler(lvl, (message or b"").decode("utf-8", "replace").strip())
+    callback = LOG_HANDLER(call)
+    _handlers.append(callback)
+    lib().srt_setloghandler(None, callback)
+    lib().srt_setloglevel(level)

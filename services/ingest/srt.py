@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 
 from prometheus_client import Counter
@@ -31,6 +32,16 @@ from services.ingest.session import Ingest
 log = logging.getLogger("castmesh.ingest")
 
 REJECTED = Counter("castmesh_ingest_srt_rejected", "SRT callers rejected in the handshake, by reason", ["reason"])
+LIBSRT_REJECT = re.compile(r"rsp\(REJECT\): 10(\d\d) - (.*)")  # libsrt's own reasons (1000 + SRT_REJ_*)
+
+
+def _libsrt_log(level: int, message: str) -> None:
+    """libsrt's warnings, of which castmesh keeps one: a handshake libsrt itself rejected (a wrong or
+    missing passphrase, a version or congestion-control mismatch), which no callback reports."""
+    found = LIBSRT_REJECT.search(message)
+    if found is not None:
+        REJECTED.labels("libsrt").inc()
+        event(log, "srt.rejected", level=logging.WARNING, code=1000 + int(found[1]), reason=f"libsrt: {found[2]}")
 MAX_EARLY = 4 << 20  # TS bytes kept while a publish is being asked for
 
 
@@ -62,6 +73,7 @@ class SrtIngest:
     async def listen(self, host: str, port: int) -> Callable[[], None]:
         """Listen on host:port (UDP); the function that stops listening."""
         srt = s.lib()
+        s.on_log(_libsrt_log)
         self.poller = SrtPoller(asyncio.get_running_loop())
         sock = s.check("srt_create_socket", srt.srt_create_socket())
         try:
