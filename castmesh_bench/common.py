@@ -65,7 +65,8 @@ def spawn(args: list[str], cpus: set[int] | None = None, ready: bytes = b"listen
     """A castmesh process (with `env` added to this one's), started once it prints `ready`, optionally
     pinned to `cpus`."""
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args, "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "CASTMESH_SRT_PORT": "0", **(env or {})})  # no SRT unless asked
     assert proc.stdout is not None
     seen = b""
     while ready not in seen:

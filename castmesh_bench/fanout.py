@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import ssl
 import statistics
 import subprocess
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from castmesh.mesh import runtime
+from castmesh.mesh.tls import self_signed
 from castmesh_bench import nginx_rtmp
 from castmesh_bench.common import (
     STALL,
@@ -51,7 +53,8 @@ from castmesh_bench.viewers import HlsClient, RtmpViewer, open_rtmp_viewers
 def add_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("fanout", help="one 2 Mbps stream to N viewers (HTTP-FLV, RTMP or HLS) on loopback",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--protocol", choices=["flv", "rtmp", "hls"], default="flv", help="how viewers watch (default flv)")
+    p.add_argument("--protocol", choices=["flv", "rtmp", "rtmps", "hls"], default="flv",
+                   help="how viewers watch (default flv; rtmps: RTMP inside TLS, a certificate made for the run)")
     p.add_argument("--viewers", type=int, default=100, help="viewers or HLS clients (default 100)")
     p.add_argument("--seconds", type=float, default=20, help="measured seconds after the ramp (default 20)")
     p.add_argument("--sampled", type=int, default=20, help="viewers that parse FLV to measure lag (default 20)")
@@ -76,11 +79,16 @@ def _merged(counts: list[dict[str, int]]) -> dict[str, int]:
 
 def start_servers(server: str, host: str, server_cpus: set[int] | None, load_cpus: set[int] | None,
                   out: Path, merge_ms: float = 0, batch_ms: float = 0, rtmp_play: bool = False,
+                  tls: tuple[Path, Path] | None = None,
                   ) -> tuple[list[subprocess.Popen[bytes]], subprocess.Popen[bytes], int, int, int]:
     """Start the server under test: (processes to stop, the measured one, RTMP publish port, HTTP port,
-    RTMP play port). split: relay and ingest on the load's CPUs, playback (measured) on the server's."""
+    RTMP play port: RTMPS's with `tls`, a certificate and key). split: relay and ingest on the load's CPUs,
+    playback (measured) on the server's."""
     merge = ["--merge-ms", str(merge_ms)] if merge_ms else []
     batch = ["--batch-ms", str(batch_ms)] if batch_ms else []
+    rtmps_port = free_port()
+    secure = ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1]), "--rtmps-port", str(rtmps_port),
+              "--https-port", str(free_port())] if tls else []
     if server == "nginx-rtmp":
         if not rtmp_play:
             raise SystemExit("nginx-rtmp serves RTMP play only: use --protocol rtmp")
@@ -90,17 +98,17 @@ def start_servers(server: str, host: str, server_cpus: set[int] | None, load_cpu
     if server == "up":
         rtmp_port, http_port = free_port(), free_port()
         up = spawn(["up", "--no-demo", "--host", host, "--rtmp-port", str(rtmp_port), "--http-port", str(http_port),
-                    *merge, *batch], server_cpus, ready=b"Ctrl-C stops.")
-        return [up], up, rtmp_port, http_port, rtmp_port
+                    *secure, *merge, *batch], server_cpus, ready=b"Ctrl-C stops.")
+        return [up], up, rtmp_port, http_port, rtmps_port if tls else rtmp_port
     grpc_port, rtmp_port, http_port, play_port = free_port(), free_port(), free_port(), free_port()
     procs = [spawn(["serve", "relay", "--host", host, "--grpc-port", str(grpc_port)], load_cpus)]
     relay = f"{host}:{grpc_port}"
     procs.append(spawn(["serve", "ingest", "--host", host, "--rtmp-port", str(rtmp_port), "--relay", relay,
                         *batch], load_cpus))
     playback = spawn(["serve", "playback", "--host", host, "--http-port", str(http_port), "--rtmp-port",
-                      str(play_port if rtmp_play else 0), "--relay", relay, *merge], server_cpus)
+                      str(play_port if rtmp_play else 0), "--relay", relay, *secure, *merge], server_cpus)
     procs.append(playback)
-    return procs, playback, rtmp_port, http_port, play_port
+    return procs, playback, rtmp_port, http_port, rtmps_port if tls else play_port
 
 
 def _write_share(host: str, port: int) -> float | None:
@@ -132,9 +140,10 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any] | None:
     total = ramp_seconds + args.seconds + (12 if args.protocol == "hls" else 3)  # HLS: first segment, settling
     clip = make_clip(Path(args.out), total + 5)
     host = "127.0.0.1"
+    tls = self_signed(Path(args.out)) if args.protocol == "rtmps" else None
     procs, playback, rtmp_port, http_port, play_port = start_servers(
         args.server, host, server_cpus, load_cpus, Path(args.out), args.merge_ms, args.batch_ms,
-        rtmp_play=args.protocol == "rtmp")
+        rtmp_play=args.protocol in ("rtmp", "rtmps"), tls=tls)
     publisher, receiver = start_in_process(clip, host, rtmp_port, total, load_cpus)
     viewers: list[Viewer | RtmpViewer] = []
     clients: list[HlsClient] = []
@@ -148,9 +157,10 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any] | None:
         if args.protocol == "flv":
             viewers += await open_viewers(host, http_port, "/live/bench.flv", args.viewers, clock, args.sampled,
                                           args.ramp)
-        elif args.protocol == "rtmp":
+        elif args.protocol in ("rtmp", "rtmps"):
+            trust = ssl.create_default_context(cafile=str(tls[0])) if tls else None
             viewers += await open_rtmp_viewers(host, play_port, "live", "bench", args.viewers, clock, args.sampled,
-                                               args.ramp)
+                                               args.ramp, trust)
         else:
             await wait_live(host, http_port, "/live/bench.m3u8", 20)
             until = time.monotonic() + ramp_seconds + args.seconds + 6

@@ -13,6 +13,7 @@ the live edge. What it measures: bytes, requests, errors, and its longest wait b
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from typing import cast
 
@@ -67,13 +68,15 @@ class RtmpViewer(Arrivals, asyncio.Protocol):
 
 
 async def open_rtmp_viewers(host: str, port: int, app: str, name: str, count: int, clock: Clock, sampled: int,
-                            ramp: float = 200) -> list[RtmpViewer]:
+                            ramp: float = 200, tls: ssl.SSLContext | None = None) -> list[RtmpViewer]:
+    """RTMP players, or RTMPS players with `tls` (the same session inside TLS)."""
     loop = asyncio.get_running_loop()
     every = max(1, count // max(1, sampled)) if sampled else 0
     viewers = []
     for i in range(count):
         viewer = RtmpViewer(app, name, clock, sampled=bool(every) and i % every == 0)
-        await loop.create_connection(lambda v=viewer: v, host, port)  # type: ignore[misc]
+        await loop.create_connection(lambda v=viewer: v, host, port, ssl=tls,
+                                     server_hostname=host if tls is not None else None)
         viewers.append(viewer)
         await asyncio.sleep(1 / ramp)
     return viewers

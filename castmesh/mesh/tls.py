@@ -8,9 +8,12 @@ handshake the protocol for the connection is chosen (by ALPN for HTTPS) and take
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import logging
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 from prometheus_client import Counter
@@ -164,3 +167,29 @@ async def serve_tls(host: str, port: int, context: ssl.SSLContext, choose: Choos
         return await asyncio.get_running_loop().create_server(accept, host, port, reuse_address=True, backlog=1024)
     except OSError as exc:
         raise OSError(f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}") from exc
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, valid for a day: (certificate, key) PEM files
+    in `directory`. For tests and benchmarks (cryptography comes with aiortc)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "castmesh test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path

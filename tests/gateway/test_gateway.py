@@ -21,9 +21,9 @@ import httpx
 import pytest
 
 from castmesh.mesh.ring import BoundedRing
+from castmesh.mesh.tls import self_signed
 from tests.cluster.harness import Cluster
 from tests.integration.harness import decode, free_port, publish, wait_live, watch_in_background
-from tests.tls import self_signed
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from castmesh.mesh.tls import self_signed
 from tests.integration.harness import Up, free_port, start_up
-from tests.tls import self_signed
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,9 @@ class Castmesh:
 
     def __init__(self, args: list[str], log_path: Path, ready: str, env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # No SRT port unless a test asks (--srt-port beats the environment): processes running at once would
+        # all want SRT's default UDP port.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CASTMESH_SRT_PORT": "0", **(env or {})}
         self.log_file = open(log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=self.log_file)

@@ -14,7 +14,7 @@ from tests.integration.harness import ROOT, Castmesh, decode, free_port, publish
 
 def castmesh(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, check=False)
+                          timeout=timeout, env={**os.environ, "CASTMESH_SRT_PORT": "0", **(env or {})}, check=False)
 
 
 def test_help_explains_every_option() -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from castmesh.mesh.rtmp_client import RtmpClient, RtmpRefused
+from castmesh.mesh.tls import self_signed
 from castmesh.rtmp import chunks
 from tests.integration.harness import FFMPEG, Up, decode, free_port, publish, scrape, start_up, wait_live
-from tests.tls import self_signed
 
 DENIED_PLAYER, DENIED_PUBLISHER, PROXY = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 

@@ -25,9 +25,9 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage
 from wsproto.events import Request as WsRequest
 
+from castmesh.mesh.tls import self_signed
 from tests.integration.harness import FFMPEG, Up, free_port, publish, start_up, wait_live
 from tests.integration.test_llhls import edge_of, hint_of
-from tests.tls import self_signed
 
 
 @pytest.fixture(scope="module")

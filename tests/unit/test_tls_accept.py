@@ -16,10 +16,9 @@ import pytest
 import uvloop
 from prometheus_client import REGISTRY
 
-from castmesh.mesh.tls import serve_tls, tls_context
+from castmesh.mesh.tls import self_signed, serve_tls, tls_context
 from services.playback.h2 import HTTPS_ALPN, H2Session, by_alpn
 from services.playback.http import HttpSession, Request
-from tests.tls import self_signed
 
 LOOPS: dict[str, Callable[[Coroutine[Any, Any, None]], None]] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
 
