@@ -184,3 +184,18 @@ def test_whip_publishers_reach_ingest_in_compose_and_kubernetes(
     assert resolved["http_port"] == 8081 and resolved["webrtc_ports"] == [40000, 40049]
     service = kubernetes[("Service", "ingest")]["spec"]["ports"]
     assert {"name": "whip", "port": 8081, "targetPort": "whip"} in service
+
+
+def test_srt_publishers_reach_ingest_in_compose_and_kubernetes(
+        compose: dict[str, Any], kubernetes: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """SRT's UDP port is served by ingest, published by compose and the Service, and the image has libsrt."""
+    ingest = compose["services"]["ingest"]
+    assert check_config(ingest["command"], environment(ingest))["srt_port"] == 8890
+    assert "8890:8890/udp" in ingest["ports"]
+    container = kubernetes[("Deployment", "ingest")]["spec"]["template"]["spec"]["containers"][0]
+    assert check_config(container["args"], k8s_environment(kubernetes, container))["srt_port"] == 8890
+    assert {"name": "srt", "containerPort": 8890, "protocol": "UDP"} in container["ports"]
+    service = kubernetes[("Service", "ingest")]["spec"]["ports"]
+    assert {"name": "srt", "port": 8890, "targetPort": "srt", "protocol": "UDP"} in service
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "libsrt1.5-openssl" in dockerfile and "8890/udp" in dockerfile
