@@ -36,7 +36,7 @@ def nal_units(data: bytes) -> list[bytes]:
         at = data.find(b"\x00\x00\x01", at + 3)
     for i, (_, begin) in enumerate(starts):
         end = starts[i + 1][0] if i + 1 < len(starts) else len(data)
-        unit = data[begin:end].rstrip(b"\x00") if i + 1 == len(starts) else data[begin:end]
+        unit = data[begin:end].rstrip(b"\x00")  # trailing_zero_8bits belong to no NAL unit
         if unit:
             units.append(unit)
     return units
@@ -100,12 +100,8 @@ class VideoPacker:
         out: list[Packed] = []
         hevc = self.codec == "hevc"
         kinds = [(u[0] >> 1) & 0x3F if hevc else u[0] & 0x1F for u in units]
-        if hevc:
-            sets = tuple(next((u for u, k in zip(units, kinds, strict=True) if k == want), b"")
-                         for want in (HEVC_VPS, HEVC_SPS, HEVC_PPS))
-        else:
-            sets = tuple(next((u for u, k in zip(units, kinds, strict=True) if k == want), b"")
-                         for want in (H264_SPS, H264_PPS))
+        wanted = (HEVC_VPS, HEVC_SPS, HEVC_PPS) if hevc else (H264_SPS, H264_PPS)
+        sets = tuple(next((u for u, k in zip(units, kinds, strict=True) if k == want), b"") for want in wanted)
         if all(sets) and sets != self.parameter_sets:
             record = hevc_record(*sets) if hevc else avc_record(*sets)
             self.parameter_sets = sets
@@ -203,6 +199,16 @@ class TsFrames:
                 self._pes(pes, out)
             except CodecError:
                 self.bad_media += 1  # that access unit is lost; the next one may decode
+        return self._in_order(out)
+
+    def flush(self) -> list[Packed]:
+        """The frames of the PES packets still being gathered (at the end of the stream)."""
+        out: list[Packed] = []
+        for pes in self.reader.flush():
+            try:
+                self._pes(pes, out)
+            except CodecError:
+                self.bad_media += 1
         return self._in_order(out)
 
     def _in_order(self, out: list[Packed]) -> list[Packed]:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from castmesh.mesh.access import ip_of
 from castmesh.proto.v1.media_pb2 import Frame
 
 
@@ -27,7 +28,7 @@ class StreamRequest:
 
     @property
     def ip(self) -> str:
-        return self.peer.rpartition(":")[0] or self.peer
+        return ip_of(self.peer)
 
 
 class Refused(Exception):

@@ -261,11 +261,12 @@ class Gateway:
         ingests = [e for e in (await self._nodes()).nodes if e.node.role == NODE_ROLE_INGEST]
         if not ingests:
             return problem(503, "Service Unavailable", "no live ingest node")
-        if secure(request):  # a caller on TLS is sent to RTMPS where an ingest has it
+        tls = secure(request)
+        if tls:  # a caller on TLS is sent to RTMPS where an ingest has it
             ingests = [e for e in ingests if e.node.meta.get("rtmps")] or ingests
         best = min(ingests, key=lambda e: (e.load.streams, e.node.id)).node
         host = best.address.rpartition(":")[0]
-        if secure(request) and best.meta.get("rtmps"):
+        if tls and best.meta.get("rtmps"):
             return web.json_response({"url": f"rtmps://{host}:{best.meta['rtmps']}/{app}/{name}", "node": best.id,
                                       "protocol": "rtmps"})
         return web.json_response({"url": f"rtmp://{host}:{best.meta.get('rtmp', '1935')}/{app}/{name}",

@@ -159,7 +159,7 @@ class SrtPublisher:
 
     def begin(self) -> None:
         assert self.owner.poller is not None
-        self.owner.poller.watch(self.sock, self._data, self._closed)
+        self.owner.poller.watch(self.sock, self._data, self.stop)
         self.task = asyncio.get_running_loop().create_task(self._start())
 
     async def _start(self) -> None:
@@ -182,9 +182,6 @@ class SrtPublisher:
                 return  # the publish is slow to be granted: what it will miss is the start of the stream
         for kind, ms, payload in self.frames.feed(data):
             self.publish.push(make_frame(kind, ms, payload))
-
-    def _closed(self, reason: str) -> None:
-        self.stop(reason)
 
     def stop(self, reason: str, publish_end: bool = True) -> None:
         """End this caller: its socket closed, its publish ended (the stream waits in grace for it: SRT

@@ -203,7 +203,7 @@ class WhipIngest:
             check_offer(offer, ("video", "audio"), sends=True)  # before the stream is asked for
         except OfferError as exc:
             return problem(exc.status, exc.detail)
-        ip = peer.rpartition(":")[0] or peer
+        ip = ip_of(peer)
         refused = self.caps.admit(ip, "whip")
         if refused:
             return problem(503, refused, ("Retry-After", "5"))

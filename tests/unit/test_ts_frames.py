@@ -52,7 +52,7 @@ def test_ffmpeg_transport_streams_become_frames_ffmpeg_decodes(codec: str, tmp_p
         size = rng.choice((1, 187, 188, 1316, 5000))
         packed += frames.feed(ts[at:at + size])
         at += size
-    packed += [p for pes in frames.reader.flush() for p in _pes_frames(frames, pes)]
+    packed += frames.flush()
     assert frames.errors == 0 and frames.reader.resyncs == 0
     kinds = [kind for kind, _, _ in packed]
     assert (kinds[0] == DATA and kinds.index(VIDEO) < kinds.index(AUDIO)) or kinds[0] == AUDIO
@@ -65,12 +65,6 @@ def test_ffmpeg_transport_streams_become_frames_ffmpeg_decodes(codec: str, tmp_p
     assert complaints == "" and video == 60 and audio >= 90, (video, audio, complaints)
 
 
-def _pes_frames(frames: TsFrames, pes: object) -> list[tuple[int, int, bytes]]:
-    out: list[tuple[int, int, bytes]] = []
-    frames._pes(pes, out)  # type: ignore[arg-type]
-    return out
-
-
 def test_the_33_bit_clock_is_unwrapped() -> None:
     writer = TsWriter(has_video=False, has_audio=True)
     frames = TsFrames()
@@ -81,8 +75,7 @@ def test_the_33_bit_clock_is_unwrapped() -> None:
     for i in range(6):
         data = (writer.tables() if i == 0 else b"") + writer.audio(adts, (start + i * 90 * 21) % TS_WRAP)
         seen += [ms for kind, ms, payload in frames.feed(data) if kind == AUDIO and payload[1] == 1]
-    seen += [ms for pes in frames.reader.flush() for kind, ms, payload in _pes_frames(frames, pes)
-             if kind == AUDIO and payload[1] == 1]
+    seen += [ms for kind, ms, payload in frames.flush() if kind == AUDIO and payload[1] == 1]
     assert seen == [0, 21, 42, 63, 84, 105], seen
 
 
