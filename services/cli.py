@@ -53,6 +53,7 @@ from castmesh.proto.v1.dispatch_pb2 import (
 )
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from castmesh.proto.v1.media_pb2 import StreamKey
+from castmesh.srt.server import SrtServer, SrtSide, parse_passphrases
 from castmesh.webrtc.settings import IceSettings
 from services.demo import run_demo
 from services.dispatch import service as dispatch_service
@@ -61,7 +62,7 @@ from services.dispatch.directory import Directory, InMemoryDirectory
 from services.gateway.app import Gateway
 from services.ingest.lease import DispatchLease, FixedLease, Lease
 from services.ingest.session import Ingest
-from services.ingest.srt import SrtIngest, parse_passphrases
+from services.ingest.srt import SrtIngest
 from services.ingest.whip import WhipIngest, whip_app
 from services.playback.forward import Forwarder
 from services.playback.h2 import HTTPS_ALPN, H2Session, by_alpn
@@ -78,7 +79,9 @@ PLAY_RTMP_PORT = Option("--rtmp-port", 1936, "RTMP port for players (0: no RTMP 
 RTMPS_PORT = Option("--rtmps-port", 1937, "RTMPS port (RTMP inside TLS) when --tls-cert is given (0: none)",
                     config.port)
 SRT_PORT = Option("--srt-port", 8890, "UDP port for SRT publishers (stream id #!::r=APP/STREAM,m=publish or "
-                  "publish:APP/STREAM); 0: none", config.port)
+                  "publish:APP/STREAM; in `up`, players too: m=request or read:APP/STREAM); 0: none", config.port)
+PLAY_SRT_PORT = Option("--srt-port", 8891, "UDP port for SRT players (stream id #!::r=APP/STREAM,m=request, "
+                       "read:APP/STREAM or APP/STREAM); 0: none", config.port)
 SRT_PASSPHRASE = Option("--srt-passphrase", "", "SRT encryption: one passphrase (10-79 characters) or per app "
                         "live=PASS,studio=PASS; callers without it are rejected")
 SRT_LATENCY_MS = Option("--srt-latency-ms", 120, "SRT receive latency: how long lost packets may take to be "
@@ -86,6 +89,7 @@ SRT_LATENCY_MS = Option("--srt-latency-ms", 120, "SRT receive latency: how long 
 SRT_MAX_BW = Option("--srt-max-bw", 0, "SRT: cap on the bytes per second a connection sends, retransmissions "
                     "included (0: libsrt's default)", config.non_negative)
 SRT = [SRT_PORT, SRT_PASSPHRASE, SRT_LATENCY_MS, SRT_MAX_BW]
+PLAY_SRT = [PLAY_SRT_PORT, SRT_PASSPHRASE, SRT_LATENCY_MS, SRT_MAX_BW]
 PLAY_RTMPS_PORT = Option("--rtmps-port", 0, "RTMPS port for players, with --tls-cert (0: none)", config.port)
 HTTP_PORT = Option("--http-port", 8080, "HTTP port for HTTP-FLV viewers and /metrics", config.port)
 GRPC_PORT = Option("--grpc-port", 50051, "gRPC port of the relay", config.port)
@@ -207,8 +211,8 @@ SERVE = {
     "ingest": [HOST, RTMP_PORT, TLS_CERT, TLS_KEY, RTMPS_PORT, *SRT, WHIP_PORT, *WEBRTC_ICE, HEALTH_PORT, DISPATCH,
                RELAY, BATCH_MS, METRICS_PORT, REGISTRY, SECRET, *LIMITS, *PUBLISH_ACCESS, HANDSHAKE_TIMEOUT_MS,
                IDLE_TIMEOUT_MS, *PUBLISH_HOOKS, *COMMON],
-    "playback": [HOST, HTTP_PORT, *TLS, PLAY_RTMP_PORT, PLAY_RTMPS_PORT, HEALTH_PORT, DISPATCH, RELAY, ZONE, MERGE_MS,
-                 MAX_LAG_MS, *HLS, *WEBRTC, REGISTRY, SECRET, *LIMITS, *PLAY_ACCESS, HANDSHAKE_TIMEOUT_MS,
+    "playback": [HOST, HTTP_PORT, *TLS, PLAY_RTMP_PORT, PLAY_RTMPS_PORT, *PLAY_SRT, HEALTH_PORT, DISPATCH, RELAY, ZONE,
+                 MERGE_MS, MAX_LAG_MS, *HLS, *WEBRTC, REGISTRY, SECRET, *LIMITS, *PLAY_ACCESS, HANDSHAKE_TIMEOUT_MS,
                  HTTP_IDLE_TIMEOUT_MS, *PLAY_HOOKS, *COMMON],
     "gateway": [HOST, GATEWAY_PORT, TLS_CERT, TLS_KEY, GATEWAY_HTTPS_PORT, HEALTH_PORT, DISPATCH, ADMIN_TOKEN, SECRET,
                 REGISTRY, HANDSHAKE_TIMEOUT_MS, HTTP_IDLE_TIMEOUT_MS, *COMMON],
@@ -378,13 +382,13 @@ async def up(cfg: dict[str, Any]) -> int:
         closers.append(_closing(await rtmp.listen(cfg["host"], cfg["rtmp_port"])))
         if cfg["rtmps_port"] and (rtmps := _tls(cfg, alpn=None)) is not None:
             closers.append(_closing(await rtmp.listen_tls(cfg["host"], cfg["rtmps_port"], rtmps, "ingest")))
-        await _listen_srt(cfg, ingest, closers)
         catalog = Catalog(wiring.dispatch)
         closers.append(catalog.close)
         playback = Playback(wiring.upstream(), _playback_settings(cfg), list_streams=catalog.streams, signer=signer,
                             caps=_caps("playback", cfg), hooks=_hooks(cfg, "on_play", "on_stop"),
                             access=ingest.access)
         rtmp.plays = playback
+        await _listen_srt(cfg, closers, SrtIngest(ingest), playback.srt_viewers())  # one SRT port, likewise
         # WHIP on the one HTTP port
         playback.whip = WhipIngest(ingest, playback.settings.ice, cfg["handshake_timeout_ms"] / 1000,
                                    cfg["idle_timeout_ms"] / 1000, ingest.caps, ingest.access)
@@ -440,12 +444,15 @@ async def _wait_registered(wiring: Wiring) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _listen_srt(cfg: dict[str, Any], ingest: Ingest, closers: list[Callable[[], Awaitable[None]]]) -> str:
-    """Ingest's SRT port, if --srt-port is not 0; the banner's words for it."""
+async def _listen_srt(cfg: dict[str, Any], closers: list[Callable[[], Awaitable[None]]],
+                      publishes: SrtSide | None, plays: SrtSide | None) -> str:
+    """The node's SRT port, if --srt-port is not 0; the banner's words for it."""
     if not cfg["srt_port"]:
         return ""
-    srt = SrtIngest(ingest, parse_passphrases(cfg["srt_passphrase"]), cfg["srt_latency_ms"], cfg["srt_max_bw"],
-                    cfg["idle_timeout_ms"] / 1000)
+    # a publisher is given --idle-timeout-ms; a player only libsrt's own 5 s (playback's is HTTP keep-alive's)
+    idle = cfg["idle_timeout_ms"] / 1000 if publishes is not None else 5.0
+    srt = SrtServer(publishes, plays, parse_passphrases(cfg["srt_passphrase"]), cfg["srt_latency_ms"],
+                    cfg["srt_max_bw"], idle)
     stop = await srt.listen(cfg["host"], cfg["srt_port"])
 
     async def close() -> None:
@@ -457,7 +464,8 @@ async def _listen_srt(cfg: dict[str, Any], ingest: Ingest, closers: list[Callabl
 def _register_ingest(wiring: Wiring, ingest: Ingest, cfg: dict[str, Any], grpc_port: int) -> None:
     rtmps = str(cfg["rtmps_port"]) if cfg.get("tls_cert") and cfg.get("rtmps_port") else ""
     wiring.register(Node(id=ingest.node_id, role=NODE_ROLE_INGEST, address=_advertise(cfg, cfg["rtmp_port"]),
-                         meta={"rtmp": str(cfg["rtmp_port"]), "rtmps": rtmps, "grpc": str(grpc_port)}),
+                         meta={"rtmp": str(cfg["rtmp_port"]), "rtmps": rtmps, "grpc": str(grpc_port),
+                               "srt": str(cfg.get("srt_port") or "")}),
                     lambda: NodeLoad(streams=len(ingest.sessions)))
 
 
@@ -467,7 +475,8 @@ def _register_playback(wiring: Wiring, playback: Playback, cfg: dict[str, Any], 
     in meta."""
     tls = bool(cfg.get("tls_cert"))
     meta = {"http": str(cfg["http_port"]), "rtmp": str(rtmp_port or ""), "grpc": str(grpc_port),
-            "https": str(cfg["https_port"]) if tls else "", "rtmps": str(cfg.get("rtmps_port") or "") if tls else ""}
+            "https": str(cfg["https_port"]) if tls else "", "rtmps": str(cfg.get("rtmps_port") or "") if tls else "",
+            "srt": str(cfg.get("srt_port") or "")}
     wiring.register(Node(id=playback.node_id, role=NODE_ROLE_PLAYBACK, address=_advertise(cfg, cfg["http_port"]),
                          zone=cfg.get("zone", ""), meta=meta),
                     lambda: NodeLoad(streams=len(playback.feeds), subscribers=len(playback.clients)))
@@ -580,7 +589,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             if cfg["rtmps_port"] and (rtmps := _tls(cfg, alpn=None)) is not None:
                 closers.append(_closing(await rtmp_server.listen_tls(cfg["host"], cfg["rtmps_port"], rtmps, "ingest")))
                 whip = f", {cfg['rtmps_port']} (RTMPS)"
-            whip += await _listen_srt(cfg, ingest, closers)
+            whip += await _listen_srt(cfg, closers, SrtIngest(ingest), None)
             if cfg["http_port"]:
                 app = whip_app(WhipIngest(ingest, _ice(cfg), cfg["handshake_timeout_ms"] / 1000,
                                           cfg["idle_timeout_ms"] / 1000, ingest.caps, ingest.access))
@@ -607,9 +616,11 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
                 closers.append(_closing(await playback.listen_rtmp(cfg["host"], cfg["rtmp_port"])))
             if cfg["rtmps_port"] and (rtmps := _tls(cfg, alpn=None)) is not None:
                 closers.append(_closing(await playback.listen_rtmp(cfg["host"], cfg["rtmps_port"], rtmps)))
+            srt = await _listen_srt(cfg, closers, None, playback.srt_viewers())
             health_port = await _health_server(cfg, closers, lambda r: playback.kick(r.client_id, r.reason))
             _register_playback(wiring, playback, cfg, cfg["rtmp_port"], health_port)
             rtmp = f", {cfg['rtmp_port']} (RTMP play)" if cfg["rtmp_port"] else ""
+            rtmp += srt
             rtmp += f", {cfg['https_port']} (HTTPS: HTTP/2, HTTP/1.1)" if cfg["tls_cert"] else ""
             rtmp += f", {cfg['rtmps_port']} (RTMPS play)" if cfg["tls_cert"] and cfg["rtmps_port"] else ""
             print(f"castmesh playback listening on {cfg['host']}:{cfg['http_port']} (HTTP-FLV){rtmp}, "

@@ -172,20 +172,25 @@ def nal_units(data: bytes, length_size: int) -> list[memoryview]:
 
 
 _START = b"\x00\x00\x00\x01"
-_AVC_AUD = _START + b"\x09\xf0"
-_AVC_SPS, _AVC_PPS, _AVC_AUD_TYPE = 7, 8, 9
+# Per codec: the access unit delimiter (pictures of any type), the first parameter set's NAL type (SPS;
+# HEVC: VPS), the delimiter's NAL type, and the NAL type of a unit's first byte.
+_ANNEX_B = {
+    "avc1": (_START + b"\x09\xf0", 7, 9, lambda b: b & 0x1F),
+    "hvc1": (_START + b"\x46\x01\x50", 32, 35, lambda b: (b >> 1) & 0x3F),
+}
 
 
 def annex_b(sample: VideoSample, config: VideoConfig) -> bytes:
-    """An H.264 access unit as MPEG-TS carries it: an access unit delimiter, SPS and PPS before every
-    keyframe (a player may start at any segment), then each NAL unit behind a start code."""
+    """An H.264 or HEVC access unit as MPEG-TS carries it: an access unit delimiter, the parameter sets
+    before every keyframe (a player may start at any segment), then each NAL unit behind a start code."""
+    delimiter, first_set, delimiter_type, nal_type = _ANNEX_B[config.codec]
     units = nal_units(sample.data, config.nal_length_size)
-    out: list[bytes | memoryview] = [_AVC_AUD]
-    if sample.keyframe and not any(u[0] & 0x1F == _AVC_SPS for u in units if len(u)):
+    out: list[bytes | memoryview] = [delimiter]
+    if sample.keyframe and not any(nal_type(u[0]) == first_set for u in units if len(u)):
         for ps in config.parameter_sets:
             out += (_START, ps)
     for unit in units:
-        if len(unit) and unit[0] & 0x1F != _AVC_AUD_TYPE:
+        if len(unit) and nal_type(unit[0]) != delimiter_type:
             out += (_START, unit)
     return b"".join(out)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 PACKET = 188
 PAT_PID, PMT_PID, VIDEO_PID, AUDIO_PID = 0x0000, 0x1000, 0x0100, 0x0101
-STREAM_TYPE_H264, STREAM_TYPE_AAC_ADTS = 0x1B, 0x0F
+STREAM_TYPE_H264, STREAM_TYPE_HEVC, STREAM_TYPE_AAC_ADTS = 0x1B, 0x24, 0x0F
 VIDEO_STREAM_ID, AUDIO_STREAM_ID = 0xE0, 0xC0
 TS_WRAP = 1 << 33
 
@@ -66,20 +66,24 @@ def pes(stream_id: int, payload: bytes, pts: int, dts: int | None = None) -> byt
 
 
 class TsWriter:
-    """One transport stream with up to one H.264 and one AAC track."""
+    """One transport stream with up to one video track (H.264, or HEVC with `video_type`) and one AAC track.
+    `version` is the PMT's: a stream whose tracks change says so with new tables of the next version."""
 
-    def __init__(self, has_video: bool, has_audio: bool) -> None:
+    def __init__(self, has_video: bool, has_audio: bool, video_type: int = STREAM_TYPE_H264,
+                 version: int = 0, counters: dict[int, int] | None = None) -> None:
         self.has_video = has_video
         self.has_audio = has_audio
+        self.video_type = video_type
+        self.version = version & 0x1F
         self.pcr_pid = VIDEO_PID if has_video else AUDIO_PID
-        self.counters: dict[int, int] = {}
+        self.counters: dict[int, int] = counters if counters is not None else {}
 
     def tables(self) -> bytes:
         """PAT and PMT, one packet each."""
         pat = b"\x00\x01" + b"\x00\x01" + bytes((0xE0 | (PMT_PID >> 8), PMT_PID & 0xFF))  # ts id 1; program 1
         streams = b""
         if self.has_video:
-            streams += bytes((STREAM_TYPE_H264, 0xE0 | (VIDEO_PID >> 8), VIDEO_PID & 0xFF, 0xF0, 0))
+            streams += bytes((self.video_type, 0xE0 | (VIDEO_PID >> 8), VIDEO_PID & 0xFF, 0xF0, 0))
         if self.has_audio:
             streams += bytes((STREAM_TYPE_AAC_ADTS, 0xE0 | (AUDIO_PID >> 8), AUDIO_PID & 0xFF, 0xF0, 0))
         pmt = b"\x00\x01" + bytes((0xE0 | (self.pcr_pid >> 8), self.pcr_pid & 0xFF, 0xF0, 0)) + streams
@@ -88,7 +92,8 @@ class TsWriter:
     def _section(self, pid: int, table_id: int, body: bytes) -> bytes:
         # table id, section length (body + version/section numbers + CRC), then id, version 0 current
         length = len(body) + 3 + 4
-        head = bytes((table_id, 0xB0 | (length >> 8), length & 0xFF)) + body[:2] + b"\xc1\x00\x00"
+        version = 0xC1 | (self.version << 1) if table_id == 0x02 else 0xC1  # reserved bits, version, current
+        head = bytes((table_id, 0xB0 | (length >> 8), length & 0xFF)) + body[:2] + bytes((version, 0, 0))
         section = head + body[2:]
         section += crc32_mpeg2(section).to_bytes(4, "big")
         payload = b"\x00" + section  # pointer field
@@ -135,9 +140,27 @@ class TsWriter:
         return b"".join(out)
 
 
-# Reading ----------------------------------------------------------------------------------------------
+def lead_into(data: bytes, counters: dict[int, int]) -> bytes:
+    """`data` (whole packets) with its continuity counters renumbered so that each PID's last packet comes
+    right before `counters` (each PID's next counter): bytes made apart, such as a joining viewer's start,
+    followed without a break by a stream already under way."""
+    packets = len(data) // PACKET
+    total: dict[int, int] = {}
+    for at in range(0, packets * PACKET, PACKET):
+        pid = ((data[at + 1] & 0x1F) << 8) | data[at + 2]
+        total[pid] = total.get(pid, 0) + 1
+    out = bytearray(data)
+    seen: dict[int, int] = {}
+    for at in range(0, packets * PACKET, PACKET):
+        pid = ((out[at + 1] & 0x1F) << 8) | out[at + 2]
+        index = seen.get(pid, 0)
+        seen[pid] = index + 1
+        cc = (counters.get(pid, 0) - total[pid] + index) & 0x0F
+        out[at + 3] = (out[at + 3] & 0xF0) | cc
+    return bytes(out)
 
-STREAM_TYPE_HEVC = 0x24
+
+# Reading ----------------------------------------------------------------------------------------------
 READ_TYPES = {STREAM_TYPE_H264: "h264", STREAM_TYPE_HEVC: "hevc", STREAM_TYPE_AAC_ADTS: "aac"}
 MAX_PES = 8 << 20  # bytes of one PES packet: a 4K keyframe is a few MB
 MAX_SECTION = 1024  # PAT and PMT sections: ISO 13818-1 caps them at 1021 bytes

@@ -26,7 +26,7 @@ import logging
 import time
 from collections import defaultdict, deque
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import grpc
@@ -57,7 +57,7 @@ from services.gateway.openapi import DOCUMENT, docs_page
 log = logging.getLogger("castmesh.gateway")
 
 ANSWERS = Counter("castmesh_gateway_placements", "Which-server answers and redirects", ["protocol"])
-PROTOCOLS = ("flv", "hls", "rtmp", "ws", "webrtc")
+PROTOCOLS = ("flv", "hls", "rtmp", "ws", "webrtc", "srt")
 NAME = r"[A-Za-z0-9_.~-]{1,256}"
 RECENT = 3.0  # seconds an answer counts toward a node's load, until its own report includes the viewer
 TIMEOUT = 2.0
@@ -220,8 +220,8 @@ class Gateway:
         if not any(stream_path(s.stream) == stream_path(key) for s in listed.streams):
             raise web.HTTPNotFound(text=f"nobody is publishing {app}/{name}")
         entries = [e for e in (await self._nodes()).nodes if e.node.role == NODE_ROLE_PLAYBACK]
-        if protocol == "rtmp":
-            entries = [e for e in entries if e.node.meta.get("rtmp")]
+        if protocol in ("rtmp", "srt"):  # ports a playback node may not have
+            entries = [e for e in entries if e.node.meta.get(protocol)]
         if not entries:
             raise web.HTTPServiceUnavailable(text=f"no live playback node serves {protocol}")
         if secure:  # a caller on HTTPS (a page there cannot load http:// media): nodes with TLS first
@@ -261,6 +261,13 @@ class Gateway:
         ingests = [e for e in (await self._nodes()).nodes if e.node.role == NODE_ROLE_INGEST]
         if not ingests:
             return problem(503, "Service Unavailable", "no live ingest node")
+        if request.query.get("protocol") == "srt":
+            ingests = [e for e in ingests if e.node.meta.get("srt")]
+            if not ingests:
+                return problem(503, "Service Unavailable", "no live ingest node takes SRT")
+            best = min(ingests, key=lambda e: (e.load.streams, e.node.id)).node
+            return web.json_response({"url": srt_url(best, best.meta["srt"], app, name, "publish", {}),
+                                      "node": best.id, "protocol": "srt"})
         tls = secure(request)
         if tls:  # a caller on TLS is sent to RTMPS where an ingest has it
             ingests = [e for e in ingests if e.node.meta.get("rtmps")] or ingests
@@ -352,11 +359,21 @@ def secure(request: web.Request) -> bool:
     return request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
 
 
+def srt_url(node: Node, port: str, app: str, name: str, mode: str, query: dict[str, str]) -> str:
+    """An srt:// URL whose stream id (percent-encoded, as players need it) names the stream, the mode and a
+    signed URL's keys (castmesh.srt.streamid)."""
+    keys = "".join(f",{key}={value}" for key, value in query.items())
+    stream_id = quote(f"#!::r={app}/{name},m={mode}{keys}", safe="")
+    return f"srt://{node.address.rpartition(':')[0]}:{port}?streamid={stream_id}"
+
+
 def url_for(node: Node, app: str, name: str, protocol: str, query: dict[str, str], secure: bool = False) -> str:
     """Where `node` serves the stream over `protocol`; over TLS when the caller is on TLS and the node has
     a TLS port for it (meta "https", "rtmps")."""
     host = node.address.rpartition(":")[0]
     suffix = f"?{urlencode(query)}" if query else ""
+    if protocol == "srt":
+        return srt_url(node, node.meta["srt"], app, name, "request", query)
     if protocol == "rtmp":
         if secure and node.meta.get("rtmps"):
             return f"rtmps://{host}:{node.meta['rtmps']}/{app}/{name}{suffix}"

@@ -21,7 +21,7 @@ def _json(schema_ref: str, description: str) -> dict[str, Any]:
 
 
 PLAY_QUERY = [{"name": "protocol", "in": "query", "required": False,
-               "schema": {"type": "string", "enum": ["flv", "hls", "rtmp", "ws", "webrtc"], "default": "flv"}},
+               "schema": {"type": "string", "enum": ["flv", "hls", "rtmp", "ws", "webrtc", "srt"], "default": "flv"}},
               {"name": "expires", "in": "query", "required": False, "schema": {"type": "string"},
                "description": "signed URLs: UNIX time the signature is valid until"},
               {"name": "sign", "in": "query", "required": False, "schema": {"type": "string"},
@@ -59,8 +59,9 @@ DOCUMENT: dict[str, Any] = {
                           "404": PROBLEM, "503": PROBLEM}}},
         "/api/v1/publish/{app}/{stream}": {"get": {
             "summary": "The RTMP URL of the ingest node a publisher should use (RTMPS for a caller on HTTPS, "
-                       "where the ingest has it)", "operationId": "publish",
-            "parameters": _path_params("app", "stream"),
+                       "where the ingest has it; SRT with ?protocol=srt)", "operationId": "publish",
+            "parameters": [*_path_params("app", "stream"), {"name": "protocol", "in": "query", "required": False,
+                           "schema": {"type": "string", "enum": ["rtmp", "srt"], "default": "rtmp"}}],
             "responses": {"200": _json("Placement", "Where to publish"), "503": PROBLEM}}},
         "/api/v1/nodes": {"get": {
             "summary": "Every registered node with role, zone, health and load", "operationId": "listNodes",
@@ -84,7 +85,7 @@ DOCUMENT: dict[str, Any] = {
             "detail": {"type": "string"}}},
         "Placement": {"type": "object", "required": ["url", "node", "protocol"], "properties": {
             "url": {"type": "string"}, "node": {"type": "string"},
-            "protocol": {"type": "string", "enum": ["flv", "hls", "rtmp", "rtmps", "ws", "webrtc"]}}},
+            "protocol": {"type": "string", "enum": ["flv", "hls", "rtmp", "rtmps", "ws", "webrtc", "srt"]}}},
         "Stream": {"type": "object", "required": ["app", "stream", "publisher", "viewers", "nodes"], "properties": {
             "app": {"type": "string"}, "stream": {"type": "string"}, "vhost": {"type": "string"},
             "publisher": {"type": "object", "properties": {"holder": {"type": "string"},

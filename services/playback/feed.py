@@ -259,7 +259,7 @@ class StreamFeed:
                 continue
             made = resumed.get((fmt.key, start))
             if made is None:
-                body = fmt.body(frames[start:])
+                body = fmt.body(frames, start)
                 made = resumed[(fmt.key, start)] = (body, fmt.size(body))
             data, size = made
             viewer.write(data, size, now)

@@ -11,12 +11,14 @@ from typing import Any, Protocol
 
 from castmesh.media import flv
 from castmesh.media.gop import GopCache, header_frames
+from castmesh.media.mpegts import lead_into
+from castmesh.media.tsmux import TsMuxer
 from castmesh.proto.v1.media_pb2 import Frame
 from castmesh.rtmp.play import play_messages
 
 
 class OutputFormat(Protocol):
-    protocol: str  # for metrics: http-flv, ws-flv, rtmp, hls
+    protocol: str  # for metrics: http-flv, ws-flv, rtmp, hls, webrtc, srt
 
     @property
     def key(self) -> Hashable:
@@ -25,8 +27,9 @@ class OutputFormat(Protocol):
     def head(self, cache: GopCache) -> Any:
         """What a viewer joining now gets first: what a decoder needs, then the GOP cache."""
 
-    def body(self, frames: list[Frame]) -> Any:
-        """These frames as its viewers' sinks take them (bytes, for a socket)."""
+    def body(self, frames: list[Frame], start: int = 0) -> Any:
+        """frames[start:] as its viewers' sinks take them (bytes, for a socket). The feed asks once per
+        flush for all the frames and once per point where skipping viewers resume."""
 
     def size(self, body: Any) -> int:
         """The bytes a body puts on the wire (for the bytes-out counter)."""
@@ -78,8 +81,8 @@ class HttpFlv(Bytes):
     def head(self, cache: GopCache) -> bytes:
         return http_chunk(flv_start(cache))
 
-    def body(self, frames: list[Frame]) -> bytes:
-        return http_chunk(flv.tags(frames))
+    def body(self, frames: list[Frame], start: int = 0) -> bytes:
+        return http_chunk(flv.tags(frames[start:]))
 
 
 class RawFlv(Bytes):
@@ -91,8 +94,8 @@ class RawFlv(Bytes):
     def head(self, cache: GopCache) -> bytes:
         return flv_start(cache)
 
-    def body(self, frames: list[Frame]) -> bytes:
-        return flv.tags(frames)
+    def body(self, frames: list[Frame], start: int = 0) -> bytes:
+        return flv.tags(frames[start:])
 
 
 class WebSocketFlv(Bytes):
@@ -103,8 +106,8 @@ class WebSocketFlv(Bytes):
     def head(self, cache: GopCache) -> bytes:
         return websocket_message(flv_start(cache))
 
-    def body(self, frames: list[Frame]) -> bytes:
-        return websocket_message(flv.tags(frames))
+    def body(self, frames: list[Frame], start: int = 0) -> bytes:
+        return websocket_message(flv.tags(frames[start:]))
 
 
 class RtmpPlay(Bytes):
@@ -118,8 +121,8 @@ class RtmpPlay(Bytes):
     def head(self, cache: GopCache) -> bytes:
         return play_messages(start_frames(cache), self.stream_id)
 
-    def body(self, frames: list[Frame]) -> bytes:
-        return play_messages(frames, self.stream_id)
+    def body(self, frames: list[Frame], start: int = 0) -> bytes:
+        return play_messages(frames[start:], self.stream_id)
 
 
 class Frames:
@@ -134,11 +137,42 @@ class Frames:
     def head(self, cache: GopCache) -> GopCache:
         return cache
 
-    def body(self, frames: list[Frame]) -> list[Frame]:
-        return frames
+    def body(self, frames: list[Frame], start: int = 0) -> list[Frame]:
+        return frames[start:] if start else frames
 
     def size(self, body: list[Frame]) -> int:
         return 0
+
+
+class MpegTs(Bytes):
+    """A stream's MPEG-TS, for its SRT viewers: one per stream (its tables and continuity counters are the
+    stream's), so its key is itself. All the frames of a flush are made TS once; a viewer resuming part way
+    through gets the rest of those bytes (castmesh.media.tsmux), and a joining viewer's start is renumbered
+    to lead into them (castmesh.media.mpegts.lead_into)."""
+
+    protocol = "srt"
+
+    def __init__(self) -> None:
+        self.muxer = TsMuxer()
+        self.made_for: list[Frame] | None = None  # the flush's frames (kept: identity is the test)
+        self.made = b""
+        self.offsets: list[int] = []
+
+    @property
+    def key(self) -> Hashable:
+        return self
+
+    def head(self, cache: GopCache) -> bytes:
+        frames = start_frames(cache)
+        self.muxer.configure(frames[:len(frames) - len(cache.frames)])  # the sequence headers, if it lacks them
+        start, _ = TsMuxer().push(frames)
+        return lead_into(start, self.muxer.counters)
+
+    def body(self, frames: list[Frame], start: int = 0) -> bytes:
+        if frames is not self.made_for:
+            self.made, self.offsets = self.muxer.push(frames)
+            self.made_for = frames
+        return self.made[self.offsets[start]:] if start else self.made
 
 
 HTTP_FLV = HttpFlv()

@@ -54,6 +54,7 @@ from services.playback.h2 import H2Session, by_alpn
 from services.playback.hls import HlsMuxer
 from services.playback.http import NO_CACHE, HttpSession, Request
 from services.playback.rtmp import RtmpPlayer
+from services.playback.srt import SrtViewers
 from services.playback.viewer import Viewer, ViewerSink
 from services.playback.web import ListStreams, WebPage, streams_json
 
@@ -69,7 +70,7 @@ FORMATS = (*CONTAINERS, "llhls")  # llhls: low-latency HLS, fMP4 with partial se
 FORWARDED = ("/api/v1/", "/healthz", "/openapi.json", "/docs")
 CACHEABLE = ("Cache-Control", "max-age=600")  # a segment's name always means the same bytes
 log = logging.getLogger("castmesh.playback")
-PROTOCOLS = (HTTP_FLV.protocol, WEBSOCKET_FLV.protocol, "rtmp", HLS_FRAMES.protocol, WEBRTC_FRAMES.protocol)
+PROTOCOLS = (HTTP_FLV.protocol, WEBSOCKET_FLV.protocol, "rtmp", HLS_FRAMES.protocol, WEBRTC_FRAMES.protocol, "srt")
 WHEP_METHODS = ("Allow", "POST, DELETE, OPTIONS")
 READS = frozenset(("GET", "HEAD"))
 PLAYLIST_HEADERS = (("Content-Type", "application/vnd.apple.mpegurl"), NO_CACHE)
@@ -161,6 +162,10 @@ class Playback:
             return lambda: None
         self._watch(request.app, request.name, player, "rtmp", request.query, request.peer)
         return lambda: self._gone(player)
+
+    def srt_viewers(self) -> SrtViewers:
+        """This node's side of an SRT port (m=request callers: services.playback.srt)."""
+        return SrtViewers(self._watch, self._gone, self.access, self.signer)
 
     # HTTP -----------------------------------------------------------------------------------------------
 

@@ -214,6 +214,35 @@ def decode(source: str, timeout: float = 60.0, seconds: float | None = None) -> 
     return counts, "\n".join(lines)
 
 
+def log_has(up: Up, text: str, seconds: float = 8.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if text in up.process.log():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def srt_call(port: int, stream_id: str, local: str = "127.0.0.1") -> int:
+    """An SRT caller from `local` asking for `stream_id` (castmesh's libsrt binding): 0 if it was let in
+    (it leaves at once), else the listener's reject reason (1403: forbidden, 1400: bad stream id...)."""
+    from castmesh.srt import libsrt as s
+
+    srt = s.lib()
+    sock = s.check("srt_create_socket", srt.srt_create_socket())
+    try:
+        s.set_int(sock, s.SRTO_TRANSTYPE, s.SRTT_LIVE)
+        s.set_bytes(sock, s.SRTO_STREAMID, stream_id.encode())
+        here, there = s.sockaddr(local, 0), s.sockaddr("127.0.0.1", port)
+        s.check("srt_bind", srt.srt_bind(sock, here, len(here)))
+        if srt.srt_connect(sock, there, len(there)) != s.ERROR:
+            return 0
+        srt.srt_clearlasterror()
+        return int(srt.srt_getrejectreason(sock))
+    finally:
+        srt.srt_close(sock)
+
+
 def scrape(port: int) -> dict[str, float]:
     """A Prometheus text page as {name{labels}: value}."""
     text = http_get(f"http://127.0.0.1:{port}/metrics").read().decode()

@@ -22,21 +22,32 @@ import pytest
 from castmesh.mesh.rtmp_client import RtmpClient, RtmpRefused
 from castmesh.mesh.tls import self_signed
 from castmesh.rtmp import chunks
-from tests.integration.harness import FFMPEG, Up, decode, free_port, publish, scrape, start_up, wait_live
+from tests.integration.harness import (
+    FFMPEG,
+    Up,
+    decode,
+    free_port,
+    log_has,
+    publish,
+    scrape,
+    srt_call,
+    start_up,
+    wait_live,
+)
 
 DENIED_PLAYER, DENIED_PUBLISHER, PROXY = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 
 
 @pytest.fixture(scope="module")
-def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Up, int, Path]]:
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Up, int, Path, int]]:
     tmp = Path(tmp_path_factory.mktemp("rtmps"))
     cert, key = self_signed(tmp)
-    rtmps = free_port()
+    rtmps, srt = free_port(), free_port()
     up = start_up(tmp, "--tls-cert", str(cert), "--tls-key", str(key), "--https-port", str(free_port()),
-                  "--rtmps-port", str(rtmps), "--handshake-timeout-ms", "1500",
+                  "--rtmps-port", str(rtmps), "--srt-port", str(srt), "--handshake-timeout-ms", "1500",
                   "--play-deny", DENIED_PLAYER, "--publish-deny", f"live={DENIED_PUBLISHER}",
                   "--trusted-proxies", PROXY)
-    yield up, rtmps, cert
+    yield up, rtmps, cert, srt
     up.process.stop()
 
 
@@ -45,8 +56,8 @@ def trusting(cert: Path) -> ssl.SSLContext:
 
 
 def test_ffmpeg_publishes_and_plays_over_rtmps_and_a_failed_handshake_closes_only_itself(
-        secure: tuple[Up, int, Path]) -> None:
-    up, rtmps, cert = secure
+        secure: tuple[Up, int, Path, int]) -> None:
+    up, rtmps, cert, _ = secure
     env = {**os.environ, "SSL_CERT_FILE": str(cert)}  # ffmpeg checks the certificate
     publisher = subprocess.Popen(
         [FFMPEG, "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30",
@@ -104,8 +115,8 @@ def http_status(up: Up, source: str, path: str, method: str = "GET", headers: di
 
 
 def test_ip_lists_refuse_every_protocol_and_trust_forwarded_for_only_from_proxies(
-        secure: tuple[Up, int, Path]) -> None:
-    up, rtmps, cert = secure
+        secure: tuple[Up, int, Path, int]) -> None:
+    up, rtmps, cert, srt = secure
     publisher = publish(up.rtmp("lists"), 30, gop=30)
     try:
         wait_live(up.flv("lists"))
@@ -142,6 +153,11 @@ def test_ip_lists_refuse_every_protocol_and_trust_forwarded_for_only_from_proxie
 
         asyncio.run(asyncio.wait_for(rtmp(), 30))
 
+        assert srt_call(srt, "read:live/lists", DENIED_PLAYER) == 1403  # SRT: in the handshake, as libsrt says
+        assert srt_call(srt, "publish:live/new", DENIED_PUBLISHER) == 1403
+        assert srt_call(srt, "read:live/lists", DENIED_PUBLISHER) == 0 and srt_call(srt, "publish:studio/x") == 0
+        assert log_has(up, "srt.rejected peer=127.0.0.2:") and log_has(up, "srt.rejected peer=127.0.0.3:")
+
         forwarded = {"X-Forwarded-For": DENIED_PLAYER}
         assert http_status(up, PROXY, "/live/lists.m3u8", headers=forwarded)[0] == 403  # the proxy says who
         assert http_status(up, PROXY, "/live/lists.m3u8", headers={"X-Forwarded-For": "127.0.0.9"})[0] == 200
@@ -149,8 +165,8 @@ def test_ip_lists_refuse_every_protocol_and_trust_forwarded_for_only_from_proxie
         refused = scrape(up.http_port)
         plays = 'castmesh_access_refused_total{action="play"}'
         publishes = 'castmesh_access_refused_total{action="publish"}'
-        assert refused[plays] - before.get(plays, 0) == 5 + 2 + 1
-        assert refused[publishes] - before.get(publishes, 0) >= 3
+        assert refused[plays] - before.get(plays, 0) == 5 + 2 + 1 + 1
+        assert refused[publishes] - before.get(publishes, 0) >= 4
         counts, errors = decode(up.flv("lists"), timeout=40, seconds=2)  # the allowed still play
         assert errors == "" and counts.get(0, 0) >= 50
     finally:

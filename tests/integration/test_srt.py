@@ -1,11 +1,13 @@
-"""SRT ingest on `castmesh up`: ffmpeg (imageio-ffmpeg's build has libsrt) publishes MPEG-TS over srt://
-with each stream id form, and ffmpeg decodes the stream over HTTP-FLV, HLS and RTMP, video and audio;
+"""SRT on `castmesh up`: ffmpeg (imageio-ffmpeg's build has libsrt) publishes MPEG-TS over srt:// with
+each stream id form, and ffmpeg decodes the stream over HTTP-FLV, HLS, RTMP and SRT (m=request, read:),
+video and audio;
 HEVC over SRT comes out as fMP4 HLS. A wrong passphrase, a bad signature, a stream id that names no
 stream, a second publisher of a stream, garbage datagrams and a caller that goes silent are each
 refused or closed with a log line, while a stream next to them plays on."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -19,7 +21,7 @@ from urllib.parse import quote
 import pytest
 
 from castmesh.mesh.auth import Signer
-from tests.integration.harness import FFMPEG, Up, decode, free_port, start_up, wait_live
+from tests.integration.harness import FFMPEG, Up, decode, free_port, http_get, log_has, start_up, wait_live
 
 PASSPHRASE = "correct horse battery"
 
@@ -34,11 +36,15 @@ def srt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Up, int]]:
     up.process.stop()
 
 
+def srt_url(port: int, stream_id: str, extra: str = "") -> str:
+    return f"srt://127.0.0.1:{port}?streamid={quote(stream_id, safe='')}&latency=120000{extra}"
+
+
 def send(port: int, stream_id: str, seconds: float, codec: str = "h264", extra: str = "") -> subprocess.Popen[bytes]:
     """ffmpeg publishing a test pattern and a tone over SRT in real time."""
     video = (["-c:v", "libx264", "-preset", "veryfast", "-g", "30", "-bf", "2"] if codec == "h264" else
              ["-c:v", "libx265", "-preset", "ultrafast", "-x265-params", "log-level=error:keyint=30"])
-    url = f"srt://127.0.0.1:{port}?streamid={quote(stream_id, safe='')}&latency=120000{extra}"
+    url = srt_url(port, stream_id, extra)
     return subprocess.Popen([FFMPEG, "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
                              f"testsrc2=size=320x240:rate=30:duration={seconds}", "-f", "lavfi", "-i",
                              f"sine=frequency=440:sample_rate=44100:duration={seconds}", *video,
@@ -46,26 +52,44 @@ def send(port: int, stream_id: str, seconds: float, codec: str = "h264", extra: 
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def log_has(up: Up, text: str, seconds: float = 8.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if text in up.process.log():
-            return True
-        time.sleep(0.1)
-    return False
+def play(port: int, stream_id: str, extra: str = "") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-i", srt_url(port, stream_id, extra),
+                           "-t", "1", "-f", "null", "-"], capture_output=True, timeout=30, check=False)
 
 
-@pytest.mark.parametrize("stream_id", ["#!::r=live/sa,m=publish", "publish:live/sb"])
-def test_ffmpeg_publishes_over_srt_and_plays_over_flv_hls_and_rtmp(srt: tuple[Up, int], stream_id: str) -> None:
+@pytest.mark.parametrize("stream_id,play_id", [("#!::r=live/sa,m=publish", "#!::r=live/sa,m=request"),
+                                               ("publish:live/sb", "read:live/sb")])
+def test_ffmpeg_publishes_over_srt_and_plays_over_flv_hls_rtmp_and_srt(srt: tuple[Up, int], stream_id: str,
+                                                                       play_id: str) -> None:
     up, port = srt
     name = stream_id.split("/")[1].split(",")[0]
     publisher = send(port, stream_id, 25)
     try:
         wait_live(up.flv(name))
-        for url in (up.flv(name), up.hls(name), up.rtmp(name)):
+        for url in (up.flv(name), up.hls(name), up.rtmp(name), srt_url(port, play_id)):
             counts, errors = decode(url, timeout=40, seconds=3)
             assert errors == "" and counts.get(0, 0) >= 60 and counts.get(1, 0) > 60, (url, counts, errors)
         assert publisher.poll() is None
+    finally:
+        publisher.kill()
+        publisher.wait()
+
+
+def test_the_gateway_answers_srt_urls_that_publish_and_play(srt: tuple[Up, int]) -> None:
+    up, port = srt
+    api = f"http://127.0.0.1:{up.http_port}/api/v1"
+    answer = json.load(http_get(f"{api}/publish/live/asked?protocol=srt"))
+    assert answer["protocol"] == "srt" and answer["url"].startswith(f"srt://127.0.0.1:{port}?streamid=")
+    publisher = subprocess.Popen([FFMPEG, "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
+                                  "testsrc2=size=160x120:rate=30:duration=20", "-c:v", "libx264", "-preset",
+                                  "veryfast", "-g", "30", "-pix_fmt", "yuv420p", "-f", "mpegts", answer["url"]],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_live(up.flv("asked"))
+        answer = json.load(http_get(f"{api}/streams/live/asked/play?protocol=srt"))
+        assert answer["protocol"] == "srt" and "m%3Drequest" in answer["url"], answer
+        counts, errors = decode(answer["url"], timeout=40, seconds=2)
+        assert errors == "" and counts.get(0, 0) >= 40, (counts, errors)
     finally:
         publisher.kill()
         publisher.wait()
@@ -125,7 +149,21 @@ def test_refusals_and_faults_are_logged_and_leave_the_next_stream_alone(srt: tup
             time.sleep(0.1)
         assert re.search(r"srt\.end .*stream=live/quiet", up.process.log())
 
+        # SRT players: one without the app's passphrase, one asking for a stream nobody publishes, one frozen
+        assert play(port, "read:secure/y", extra=f"&passphrase={quote('not the passphrase')}").returncode != 0
+        assert play(port, "read:live/nobody").returncode != 0
+        assert log_has(up, 'path=/live/nobody protocol=srt reason=')
+        frozen = subprocess.Popen([FFMPEG, "-hide_banner", "-loglevel", "error", "-i",
+                                   srt_url(port, "read:live/steady"), "-f", "null", "-"],
+                                  stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        others.append(frozen)
+        assert log_has(up, "path=/live/steady protocol=srt")
+        frozen.send_signal(signal.SIGSTOP)
+        assert log_has(up, 'path=/live/steady protocol=srt reason="the connection broke', seconds=15)
+
         counts, errors = decode(up.flv("steady"), timeout=40, seconds=3)
+        assert errors == "" and counts.get(0, 0) >= 60 and counts.get(1, 0) > 60
+        counts, errors = decode(srt_url(port, "read:live/steady"), timeout=40, seconds=3)
         assert errors == "" and counts.get(0, 0) >= 60 and counts.get(1, 0) > 60
         assert steady.poll() is None and up.process.proc.poll() is None
     finally:
