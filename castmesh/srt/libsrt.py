@@ -65,6 +65,49 @@ class EpollEvent(ctypes.Structure):
     _fields_ = [("fd", SRTSOCKET), ("events", ctypes.c_int)]
 
 
+class Stats(ctypes.Structure):
+    """The head of libsrt's CBytePerfMon (srt.h): the totals since the connection began. libsrt writes the
+    whole structure, so room for the rest follows."""
+
+    _fields_ = [("ms", ctypes.c_int64), ("sent", ctypes.c_int64), ("received", ctypes.c_int64),
+                ("send_lost", ctypes.c_int), ("receive_lost", ctypes.c_int), ("retransmitted", ctypes.c_int),
+                ("acks_sent", ctypes.c_int), ("acks_received", ctypes.c_int), ("naks_sent", ctypes.c_int),
+                ("naks_received", ctypes.c_int), ("send_us", ctypes.c_int64), ("send_dropped", ctypes.c_int),
+                ("receive_dropped", ctypes.c_int), ("undecrypted", ctypes.c_int), ("rest", ctypes.c_char * 4096)]
+
+
+def stats(sock: int) -> dict[str, int]:
+    """A connection's packet totals for its log line: lost (seen missing by the receiver, or reported lost
+    to the sender), retransmitted, dropped (too late to be of use); {} if libsrt has none."""
+    totals = Stats()
+    srt = lib()
+    if srt.srt_bstats(sock, ctypes.byref(totals), 0) == ERROR:
+        srt.srt_clearlasterror()
+        return {}
+    return {"packets": totals.received or totals.sent, "lost": totals.receive_lost or totals.send_lost,
+            "retransmitted": totals.retransmitted, "dropped": totals.receive_dropped or totals.send_dropped}
+
+
+class Totals:
+    """A connection's totals (stats) for its last log line, read as it runs at most every `every` seconds:
+    libsrt has none to give once the connection has broken, which is when a log line wants them."""
+
+    def __init__(self, sock: int, every: float = 1.0) -> None:
+        self.sock = sock
+        self.every = every
+        self.read_at = 0.0
+        self.last: dict[str, int] = {}
+
+    def sample(self, now: float) -> None:
+        if now - self.read_at >= self.every:
+            self.read_at = now
+            self.last = stats(self.sock) or self.last
+
+    def final(self) -> dict[str, int]:
+        """The totals now, or the last read if the connection is gone (call before srt_close)."""
+        return stats(self.sock) or self.last
+
+
 LOG_HANDLER = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                                ctypes.c_char_p)
 LISTEN_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, SRTSOCKET, ctypes.c_int, ctypes.c_void_p,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from castmesh.media.elementary import TsFrames
 from castmesh.media.frames import make_frame
@@ -57,6 +58,7 @@ class SrtPublisher:
         self.early = 0
         self.ended = False
         self.task: asyncio.Task[None] | None = None
+        self.totals = s.Totals(sock)
 
     def begin(self) -> None:
         self.poller.watch(self.sock, self._data, self.stop)
@@ -76,6 +78,7 @@ class SrtPublisher:
         if self.ended:
             return
         data = b"".join(messages)
+        self.totals.sample(time.monotonic())
         if not self.started:
             self.early += len(data)
             if self.early > MAX_EARLY:
@@ -91,8 +94,9 @@ class SrtPublisher:
         self.ended = True
         self.owner.publishers.discard(self)
         self.poller.forget(self.sock)
+        totals = self.totals.final()
         s.lib().srt_close(self.sock)
         if publish_end:
             self.publish.end(reason, clean=False)
         event(log, "srt.end", session=self.publish.id, peer=self.request.peer,
-              stream=f"{self.request.app}/{self.request.name}", reason=reason, ts_errors=self.frames.errors)
+              stream=f"{self.request.app}/{self.request.name}", reason=reason, ts_errors=self.frames.errors, **totals)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -93,6 +94,7 @@ class SrtViewer:
         self.queue: deque[bytes] = deque()
         self.queued = 0
         self.retry: asyncio.TimerHandle | None = None
+        self.totals = s.Totals(sock)
         self.done = False
 
     @property
@@ -129,6 +131,7 @@ class SrtViewer:
         for at in range(0, len(data), MESSAGE):
             self.queue.append(bytes(view[at:at + MESSAGE]))
         self.queued += len(data)
+        self.totals.sample(time.monotonic())
         if self.queued > MAX_QUEUE:
             self._end(f"more than {MAX_QUEUE >> 20} MiB waited to be sent")
             return
@@ -171,6 +174,7 @@ class SrtViewer:
         self.queue.clear()
         self.queued = 0
         self.poller.forget(self.sock)
+        totals = self.totals.final()
         s.lib().srt_close(self.sock)
-        event(log, "viewer.stop", peer=self.peer, path=f"/{self.path}", protocol="srt", reason=reason)
+        event(log, "viewer.stop", peer=self.peer, path=f"/{self.path}", protocol="srt", reason=reason, **totals)
         self.side.left(self)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import heapq
 import http.client
 import os
+import random
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -221,6 +224,61 @@ def log_has(up: Up, text: str, seconds: float = 8.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+class LossyPath:
+    """A UDP relay that loses and delays datagrams both ways, as a bad network path does: a caller sends to
+    `port`, the relay to 127.0.0.1:target. What tc netem would do in a network namespace, which this
+    machine's kernel cannot (no sch_netem: "Specified qdisc kind is unknown"); seeded, so a run repeats."""
+
+    def __init__(self, target: int, loss: float = 0.05, delay: float = 0.02, jitter: float = 0.005,
+                 seed: int = 1) -> None:
+        self.target = ("127.0.0.1", target)
+        self.loss, self.delay, self.jitter = loss, delay, jitter
+        self.random = random.Random(seed)
+        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.front.bind(("127.0.0.1", 0))
+        self.back = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.back.bind(("127.0.0.1", 0))
+        self.port = self.front.getsockname()[1]
+        self.caller: tuple[str, int] | None = None
+        self.passed = self.lost = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(2)
+        self.front.close()
+        self.back.close()
+
+    def _run(self) -> None:
+        due: list[tuple[float, int, socket.socket, bytes, tuple[str, int]]] = []
+        count = 0
+        while not self.stopped.is_set():
+            wait = min(0.05, max(0.0, due[0][0] - time.monotonic())) if due else 0.05
+            ready, _, _ = select.select([self.front, self.back], [], [], wait)
+            for sock in ready:
+                data, address = sock.recvfrom(2048)
+                if sock is self.front:
+                    self.caller = address
+                    out, to = self.back, self.target
+                elif self.caller is not None:
+                    out, to = self.front, self.caller
+                else:
+                    continue
+                if self.random.random() < self.loss:
+                    self.lost += 1
+                    continue
+                self.passed += 1
+                count += 1
+                later = self.delay + self.random.uniform(-self.jitter, self.jitter)
+                heapq.heappush(due, (time.monotonic() + later, count, out, data, to))
+            now = time.monotonic()
+            while due and due[0][0] <= now:
+                _, _, out, data, to = heapq.heappop(due)
+                out.sendto(data, to)
 
 
 def srt_call(port: int, stream_id: str, local: str = "127.0.0.1") -> int:
