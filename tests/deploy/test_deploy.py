@@ -199,3 +199,19 @@ def test_srt_publishers_reach_ingest_in_compose_and_kubernetes(
     assert {"name": "srt", "port": 8890, "targetPort": "srt", "protocol": "UDP"} in service
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert "libsrt1.5-openssl" in dockerfile and "8890/udp" in dockerfile
+
+
+def test_srt_players_reach_playback_in_compose_and_kubernetes(
+        compose: dict[str, Any], kubernetes: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Playback serves SRT players on UDP 8891: each compose replica at its own address (scaled: no host
+    port, the gateway names the replica), the Kubernetes container and Service publish it, the image exposes it."""
+    playback = compose["services"]["playback"]
+    assert check_config(playback["command"], environment(playback))["srt_port"] == 8891
+    assert "ports" not in playback
+    container = kubernetes[("Deployment", "playback")]["spec"]["template"]["spec"]["containers"][0]
+    assert check_config(container["args"], k8s_environment(kubernetes, container))["srt_port"] == 8891
+    assert {"name": "srt", "containerPort": 8891, "protocol": "UDP"} in container["ports"]
+    service = kubernetes[("Service", "playback")]["spec"]["ports"]
+    assert {"name": "srt", "port": 8891, "targetPort": "srt", "protocol": "UDP"} in service
+    expose = re.search(r"^EXPOSE (.+)$", (DEPLOY / "Dockerfile").read_text(), re.M)
+    assert expose and {"8890/udp", "8891/udp"} <= set(expose[1].split())
