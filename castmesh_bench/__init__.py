@@ -9,9 +9,10 @@ from castmesh.mesh import runtime
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
-    from castmesh_bench import cluster, fanout, llhls, relay, webrtc
+    from castmesh_bench import cluster, fanout, ingest, llhls, relay, webrtc
 
     fanout.add_parser(commands)
+    ingest.add_parser(commands)
     webrtc.add_parser(commands)
     llhls.add_parser(commands)
     relay.add_parsers(commands)
@@ -19,10 +20,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from castmesh_bench import cluster, fanout, llhls, relay, webrtc
+    from castmesh_bench import cluster, fanout, ingest, llhls, relay, webrtc
 
     if args.bench == "fanout":
         return fanout.run(args)
+    if args.bench == "ingest":
+        return ingest.run(args)
     if args.bench == "llhls":
         llhls.report(runtime.run(llhls.bench(args)), args.json)
         return 0

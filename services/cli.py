@@ -349,6 +349,8 @@ def _banner(cfg: dict[str, Any], relay_port: int, dispatch_port: int) -> str:
         f"           http://{host}:{http}/live/STREAM.m3u8 (HLS)   rtmp://{host}:{rtmp}/live/STREAM",
         f"           http://{host}:{http}/live/STREAM/whep (WHEP: WebRTC)",
         f"           http://{host}:{http}/live/STREAM.m3u8?format=llhls (low-latency HLS)",
+        *([f"           srt://{host}:{cfg['srt_port']}?streamid=read:live/STREAM (SRT: MPEG-TS)"]
+          if cfg["srt_port"] else []),
     ]
     if cfg["tls_cert"]:
         lines.append(f"  https    https://{host}:{cfg['https_port']}/ (HTTP/2 and HTTP/1.1: every path above, wss://)")

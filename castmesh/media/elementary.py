@@ -101,8 +101,9 @@ class VideoPacker:
         hevc = self.codec == "hevc"
         kinds = [(u[0] >> 1) & 0x3F if hevc else u[0] & 0x1F for u in units]
         wanted = (HEVC_VPS, HEVC_SPS, HEVC_PPS) if hevc else (H264_SPS, H264_PPS)
-        sets = tuple(next((u for u, k in zip(units, kinds, strict=True) if k == want), b"") for want in wanted)
-        if all(sets) and sets != self.parameter_sets:
+        sets = tuple(next((u for u, k in zip(units, kinds, strict=True) if k == want), b"") for want in wanted) \
+            if wanted[-1] in kinds else ()  # most pictures carry none
+        if sets and all(sets) and sets != self.parameter_sets:
             record = hevc_record(*sets) if hevc else avc_record(*sets)
             self.parameter_sets = sets
             out.append((DATA, ms, self._metadata(sets[0 if not hevc else 1])))

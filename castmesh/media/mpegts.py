@@ -193,6 +193,7 @@ class TsReader:
         self.pmt_pid: int | None = None
         self.tracks: dict[int, str] = {}  # PID -> kind
         self.sections: dict[int, bytearray] = {}
+        self.last_tables: dict[int, bytes] = {}  # by PID: the last PAT or PMT section that was read
         self.building: dict[int, list[bytes]] = {}
         self.sizes: dict[int, int] = {}
         self.counters: dict[int, int] = {}
@@ -203,11 +204,28 @@ class TsReader:
         out: list[Pes] = []
         buffer = self.rest + data if self.rest else data
         pos, end = 0, len(buffer)
+        tracks, building, sizes, counters = self.tracks, self.building, self.sizes, self.counters
         while end - pos >= PACKET:
             if buffer[pos] != 0x47:
                 pos = self._resync(buffer, pos)
                 continue
-            self._packet(memoryview(buffer)[pos:pos + PACKET], out)
+            flags, control = buffer[pos + 1], buffer[pos + 3]
+            pid = ((flags & 0x1F) << 8) | buffer[pos + 2]
+            if pid in tracks and not flags & 0x40 and control & 0x30 == 0x10:
+                # Most packets: the middle of a track's PES, payload only. What _packet and _pes_data do
+                # with one, without the calls (the demuxer's cost is per packet: docs/BENCHMARKS.md).
+                counter, expected = control & 0x0F, counters.get(pid)
+                counters[pid] = counter
+                parts = building.get(pid)
+                if parts is not None and counter != expected:  # else a duplicate, or not in a PES
+                    size = sizes[pid] + PACKET - 4
+                    if (expected is not None and counter != (expected + 1) & 0x0F) or size > MAX_PES:
+                        self._drop(pid)  # a packet was lost, or the PES is too large
+                    else:
+                        sizes[pid] = size
+                        parts.append(buffer[pos + 4:pos + PACKET])
+            else:
+                self._packet(memoryview(buffer)[pos:pos + PACKET], out)
             pos += PACKET
         self.rest = bytes(buffer[pos:])
         return out
@@ -313,9 +331,12 @@ class TsReader:
             return
         del self.sections[pid]
         body = bytes(section[:3 + length])
+        if body == self.last_tables.get(pid):
+            return  # the tables again (muxers repeat them every 100 ms or so): read once
         if length < 9 or crc32_mpeg2(body[:-4]) != int.from_bytes(body[-4:], "big"):
             self.errors += 1
             return
+        self.last_tables[pid] = body
         if pid == PAT_PID and body[0] == 0x00:
             self._pat(body[8:-4])
         elif body[0] == 0x02:

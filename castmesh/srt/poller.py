@@ -78,6 +78,7 @@ class SrtPoller:
         ready = (s.EpollEvent * 256)()
         buffer = ctypes.create_string_buffer(MESSAGE)
         srt = self.srt
+        recvmsg, string_at = srt.srt_recvmsg, ctypes.string_at
         while not self.stopped.is_set():
             if self.pending > MAX_PENDING:
                 self.stopped.wait(0.01)
@@ -105,9 +106,9 @@ class SrtPoller:
                 messages: list[bytes] = []
                 reason = ""
                 for _ in range(MAX_READS):
-                    got = srt.srt_recvmsg(sock, buffer, MESSAGE)
+                    got = recvmsg(sock, buffer, MESSAGE)
                     if got > 0:
-                        messages.append(buffer.raw[:got])
+                        messages.append(string_at(buffer, got))  # one copy (buffer.raw[:got] made two)
                         continue
                     if got < 0 and srt.srt_getlasterror(None) != s.EASYNCRCV:
                         reason = "the connection broke or the caller closed it"
