@@ -1,7 +1,8 @@
 """Elementary streams into castmesh's frames (FLV tag bodies, as RTMP carries them): Annex-B H.264 and HEVC
-access units, ADTS AAC. What MPEG-TS (SRT) and RTP (WHIP) bring in becomes the same frames an RTMP
+access units, ADTS AAC, Opus. What MPEG-TS (SRT) and RTP (WHIP) bring in becomes the same frames an RTMP
 publisher sends: onMetaData and a sequence header whenever the parameter sets change, then each picture
-as length-prefixed NAL units with its composition time; AAC as its AudioSpecificConfig, then raw frames.
+as length-prefixed NAL units with its composition time; AAC as its AudioSpecificConfig, then raw frames;
+Opus as enhanced RTMP's (an OpusHead, then the packets).
 H.264 uses the legacy FLV codec id 7; HEVC the enhanced-RTMP form (FourCC hvc1), as OBS sends it.
 
 No IO: a packer is handed access units with their times in ms and returns (kind, ms, payload) triples.
@@ -13,8 +14,8 @@ from typing import Any
 
 from castmesh.media import amf0
 from castmesh.media.codecs import AAC_SAMPLE_RATES, Bits, CodecError, avc_dimensions
-from castmesh.media.frames import AUDIO, DATA, VIDEO
-from castmesh.media.mpegts import Pes, TsReader
+from castmesh.media.frames import AUDIO, DATA, VIDEO, audio_is_config
+from castmesh.media.mpegts import AUDIO_KINDS, Pes, TsReader
 
 MAX_NAL_UNITS = 4096  # per access unit; a real encoder writes a handful
 Packed = tuple[int, int, bytes]  # (frame kind, ms, FLV tag body)
@@ -167,7 +168,74 @@ class AdtsPacker:
         return out
 
 
+def opus_head(channels: int) -> bytes:
+    """An OpusHead (RFC 7845 5.1) for mapping family 0: version 1, 312 samples of pre-skip (libopus's
+    encoder delay at 48 kHz), 48 kHz, no gain."""
+    return b"OpusHead" + bytes((1, channels)) + (312).to_bytes(2, "little") + (48000).to_bytes(4, "little") \
+        + b"\x00\x00\x00"
+
+
+def opus_duration_ms(packet: bytes) -> float:
+    """How long an Opus packet plays, from its TOC byte (RFC 6716 3.1): frame size by configuration, times
+    the frame count."""
+    toc = packet[0]
+    config = toc >> 3
+    size: float
+    if config < 12:
+        size = (10, 20, 40, 60)[config % 4]
+    elif config < 16:
+        size = (10, 20)[config % 2]
+    else:
+        size = (2.5, 5, 10, 20)[config % 4]
+    code = toc & 0x03
+    frames = 1 if code == 0 else 2 if code < 3 else (packet[1] & 0x3F if len(packet) > 1 else 1)
+    return size * frames
+
+
+class OpusPacker:
+    """Opus in MPEG-TS (the mapping ffmpeg writes: each packet behind a control header, 0x7FE0 with trim
+    and extension flags, its size in bytes of 255 and a remainder, then the optional trims and extension)
+    into enhanced RTMP audio (FourCC Opus): the OpusHead sequence start first, then each packet at its own
+    time. The channel count comes from the PMT's descriptor."""
+
+    def __init__(self, channels: int = 2) -> None:
+        self.channels = channels
+        self.config: bytes | None = None
+        self.errors = 0
+
+    def push(self, ms: float, data: bytes) -> list[Packed]:
+        out: list[Packed] = []
+        if self.config is None:
+            self.config = opus_head(self.channels)
+            out.append((AUDIO, int(ms), b"\x90Opus" + self.config))
+        at, end = 0, len(data)
+        while at + 2 <= end:
+            if data[at] != 0x7F or data[at + 1] & 0xE0 != 0xE0:
+                self.errors += 1
+                break  # not a control header: the rest of this PES is lost
+            flags = data[at + 1]
+            at += 2
+            size = 0
+            while at < end:
+                size += data[at]
+                at += 1
+                if data[at - 1] != 0xFF:
+                    break
+            at += (2 if flags & 0x10 else 0) + (2 if flags & 0x08 else 0)  # start and end trims
+            if flags & 0x04 and at < end:
+                at += 1 + data[at]  # the control extension
+            if size == 0 or at + size > end:
+                self.errors += 1
+                break
+            packet = data[at:at + size]
+            at += size
+            out.append((AUDIO, int(ms), b"\x91Opus" + packet))
+            ms += opus_duration_ms(packet)
+        return out
+
+
 TS_WRAP = 1 << 33
+AUDIO_METADATA = {"aac": {"audiocodecid": 10.0}, "opus": {"audiocodecid": float(int.from_bytes(b"Opus", "big"))}}
 MAX_AHEAD = 300  # frames held back waiting for the audio track's first frame (a few seconds of video)
 
 
@@ -183,6 +251,7 @@ class TsFrames:
         self.encoder = encoder
         self.video: VideoPacker | None = None
         self.audio = AdtsPacker()
+        self.opus: OpusPacker | None = None
         self.origin: int | None = None
         self.last_raw = 0
         self.clock = 0  # unwrapped 90 kHz
@@ -191,7 +260,7 @@ class TsFrames:
 
     @property
     def errors(self) -> int:
-        return self.reader.errors + self.audio.errors + self.bad_media
+        return self.reader.errors + self.audio.errors + (self.opus.errors if self.opus else 0) + self.bad_media
 
     def feed(self, data: bytes) -> list[Packed]:
         out: list[Packed] = []
@@ -219,11 +288,13 @@ class TsFrames:
         if self.holding is None:
             return out
         self.holding += out
-        if self.audio.config is None and "aac" in self.reader.tracks.values() and len(self.holding) < MAX_AHEAD:
+        audio_known = self.audio.config is not None or (self.opus is not None and self.opus.config is not None)
+        has_audio = any(kind in AUDIO_KINDS for kind in self.reader.tracks.values())
+        if not audio_known and has_audio and len(self.holding) < MAX_AHEAD:
             return []
         held, self.holding = self.holding, None
-        configs = [p for p in held if p[0] == AUDIO and p[2][1] == 0]
-        return configs + [p for p in held if not (p[0] == AUDIO and p[2][1] == 0)]
+        configs = [p for p in held if p[0] == AUDIO and audio_is_config(p[2])]
+        return configs + [p for p in held if not (p[0] == AUDIO and audio_is_config(p[2]))]
 
     def _ms(self, ts: int) -> float:
         if self.origin is None:
@@ -239,9 +310,14 @@ class TsFrames:
         if pes.kind == "aac":
             out += self.audio.push(self._ms(pes.pts), pes.data)
             return
+        if pes.kind == "opus":
+            if self.opus is None:
+                self.opus = OpusPacker(self.reader.opus_channels)
+            out += self.opus.push(self._ms(pes.pts), pes.data)
+            return
         if self.video is None or self.video.codec != pes.kind:
-            has_audio = "aac" in self.reader.tracks.values()
-            self.video = VideoPacker(pes.kind, self.encoder, {"audiocodecid": 10.0} if has_audio else None)
+            audio = next((kind for kind in self.reader.tracks.values() if kind in AUDIO_KINDS), None)
+            self.video = VideoPacker(pes.kind, self.encoder, AUDIO_METADATA.get(audio or ""))
         dts = self._ms(pes.dts)
         offset = (pes.pts - pes.dts) % TS_WRAP  # PTS before DTS is an encoder's error: taken as 0
         ms = round(dts)

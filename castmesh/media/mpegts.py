@@ -11,7 +11,8 @@ from __future__ import annotations
 PACKET = 188
 PAT_PID, PMT_PID, VIDEO_PID, AUDIO_PID = 0x0000, 0x1000, 0x0100, 0x0101
 STREAM_TYPE_H264, STREAM_TYPE_HEVC, STREAM_TYPE_AAC_ADTS = 0x1B, 0x24, 0x0F
-VIDEO_STREAM_ID, AUDIO_STREAM_ID = 0xE0, 0xC0
+VIDEO_STREAM_ID, AUDIO_STREAM_ID, PRIVATE_STREAM_ID = 0xE0, 0xC0, 0xBD
+STREAM_TYPE_PRIVATE = 0x06  # PES private data: Opus, by its registration descriptor
 TS_WRAP = 1 << 33
 
 
@@ -70,10 +71,11 @@ class TsWriter:
     `version` is the PMT's: a stream whose tracks change says so with new tables of the next version."""
 
     def __init__(self, has_video: bool, has_audio: bool, video_type: int = STREAM_TYPE_H264,
-                 version: int = 0, counters: dict[int, int] | None = None) -> None:
+                 version: int = 0, counters: dict[int, int] | None = None, opus_channels: int = 0) -> None:
         self.has_video = has_video
         self.has_audio = has_audio
         self.video_type = video_type
+        self.opus_channels = opus_channels  # not 0: the audio track is Opus (private data, as ffmpeg maps it)
         self.version = version & 0x1F
         self.pcr_pid = VIDEO_PID if has_video else AUDIO_PID
         self.counters: dict[int, int] = counters if counters is not None else {}
@@ -84,7 +86,11 @@ class TsWriter:
         streams = b""
         if self.has_video:
             streams += bytes((self.video_type, 0xE0 | (VIDEO_PID >> 8), VIDEO_PID & 0xFF, 0xF0, 0))
-        if self.has_audio:
+        if self.has_audio and self.opus_channels:
+            descriptors = b"\x05\x04Opus" + b"\x7f\x02\x80" + bytes((self.opus_channels,))
+            streams += bytes((STREAM_TYPE_PRIVATE, 0xE0 | (AUDIO_PID >> 8), AUDIO_PID & 0xFF, 0xF0,
+                              len(descriptors))) + descriptors
+        elif self.has_audio:
             streams += bytes((STREAM_TYPE_AAC_ADTS, 0xE0 | (AUDIO_PID >> 8), AUDIO_PID & 0xFF, 0xF0, 0))
         pmt = b"\x00\x01" + bytes((0xE0 | (self.pcr_pid >> 8), self.pcr_pid & 0xFF, 0xF0, 0)) + streams
         return self._section(PAT_PID, 0x00, pat) + self._section(PMT_PID, 0x02, pmt)
@@ -103,9 +109,11 @@ class TsWriter:
         pcr = dts if self.pcr_pid == VIDEO_PID else None
         return self._packets(VIDEO_PID, pes(VIDEO_STREAM_ID, access_unit, pts, dts), pcr, keyframe)
 
-    def audio(self, adts_frames: bytes, pts: int) -> bytes:
+    def audio(self, frames: bytes, pts: int) -> bytes:
+        """ADTS AAC frames, or Opus packets behind their control headers (opus_access_unit)."""
         pcr = pts if self.pcr_pid == AUDIO_PID else None
-        return self._packets(AUDIO_PID, pes(AUDIO_STREAM_ID, adts_frames, pts), pcr, self.pcr_pid == AUDIO_PID)
+        stream_id = PRIVATE_STREAM_ID if self.opus_channels else AUDIO_STREAM_ID
+        return self._packets(AUDIO_PID, pes(stream_id, frames, pts), pcr, self.pcr_pid == AUDIO_PID)
 
     def _header(self, pid: int, start: bool, adaptation_control: int) -> bytes:
         cc = self.counters.get(pid, 0)
@@ -140,6 +148,13 @@ class TsWriter:
         return b"".join(out)
 
 
+def opus_access_unit(packet: bytes) -> bytes:
+    """An Opus packet as MPEG-TS carries it: the control header (0x7FE0, no trims) and its size in bytes of
+    255 and a remainder (TsFrames' OpusPacker reads it back)."""
+    size = len(packet)
+    return b"\x7f\xe0" + b"\xff" * (size // 255) + bytes((size % 255,)) + packet
+
+
 def lead_into(data: bytes, counters: dict[int, int]) -> bytes:
     """`data` (whole packets) with its continuity counters renumbered so that each PID's last packet comes
     right before `counters` (each PID's next counter): bytes made apart, such as a joining viewer's start,
@@ -162,6 +177,7 @@ def lead_into(data: bytes, counters: dict[int, int]) -> bytes:
 
 # Reading ----------------------------------------------------------------------------------------------
 READ_TYPES = {STREAM_TYPE_H264: "h264", STREAM_TYPE_HEVC: "hevc", STREAM_TYPE_AAC_ADTS: "aac"}
+AUDIO_KINDS = ("aac", "opus")
 MAX_PES = 8 << 20  # bytes of one PES packet: a 4K keyframe is a few MB
 MAX_SECTION = 1024  # PAT and PMT sections: ISO 13818-1 caps them at 1021 bytes
 MAX_TRACKS = 8  # elementary streams taken from one PMT
@@ -172,7 +188,8 @@ class TsError(ValueError):
 
 
 class Pes:
-    """One elementary stream packet: its track ("h264", "hevc", "aac"), 90 kHz PTS and DTS, and payload."""
+    """One elementary stream packet: its track ("h264", "hevc", "aac", "opus"), 90 kHz PTS and DTS, and
+    payload."""
 
     __slots__ = ("data", "dts", "kind", "pid", "pts")
 
@@ -181,7 +198,7 @@ class Pes:
 
 
 class TsReader:
-    """A transport stream in, PES packets of the first program's H.264, HEVC and AAC tracks out. Sans-IO:
+    """A transport stream in, PES packets of the first program's H.264 or HEVC and AAC or Opus tracks out. Sans-IO:
     `feed` takes bytes cut anywhere and returns the PES packets they complete.
 
     Bounded: a partial packet (under 188 bytes) and one PES per track of at most MAX_PES are held; a PES
@@ -194,6 +211,7 @@ class TsReader:
         self.tracks: dict[int, str] = {}  # PID -> kind
         self.sections: dict[int, bytearray] = {}
         self.last_tables: dict[int, bytes] = {}  # by PID: the last PAT or PMT section that was read
+        self.opus_channels = 2
         self.building: dict[int, list[bytes]] = {}
         self.sizes: dict[int, int] = {}
         self.counters: dict[int, int] = {}
@@ -357,13 +375,32 @@ class TsReader:
             stream_type, pid = body[at], ((body[at + 1] & 0x1F) << 8) | body[at + 2]
             es_length = ((body[at + 3] & 0x0F) << 8) | body[at + 4]
             kind = READ_TYPES.get(stream_type)
-            if kind is not None and kind not in tracks.values():
-                tracks[pid] = kind  # the first track of each kind
+            if stream_type == STREAM_TYPE_PRIVATE:
+                kind = self._opus(body[at + 5:min(end, at + 5 + es_length)])
+            audio = kind in AUDIO_KINDS and any(k in AUDIO_KINDS for k in tracks.values())
+            if kind is not None and kind not in tracks.values() and not audio:
+                tracks[pid] = kind  # the first track of each kind, and one audio track
             at += 5 + es_length
         if tracks != self.tracks:
             for pid in set(self.building) - set(tracks):
                 self.building.pop(pid)
             self.tracks = tracks
+
+
+    def _opus(self, descriptors: bytes) -> str | None:
+        """"opus" if a private-data stream's descriptors register it as Opus (the mapping ffmpeg writes: a
+        registration descriptor 'Opus', a DVB extension descriptor 0x80 with the channel configuration)."""
+        found = None
+        at = 0
+        while at + 2 <= len(descriptors):
+            tag, length = descriptors[at], descriptors[at + 1]
+            value = descriptors[at + 2:at + 2 + length]
+            if tag == 0x05 and value == b"Opus":
+                found = "opus"
+            elif tag == 0x7F and len(value) >= 2 and value[0] == 0x80:
+                self.opus_channels = value[1] if value[1] in (1, 2) else 2  # mapping family 0: 1 or 2
+            at += 2 + length
+        return found
 
 
 def _read_timestamp(data: bytes, at: int) -> int:

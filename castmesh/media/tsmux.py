@@ -1,6 +1,7 @@
 """A stream's frames as one continuous MPEG-TS, as live transport-stream players (SRT viewers) take it:
-H.264 or HEVC and AAC, PAT and PMT before every keyframe (and about every second of an audio-only
-stream), PTS and DTS at 90 kHz from the frames' milliseconds, PCR on the video PID. No IO.
+H.264 or HEVC, and AAC or Opus (enhanced RTMP's, in the mapping ffmpeg reads), PAT and PMT before every
+keyframe (and about every second of an audio-only stream), PTS and DTS at 90 kHz from the frames'
+milliseconds, PCR on the video PID. No IO.
 
 `push` returns the bytes and where each frame's packets begin: every TS packet belongs to one frame's
 PES, so a viewer resuming at frames[i] after a skip is sent a suffix of the same bytes, and the
@@ -13,16 +14,18 @@ HLS's TS segments (castmesh.media.hls) are cut from the same writer (castmesh.me
 from __future__ import annotations
 
 from castmesh.media.codecs import (
+    OPUS_HEAD,
     AudioConfig,
     CodecError,
     VideoConfig,
     adts_header,
     annex_b,
     read_audio,
+    read_opus,
     read_video,
 )
 from castmesh.media.frames import AUDIO, VIDEO
-from castmesh.media.mpegts import STREAM_TYPE_H264, STREAM_TYPE_HEVC, TsWriter
+from castmesh.media.mpegts import STREAM_TYPE_H264, STREAM_TYPE_HEVC, TsWriter, opus_access_unit
 from castmesh.proto.v1.media_pb2 import Frame
 
 VIDEO_TYPES = {"avc1": STREAM_TYPE_H264, "hvc1": STREAM_TYPE_HEVC}
@@ -32,7 +35,7 @@ AUDIO_TABLES_EVERY = 45  # AAC frames (about a second) between tables when there
 class TsMuxer:
     def __init__(self) -> None:
         self.video: VideoConfig | None = None
-        self.audio: AudioConfig | None = None
+        self.audio: AudioConfig | int | None = None  # AAC's configuration, or Opus's channel count
         self.writer: TsWriter | None = None
         self.version = 0
         self.announced = False  # whether tables of this version went out: a change after that needs the next
@@ -86,14 +89,33 @@ class TsMuxer:
 
     def _audio(self, frame: Frame) -> bytes:
         item = read_audio(frame.payload)
+        if item is None:
+            return self._opus(frame)
         if isinstance(item, AudioConfig):
             if item != self.audio:
                 self.audio = item
                 self._new_writer()
             return b""
-        if item is None or self.audio is None or self.writer is None or not self.writer.has_audio:
+        if not isinstance(self.audio, AudioConfig) or self.writer is None or not self.writer.has_audio:
             return b""
-        data = self.writer.audio(adts_header(self.audio, len(item)) + item, frame.timestamp * 90)
+        return self._audio_pes(adts_header(self.audio, len(item)) + item, frame.timestamp)
+
+    def _opus(self, frame: Frame) -> bytes:
+        item = read_opus(frame.payload)
+        if item is OPUS_HEAD:
+            head = frame.payload[5:]
+            channels = head[9] if len(head) > 9 and head[9] in (1, 2) else 2  # past "OpusHead" and the version
+            if self.audio != channels:
+                self.audio = channels
+                self._new_writer()
+            return b""
+        if not isinstance(item, bytes) or not isinstance(self.audio, int) or self.writer is None:
+            return b""
+        return self._audio_pes(opus_access_unit(item), frame.timestamp)
+
+    def _audio_pes(self, data: bytes, timestamp: int) -> bytes:
+        assert self.writer is not None
+        data = self.writer.audio(data, timestamp * 90)
         if self.video is None:
             self.since_tables += 1
             if self.since_tables >= AUDIO_TABLES_EVERY:
@@ -114,6 +136,7 @@ class TsMuxer:
             self.version += 1
             self.announced = False
         video_type = VIDEO_TYPES[self.video.codec] if self.video is not None else STREAM_TYPE_H264
+        opus = self.audio if isinstance(self.audio, int) else 0
         self.writer = TsWriter(self.video is not None, self.audio is not None, video_type, self.version,
-                               self.counters)
+                               self.counters, opus)
         self.since_tables = AUDIO_TABLES_EVERY  # audio only: tables with the next frame

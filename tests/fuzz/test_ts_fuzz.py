@@ -11,28 +11,31 @@ from hypothesis import strategies as st
 
 from castmesh.media import mpegts
 from castmesh.media.elementary import TsFrames
+from castmesh.media.frames import AUDIO, audio_is_config
 from castmesh.media.mpegts import MAX_SECTION, MAX_TRACKS, PACKET, TsReader, TsWriter
 from tests.fuzz.damage import BASIC, damage
 from tests.unit.test_hls_muxing import PPS, SPS
 
 
-def clean_stream() -> bytes:
-    writer = TsWriter(has_video=True, has_audio=True)
+def clean_stream(opus: bool = False) -> bytes:
+    """H.264 with AAC, or with Opus in ffmpeg's mapping (a control header before each packet)."""
+    writer = TsWriter(has_video=True, has_audio=True, opus_channels=2 if opus else 0)
     out = [writer.tables()]
     for i in range(12):
         picture = (b"\x00\x00\x00\x01" + SPS + b"\x00\x00\x00\x01" + PPS if i % 6 == 0 else b"") + \
             b"\x00\x00\x00\x01" + bytes((0x65 if i % 6 == 0 else 0x41,)) + bytes(range(256)) * (3 if i % 6 else 12)
         out.append(writer.video(picture, 3000 * i + 6000, 3000 * i, i % 6 == 0))
-        out.append(writer.audio(bytes.fromhex("fff15080021ffc") + bytes(9), 3000 * i))
+        audio = mpegts.opus_access_unit(b"\xfc" + bytes(300)) if opus else bytes.fromhex("fff15080021ffc") + bytes(9)
+        out.append(writer.audio(audio, 3000 * i))
     return b"".join(out)
 
 
-CLEAN = clean_stream()
+CLEAN = {False: clean_stream(), True: clean_stream(opus=True)}
 
 
 @st.composite
 def damaged(draw: st.DrawFn) -> tuple[bytes, list[int]]:
-    data = bytearray(CLEAN)
+    data = bytearray(CLEAN[draw(st.booleans())])
     for _ in range(draw(st.integers(1, 6))):
         if not data:
             break
@@ -56,6 +59,16 @@ def test_damaged_transport_streams_stay_within_the_limits(case: tuple[bytes, lis
         assert all(size <= mpegts.MAX_PES for size in reader.sizes.values())
         assert all(len(section) <= MAX_SECTION for section in reader.sections.values())
         assert len(reader.tracks) <= MAX_TRACKS and set(reader.building) <= set(reader.tracks)
+        assert sum(kind in mpegts.AUDIO_KINDS for kind in reader.tracks.values()) <= 1
+
+
+def test_both_clean_streams_read_whole() -> None:
+    for opus, audio in ((False, "aac"), (True, "opus")):
+        frames = TsFrames()
+        packed = frames.feed(CLEAN[opus]) + frames.flush()
+        assert frames.errors == 0 and audio in frames.reader.tracks.values()
+        audio_frames = [payload for kind, _, payload in packed if kind == AUDIO and not audio_is_config(payload)]
+        assert len(audio_frames) == 12, (audio, len(audio_frames))
 
 
 def test_an_oversized_pes_is_dropped_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,13 +6,14 @@ viewer skipped; tracks that change bring tables of a new version."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from castmesh.media.elementary import TsFrames
-from castmesh.media.frames import VIDEO, make_frame
+from castmesh.media.frames import AUDIO, VIDEO, make_frame
 from castmesh.media.gop import GopCache
 from castmesh.media.mpegts import AUDIO_PID, PACKET, VIDEO_PID, TsReader, TsWriter, lead_into
 from castmesh.proto.v1.media_pb2 import Frame, StreamKey
@@ -122,3 +123,29 @@ def test_lead_into_renumbers_each_pid_to_end_right_before_the_next_counter() -> 
         last[pid] = cc
         assert out[at:at + 3] == data[at:at + 3] and out[at + 4:at + PACKET] == data[at + 4:at + PACKET]
     assert last[VIDEO_PID] == 2 and last[AUDIO_PID] == 15 and last[0] == 15
+
+
+def test_opus_in_ts_is_read_as_enhanced_rtmp_opus_and_written_back_for_players(tmp_path: Path) -> None:
+    """SRT callers may send Opus (ffmpeg's mapping: private data registered as 'Opus', a control header
+    before each packet): TsFrames makes enhanced RTMP's Opus frames of it, 20 ms apart, and an SRT viewer's
+    TS carries them back in the same mapping, which ffmpeg decodes with the video, without an error."""
+    source = tmp_path / "opus.ts"
+    subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+                    "testsrc2=size=160x120:rate=30:duration=3", "-f", "lavfi", "-i",
+                    "sine=frequency=440:sample_rate=48000:duration=3", "-c:v", "libx264", "-preset", "veryfast",
+                    "-g", "30", "-pix_fmt", "yuv420p", "-c:a", "libopus", "-b:a", "64k", "-ac", "2", "-f", "mpegts",
+                    str(source)], check=True, timeout=60)
+    reader = TsFrames()
+    packed = reader.feed(source.read_bytes()) + reader.flush()
+    opus = [(ms, payload) for kind, ms, payload in packed if kind == AUDIO]
+    assert opus[0][1].startswith(b"\x90OpusOpusHead\x01\x02") and reader.errors == 0
+    steps = {b[0] - a[0] for a, b in itertools.pairwise(opus[1:])}
+    assert len(opus) >= 140 and steps <= {19, 20, 21}, (len(opus), steps)
+    frames = [make_frame(kind, ms, payload) for kind, ms, payload in packed]
+    fmt = MpegTs()
+    cache = GopCache(StreamKey(app="live", name="x"))
+    cache.add_all(frames[:FLUSH])
+    data = fmt.head(cache) + b"".join(fmt.body(frames[i:i + FLUSH]) for i in range(FLUSH, len(frames), FLUSH))
+    assert read(data).tracks == {VIDEO_PID: "h264", AUDIO_PID: "opus"} and read(data).errors == 0
+    counts, errors = decode(tmp_path, data)
+    assert errors == "" and counts.get(0, 0) >= 85 and counts.get(1, 0) >= 140, (counts, errors)
