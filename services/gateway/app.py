@@ -264,7 +264,7 @@ class Gateway:
         if request.query.get("protocol") == "srt":
             ingests = [e for e in ingests if e.node.meta.get("srt")]
             if not ingests:
-                return problem(503, "Service Unavailable", "no live ingest node takes SRT")
+                return problem(404, "Not Found", "no live ingest node takes SRT (ingest --srt-port)")
             best = min(ingests, key=lambda e: (e.load.streams, e.node.id)).node
             return web.json_response({"url": srt_url(best, best.meta["srt"], app, name, "publish", {}),
                                       "node": best.id, "protocol": "srt"})

@@ -62,7 +62,7 @@ DOCUMENT: dict[str, Any] = {
                        "where the ingest has it; SRT with ?protocol=srt)", "operationId": "publish",
             "parameters": [*_path_params("app", "stream"), {"name": "protocol", "in": "query", "required": False,
                            "schema": {"type": "string", "enum": ["rtmp", "srt"], "default": "rtmp"}}],
-            "responses": {"200": _json("Placement", "Where to publish"), "503": PROBLEM}}},
+            "responses": {"200": _json("Placement", "Where to publish"), "404": PROBLEM, "503": PROBLEM}}},
         "/api/v1/nodes": {"get": {
             "summary": "Every registered node with role, zone, health and load", "operationId": "listNodes",
             "responses": {"200": _json("NodeList", "The nodes"), "503": PROBLEM}}},

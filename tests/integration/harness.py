@@ -232,9 +232,10 @@ class LossyPath:
     machine's kernel cannot (no sch_netem: "Specified qdisc kind is unknown"); seeded, so a run repeats."""
 
     def __init__(self, target: int, loss: float = 0.05, delay: float = 0.02, jitter: float = 0.005,
-                 seed: int = 1) -> None:
+                 seed: int = 1, spared: int = 4) -> None:
         self.target = ("127.0.0.1", target)
         self.loss, self.delay, self.jitter = loss, delay, jitter
+        self.spared = spared  # the first datagrams (the handshake) always pass: loss on a running stream
         self.random = random.Random(seed)
         self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.front.bind(("127.0.0.1", 0))
@@ -268,7 +269,7 @@ class LossyPath:
                     out, to = self.front, self.caller
                 else:
                     continue
-                if self.random.random() < self.loss:
+                if self.passed >= self.spared and self.random.random() < self.loss:
                     self.lost += 1
                     continue
                 self.passed += 1
