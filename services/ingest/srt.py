@@ -74,10 +74,9 @@ class SrtPublisher:
         event(log, "srt.publish", session=self.publish.id, peer=self.request.peer,
               stream=f"{self.request.app}/{self.request.name}")
 
-    def _data(self, messages: list[bytes]) -> None:
+    def _data(self, data: bytes) -> None:
         if self.ended:
             return
-        data = b"".join(messages)
         self.totals.sample(time.monotonic())
         if not self.started:
             self.early += len(data)

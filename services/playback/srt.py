@@ -62,7 +62,7 @@ class SrtViewers:
         self.formats[path] = (fmt, users + 1)
         viewer = SrtViewer(self, poller, new.sock, new.peer, path, fmt)
         self.viewers.add(viewer)
-        poller.watch(new.sock, lambda messages: None, viewer.closed)
+        poller.watch(new.sock, lambda received: None, viewer.closed)
         self.watch(wanted.app, wanted.name, viewer, "srt", wanted.query, new.peer)
 
     def left(self, viewer: SrtViewer) -> None:
