@@ -1,7 +1,7 @@
 """castmesh: the composition root, the one module that imports every service.
 
   castmesh up                     every service in one process, no Consul, with a demo stream
-  castmesh serve relay|ingest|playback
+  castmesh serve dispatch|relay|ingest|playback|gateway|worker
   castmesh bench fanout ...
 """
 
@@ -24,6 +24,7 @@ from typing import Any
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc
+import imageio_ffmpeg
 from aiohttp import web
 
 from castmesh.mesh import config, grpcutil, logs, runtime, tracing
@@ -36,6 +37,7 @@ from castmesh.mesh.config import ConfigError, Option
 from castmesh.mesh.consul import ConsulNodes, ConsulRegistry
 from castmesh.mesh.consul import client_from_env as consul_client
 from castmesh.mesh.hooks import Hooks
+from castmesh.mesh.jobs import parse_rules
 from castmesh.mesh.registry import DispatchRegistry, Registry
 from castmesh.mesh.subscription import Locate, dispatch_upstream, fixed_upstream
 from castmesh.mesh.tls import serve_tls, tls_context
@@ -47,6 +49,7 @@ from castmesh.proto.v1.dispatch_pb2 import (
     NODE_ROLE_INGEST,
     NODE_ROLE_ORIGIN,
     NODE_ROLE_PLAYBACK,
+    NODE_ROLE_WORKER,
     ListNodesRequest,
     Node,
     NodeLoad,
@@ -59,6 +62,7 @@ from services.demo import run_demo
 from services.dispatch import service as dispatch_service
 from services.dispatch.consul_directory import ConsulDirectory
 from services.dispatch.directory import Directory, InMemoryDirectory
+from services.dispatch.jobs import JobBoard
 from services.gateway.app import Gateway
 from services.ingest.lease import DispatchLease, FixedLease, Lease
 from services.ingest.session import Ingest
@@ -70,6 +74,7 @@ from services.playback.http import HttpSession
 from services.playback.server import Playback, PlaybackSettings
 from services.relay import service as relay_service
 from services.relay.service import RelayService
+from services.worker.service import Worker
 
 log = logging.getLogger("castmesh")
 
@@ -195,6 +200,18 @@ WEBRTC = [*WEBRTC_ICE, MAX_WEBRTC]
 WHIP_PORT = Option("--http-port", 0, "HTTP port for WHIP publishers, POST /{app}/{stream}/whip (0: none; "
                    "deploy/ uses 8081)", config.port)
 
+def _ladder_rules(text: str) -> str:
+    parse_rules(text)  # LadderError (a ValueError) says what is wrong
+    return text
+
+
+ABR = Option("--abr", "", "ABR ladder rules: APP_PATTERN=LADDER, several separated by ';'. A ladder is "
+             "NAME:SIZE:KBPS[:FPS] renditions separated by ',', e.g. live=360p:x360:800k,180p:x180:300k:15 "
+             "(SIZE WxH or xH; stream S's rendition is S_NAME). Workers run them; empty: none", _ladder_rules)
+MAX_JOBS = Option("--max-jobs", 4, "jobs (ABR ladders) this worker runs at once", config.positive)
+FFMPEG = Option("--ffmpeg", "", "the ffmpeg binary workers run (default: imageio-ffmpeg's)")
+WORKER_PORT = Option("--grpc-port", 0, "gRPC port for the health service (0: any free port)", config.port)
+
 COMMON = [LOG_LEVEL, ADVERTISE_HOST, CHECK_CONFIG]
 HLS = [HLS_SEGMENT_MS, HLS_WINDOW, HLS_PART_MS, HLS_IDLE_MS]
 LIMITS = [MAX_CONNECTIONS, MAX_PER_IP]
@@ -202,10 +219,11 @@ PUBLISH_HOOKS = [ON_PUBLISH, ON_UNPUBLISH, HOOK_TIMEOUT_MS]
 PLAY_HOOKS = [ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS]
 UP = [HOST, RTMP_PORT, HTTP_PORT, *TLS, RTMPS_PORT, *SRT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, *WEBRTC,
       GRACE_MS, SECRET, *LIMITS, PUBLISH_ALLOW, PUBLISH_DENY, PLAY_ALLOW, PLAY_DENY, TRUSTED_PROXIES,
-      HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, ON_PUBLISH, ON_UNPUBLISH, ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS, NO_DEMO,
-      *COMMON]
+      HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, ON_PUBLISH, ON_UNPUBLISH, ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS, ABR, MAX_JOBS,
+      FFMPEG, NO_DEMO, *COMMON]
 SERVE = {
-    "dispatch": [HOST, DISPATCH_PORT, GRACE_MS, METRICS_PORT, REGISTRY, *COMMON],
+    "dispatch": [HOST, DISPATCH_PORT, GRACE_MS, ABR, METRICS_PORT, REGISTRY, *COMMON],
+    "worker": [HOST, WORKER_PORT, DISPATCH, MAX_JOBS, FFMPEG, BATCH_MS, METRICS_PORT, REGISTRY, *COMMON],
     "relay": [HOST, GRPC_PORT, ROLE, DISPATCH, UPSTREAM, ZONE, ADVERTISE, MAX_LAG_MS, GRACE_MS, METRICS_PORT,
               REGISTRY, *COMMON],
     "ingest": [HOST, RTMP_PORT, TLS_CERT, TLS_KEY, RTMPS_PORT, *SRT, WHIP_PORT, *WEBRTC_ICE, HEALTH_PORT, DISPATCH,
@@ -371,8 +389,10 @@ async def up(cfg: dict[str, Any]) -> int:
     max_lag, grace = cfg["max_lag_ms"] / 1000, cfg["grace_ms"] / 1000
     closers: list[Callable[[], Awaitable[None]]] = []
     try:
-        dispatch_server, dispatch_port = await dispatch_service.start("127.0.0.1", 0, InMemoryDirectory(grace))
+        dispatch_server, dispatch_port, dispatcher = await dispatch_service.start(
+            "127.0.0.1", 0, InMemoryDirectory(grace), JobBoard(parse_rules(cfg["abr"])))
         closers.append(lambda: dispatch_server.stop(grace=1))
+        closers.append(dispatcher.close)
         chan = await _connect(f"127.0.0.1:{dispatch_port}", "dispatch")
         closers.append(chan.close)
         wiring = Wiring(DispatchStub(chan), "")
@@ -411,6 +431,7 @@ async def up(cfg: dict[str, Any]) -> int:
                                           else playback.kick(r.client_id, r.reason))
         _register_ingest(wiring, ingest, cfg, admin_port)
         _register_playback(wiring, playback, cfg, cfg["rtmp_port"], admin_port)
+        _start_worker(cfg, wiring, "worker", admin_port, closers)
         # The gateway listens on loopback; the public HTTP port hands it /api/v1/..., /healthz and /docs.
         assert wiring.dispatch is not None
         gateway = web.AppRunner(Gateway(wiring.dispatch, catalog, signer=signer).app(), access_log=None)
@@ -482,6 +503,22 @@ def _register_playback(wiring: Wiring, playback: Playback, cfg: dict[str, Any], 
     wiring.register(Node(id=playback.node_id, role=NODE_ROLE_PLAYBACK, address=_advertise(cfg, cfg["http_port"]),
                          zone=cfg.get("zone", ""), meta=meta),
                     lambda: NodeLoad(streams=len(playback.feeds), subscribers=len(playback.clients)))
+
+
+def _start_worker(cfg: dict[str, Any], wiring: Wiring, node_id: str, grpc_port: int,
+                  closers: list[Callable[[], Awaitable[None]]]) -> Worker:
+    """A worker: its own publish side (sessions named after it), registered, taking jobs from dispatch."""
+    assert wiring.dispatch is not None
+    ingest = Ingest(wiring.leases, cfg["batch_ms"], node_id=node_id)
+    closers.append(ingest.links.close)
+    node = Node(id=node_id, role=NODE_ROLE_WORKER, address=_advertise(cfg, grpc_port),
+                meta={"grpc": str(grpc_port), "jobs": str(cfg["max_jobs"])})
+    worker = Worker(wiring.dispatch, node, ingest, wiring.upstream(origin_only=True),
+                    cfg["ffmpeg"] or imageio_ffmpeg.get_ffmpeg_exe(), cfg["max_jobs"])
+    worker.start()
+    closers.append(worker.close)
+    wiring.register(node, worker.load)
+    return worker
 
 
 def _caps(name: str, cfg: dict[str, Any]) -> ConnectionCaps:
@@ -559,8 +596,10 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
                 nodes.start()
                 closers.append(nodes.close)
                 directory, source = consul_directory, "in Consul"
-            server, port = await dispatch_service.start(cfg["host"], cfg["grpc_port"], directory)
+            server, port, dispatcher = await dispatch_service.start(cfg["host"], cfg["grpc_port"], directory,
+                                                                    JobBoard(parse_rules(cfg["abr"])))
             closers.append(lambda: server.stop(grace=1))
+            closers.append(dispatcher.close)
             if cfg["registry"] == "consul":  # listed in Consul like every service (it has no Register call)
                 registry = ConsulRegistry(consul_client())
                 closers.append(registry.close)
@@ -569,6 +608,8 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             print(f"castmesh dispatch listening on {cfg['host']}:{port} (gRPC); directory {source}", flush=True)
             await runtime.until_stopped(stop)
             return 0
+        if service == "worker" and not cfg["dispatch"]:
+            raise ConfigError("a worker needs --dispatch: jobs come from dispatch")
         dispatch = None
         if cfg.get("dispatch"):
             chan = await _connect(cfg["dispatch"], "dispatch")
@@ -581,6 +622,11 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             closers.append(wiring.registry.close)
         if service == "relay":
             await _serve_relay(cfg, wiring, closers)
+        elif service == "worker":
+            health_port = await _health_server(cfg, closers)
+            node_id = _node_id("worker", cfg, health_port)
+            _start_worker(cfg, wiring, node_id, health_port, closers)
+            print(f"castmesh worker {node_id}: up to {cfg['max_jobs']} jobs, {_peer_text(cfg)}", flush=True)
         elif service == "ingest":
             ingest = _ingest(cfg, wiring, Signer.parse(cfg["secret"]), closers,
                              node_id=_node_id("ingest", cfg, cfg["rtmp_port"]))

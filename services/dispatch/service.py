@@ -8,6 +8,10 @@ the origin they publish into as a hint. For REJOIN seconds after start, such a c
 to register instead of being refused or sent elsewhere, so the stream is listed again, where it runs, as
 soon as both are back. Origins that failed under a lease are avoided for a few seconds from that failure
 (a restarted origin on the same address is placed on again).
+
+Jobs (jobs.py): workers hold a Work call, on which they are given jobs and report what became of them;
+the job board follows the directory's streams (rules start jobs, a source's end stops them). A job's
+lease is a Lease call whose claim names the job: held like a publish lease, with no origin.
 """
 
 from __future__ import annotations
@@ -20,13 +24,18 @@ from collections.abc import AsyncIterator
 import grpc
 
 from castmesh.media.frames import stream_path
-from castmesh.mesh import grpcutil
+from castmesh.mesh import grpcutil, runtime
+from castmesh.mesh.jobs import LadderError, check_ladder, job_id, lease_key
 from castmesh.mesh.logs import event
 from castmesh.mesh.retry import RecentFailures
 from castmesh.proto.v1 import dispatch_pb2_grpc
 from castmesh.proto.v1.dispatch_pb2 import (
+    JobReply,
+    JobSpec,
     LeaseReply,
     LeaseRequest,
+    ListJobsReply,
+    ListJobsRequest,
     ListNodesReply,
     ListNodesRequest,
     ListStreamsReply,
@@ -37,20 +46,49 @@ from castmesh.proto.v1.dispatch_pb2 import (
     NodeRole,
     RegisterReply,
     StreamChange,
+    WorkOrder,
+    WorkReport,
 )
 from services.dispatch.directory import Directory, InMemoryDirectory
+from services.dispatch.jobs import JobBoard
 from services.dispatch.placement import pick_edge, pick_origin
 
 log = logging.getLogger("castmesh.dispatch")
 
 REJOIN = 3.0  # seconds after start in which a claim waits for its hinted origin to register
 AVOID_FOR = 5.0  # seconds an origin that failed under a lease is not placed on again by that lease
+TICK = 1.0  # seconds between the job board's looks at jobs waiting to be placed again
+MAX_CAPACITY = 1000  # jobs a worker may say it takes
 
 
 class DispatchService(dispatch_pb2_grpc.DispatchServicer):
-    def __init__(self, directory: Directory) -> None:
+    def __init__(self, directory: Directory, board: JobBoard | None = None) -> None:
         self.directory = directory
+        self.board = board or JobBoard()
         self.started = time.monotonic()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Follow the directory's streams for the job board, and place the jobs that wait."""
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._follow_streams()), loop.create_task(self._tick())]
+
+    async def close(self) -> None:
+        await runtime.cancel_all(self.tasks)
+
+    async def _follow_streams(self) -> None:
+        while True:
+            async for change in self.directory.watch():
+                if change.kind == StreamChange.KIND_UNPUBLISHED:
+                    self.board.unpublished(change.stream)
+                else:
+                    self.board.published(change.stream)
+            await asyncio.sleep(0.1)  # cut off (it fell behind): follow again from a fresh snapshot
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            self.board.place()
 
     async def Register(
         self, request_iterator: AsyncIterator[NodeReport], context: grpc.aio.ServicerContext
@@ -79,6 +117,10 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             yield LeaseReply(rejected=LeaseReply.Rejected(detail="the first message must claim a named stream"))
             return
         claim = first.claim
+        if claim.job:
+            async for reply in self._job_lease(claim, request_iterator):
+                yield reply
+            return
         key, holder = claim.stream, claim.holder
         path = stream_path(key)
         granted, info = await self.directory.claim(key, holder, claim.client_addr)
@@ -111,6 +153,25 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         finally:
             await self.directory.release(key, info)
             event(log, "lease.released", stream=path, holder=holder)
+
+    async def _job_lease(self, claim: LeaseRequest.Claim,
+                         requests: AsyncIterator[LeaseRequest]) -> AsyncIterator[LeaseReply]:
+        """A job's lease: granted (no origin) unless another worker holds it; held until the call ends."""
+        key = lease_key(claim.job)
+        granted, info = await self.directory.claim(key, claim.holder, claim.client_addr)
+        if not granted:
+            event(log, "job_lease.rejected", job=claim.job, holder=claim.holder, by=info.holder)
+            yield LeaseReply(rejected=LeaseReply.Rejected(detail="the job is run by another worker",
+                                                          holder=info.holder))
+            return
+        try:
+            event(log, "job_lease.granted", job=claim.job, holder=claim.holder)
+            yield LeaseReply(granted=LeaseReply.Granted())
+            async for _ in requests:
+                yield LeaseReply(rejected=LeaseReply.Rejected(detail="a job's lease has no origin to relocate"))
+        finally:
+            await self.directory.release(key, info)
+            event(log, "job_lease.released", job=claim.job, holder=claim.holder)
 
     async def _await_rejoin(self, origin: str) -> None:
         """Just after a restart, wait (until REJOIN after start) for `origin` to register again."""
@@ -147,11 +208,66 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
                                      for n, load in await self.directory.nodes()])
 
 
-async def start(host: str, port: int, directory: Directory | None = None) -> tuple[grpc.aio.Server, int]:
+    # Jobs -------------------------------------------------------------------------------------------------
+
+    async def Work(self, request_iterator: AsyncIterator[WorkReport],
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[WorkOrder]:
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("hello") or not first.hello.node.id:
+            yield WorkOrder(refused="the first message must be a hello naming the worker")
+            return
+        hello = first.hello
+        capacity = min(hello.capacity or 1, MAX_CAPACITY)
+        worker = self.board.join(hello.node.id, capacity, list(hello.running))
+
+        async def reports() -> None:
+            async for report in request_iterator:
+                if report.HasField("state"):
+                    self.board.report(worker, report.state)
+                elif report.HasField("load"):
+                    worker.load = report.load
+            await worker.orders.put(None)
+
+        reader = asyncio.get_running_loop().create_task(reports())
+        try:
+            while (order := await worker.orders.get()) is not None:
+                yield order
+        finally:
+            reader.cancel()
+            self.board.leave(worker)
+
+    async def StartJob(self, request: JobSpec, context: grpc.aio.ServicerContext) -> JobReply:
+        spec = JobSpec()
+        spec.CopyFrom(request)
+        spec.kind = spec.kind or "abr"
+        spec.source = spec.source or "api"
+        if spec.kind != "abr":
+            return JobReply(ok=False, detail=f"no job kind {spec.kind!r} (abr)")
+        try:
+            check_ladder(list(spec.renditions))
+        except LadderError as exc:
+            return JobReply(ok=False, detail=str(exc))
+        ok, detail, job = self.board.add(spec)
+        return JobReply(ok=ok, detail=detail, job=job)
+
+    async def StopJob(self, request: JobSpec, context: grpc.aio.ServicerContext) -> JobReply:
+        ident = job_id(request.kind or "abr", request.stream)
+        if not self.board.remove(ident, "stopped through the API"):
+            return JobReply(ok=False, detail=f"no job {ident}")
+        return JobReply(ok=True, detail="stopped")
+
+    async def ListJobs(self, request: ListJobsRequest, context: grpc.aio.ServicerContext) -> ListJobsReply:
+        return ListJobsReply(jobs=self.board.all())
+
+
+async def start(host: str, port: int, directory: Directory | None = None,
+                board: JobBoard | None = None) -> tuple[grpc.aio.Server, int, DispatchService]:
     server = grpcutil.server()
-    dispatch_pb2_grpc.add_DispatchServicer_to_server(DispatchService(directory or InMemoryDirectory()), server)
+    service = DispatchService(directory or InMemoryDirectory(), board)
+    dispatch_pb2_grpc.add_DispatchServicer_to_server(service, server)
     health = grpcutil.add_health(server)
     bound = grpcutil.bind(server, host, port, "dispatch gRPC")
     await server.start()
+    service.start()
     await grpcutil.mark_serving(health, "castmesh.v1.Dispatch")
-    return server, bound
+    return server, bound, service

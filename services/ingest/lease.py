@@ -67,9 +67,10 @@ class DispatchLease:
     """The asyncio adapter of a Dispatch.Lease call around its sans-IO side (castmesh.mesh.channels.LeaseClient):
     one question at a time, one reader per call."""
 
-    def __init__(self, dispatch: DispatchStub, key: StreamKey, holder: str, client_addr: str) -> None:
+    def __init__(self, dispatch: DispatchStub, key: StreamKey, holder: str, client_addr: str, job: str = "") -> None:
         self.dispatch = dispatch
-        self.claim = LeaseRequest.Claim(stream=key, holder=holder, client_addr=client_addr)
+        # job: a worker's lease on a job (its id), not a publish: granted with no origin
+        self.claim = LeaseRequest.Claim(stream=key, holder=holder, client_addr=client_addr, job=job)
         self.lost = asyncio.Event()
         self.call: grpc.aio.StreamStreamCall | None = None
         self.protocol = LeaseClient()

@@ -17,6 +17,7 @@ class NodeRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NODE_ROLE_PLAYBACK: _ClassVar[NodeRole]
     NODE_ROLE_DISPATCH: _ClassVar[NodeRole]
     NODE_ROLE_GATEWAY: _ClassVar[NodeRole]
+    NODE_ROLE_WORKER: _ClassVar[NodeRole]
 NODE_ROLE_UNSPECIFIED: NodeRole
 NODE_ROLE_ORIGIN: NodeRole
 NODE_ROLE_EDGE: NodeRole
@@ -24,6 +25,7 @@ NODE_ROLE_INGEST: NodeRole
 NODE_ROLE_PLAYBACK: NodeRole
 NODE_ROLE_DISPATCH: NodeRole
 NODE_ROLE_GATEWAY: NodeRole
+NODE_ROLE_WORKER: NodeRole
 
 class Node(_message.Message):
     __slots__ = ("id", "role", "address", "zone", "meta")
@@ -75,16 +77,18 @@ class RegisterReply(_message.Message):
 class LeaseRequest(_message.Message):
     __slots__ = ("claim", "relocate")
     class Claim(_message.Message):
-        __slots__ = ("stream", "holder", "client_addr", "origin_hint")
+        __slots__ = ("stream", "holder", "client_addr", "origin_hint", "job")
         STREAM_FIELD_NUMBER: _ClassVar[int]
         HOLDER_FIELD_NUMBER: _ClassVar[int]
         CLIENT_ADDR_FIELD_NUMBER: _ClassVar[int]
         ORIGIN_HINT_FIELD_NUMBER: _ClassVar[int]
+        JOB_FIELD_NUMBER: _ClassVar[int]
         stream: _media_pb2.StreamKey
         holder: str
         client_addr: str
         origin_hint: str
-        def __init__(self, stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., holder: _Optional[str] = ..., client_addr: _Optional[str] = ..., origin_hint: _Optional[str] = ...) -> None: ...
+        job: str
+        def __init__(self, stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., holder: _Optional[str] = ..., client_addr: _Optional[str] = ..., origin_hint: _Optional[str] = ..., job: _Optional[str] = ...) -> None: ...
     class Relocate(_message.Message):
         __slots__ = ("failed_origin",)
         FAILED_ORIGIN_FIELD_NUMBER: _ClassVar[int]
@@ -200,3 +204,112 @@ class ListNodesReply(_message.Message):
     NODES_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[ListNodesReply.Entry]
     def __init__(self, nodes: _Optional[_Iterable[_Union[ListNodesReply.Entry, _Mapping]]] = ...) -> None: ...
+
+class Rendition(_message.Message):
+    __slots__ = ("name", "width", "height", "bitrate_kbps", "frame_rate", "codec")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BITRATE_KBPS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_RATE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    width: int
+    height: int
+    bitrate_kbps: int
+    frame_rate: float
+    codec: str
+    def __init__(self, name: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., bitrate_kbps: _Optional[int] = ..., frame_rate: _Optional[float] = ..., codec: _Optional[str] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("kind", "stream", "renditions", "source")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    RENDITIONS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    stream: _media_pb2.StreamKey
+    renditions: _containers.RepeatedCompositeFieldContainer[Rendition]
+    source: str
+    def __init__(self, kind: _Optional[str] = ..., stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., renditions: _Optional[_Iterable[_Union[Rendition, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("id", "spec", "worker", "state", "detail", "outputs", "since_us")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Job.State]
+        STATE_PENDING: _ClassVar[Job.State]
+        STATE_STARTING: _ClassVar[Job.State]
+        STATE_RUNNING: _ClassVar[Job.State]
+        STATE_FAILED: _ClassVar[Job.State]
+        STATE_WAITING: _ClassVar[Job.State]
+    STATE_UNSPECIFIED: Job.State
+    STATE_PENDING: Job.State
+    STATE_STARTING: Job.State
+    STATE_RUNNING: Job.State
+    STATE_FAILED: Job.State
+    STATE_WAITING: Job.State
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_US_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    spec: JobSpec
+    worker: str
+    state: Job.State
+    detail: str
+    outputs: _containers.RepeatedScalarFieldContainer[str]
+    since_us: int
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., worker: _Optional[str] = ..., state: _Optional[_Union[Job.State, str]] = ..., detail: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., since_us: _Optional[int] = ...) -> None: ...
+
+class WorkReport(_message.Message):
+    __slots__ = ("hello", "state", "load")
+    class Hello(_message.Message):
+        __slots__ = ("node", "capacity", "running")
+        NODE_FIELD_NUMBER: _ClassVar[int]
+        CAPACITY_FIELD_NUMBER: _ClassVar[int]
+        RUNNING_FIELD_NUMBER: _ClassVar[int]
+        node: Node
+        capacity: int
+        running: _containers.RepeatedCompositeFieldContainer[Job]
+        def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., capacity: _Optional[int] = ..., running: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    hello: WorkReport.Hello
+    state: Job
+    load: NodeLoad
+    def __init__(self, hello: _Optional[_Union[WorkReport.Hello, _Mapping]] = ..., state: _Optional[_Union[Job, _Mapping]] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ...) -> None: ...
+
+class WorkOrder(_message.Message):
+    __slots__ = ("start", "stop", "refused")
+    START_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    start: Job
+    stop: str
+    refused: str
+    def __init__(self, start: _Optional[_Union[Job, _Mapping]] = ..., stop: _Optional[str] = ..., refused: _Optional[str] = ...) -> None: ...
+
+class JobReply(_message.Message):
+    __slots__ = ("ok", "detail", "job")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    detail: str
+    job: Job
+    def __init__(self, ok: _Optional[bool] = ..., detail: _Optional[str] = ..., job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListJobsReply(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...

@@ -64,6 +64,26 @@ class DispatchStub:
                 request_serializer=castmesh_dot_v1_dot_dispatch__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=castmesh_dot_v1_dot_dispatch__pb2.ListNodesReply.FromString,
                 _registered_method=True)
+        self.Work = channel.stream_stream(
+                '/castmesh.v1.Dispatch/Work',
+                request_serializer=castmesh_dot_v1_dot_dispatch__pb2.WorkReport.SerializeToString,
+                response_deserializer=castmesh_dot_v1_dot_dispatch__pb2.WorkOrder.FromString,
+                _registered_method=True)
+        self.StartJob = channel.unary_unary(
+                '/castmesh.v1.Dispatch/StartJob',
+                request_serializer=castmesh_dot_v1_dot_dispatch__pb2.JobSpec.SerializeToString,
+                response_deserializer=castmesh_dot_v1_dot_dispatch__pb2.JobReply.FromString,
+                _registered_method=True)
+        self.StopJob = channel.unary_unary(
+                '/castmesh.v1.Dispatch/StopJob',
+                request_serializer=castmesh_dot_v1_dot_dispatch__pb2.JobSpec.SerializeToString,
+                response_deserializer=castmesh_dot_v1_dot_dispatch__pb2.JobReply.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/castmesh.v1.Dispatch/ListJobs',
+                request_serializer=castmesh_dot_v1_dot_dispatch__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=castmesh_dot_v1_dot_dispatch__pb2.ListJobsReply.FromString,
+                _registered_method=True)
 
 
 class DispatchServicer:
@@ -112,6 +132,35 @@ class DispatchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Work(self, request_iterator, context):
+        """A worker takes jobs on this call. Its first message is a hello (the node, how many jobs it runs at
+        most, the jobs it runs already: after a dispatch restart it keeps them); dispatch answers with orders
+        to start and stop jobs, and the worker reports what became of each. The worker's jobs go to other
+        workers the moment the call ends. A worker runs a job only under the job's lease (Lease, claim.job).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartJob(self, request, context):
+        """Jobs asked for through the API (rules make the others): started, stopped and listed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +193,26 @@ def add_DispatchServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=castmesh_dot_v1_dot_dispatch__pb2.ListNodesRequest.FromString,
                     response_serializer=castmesh_dot_v1_dot_dispatch__pb2.ListNodesReply.SerializeToString,
+            ),
+            'Work': grpc.stream_stream_rpc_method_handler(
+                    servicer.Work,
+                    request_deserializer=castmesh_dot_v1_dot_dispatch__pb2.WorkReport.FromString,
+                    response_serializer=castmesh_dot_v1_dot_dispatch__pb2.WorkOrder.SerializeToString,
+            ),
+            'StartJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartJob,
+                    request_deserializer=castmesh_dot_v1_dot_dispatch__pb2.JobSpec.FromString,
+                    response_serializer=castmesh_dot_v1_dot_dispatch__pb2.JobReply.SerializeToString,
+            ),
+            'StopJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopJob,
+                    request_deserializer=castmesh_dot_v1_dot_dispatch__pb2.JobSpec.FromString,
+                    response_serializer=castmesh_dot_v1_dot_dispatch__pb2.JobReply.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=castmesh_dot_v1_dot_dispatch__pb2.ListJobsRequest.FromString,
+                    response_serializer=castmesh_dot_v1_dot_dispatch__pb2.ListJobsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +377,114 @@ class Dispatch:
             '/castmesh.v1.Dispatch/ListNodes',
             castmesh_dot_v1_dot_dispatch__pb2.ListNodesRequest.SerializeToString,
             castmesh_dot_v1_dot_dispatch__pb2.ListNodesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Work(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/castmesh.v1.Dispatch/Work',
+            castmesh_dot_v1_dot_dispatch__pb2.WorkReport.SerializeToString,
+            castmesh_dot_v1_dot_dispatch__pb2.WorkOrder.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/castmesh.v1.Dispatch/StartJob',
+            castmesh_dot_v1_dot_dispatch__pb2.JobSpec.SerializeToString,
+            castmesh_dot_v1_dot_dispatch__pb2.JobReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/castmesh.v1.Dispatch/StopJob',
+            castmesh_dot_v1_dot_dispatch__pb2.JobSpec.SerializeToString,
+            castmesh_dot_v1_dot_dispatch__pb2.JobReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/castmesh.v1.Dispatch/ListJobs',
+            castmesh_dot_v1_dot_dispatch__pb2.ListJobsRequest.SerializeToString,
+            castmesh_dot_v1_dot_dispatch__pb2.ListJobsReply.FromString,
             options,
             channel_credentials,
             insecure,

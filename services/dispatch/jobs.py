@@ -1,0 +1,206 @@
+"""Dispatch's job board: which jobs the cluster should run (rules applied to the published streams, and
+jobs asked for through the API), and on which worker each runs.
+
+Workers hold a Dispatch.Work call (service.py); a job goes to the worker with the fewest jobs among those
+with room (then the least CPU), and back to the board the moment its worker's call ends, to be placed on
+another at once. A worker runs a job only under the job's lease in the directory (a claim like a
+publish's), so two dispatches, or a dispatch that restarted and lost its board, never get one job run
+twice: the second worker is refused the lease and says so, and the job waits for the holder to let go.
+
+A job ends with its source stream (unpublished after its grace), or when the API stops it. The streams a
+job publishes (an ABR ladder's renditions) never match a rule themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from castmesh.media.frames import stream_path
+from castmesh.mesh.jobs import ABR, Rule, job_id, matching, outputs
+from castmesh.mesh.logs import event
+from castmesh.mesh.retry import Clock
+from castmesh.proto.v1.dispatch_pb2 import Job, JobSpec, NodeLoad, StreamInfo, WorkOrder
+from castmesh.proto.v1.media_pb2 import StreamKey
+
+log = logging.getLogger("castmesh.dispatch")
+
+RETRY_FAILED = 5.0  # seconds before a job that failed on a worker is placed again (elsewhere if it can)
+ORDERS = 256  # orders a worker may have unread before its call is ended
+
+
+@dataclass(eq=False)
+class WorkerEntry:
+    id: str
+    capacity: int
+    orders: asyncio.Queue[WorkOrder | None] = field(default_factory=lambda: asyncio.Queue(ORDERS))
+    jobs: set[str] = field(default_factory=set)
+    load: NodeLoad = field(default_factory=NodeLoad)
+
+    def send(self, order: WorkOrder) -> bool:
+        try:
+            self.orders.put_nowait(order)
+            return True
+        except asyncio.QueueFull:
+            return False
+
+
+@dataclass(eq=False)
+class JobEntry:
+    job: Job
+    avoid: dict[str, float] = field(default_factory=dict)  # worker -> until when it is not given the job again
+    retry_at: float = 0.0
+
+
+class JobBoard:
+    def __init__(self, rules: list[Rule] | None = None, clock: Clock = time.monotonic) -> None:
+        self.rules = rules or []
+        self.clock = clock
+        self.jobs: dict[str, JobEntry] = {}
+        self.workers: dict[str, WorkerEntry] = {}
+        self.live: dict[str, StreamInfo] = {}  # published streams by path
+        self.made: set[str] = set()  # paths of streams that jobs publish
+
+    # Streams ----------------------------------------------------------------------------------------------
+
+    def published(self, info: StreamInfo) -> None:
+        path = stream_path(info.stream)
+        self.live[path] = info
+        if path in self.made:
+            return
+        rule = matching(self.rules, info.stream.app)
+        if rule is None:
+            return
+        spec = JobSpec(kind=ABR, stream=info.stream, renditions=list(rule.renditions), source=f"rule:{rule.pattern}")
+        self.add(spec)
+
+    def unpublished(self, info: StreamInfo) -> None:
+        path = stream_path(info.stream)
+        self.live.pop(path, None)
+        for entry in [e for e in self.jobs.values() if stream_path(e.job.spec.stream) == path]:
+            self.remove(entry.job.id, "the source stream ended")
+
+    # Jobs -------------------------------------------------------------------------------------------------
+
+    def add(self, spec: JobSpec) -> tuple[bool, str, Job | None]:
+        """A job for `spec` (placed now if a worker has room); (False, why) if its source is not live."""
+        path = stream_path(spec.stream)
+        if path not in self.live:
+            return False, f"{path} is not being published", None
+        if path in self.made:
+            return False, f"{path} is made by a job itself", None
+        ident = job_id(spec.kind, spec.stream)
+        entry = self.jobs.get(ident)
+        if entry is not None:
+            return True, "running already", entry.job
+        job = Job(id=ident, spec=spec, state=Job.STATE_PENDING, outputs=outputs(spec))
+        self.jobs[ident] = JobEntry(job)
+        self._outputs_changed()
+        event(log, "job.added", job=ident, source=spec.source, renditions=len(spec.renditions))
+        self.place()
+        return True, "added", job
+
+    def remove(self, ident: str, reason: str) -> bool:
+        entry = self.jobs.pop(ident, None)
+        if entry is None:
+            return False
+        worker = self.workers.get(entry.job.worker)
+        if worker is not None:
+            worker.jobs.discard(ident)
+            worker.send(WorkOrder(stop=ident))
+        self._outputs_changed()
+        event(log, "job.removed", job=ident, worker=entry.job.worker, reason=reason)
+        return True
+
+    def all(self) -> list[Job]:
+        return [entry.job for entry in self.jobs.values()]
+
+    def _outputs_changed(self) -> None:
+        self.made = {f"{e.job.spec.stream.vhost}/{e.job.spec.stream.app}/{name}"
+                     for e in self.jobs.values() for name in e.job.outputs}
+
+    # Workers ----------------------------------------------------------------------------------------------
+
+    def join(self, worker_id: str, capacity: int, running: list[Job]) -> WorkerEntry:
+        """A worker's Work call opened: it takes the jobs it already runs that nobody else has (a
+        dispatch restart), and is told to stop the others."""
+        worker = WorkerEntry(worker_id, capacity)
+        self.workers[worker_id] = worker
+        for job in running:
+            entry = self.jobs.get(job.id)
+            if entry is None and stream_path(job.spec.stream) in self.live:
+                entry = self.jobs[job.id] = JobEntry(Job(id=job.id, spec=job.spec, outputs=job.outputs))
+                self._outputs_changed()
+            if entry is not None and not entry.job.worker:
+                self._assign(entry, worker, job.state or Job.STATE_RUNNING)
+                entry.job.detail = job.detail
+            else:
+                worker.send(WorkOrder(stop=job.id))
+        event(log, "worker.up", worker=worker_id, capacity=capacity, adopted=len(worker.jobs))
+        self.place()
+        return worker
+
+    def leave(self, worker: WorkerEntry) -> None:
+        """Its call ended: its jobs are placed again, now."""
+        if self.workers.get(worker.id) is worker:
+            del self.workers[worker.id]
+        for ident in worker.jobs:
+            entry = self.jobs.get(ident)
+            if entry is not None and entry.job.worker == worker.id:
+                entry.job.worker, entry.job.state, entry.job.detail = "", Job.STATE_PENDING, "its worker left"
+        event(log, "worker.down", worker=worker.id, jobs=len(worker.jobs))
+        worker.jobs.clear()
+        self.place()
+
+    def report(self, worker: WorkerEntry, job: Job) -> None:
+        """What a worker says became of a job."""
+        entry = self.jobs.get(job.id)
+        if entry is None or entry.job.worker != worker.id:
+            if job.state in (Job.STATE_RUNNING, Job.STATE_STARTING, Job.STATE_WAITING):
+                worker.send(WorkOrder(stop=job.id))  # not (or no longer) its job
+            return
+        entry.job.state, entry.job.detail = job.state, job.detail
+        if job.outputs:
+            del entry.job.outputs[:]
+            entry.job.outputs.extend(job.outputs)
+        if job.state == Job.STATE_FAILED:
+            worker.jobs.discard(job.id)
+            entry.job.worker = ""
+            entry.avoid[worker.id] = self.clock() + RETRY_FAILED
+            entry.retry_at = self.clock() + RETRY_FAILED
+            event(log, "job.failed", level=logging.WARNING, job=job.id, worker=worker.id, detail=job.detail)
+            self.place()
+
+    def place(self) -> None:
+        """Every job without a worker goes to the least loaded worker with room, if there is one. A job that
+        failed waits RETRY_FAILED, and goes elsewhere if another worker has room."""
+        now = self.clock()
+        for entry in self.jobs.values():
+            if entry.job.worker or entry.retry_at > now:
+                continue
+            open_ = [w for w in self.workers.values() if len(w.jobs) < w.capacity]
+            fresh = [w for w in open_ if entry.avoid.get(w.id, 0.0) <= now]
+            choice = min(fresh or open_, key=lambda w: (len(w.jobs), w.load.cpu, w.id), default=None)
+            if choice is None:
+                entry.job.state = Job.STATE_PENDING
+                entry.job.detail = "no worker has room" if self.workers else "no worker is alive"
+                continue
+            self._assign(entry, choice, Job.STATE_STARTING)
+            job = Job()
+            job.CopyFrom(entry.job)
+            if not choice.send(WorkOrder(start=job)):
+                entry.job.worker = ""
+                choice.jobs.discard(entry.job.id)
+
+    def _assign(self, entry: JobEntry, worker: WorkerEntry, state: int) -> None:
+        entry.job.worker = worker.id
+        entry.job.state = state  # type: ignore[assignment]
+        entry.job.detail = ""
+        entry.job.since_us = time.time_ns() // 1000
+        worker.jobs.add(entry.job.id)
+
+    def source_of(self, key: StreamKey) -> list[Job]:
+        path = stream_path(key)
+        return [e.job for e in self.jobs.values() if stream_path(e.job.spec.stream) == path]

@@ -1,0 +1,201 @@
+"""The worker service: jobs for streams (ABR ladders), given by dispatch on a held Dispatch.Work call.
+
+A job runs only under its lease (a Dispatch.Lease call whose claim names the job: one worker per job
+cluster-wide, gone the moment this process is). The worker subscribes to the source like a playback node
+(castmesh.mesh.subscription) and publishes what it makes like an ingest (services.ingest.session: its own
+publish side, whose sessions are named after this worker).
+
+If the Work call breaks (dispatch restarted), the jobs go on under their leases and the call is opened
+again, naming them, so the new dispatch adopts them. If a job's lease breaks, the job claims it again for
+RECLAIM_FOR seconds; refused (another worker has the job now) or out of time, it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from prometheus_client import Gauge
+
+from castmesh.mesh import runtime
+from castmesh.mesh.link import RelayLinks
+from castmesh.mesh.logs import event
+from castmesh.mesh.subscription import Locate, UpstreamSubscription
+from castmesh.proto.v1.dispatch_pb2 import Job, Node, NodeLoad, WorkOrder, WorkReport
+from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
+from castmesh.proto.v1.media_pb2 import Frame, StreamHeader, StreamKey
+from castmesh.proto.v1.relay_pb2 import StreamEnd
+from services.ingest.lease import DispatchLease, LeaseRefused
+from services.ingest.session import Ingest
+from services.worker.abr import AbrJob
+
+log = logging.getLogger("castmesh.worker")
+
+RECLAIM_FOR = 10.0
+REPORT_EVERY = 1.0  # seconds between load reports
+RETRY_FOR = 10.0  # how long a job looks for its source after losing it, as playback does
+
+JOBS = Gauge("castmesh_worker_jobs", "Jobs this worker runs", ["state"])
+
+
+class RunningJob:
+    def __init__(self, job: Job, work: AbrJob, lease: DispatchLease) -> None:
+        self.job = job
+        self.work = work
+        self.lease = lease
+        self.task: asyncio.Task[None] | None = None
+
+
+class Worker:
+    def __init__(self, dispatch: DispatchStub, node: Node, ingest: Ingest, locate: Locate, ffmpeg: str,
+                 capacity: int = 4) -> None:
+        self.dispatch = dispatch
+        self.node = node
+        self.ingest = ingest
+        self.locate = locate
+        self.ffmpeg = ffmpeg
+        self.capacity = capacity
+        self.links = RelayLinks()
+        self.jobs: dict[str, RunningJob] = {}
+        self.outbox: asyncio.Queue[WorkReport] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+        JOBS.labels("running").set_function(lambda: sum(
+            1 for j in self.jobs.values() if j.job.state == Job.STATE_RUNNING))
+        JOBS.labels("all").set_function(lambda: len(self.jobs))
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._hold())
+
+    def load(self) -> NodeLoad:
+        return NodeLoad(streams=len(self.jobs), subscribers=sum(len(j.work.outputs) for j in self.jobs.values()))
+
+    async def close(self) -> None:
+        if self.task is not None:
+            await runtime.cancel_all([self.task])
+        for ident in list(self.jobs):
+            self._stop(ident, "the worker is stopping")
+        await asyncio.gather(*(j.task for j in self.jobs.values() if j.task is not None), return_exceptions=True)
+        await self.links.close()
+
+    # The Work call ----------------------------------------------------------------------------------------
+
+    async def _reports(self, outbox: asyncio.Queue[WorkReport]) -> AsyncIterator[WorkReport]:
+        running = [j.job for j in self.jobs.values()]
+        yield WorkReport(hello=WorkReport.Hello(node=self.node, capacity=self.capacity, running=running))
+        while True:
+            try:
+                yield await asyncio.wait_for(outbox.get(), REPORT_EVERY)
+            except TimeoutError:
+                yield WorkReport(load=self.load())
+
+    async def _hold(self) -> None:
+        backoff = 0.2
+        while True:
+            outbox: asyncio.Queue[WorkReport] = asyncio.Queue()
+            self.outbox = outbox
+            try:
+                call = self.dispatch.Work(self._reports(outbox), wait_for_ready=True)
+                async for order in call:
+                    backoff = 0.2
+                    if order.HasField("refused"):
+                        event(log, "work.refused", level=logging.ERROR, worker=self.node.id, detail=order.refused)
+                        return
+                    self._order(order)
+            except grpc.aio.AioRpcError as exc:
+                event(log, "work.lost", level=logging.WARNING, worker=self.node.id, error=exc.code().name)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _order(self, order: WorkOrder) -> None:
+        if order.HasField("start"):
+            self._start(order.start)
+        elif order.HasField("stop"):
+            self._stop(order.stop, "dispatch stopped it")
+
+    def _tell(self, job: Job) -> None:
+        report = Job()
+        report.CopyFrom(job)
+        self.outbox.put_nowait(WorkReport(state=report))
+
+    # Jobs -------------------------------------------------------------------------------------------------
+
+    def _start(self, job: Job) -> None:
+        if job.id in self.jobs:
+            self._tell(self.jobs[job.id].job)
+            return
+        if job.spec.kind != "abr":
+            job.state, job.detail = Job.STATE_FAILED, f"this worker runs no {job.spec.kind!r} jobs"
+            self._tell(job)
+            return
+        lease = DispatchLease(self.dispatch, job.spec.stream, f"{self.node.id}/{job.id}", self.node.address,
+                              job=job.id)
+        work = AbrJob(job, self._subscribe(job), self.ingest, self.ffmpeg, self._tell)
+        running = self.jobs[job.id] = RunningJob(job, work, lease)
+        running.task = asyncio.get_running_loop().create_task(self._run(running))
+
+    def _subscribe(self, job: Job) -> Callable[..., UpstreamSubscription]:
+        def subscribe(key: StreamKey, on_header: Callable[[StreamHeader, bool], None],
+                      on_frames: Callable[[list[Frame]], None]) -> UpstreamSubscription:
+            return UpstreamSubscription(key, self.locate, self.links, f"{self.node.id}/{job.id}", on_header,
+                                        on_frames, retry_for=RETRY_FOR, span_name="worker.job")
+        return subscribe
+
+    async def _run(self, running: RunningJob) -> None:
+        job = running.job
+        clean, reason = False, "stopped"
+        try:
+            try:
+                await running.lease.acquire()
+            except LeaseRefused as exc:
+                job.state, job.detail = Job.STATE_FAILED, f"no lease: {exc}"
+                self._tell(job)
+                return
+            event(log, "job.start", job=job.id, worker=self.node.id)
+            job.state = Job.STATE_STARTING
+            self._tell(job)
+            work = asyncio.get_running_loop().create_task(running.work.run())
+            keeper = asyncio.get_running_loop().create_task(self._keep_lease(running))
+            done, _ = await asyncio.wait((work, keeper), return_when=asyncio.FIRST_COMPLETED)
+            if work in done:
+                end = work.result()
+                clean = end.reason == StreamEnd.REASON_UNPUBLISHED
+                reason = end.detail or StreamEnd.Reason.Name(end.reason)
+                keeper.cancel()
+                job.state, job.detail = (Job.STATE_FAILED, f"the source ended: {reason}")
+                self._tell(job)
+            else:
+                reason = keeper.result() if not keeper.cancelled() else "stopped"
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        except asyncio.CancelledError:
+            clean = True
+            raise
+        finally:
+            running.work.close(clean, reason)
+            running.lease.release()
+            if self.jobs.get(job.id) is running:
+                del self.jobs[job.id]
+            event(log, "job.stop", job=job.id, worker=self.node.id, reason=reason)
+
+    async def _keep_lease(self, running: RunningJob) -> str:
+        """Hold the job's lease; claim it again when its call breaks. Returns why the job must stop."""
+        while True:
+            await running.lease.lost.wait()
+            loop = asyncio.get_running_loop()
+            until = loop.time() + RECLAIM_FOR
+            while True:
+                try:
+                    await running.lease.reclaim("")
+                    break
+                except LeaseRefused as exc:
+                    if "held by" in str(exc) or loop.time() > until:
+                        return f"lost its lease: {exc}"
+                    await asyncio.sleep(0.5)
+
+    def _stop(self, ident: str, reason: str) -> None:
+        running = self.jobs.get(ident)
+        if running is not None and running.task is not None:
+            event(log, "job.stopping", job=ident, reason=reason)
+            running.task.cancel()
