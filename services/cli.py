@@ -406,7 +406,8 @@ async def up(cfg: dict[str, Any]) -> int:
             closers.append(_closing(await rtmp.listen_tls(cfg["host"], cfg["rtmps_port"], rtmps, "ingest")))
         catalog = Catalog(wiring.dispatch)
         closers.append(catalog.close)
-        playback = Playback(wiring.upstream(), _playback_settings(cfg), list_streams=catalog.streams, signer=signer,
+        playback = Playback(wiring.upstream(), _playback_settings(cfg), list_streams=catalog.streams,
+                            list_jobs=catalog.jobs, signer=signer,
                             caps=_caps("playback", cfg), hooks=_hooks(cfg, "on_play", "on_stop"),
                             access=ingest.access)
         rtmp.plays = playback
@@ -652,7 +653,8 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             catalog = Catalog(wiring.dispatch, "" if wiring.dispatch is not None else wiring.relay)
             closers.append(catalog.close)
             playback = Playback(wiring.upstream(), _playback_settings(cfg), node_id=node_id,
-                                list_streams=catalog.streams, signer=Signer.parse(cfg["secret"]),
+                                list_streams=catalog.streams, list_jobs=catalog.jobs,
+                                signer=Signer.parse(cfg["secret"]),
                                 caps=_caps("playback", cfg), hooks=_hooks(cfg, "on_play", "on_stop"),
                                 access=AccessLists.from_config(cfg))
             closers.append(playback.close)

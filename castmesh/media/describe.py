@@ -1,5 +1,7 @@
 """A stream's MediaInfo (codecs, picture size, frame rate, bitrate) from what a GopCache holds: the
-sequence headers name the codecs, onMetaData gives size and frame rate, and a RateMeter the bitrate."""
+sequence headers name the codecs (also as RFC 6381 strings, for HLS's CODECS), onMetaData gives the size,
+a PictureRate the frame rate (onMetaData's until it can tell: a rendition whose pictures were thinned
+keeps its source's framerate there), and a RateMeter the bitrate."""
 
 from __future__ import annotations
 
@@ -37,8 +39,9 @@ class RateMeter:
         return (self.total - base) / elapsed if elapsed > 0.5 else 0.0
 
 
-def describe(cache: GopCache, bytes_per_second: float) -> MediaInfo:
+def describe(cache: GopCache, bytes_per_second: float, pictures_per_second: float = 0.0) -> MediaInfo:
     info = MediaInfo(bitrate_kbps=round(bytes_per_second * 8 / 1000))
+    codecs: list[str] = []
     if cache.video_config is not None:
         try:
             config = read_video(cache.video_config.payload)
@@ -46,6 +49,7 @@ def describe(cache: GopCache, bytes_per_second: float) -> MediaInfo:
             config = None
         if isinstance(config, VideoConfig):
             info.video_codec = VIDEO_NAMES.get(config.codec, config.codec)
+            codecs.append(video_rfc6381(config))
     if cache.audio_config is not None:
         try:
             audio = read_audio(cache.audio_config.payload)
@@ -53,8 +57,10 @@ def describe(cache: GopCache, bytes_per_second: float) -> MediaInfo:
             audio = None
         if isinstance(audio, AudioConfig):
             info.audio_codec, info.audio_sample_rate, info.audio_channels = "AAC", audio.sample_rate, audio.channels
+            codecs.append(f"mp4a.40.{audio.object_type}")
         elif read_opus(cache.audio_config.payload) is OPUS_HEAD:  # enhanced RTMP's Opus
             info.audio_codec = "Opus"
+            codecs.append("opus")
     meta = metadata_values(cache.metadata.payload) if cache.metadata is not None else None
     if meta:
         for field, key in (("width", "width"), ("height", "height")):
@@ -68,7 +74,57 @@ def describe(cache: GopCache, bytes_per_second: float) -> MediaInfo:
             info.video_codec = _FLV_VIDEO_CODECS.get(_number(meta.get("videocodecid")), "")
         if not info.audio_codec and cache.has_audio:
             info.audio_codec = _FLV_AUDIO_CODECS.get(_number(meta.get("audiocodecid")), "")
+    measured = frame_rate(pictures_per_second)
+    if measured:
+        info.frame_rate = measured
+    info.codecs = ",".join(c for c in codecs if c)
     return info
+
+
+class PictureRate:
+    """Pictures per second by their timestamps (not by when they came: batches arrive in bursts), over the
+    last `window` video frames."""
+
+    def __init__(self, window: int = 90) -> None:
+        self.times: deque[int] = deque(maxlen=window)
+
+    def add(self, timestamp: int) -> None:
+        if self.times and not 0 < timestamp - self.times[-1] < 10_000:
+            self.times.clear()  # a new timeline (or a jump): measure it afresh
+        self.times.append(timestamp)
+
+    def rate(self) -> float:
+        times = self.times
+        if len(times) < 10 or times[-1] == times[0]:
+            return 0.0
+        return (len(times) - 1) * 1000 / (times[-1] - times[0])
+
+
+COMMON_RATES = (10.0, 12.0, 12.5, 15.0, 20.0, 23.976, 24.0, 25.0, 29.97, 30.0, 48.0, 50.0, 59.94, 60.0, 120.0)
+
+
+def frame_rate(pictures_per_second: float) -> float:
+    """A measured picture rate as a stream's frame rate: the common rate within 2% of it, else itself."""
+    if pictures_per_second <= 0:
+        return 0.0
+    near = min(COMMON_RATES, key=lambda rate: abs(rate - pictures_per_second))
+    return near if abs(near - pictures_per_second) <= 0.02 * near else round(pictures_per_second, 3)
+
+
+def video_rfc6381(config: VideoConfig) -> str:
+    """The codecs parameter of RFC 6381 (ISO 14496-15 annex E) for H.264 and HEVC; "" for others."""
+    record = config.record
+    if config.codec == "avc1" and len(record) >= 4:
+        return f"avc1.{record[1]:02x}{record[2]:02x}{record[3]:02x}"
+    if config.codec == "hvc1" and len(record) >= 13:
+        space = "" if not record[1] >> 6 else "ABC"[(record[1] >> 6) - 1]
+        compat = int.from_bytes(record[2:6], "big")
+        reversed_compat = int(f"{compat:032b}"[::-1], 2)
+        tier = "H" if record[1] & 0x20 else "L"
+        constraints = record[6:12].rstrip(b"\x00")
+        text = f"hvc1.{space}{record[1] & 0x1F}.{reversed_compat:x}.{tier}{record[12]}"
+        return text + "".join(f".{b:x}" for b in constraints)
+    return ""
 
 
 def _number(value: object) -> int:

@@ -516,3 +516,37 @@ def _date_time(at: float) -> str:
 def _part_line(prefix: str, suffix: str, part: Part) -> str:
     independent = ",INDEPENDENT=YES" if part.independent else ""
     return f'#EXT-X-PART:DURATION={part.duration:.3f},URI="{prefix}part-{part.number}.m4s{suffix}"{independent}'
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One rendition of a stream, as a multivariant playlist lists it."""
+
+    uri: str  # its media playlist, relative to the multivariant playlist's URL
+    bandwidth: int  # peak bits per second
+    width: int = 0
+    height: int = 0
+    frame_rate: float = 0.0
+    codecs: str = ""  # RFC 6381, comma-separated
+
+
+def multivariant(variants: list[Variant]) -> str:
+    """A multivariant playlist (RFC 8216bis 4.4.6.2): each rendition's EXT-X-STREAM-INF, highest bandwidth
+    first (players start with the first listed unless they measure; hls.js starts by its estimate)."""
+    lines = ["#EXTM3U", "#EXT-X-INDEPENDENT-SEGMENTS"]
+    for v in sorted(variants, key=lambda v: -v.bandwidth):
+        attributes = [f"BANDWIDTH={max(1, v.bandwidth)}"]
+        if v.width and v.height:
+            attributes.append(f"RESOLUTION={v.width}x{v.height}")
+        if v.frame_rate:
+            attributes.append(f"FRAME-RATE={v.frame_rate:.3f}")
+        if v.codecs:
+            attributes.append(f'CODECS="{v.codecs}"')
+        lines += [f"#EXT-X-STREAM-INF:{','.join(attributes)}", v.uri]
+    return "\n".join(lines) + "\n"
+
+
+def rendition_report(uri: str, latest: tuple[int, int]) -> str:
+    """An LL-HLS media playlist's EXT-X-RENDITION-REPORT for another rendition: its newest segment and part."""
+    msn, part = latest
+    return f'#EXT-X-RENDITION-REPORT:URI="{uri}",LAST-MSN={msn},LAST-PART={part}'

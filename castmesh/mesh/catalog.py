@@ -1,8 +1,8 @@
 """The live streams, for listings (the player page): which streams are published (dispatch's directory,
 or the one relay when there is no dispatch) and what they carry (their origin relay's Stats: codecs,
-size, bitrate). One Stats call per origin, however many streams it holds, and at most one listing a second
-(LISTING_TTL): every caller meanwhile, however many player pages poll, shares the last one or the one in
-flight."""
+size, bitrate), and the jobs that make streams of others (ABR ladders). One Stats call per origin, however
+many streams it holds, and at most one listing a second (LISTING_TTL): every caller meanwhile, however
+many player pages poll, shares the last one or the one in flight."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from async_lru import alru_cache
 from castmesh.media.frames import stream_path
 from castmesh.mesh import grpcutil
 from castmesh.mesh.logs import event
-from castmesh.proto.v1.dispatch_pb2 import ListStreamsRequest
+from castmesh.proto.v1.dispatch_pb2 import Job, ListJobsRequest, ListStreamsRequest
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from castmesh.proto.v1.relay_pb2 import StatsRequest, StreamStats
 from castmesh.proto.v1.relay_pb2_grpc import RelayStub
@@ -31,6 +31,17 @@ class Catalog:
         self.relay = relay
         self.channels = grpcutil.ChannelPool()
         self.streams = alru_cache(maxsize=1, ttl=LISTING_TTL)(self._streams)
+        self.jobs = alru_cache(maxsize=1, ttl=LISTING_TTL)(self._jobs)
+
+    async def _jobs(self) -> list[Job]:
+        """The cluster's jobs (ABR ladders): which streams have renditions, and which streams are them."""
+        if self.dispatch is None:
+            return []
+        try:
+            return list((await self.dispatch.ListJobs(ListJobsRequest(), timeout=TIMEOUT)).jobs)
+        except grpc.aio.AioRpcError as exc:
+            event(log, "catalog.jobs_failed", level=logging.WARNING, error=exc.code().name)
+            return []
 
     async def _streams(self) -> list[StreamStats]:
         """Every published stream (waiting for its publisher to come back included), sorted by path."""
@@ -56,4 +67,5 @@ class Catalog:
 
     async def close(self) -> None:
         await self.streams.cache_close()
+        await self.jobs.cache_close()
         await self.channels.close()

@@ -32,7 +32,7 @@ from opentelemetry.trace import Span
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 from castmesh.media.frames import path_of, stream_key, stream_path
-from castmesh.media.hls import CONTAINERS
+from castmesh.media.hls import CONTAINERS, multivariant, rendition_report
 from castmesh.mesh import tracing
 from castmesh.mesh.access import AccessLists, ip_of
 from castmesh.mesh.auth import Signer, bearer_query
@@ -53,6 +53,7 @@ from services.playback.forward import Forwarder
 from services.playback.h2 import H2Session, by_alpn
 from services.playback.hls import HlsMuxer
 from services.playback.http import NO_CACHE, HttpSession, Request
+from services.playback.ladder import Ladder, ListJobs, ladder_of, variants
 from services.playback.rtmp import RtmpPlayer
 from services.playback.srt import SrtViewers
 from services.playback.viewer import Viewer, ViewerSink
@@ -95,7 +96,8 @@ class PlaybackSettings:
 
 class Playback:
     def __init__(self, locate: Locate, settings: PlaybackSettings | None = None, node_id: str = "playback",
-                 list_streams: ListStreams | None = None, signer: Signer | None = None,
+                 list_streams: ListStreams | None = None, list_jobs: ListJobs | None = None,
+                 signer: Signer | None = None,
                  caps: ConnectionCaps | None = None, hooks: Hooks | None = None,
                  access: AccessLists | None = None) -> None:
         self.locate = locate
@@ -104,6 +106,8 @@ class Playback:
         self.signer = signer or Signer()
         self.access = access or AccessLists()
         self.list_streams = list_streams
+        self.list_jobs = list_jobs  # the cluster's jobs: which streams have ABR ladders
+        self.ladders: dict[str, Ladder] = {}  # stream path -> the ladder it is in (as last served)
         self.page = WebPage()
         self.tasks: set[asyncio.Task[None]] = set()
         self.rtmp_server: RtmpServer | None = None  # this node's own RTMP (and RTMPS) play port
@@ -258,13 +262,40 @@ class Playback:
         except ValueError as exc:
             session.respond(400, f"{exc}\n".encode(), [NO_CACHE])
             return
+        if self.list_jobs is not None and "rendition" not in request.query and want is None:
+            self._spawn(self._multivariant(session, request, app, name, container))
+            return
+        self._media_playlist(session, request, app, name, container, want)
+
+    async def _multivariant(self, session: HttpSession, request: Request, app: str, name: str,
+                            container: str) -> None:
+        """A stream with an ABR ladder: the multivariant playlist; any other: its media playlist."""
+        assert self.list_jobs is not None
+        ladder = ladder_of(await self.list_jobs(), app, name)
+        if ladder is None or ladder.source != name or self.list_streams is None:
+            self._media_playlist(session, request, app, name, container, None)
+            return
+        for _, member in ladder.members:
+            self.ladders[path_of(app, member)] = ladder
+        fmt = {"format": container} if container != "auto" else {}
+
+        def query(stream: str) -> str:
+            signed = self.signer.query(app, stream) if "sign" in request.query else ""
+            return "&".join(part for part in (urlencode(fmt), signed) if part)
+
+        found = variants(ladder, await self.list_streams(), query)
+        session.respond(200, multivariant(found).encode(), PLAYLIST_HEADERS)
+
+    def _media_playlist(self, session: HttpSession, request: Request, app: str, name: str, container: str,
+                        want: tuple[int, int] | None) -> None:
         muxer = self.muxers.get((path_of(app, name), container))
         if muxer is None:
             muxer = self._hls_viewer(app, name, container)
+        reports = self._reports(app, name, container, request.query) if muxer.segmenter.part_ms else None
 
         def answer(status: int, body: bytes, reason: str) -> None:
             if status == 200:
-                session.respond(200, body, PLAYLIST_HEADERS)
+                session.respond(200, body + reports() if reports is not None else body, PLAYLIST_HEADERS)
             else:
                 session.respond(status, f"{reason}\n".encode(), [NO_CACHE])
 
@@ -272,6 +303,30 @@ class Playback:
         suffix = f"?{urlencode(signed)}" if signed else ""  # segments carry the playlist's signature
         muxer.playlist(f"{name}/hls/{muxer.id}/", session.peer, answer, suffix=suffix, want=want,
                        skip=request.query.get("_HLS_skip") in ("YES", "v2"))
+
+    def _reports(self, app: str, name: str, container: str, query: dict[str, str]) -> Callable[[], bytes] | None:
+        """For an LL-HLS media playlist of a ladder's stream: its rendition reports, one per other stream of
+        the ladder, whose muxers it starts (a report needs the other rendition's newest segment and part)."""
+        ladder = self.ladders.get(path_of(app, name))
+        if ladder is None:
+            return None
+        others = [member for _, member in ladder.members if member != name]
+        for member in others:
+            if (path_of(app, member), container) not in self.muxers:
+                self._hls_viewer(app, member, container)
+        fmt = urlencode({"format": container})
+
+        def reports() -> bytes:
+            lines = []
+            for member in others:
+                muxer = self.muxers.get((path_of(app, member), container))
+                if muxer is not None and muxer.segmenter.latest()[0] >= 0:
+                    signed = self.signer.query(app, member) if "sign" in query else ""
+                    uri = ladder.uri(member, "&".join(p for p in (fmt, signed) if p))
+                    lines.append(rendition_report(uri, muxer.segmenter.latest()) + "\n")
+            return "".join(lines).encode()
+
+        return reports
 
     def _hls_file(self, session: HttpSession, request: Request, app: str, name: str, muxer_id: str,
                   file: str) -> None:
@@ -488,6 +543,8 @@ class Playback:
             del self.muxers[(muxer.path, muxer.container)]
         if self.muxer_ids.get((muxer.path, muxer.id)) is muxer:
             del self.muxer_ids[(muxer.path, muxer.id)]
+        if not any(path == muxer.path for path, _ in self.muxers):
+            self.ladders.pop(muxer.path, None)
         viewer = muxer.viewer
         if viewer is not None and viewer.feed is not None:
             viewer.feed.remove(viewer)

@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge
 
-from castmesh.media.describe import RateMeter, describe
-from castmesh.media.frames import stream_path
+from castmesh.media.describe import PictureRate, RateMeter, describe
+from castmesh.media.frames import VIDEO, stream_path
 from castmesh.media.gop import GopCache
 from castmesh.media.lag import LagPolicy, Verdict
 from castmesh.mesh.metrics import frame_age_histogram, observe_age
@@ -139,6 +139,7 @@ class RelayStream:
         self.subscribers: set[Subscriber] = set()
         self.frames_in = 0
         self.rate = RateMeter()
+        self.pictures = PictureRate()  # the stream's frame rate, as it is
         self.since_us = time.time_ns() // 1000
         self.grace_handle: asyncio.TimerHandle | None = None
         self.publisher_trace: dict[str, str] = {}  # the publish session's trace context, for links
@@ -180,6 +181,9 @@ class RelayStream:
         size = batch.ByteSize()
         BYTES_IN.inc(size)
         self.rate.add(size)
+        for frame in batch.frames:
+            if frame.kind == VIDEO and not frame.sequence_header:
+                self.pictures.add(frame.timestamp)
         for sub in self.subscribers:
             sub.offer(batch, has_video, size)
 
@@ -211,7 +215,7 @@ class RelayStream:
         return StreamStats(stream=self.key, session_id=self.session_id, publishing=self.publishing,
                            pulled=self.pulled, subscribers=sorted(s.id for s in self.subscribers),
                            frames_in=self.frames_in, skips=sum(s.skips for s in self.subscribers),
-                           media=describe(self.cache, self.rate.rate()), since_us=self.since_us)
+                           media=describe(self.cache, self.rate.rate(), self.pictures.rate()), since_us=self.since_us)
 
 
 class StreamTable:

@@ -47,6 +47,7 @@ from castmesh.proto.v1.relay_pb2 import StreamEnd
 
 log = logging.getLogger("castmesh.worker")
 
+AUDIO_WAIT = 200  # frames (a few seconds) a transcoder waits for the audio configuration a header promised
 MAX_BEHIND = 8 << 20  # bytes of FLV the child may have unread before its input skips to a keyframe
 STDERR_LINES = 20  # the child's last lines kept for the job's error
 READ = 1 << 16
@@ -134,20 +135,31 @@ def ffmpeg_args(ffmpeg: str, planned: list[Planned], has_audio: bool, fds: list[
 
 
 class Transcoder:
-    """One ffmpeg child: FLV in, one FLV per rendition out, each tag handed to `on_tag(index, tag)`."""
+    """One ffmpeg child: FLV in, one FLV per rendition out, each tag handed to `on_tag(index, tag)`.
 
-    def __init__(self, ffmpeg: str, planned: list[Planned], has_audio: bool,
-                 on_tag: Callable[[int, flv.Tag], None], on_exit: Callable[[str], None]) -> None:
+    What is fed before the child has started waits for it (within MAX_BEHIND). Given `after` (the child it
+    replaces, closing), it hands over no tag before that one has handed over its last: a restart at a
+    keyframe leaves neither a gap nor an overlap in the renditions."""
+
+    def __init__(self, ffmpeg: str, planned: list[Planned], has_audio: bool, has_video: bool, configs: list[Frame],
+                 on_tag: Callable[[int, flv.Tag], None], on_exit: Callable[[Transcoder, str], None],
+                 after: Transcoder | None = None) -> None:
         self.ffmpeg = ffmpeg
         self.planned = planned
         self.has_audio = has_audio
         self.on_tag = on_tag
         self.on_exit = on_exit
+        self.after = after
         self.process: asyncio.subprocess.Process | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.stderr: deque[str] = deque(maxlen=STDERR_LINES)
+        self.queued = [flv.file_header(has_audio, has_video)]  # until the child runs
+        self.queued_size = 0
         self.skipping = False
         self.closed = False
+        self.readers = len(planned)
+        self.drained = asyncio.Event()  # every output read to its end
+        self.feed(configs)
 
     async def start(self) -> None:
         pipes = [os.pipe() for _ in self.planned]
@@ -156,6 +168,9 @@ class Transcoder:
                 *ffmpeg_args(self.ffmpeg, self.planned, self.has_audio, [w for _, w in pipes]),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
                 pass_fds=[w for _, w in pipes])
+        except OSError:
+            self.drained.set()
+            raise
         finally:
             for _, w in pipes:
                 os.close(w)
@@ -164,29 +179,36 @@ class Transcoder:
         self.tasks = [loop.create_task(self._read(i, r)) for i, (r, _) in enumerate(pipes)]
         self.tasks.append(loop.create_task(self._errors()))
         self.tasks.append(loop.create_task(self._wait()))
+        queued, self.queued = self.queued, []
+        self._write(b"".join(queued))
+        if self.closed:
+            self._end_input()
 
     def feed(self, frames: list[Frame]) -> None:
         """Write frames to the child; skip to the next keyframe while it is MAX_BEHIND behind."""
-        process = self.process
-        if process is None or process.stdin is None or process.stdin.is_closing():
-            return
-        if not self.skipping and process.stdin.transport.get_write_buffer_size() > MAX_BEHIND:
+        behind = self._behind()
+        if not self.skipping and behind > MAX_BEHIND:
             self.skipping = True
             SKIPS.inc()
         out = []
         for frame in frames:
             if self.skipping and frame.kind == VIDEO and frame.keyframe:
-                self.skipping = process.stdin.transport.get_write_buffer_size() > MAX_BEHIND
+                self.skipping = self._behind() > MAX_BEHIND
             if not self.skipping or frame.sequence_header or frame.kind == DATA:
                 out.append(flv.tag(frame.kind, frame.timestamp, frame.payload))
         if out:
-            process.stdin.write(b"".join(out))
+            self._write(b"".join(out))
 
-    def begin(self, has_video: bool, configs: list[Frame]) -> None:
-        """The FLV file header and the codec configurations, before the first frame."""
-        if self.process is not None and self.process.stdin is not None:
-            self.process.stdin.write(flv.file_header(self.has_audio, has_video))
-            self.feed(configs)
+    def _behind(self) -> int:
+        stdin = self.process.stdin if self.process is not None else None
+        return stdin.transport.get_write_buffer_size() if stdin is not None else self.queued_size
+
+    def _write(self, data: bytes) -> None:
+        if self.process is None:
+            self.queued.append(data)
+            self.queued_size += len(data)
+        elif self.process.stdin is not None and not self.process.stdin.is_closing():
+            self.process.stdin.write(data)
 
     async def _read(self, index: int, fd: int) -> None:
         loop = asyncio.get_running_loop()
@@ -195,6 +217,8 @@ class Transcoder:
                                                     os.fdopen(fd, "rb", buffering=0))
         parser = flv.FlvReader()
         try:
+            if self.after is not None:
+                await self.after.drained.wait()
             while chunk := await reader.read(READ):
                 for tag in parser.feed(chunk):
                     self.on_tag(index, tag)
@@ -202,6 +226,9 @@ class Transcoder:
             self.stderr.append(f"rendition {index}: {exc}")
         finally:
             transport.close()
+            self.readers -= 1
+            if self.readers <= 0:
+                self.drained.set()
 
     async def _errors(self) -> None:
         assert self.process is not None and self.process.stderr is not None
@@ -213,22 +240,31 @@ class Transcoder:
         code = await self.process.wait()
         TRANSCODERS.dec()
         if not self.closed:
-            self.on_exit(f"ffmpeg exited with {code}: {' | '.join(list(self.stderr)[-3:]) or 'no message'}")
+            self.on_exit(self, f"ffmpeg exited with {code}: {' | '.join(list(self.stderr)[-3:]) or 'no message'}")
+
+    def _end_input(self) -> None:
+        if self.process is not None and self.process.stdin is not None and not self.process.stdin.is_closing():
+            self.process.stdin.close()  # end of input: it finishes what it has, then exits
 
     async def close(self) -> None:
+        """End its input and let it finish (its last pictures still go out); killed if it takes too long."""
         self.closed = True
+        self._end_input()
         process = self.process
         if process is not None and process.returncode is None:
-            if process.stdin is not None:
-                process.stdin.close()  # end of input: it finishes what it has
             try:
                 await asyncio.wait_for(process.wait(), 2.0)
             except TimeoutError:
                 process.kill()
                 await process.wait()
+        try:
+            await asyncio.wait_for(self.drained.wait(), 1.0)
+        except TimeoutError:
+            pass
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.drained.set()
 
 
 class AbrJob:
@@ -247,11 +283,11 @@ class AbrJob:
         self.has_video = self.has_audio = False
         self.transcoder: Transcoder | None = None
         self.planned: list[Planned] = []
-        self.started_with: tuple[bytes, ...] = ()  # the configurations the transcoder was started with
-        self.waiting_for_key = True
+        self.started_with: tuple[bytes, ...] = ()  # the configurations the child was started with
+        self.switch = ""  # why the next keyframe goes to a new child ("": it does not)
         self.outputs: dict[str, Publish] = {}  # rendition name -> its publish
         self.tasks: set[asyncio.Task[None]] = set()
-        self.restarting = False
+        self.audio_wait = 0  # frames let by before starting, waiting for the audio configuration
 
     async def run(self) -> StreamEnd:
         subscription = self.subscribe(self.spec.stream, self._on_header, self._on_frames)
@@ -273,8 +309,8 @@ class AbrJob:
         for frame in (header.metadata, header.video_config, header.audio_config):
             if frame.payload:
                 self._config(frame)
-        if new_timeline and self.transcoder is not None:
-            self._restart("new timeline")
+        if new_timeline:
+            self.switch = "new timeline"  # its first keyframe goes to a new child
         if not header.has_video:
             self._state(Job.STATE_WAITING, "the source has no video: nothing to scale")
 
@@ -285,41 +321,55 @@ class AbrJob:
         for frame in frames:
             if frame.sequence_header or frame.kind == DATA:
                 self._config(frame)
-        if self.transcoder is not None and self._configs_key() != self.started_with:
-            self._restart("new codec configuration")
-        if self.transcoder is None:
-            if self.restarting or VIDEO not in self.configs:
+        media = [f for f in frames if not f.sequence_header and f.kind != DATA]
+        old = self.transcoder
+        if old is None:
+            if VIDEO not in self.configs:
                 return
-            self._start_transcoder()
-        transcoder = self.transcoder
-        if transcoder is None:
+            if self.has_audio and AUDIO not in self.configs and self.audio_wait < AUDIO_WAIT:
+                self.audio_wait += len(frames)  # the audio's configuration comes a moment after the video's
+                return
+            self.switch = self.switch or "start"
+        elif self._configs_key() != self.started_with:
+            self.switch = self.switch or "new codec configuration"
+        if not self.switch:
+            if old is not None:
+                old.feed(media)
             return
-        if self.waiting_for_key:
-            at = next((i for i, f in enumerate(frames) if f.kind == VIDEO and f.keyframe and not f.sequence_header),
-                      None)
-            if at is None:
-                return
-            self.waiting_for_key = False
-            frames = frames[at:]
-        transcoder.feed([f for f in frames if not f.sequence_header and f.kind != DATA])
+        at = next((i for i, f in enumerate(media) if f.kind == VIDEO and f.keyframe), None)
+        if at is None:  # the old child (if any) takes all until the keyframe the new one starts with
+            if old is not None:
+                old.feed(media)
+            return
+        if old is not None:
+            old.feed(media[:at])
+        self._switch(old)
+        if self.transcoder is not None:
+            self.transcoder.feed(media[at:])
 
     def _configs_key(self) -> tuple[bytes, ...]:
         return tuple(self.configs[k].payload for k in (VIDEO, AUDIO) if k in self.configs)
 
-    def _start_transcoder(self) -> None:
+    def _switch(self, old: Transcoder | None) -> None:
+        """A new child from this keyframe on (the first, or one for a new configuration or timeline); the
+        old one finishes what it has, and its last pictures go out before the new one's first."""
+        why, self.switch = self.switch, ""
+        if old is not None:
+            RESTARTS.labels(why).inc()
+            self._spawn(old.close())
         size = source_size(self.configs.get(VIDEO), self.configs.get(DATA))
         self.planned, skipped = plan(list(self.spec.renditions), size)
-        if not self.planned:
-            self._state(Job.STATE_WAITING, "; ".join(skipped))
-            return
-        has_audio = AUDIO in self.configs
-        self.transcoder = Transcoder(self.ffmpeg, self.planned, has_audio, self._on_tag, self._on_exit)
         self.started_with = self._configs_key()
-        self.waiting_for_key = True
-        transcoder = self.transcoder
+        self.transcoder = None
         wanted = {p.rendition.name for p in self.planned}
         for name in [n for n in self.outputs if n not in wanted]:
             self.outputs.pop(name).end("the rendition is no longer made from this source", True)
+        if not self.planned:
+            self._state(Job.STATE_WAITING, "; ".join(skipped))
+            return
+        configs = [self.configs[k] for k in (DATA, VIDEO, AUDIO) if k in self.configs]
+        transcoder = self.transcoder = Transcoder(self.ffmpeg, self.planned, AUDIO in self.configs, True, configs,
+                                                  self._on_tag, self._on_exit, after=old)
         for p in self.planned:
             if p.rendition.name not in self.outputs:
                 self._publish(p.rendition.name)
@@ -328,37 +378,26 @@ class AbrJob:
             try:
                 await transcoder.start()
             except OSError as exc:
+                if self.transcoder is transcoder:
+                    self.transcoder = None
                 self._state(Job.STATE_FAILED, f"cannot start ffmpeg: {exc}")
                 return
-            configs = [self.configs[k] for k in (DATA, VIDEO, AUDIO) if k in self.configs]
-            transcoder.begin(self.has_video or VIDEO in self.configs, configs)
             detail = "; ".join(f"skipped {s}" for s in skipped)
             self._state(Job.STATE_RUNNING, detail, [rendition_name(self.spec.stream.name, p.rendition.name)
                                                     for p in self.planned])
-            event(log, "abr.transcoder", job=self.job.id, renditions=",".join(
+            event(log, "abr.transcoder", job=self.job.id, why=why, renditions=",".join(
                 f"{p.rendition.name}={p.width}x{p.height}" for p in self.planned), skipped=len(skipped))
 
         self._spawn(start())
 
-    def _restart(self, why: str) -> None:
-        RESTARTS.labels(why).inc()
-        old, self.transcoder = self.transcoder, None
-        self.restarting = True
-
-        async def restart() -> None:
-            if old is not None:
-                await old.close()
-            self.restarting = False
-
-        self._spawn(restart())
-
-    def _on_exit(self, why: str) -> None:
-        """The child exited by itself: a broken input or a failing encoder. Started again at the next
-        keyframe; the job says why meanwhile."""
+    def _on_exit(self, transcoder: Transcoder, why: str) -> None:
+        """A child exited by itself (a broken input, a failing encoder): another starts at the next keyframe;
+        the job says why meanwhile."""
         event(log, "abr.transcoder_exited", level=logging.WARNING, job=self.job.id, why=why)
         self._state(Job.STATE_RUNNING, why)
-        if self.transcoder is not None and self.transcoder.closed is False:
-            self._restart("exited")
+        if self.transcoder is transcoder:
+            self.transcoder = None
+            self.switch = "exited"
 
     async def _stop_transcoder(self) -> None:
         if self.transcoder is not None:

@@ -36,7 +36,7 @@ async def _node_reports(node: Node, load: NodeLoad, stop: asyncio.Event) -> Asyn
 
 def run(scenario):  # type: ignore[no-untyped-def]
     async def main():  # type: ignore[no-untyped-def]
-        server, port = await dispatch_service.start("127.0.0.1", 0, InMemoryDirectory(affinity=5))
+        server, port, _ = await dispatch_service.start("127.0.0.1", 0, InMemoryDirectory(affinity=5))
         chan = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         try:
             return await scenario(DispatchStub(chan))
@@ -270,7 +270,7 @@ def test_an_origin_that_dies_while_dispatch_restarts_is_still_replaced() -> None
     re-claimed, which it could not do for the dead origin."""
 
     async def main() -> str:
-        server, port = await dispatch_service.start("127.0.0.1", 0, InMemoryDirectory())
+        server, port, _ = await dispatch_service.start("127.0.0.1", 0, InMemoryDirectory())
         chan = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         stub = DispatchStub(chan)
         try:
@@ -279,7 +279,7 @@ def test_an_origin_that_dies_while_dispatch_restarts_is_still_replaced() -> None
             assert await held.acquire() == "o1:1"
             await server.stop(None)  # dispatch goes away...
             await asyncio.wait_for(held.lost.wait(), 5)
-            server, _ = await dispatch_service.start("127.0.0.1", port, InMemoryDirectory())  # ...and comes back
+            server, _, _ = await dispatch_service.start("127.0.0.1", port, InMemoryDirectory())  # ...and comes back
             await register(stub, Node(id="o1", role=NODE_ROLE_ORIGIN, address="o1:1"))  # still registered there
             await register(stub, Node(id="o2", role=NODE_ROLE_ORIGIN, address="o2:1"), streams=3)
             origin = await asyncio.wait_for(held.relocate("o1:1"), 5)  # o1 died meanwhile

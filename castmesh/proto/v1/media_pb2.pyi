@@ -80,7 +80,7 @@ class StreamHeader(_message.Message):
     def __init__(self, stream: _Optional[_Union[StreamKey, _Mapping]] = ..., metadata: _Optional[_Union[Frame, _Mapping]] = ..., video_config: _Optional[_Union[Frame, _Mapping]] = ..., audio_config: _Optional[_Union[Frame, _Mapping]] = ..., has_audio: _Optional[bool] = ..., has_video: _Optional[bool] = ..., session_id: _Optional[str] = ..., publisher_trace: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class MediaInfo(_message.Message):
-    __slots__ = ("video_codec", "audio_codec", "width", "height", "frame_rate", "bitrate_kbps", "audio_sample_rate", "audio_channels")
+    __slots__ = ("video_codec", "audio_codec", "width", "height", "frame_rate", "bitrate_kbps", "audio_sample_rate", "audio_channels", "codecs")
     VIDEO_CODEC_FIELD_NUMBER: _ClassVar[int]
     AUDIO_CODEC_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class MediaInfo(_message.Message):
     BITRATE_KBPS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     AUDIO_CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    CODECS_FIELD_NUMBER: _ClassVar[int]
     video_codec: str
     audio_codec: str
     width: int
@@ -97,4 +98,5 @@ class MediaInfo(_message.Message):
     bitrate_kbps: int
     audio_sample_rate: int
     audio_channels: int
-    def __init__(self, video_codec: _Optional[str] = ..., audio_codec: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frame_rate: _Optional[float] = ..., bitrate_kbps: _Optional[int] = ..., audio_sample_rate: _Optional[int] = ..., audio_channels: _Optional[int] = ...) -> None: ...
+    codecs: str
+    def __init__(self, video_codec: _Optional[str] = ..., audio_codec: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frame_rate: _Optional[float] = ..., bitrate_kbps: _Optional[int] = ..., audio_sample_rate: _Optional[int] = ..., audio_channels: _Optional[int] = ..., codecs: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,140 @@
+"""ABR ladders made by the worker in `castmesh up`: ffmpeg publishes a 320x180 stream, the rule for its app
+makes a 180p and a 90p (15 fps) rendition. Each rendition decodes at its size, keyframes fall at the same
+timestamps in every rendition and the source, and the multivariant playlist lists them with their
+attributes; LL-HLS media playlists carry rendition reports."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+
+import pytest
+
+from tests.integration.harness import FFMPEG, http_get, publish, start_up, wait_live, watch_in_background
+
+LADDER = "live=180p:x180:300k,90p:x90:150k:15"
+
+
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    up = start_up(tmp_path_factory.mktemp("worker"), "--abr", LADDER)
+    source = publish(up.rtmp("cam"), 30, size="320x180", gop=30)
+    try:
+        for name in ("cam", "cam_180p", "cam_90p"):
+            wait_live(up.flv(name), timeout=20)
+        yield up
+    finally:
+        source.kill()
+        source.wait()
+        up.process.stop()
+
+
+def keyframe_times(tags: list) -> list[int]:  # type: ignore[type-arg]
+    """Presentation times (ms) of the keyframes among FLV video tags."""
+    return [t.timestamp + int.from_bytes(t.payload[2:5], "big", signed=True)
+            for t in tags if t.kind == 9 and t.payload[0] >> 4 == 1 and t.payload[1] == 1]
+
+
+def decoded_sizes(url: str, seconds: float = 2.0) -> tuple[set[str], int, str]:
+    """Picture sizes ffmpeg decodes from `url` (showinfo), the pictures, and what it complained of."""
+    result = subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "level+info", "-i", url, "-t", str(seconds),
+                             "-vf", "showinfo", "-f", "null", "-"], capture_output=True, timeout=30, check=False)
+    text = result.stderr.decode(errors="replace")
+    sizes = set(re.findall(r" s:(\d+x\d+) ", text))
+    pictures = len(re.findall(r"\] n:\s*\d+ ", text))
+    errors = "\n".join(line for line in text.splitlines() if "[error]" in line or "[fatal]" in line)
+    return sizes, pictures, errors
+
+
+def test_every_rendition_decodes_at_its_size_with_keyframes_aligned(ladder) -> None:  # type: ignore[no-untyped-def]
+    for name, size in (("cam_180p", "320x180"), ("cam_90p", "160x90")):
+        sizes, pictures, errors = decoded_sizes(ladder.flv(name))
+        assert sizes == {size}, (name, sizes, errors)
+        assert pictures > 10 and not errors, (name, pictures, errors)
+    watching = {name: watch_in_background(ladder.flv(name), 4.5) for name in ("cam", "cam_180p", "cam_90p")}
+    keys = {}
+    for name, (seen, thread) in watching.items():
+        thread.join()
+        assert seen.status == 200 and not seen.error, (name, seen.status, seen.error)
+        keys[name] = keyframe_times(seen.tags)
+    # the players started within a few ms of each other, but each starts at its own GOP cache's keyframe:
+    # compare the keyframes all three saw
+    start, end = max(k[0] for k in keys.values()), min(k[-1] for k in keys.values())
+    window = {name: [t for t in times if start <= t <= end] for name, times in keys.items()}
+    assert len(window["cam"]) >= 3, keys
+    assert window["cam_180p"] == window["cam"] and window["cam_90p"] == window["cam"], keys
+    seen_90p = watching["cam_90p"][0].video()
+    span = (seen_90p[-1].timestamp - seen_90p[0].timestamp) / 1000
+    assert 12 <= (len(seen_90p) - 1) / span <= 17, (len(seen_90p), span)  # thinned to about 15 a second
+
+
+def stream_infs(playlist: str) -> dict[str, dict[str, str]]:
+    """URI -> the attributes of its EXT-X-STREAM-INF."""
+    lines = playlist.splitlines()
+    out = {}
+    for i, line in enumerate(lines):
+        if line.startswith("#EXT-X-STREAM-INF:"):
+            attributes = dict(re.findall(r'([A-Z-]+)=("[^"]*"|[^,]*)', line.split(":", 1)[1]))
+            out[lines[i + 1]] = {k: v.strip('"') for k, v in attributes.items()}
+    return out
+
+
+def test_multivariant_playlist_lists_the_source_and_renditions(ladder) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 10
+    while True:  # the 90p frame rate is measured at the origin: about a second after the first pictures
+        response = http_get(ladder.hls("cam"))
+        body = response.read().decode()
+        variants = stream_infs(body)
+        if variants.get("cam_90p.m3u8", {}).get("FRAME-RATE") == "15.000" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert response.status == 200 and body.startswith("#EXTM3U"), body
+    assert sorted(variants) == ["cam.m3u8?rendition=source", "cam_180p.m3u8", "cam_90p.m3u8"], body
+    bandwidths = [int(attributes["BANDWIDTH"]) for attributes in variants.values()]
+    assert bandwidths == sorted(bandwidths, reverse=True), body  # highest first
+    expected = {"cam.m3u8?rendition=source": ("320x180", "30.000"), "cam_180p.m3u8": ("320x180", "30.000"),
+                "cam_90p.m3u8": ("160x90", "15.000")}
+    for uri, (resolution, rate) in expected.items():
+        attributes = variants[uri]
+        assert attributes["RESOLUTION"] == resolution and attributes["FRAME-RATE"] == rate, (uri, attributes)
+        codecs = attributes["CODECS"].split(",")
+        assert codecs[0].startswith("avc1.") and len(codecs[0]) == 11 and codecs[1] == "mp4a.40.2", attributes
+        assert int(attributes["BANDWIDTH"]) > 50_000, attributes
+    assert int(variants["cam_180p.m3u8"]["BANDWIDTH"]) > int(variants["cam_90p.m3u8"]["BANDWIDTH"])
+    # each rendition's media playlist plays on its own, and the source's too
+    base = ladder.hls("cam").rsplit("/", 1)[0]
+    for uri in variants:
+        counts, errors = _decode_hls(f"{base}/{uri}")
+        assert counts.get(0, 0) > 10 and not errors, (uri, counts, errors)
+
+
+def _decode_hls(url: str) -> tuple[dict[int, int], str]:
+    from tests.integration.harness import decode
+
+    return decode(url, seconds=2)
+
+
+def test_llhls_playlists_carry_rendition_reports(ladder) -> None:  # type: ignore[no-untyped-def]
+    assert http_get(ladder.hls("cam", "llhls")).read().decode().count("#EXT-X-STREAM-INF") == 3
+    url = ladder.hls("cam_90p", "llhls")
+    deadline = time.monotonic() + 10
+    while True:  # the other renditions' muxers start with this one: their reports follow their first parts
+        reports = re.findall(r'#EXT-X-RENDITION-REPORT:URI="([^"]+)",LAST-MSN=(\d+),LAST-PART=(-?\d+)',
+                             http_get(url).read().decode())
+        if len(reports) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert sorted(uri for uri, _, _ in reports) == ["cam.m3u8?rendition=source&format=llhls",
+                                                    "cam_180p.m3u8?format=llhls"], reports
+
+
+def test_rendition_streams_are_listed_with_the_source(ladder) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    listed = {s["stream"]: s for s in json.loads(http_get(
+        f"http://127.0.0.1:{ladder.http_port}/api/v1/streams").read())["streams"]}
+    assert {"cam", "cam_180p", "cam_90p"} <= set(listed), listed
+    assert (listed["cam_90p"]["width"], listed["cam_90p"]["height"]) == (160, 90)
+
+
