@@ -627,7 +627,8 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             health_port = await _health_server(cfg, closers)
             node_id = _node_id("worker", cfg, health_port)
             _start_worker(cfg, wiring, node_id, health_port, closers)
-            print(f"castmesh worker {node_id}: up to {cfg['max_jobs']} jobs, {_peer_text(cfg)}", flush=True)
+            print(f"castmesh worker {node_id} listening for jobs (up to {cfg['max_jobs']}), {_peer_text(cfg)}",
+                  flush=True)
         elif service == "ingest":
             ingest = _ingest(cfg, wiring, Signer.parse(cfg["secret"]), closers,
                              node_id=_node_id("ingest", cfg, cfg["rtmp_port"]))

@@ -2,9 +2,9 @@
 asyncio client.
 
 ConsulRegistry registers a node as a Consul service named after its role (castmesh-origin,
-castmesh-edge, castmesh-ingest, castmesh-playback, castmesh-dispatch, castmesh-gateway), with its public
-ports, role and zone in the service
-metadata and a gRPC health check on its own gRPC health service (a relay's gRPC address; for ingest and
+castmesh-edge, castmesh-ingest, castmesh-playback, castmesh-dispatch, castmesh-gateway, castmesh-worker),
+with its public ports, role and zone in the service metadata and a gRPC health check on its own gRPC health
+service (a relay's gRPC address; for ingest and
 playback the port in meta["grpc"], where they serve only health); a node whose check
 stays critical is deregistered by Consul after `deregister_after`, and a clean close deregisters at once.
 Its load goes to the KV store (castmesh/load/{node id}) every `every` seconds.
@@ -37,6 +37,7 @@ from castmesh.proto.v1.dispatch_pb2 import (
     NODE_ROLE_INGEST,
     NODE_ROLE_ORIGIN,
     NODE_ROLE_PLAYBACK,
+    NODE_ROLE_WORKER,
     Node,
     NodeLoad,
 )
@@ -45,7 +46,8 @@ log = logging.getLogger("castmesh.consul")
 
 SERVICE_NAMES = {NODE_ROLE_ORIGIN: "castmesh-origin", NODE_ROLE_EDGE: "castmesh-edge",
                  NODE_ROLE_INGEST: "castmesh-ingest", NODE_ROLE_PLAYBACK: "castmesh-playback",
-                 NODE_ROLE_DISPATCH: "castmesh-dispatch", NODE_ROLE_GATEWAY: "castmesh-gateway"}
+                 NODE_ROLE_DISPATCH: "castmesh-dispatch", NODE_ROLE_GATEWAY: "castmesh-gateway",
+                 NODE_ROLE_WORKER: "castmesh-worker"}
 LOAD_PREFIX = "castmesh/load/"
 WATCH_WAIT = "10s"
 ERRORS = (consul.ConsulException, aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError)

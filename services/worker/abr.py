@@ -48,6 +48,8 @@ from castmesh.proto.v1.relay_pb2 import StreamEnd
 log = logging.getLogger("castmesh.worker")
 
 AUDIO_WAIT = 200  # frames (a few seconds) a transcoder waits for the audio configuration a header promised
+PUBLISH_TRIES = 10  # a rendition's publish asked for again while its stream is held (PUBLISH_RETRY apart)
+PUBLISH_RETRY = 0.5
 MAX_BEHIND = 8 << 20  # bytes of FLV the child may have unread before its input skips to a keyframe
 STDERR_LINES = 20  # the child's last lines kept for the job's error
 READ = 1 << 16
@@ -286,6 +288,8 @@ class AbrJob:
         self.started_with: tuple[bytes, ...] = ()  # the configurations the child was started with
         self.switch = ""  # why the next keyframe goes to a new child ("": it does not)
         self.outputs: dict[str, Publish] = {}  # rendition name -> its publish
+        self.headers: dict[str, dict[int, Frame]] = {}  # rendition name -> its metadata and codec configurations
+        self.closed = False
         self.tasks: set[asyncio.Task[None]] = set()
         self.audio_wait = 0  # frames let by before starting, waiting for the audio configuration
 
@@ -298,6 +302,7 @@ class AbrJob:
 
     def close(self, clean: bool, reason: str) -> None:
         """End every rendition's publish (clean: its viewers' responses end at once; else they wait in grace)."""
+        self.closed = True
         for publish in self.outputs.values():
             publish.end(reason, clean)
         self.outputs.clear()
@@ -406,22 +411,36 @@ class AbrJob:
 
     # The renditions ---------------------------------------------------------------------------------------
 
-    def _publish(self, name: str) -> None:
+    def _publish(self, name: str, tries: int = PUBLISH_TRIES) -> None:
+        """Publish a rendition, as any publisher would. A stream still held by the publish of a worker that
+        just died (its lease not yet seen to end: in Consul, its session destroyed) is asked for again, a
+        few times; each new publish starts with the rendition's headers."""
         stream = rendition_name(self.spec.stream.name, name)
         request = StreamRequest(self.spec.stream.app, stream, {}, f"job:{self.job.id}", "abr")
         publish = self.publishes.publish(request, pause=lambda paused: None,
                                          stop=lambda reason: self._lost(name, reason))
         self.outputs[name] = publish
+        for frame in self.headers.get(name, {}).values():
+            publish.push(frame)
 
         async def start() -> None:
             try:
                 await publish.start()
             except Refused as exc:
-                if self.outputs.get(name) is publish:
-                    del self.outputs[name]
+                if self.outputs.get(name) is not publish:
+                    return
+                del self.outputs[name]
+                if exc.kind == "rejected" and tries > 1 and not self.closed:
+                    await asyncio.sleep(PUBLISH_RETRY)
+                    if not self.closed and name not in self.outputs and name in self._planned_names():
+                        self._publish(name, tries - 1)
+                    return
                 self._state(Job.STATE_RUNNING, f"{stream} not published: {exc.reason}")
 
         self._spawn(start())
+
+    def _planned_names(self) -> set[str]:
+        return {p.rendition.name for p in self.planned}
 
     def _lost(self, name: str, reason: str) -> None:
         publish = self.outputs.pop(name, None)
@@ -429,11 +448,15 @@ class AbrJob:
             event(log, "abr.rendition_lost", job=self.job.id, rendition=name, reason=reason)
 
     def _on_tag(self, index: int, tag: flv.Tag) -> None:
-        if index >= len(self.planned):
+        if index >= len(self.planned) or tag.kind not in (AUDIO, VIDEO, DATA):
             return
-        publish = self.outputs.get(self.planned[index].rendition.name)
-        if publish is not None and tag.kind in (AUDIO, VIDEO, DATA):
-            publish.push(make_frame(tag.kind, tag.timestamp, tag.payload))
+        name = self.planned[index].rendition.name
+        frame = make_frame(tag.kind, tag.timestamp, tag.payload)
+        if frame.sequence_header or frame.kind == DATA:
+            self.headers.setdefault(name, {})[frame.kind] = frame
+        publish = self.outputs.get(name)
+        if publish is not None:
+            publish.push(frame)
 
     # ------------------------------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from services.worker.abr import AbrJob
 log = logging.getLogger("castmesh.worker")
 
 RECLAIM_FOR = 10.0
+HOLDER_PATIENCE = 3.0  # seconds a job's claim refused by a holder is made again (its last worker just died)
 REPORT_EVERY = 1.0  # seconds between load reports
 RETRY_FOR = 10.0  # how long a job looks for its source after losing it, as playback does
 
@@ -146,10 +147,9 @@ class Worker:
         job = running.job
         clean, reason = False, "stopped"
         try:
-            try:
-                await running.lease.acquire()
-            except LeaseRefused as exc:
-                job.state, job.detail = Job.STATE_FAILED, f"no lease: {exc}"
+            refused = await self._claim(running)
+            if refused:
+                job.state, job.detail = Job.STATE_FAILED, f"no lease: {refused}"
                 self._tell(job)
                 return
             event(log, "job.start", job=job.id, worker=self.node.id)
@@ -178,6 +178,20 @@ class Worker:
             if self.jobs.get(job.id) is running:
                 del self.jobs[job.id]
             event(log, "job.stop", job=job.id, worker=self.node.id, reason=reason)
+
+    async def _claim(self, running: RunningJob) -> str:
+        """The job's lease; why not, if it cannot be had. A job is given to this worker the moment its last
+        worker's Work call ends, which may be a moment before that worker's lease call is seen to end (in
+        Consul, its session destroyed): refused by a holder, the claim is made again for HOLDER_PATIENCE."""
+        deadline = asyncio.get_running_loop().time() + HOLDER_PATIENCE
+        while True:
+            try:
+                await running.lease.acquire()
+                return ""
+            except LeaseRefused as exc:
+                if "held by" not in str(exc) or asyncio.get_running_loop().time() > deadline:
+                    return str(exc)
+            await asyncio.sleep(0.2)
 
     async def _keep_lease(self, running: RunningJob) -> str:
         """Hold the job's lease; claim it again when its call breaks. Returns why the job must stop."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from castmesh.proto.v1.dispatch_pb2 import ListNodesRequest, ListStreamsRequest
+from castmesh.proto.v1.dispatch_pb2 import Job, ListJobsRequest, ListNodesRequest, ListStreamsRequest
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from castmesh.proto.v1.relay_pb2 import StatsReply, StatsRequest
 from castmesh.proto.v1.relay_pb2_grpc import RelayStub
@@ -63,6 +63,19 @@ class Cluster:
                           "--rtmp-port", str(rtmp_port), "--dispatch", self.dispatch, "--zone", zone,
                           *(extra or [])], port)
         return port
+
+    def dispatch_with(self, *extra: str) -> None:
+        """Dispatch again, on the same port, with more options (before other nodes start: --abr rules)."""
+        self.nodes["dispatch"].stop()
+        self.start("dispatch", ["serve", "dispatch", "--host", "127.0.0.1", "--grpc-port", str(self.dispatch_port),
+                                *extra])
+
+    def worker(self, name: str = "worker", extra: list[str] | None = None) -> None:
+        self.start(name, ["serve", "worker", "--host", "127.0.0.1", "--dispatch", self.dispatch, *(extra or [])])
+
+    def jobs(self) -> list[Job]:
+        with grpc.insecure_channel(self.dispatch) as chan:
+            return list(DispatchStub(chan).ListJobs(ListJobsRequest(), timeout=5).jobs)
 
     def simple(self) -> tuple[int, int]:
         """The smallest cluster with a path for media: one origin, an ingest and a playback node, registered.
