@@ -27,7 +27,8 @@ from castmesh.proto.v1.media_pb2 import StreamKey
 
 log = logging.getLogger("castmesh.dispatch")
 
-RETRY_FAILED = 5.0  # seconds before a job that failed on a worker is placed again (elsewhere if it can)
+RETRY_FAILED = 5.0  # seconds before a job that failed on a worker is placed again
+AVOID_FAILED = 60.0  # seconds a worker a job failed on is passed over for it while another has room
 ORDERS = 256  # orders a worker may have unread before its call is ended
 
 
@@ -168,18 +169,20 @@ class JobBoard:
         if job.state == Job.STATE_FAILED:
             worker.jobs.discard(job.id)
             entry.job.worker = ""
-            entry.avoid[worker.id] = self.clock() + RETRY_FAILED
+            entry.avoid[worker.id] = self.clock() + AVOID_FAILED
             entry.retry_at = self.clock() + RETRY_FAILED
             event(log, "job.failed", level=logging.WARNING, job=job.id, worker=worker.id, detail=job.detail)
             self.place()
 
     def place(self) -> None:
         """Every job without a worker goes to the least loaded worker with room, if there is one. A job that
-        failed waits RETRY_FAILED, and goes elsewhere if another worker has room."""
+        failed waits RETRY_FAILED, and goes elsewhere if another worker has room (for AVOID_FAILED)."""
         now = self.clock()
         for entry in self.jobs.values():
             if entry.job.worker or entry.retry_at > now:
                 continue
+            if entry.avoid:
+                entry.avoid = {w: until for w, until in entry.avoid.items() if until > now}
             open_ = [w for w in self.workers.values() if len(w.jobs) < w.capacity]
             fresh = [w for w in open_ if entry.avoid.get(w.id, 0.0) <= now]
             choice = min(fresh or open_, key=lambda w: (len(w.jobs), w.load.cpu, w.id), default=None)

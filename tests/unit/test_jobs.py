@@ -1,0 +1,156 @@
+"""Jobs: ladders and rules as text, the ffmpeg command a ladder makes, and dispatch's job board (placement by
+load and capacity, a worker's jobs moved when it leaves, failures retried elsewhere, a source's end)."""
+
+from __future__ import annotations
+
+import pytest
+
+from castmesh.media.frames import stream_key
+from castmesh.mesh.jobs import LadderError, ladder_text, parse_ladder, parse_rules
+from castmesh.proto.v1.dispatch_pb2 import Job, JobSpec, Rendition, StreamInfo
+from services.dispatch.jobs import RETRY_FAILED, JobBoard
+from services.worker.abr import Planned, ffmpeg_args, plan
+
+
+def test_ladders_read_and_write_back() -> None:
+    ladder = parse_ladder("360p:640x360:800k, 180p:x180:300:15")
+    assert [(r.name, r.width, r.height, r.bitrate_kbps, r.frame_rate, r.codec) for r in ladder] == [
+        ("360p", 640, 360, 800, 0.0, "h264"), ("180p", 0, 180, 300, 15.0, "h264")]
+    assert ladder_text(ladder) == "360p:640x360:800k,180p:x180:300k:15"
+    assert parse_ladder(ladder_text(ladder)) == ladder
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("", "at least one rendition"),
+    ("360p:640x360", "NAME:SIZE:BITRATE"),
+    ("360p:640by360:800k", "WIDTHxHEIGHT"),
+    ("360p:x360:fast", "kbit/s"),
+    ("360p:x361:800k", "even sides"),
+    ("360p:x360:800k:vp9", "codec 'vp9' is not one a worker encodes"),
+    ("360p:x360:800k:500", "frame rate is 1 to 240"),
+    ("a b:x360:800k", "rendition name"),
+    ("360p:x360:800k,360p:x180:300k", "given twice"),
+    ("8k:x8640:800k", "sides are 2 to 7680"),
+    (",".join(f"r{i}:x180:100k" for i in range(9)), "at most 8"),
+])
+def test_a_ladder_that_cannot_be_met_says_why(text: str, says: str) -> None:
+    with pytest.raises(LadderError, match=says):
+        parse_ladder(text)
+
+
+def test_rules_first_match_wins() -> None:
+    rules = parse_rules("sports*=720p:x720:2500k ; *=360p:x360:800k")
+    assert [r.pattern for r in rules] == ["sports*", "*"]
+    with pytest.raises(LadderError, match="rule for 'live'"):
+        parse_rules("live=360p:x360")
+    with pytest.raises(LadderError, match="APP_PATTERN=LADDER"):
+        parse_rules("360p:x360:800k")
+
+
+def test_renditions_follow_the_source_and_never_upscale() -> None:
+    ladder = parse_ladder("1080p:x1080:5000k,360p:x360:800k,180p:320x180:300k")
+    planned, skipped = plan(ladder, (1280, 720))
+    assert [(p.rendition.name, p.width, p.height) for p in planned] == [("360p", 640, 360), ("180p", 320, 180)]
+    assert skipped == ["1080p: 1080 lines is above the source's 1280x720"]
+    planned, _ = plan(parse_ladder("90p:x90:100k"), (1440, 1080))  # 4:3: the width follows the aspect ratio
+    assert (planned[0].width, planned[0].height) == (120, 90)
+
+
+def test_the_ffmpeg_command_aligns_keyframes_and_copies_audio() -> None:
+    planned = [Planned(r, 320, 180) for r in parse_ladder("a:x180:300k,b:x180:100k:15")]
+    args = ffmpeg_args("ffmpeg", planned, True, [5, 6])
+    graph = args[args.index("-filter_complex") + 1]
+    assert graph.startswith("[0:v]split=2[s0][s1];[s0]scale=320:180")
+    assert "select='eq(key\\,1)+gte(t-prev_selected_t\\,0.0600)'" in graph  # 15 fps, every keyframe kept
+    assert args.count("-force_key_frames") == 2 and args.count("source") == 2 and "-copyts" in args
+    assert args.count("copy") == 2 and "pipe:5" in args and "pipe:6" in args
+    assert "-map" in args and "0:a?" not in ffmpeg_args("ffmpeg", planned, False, [5, 6])
+
+
+class Clock:
+    now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def published(board: JobBoard, app: str, name: str, holder: str = "ingest/rtmp-1") -> StreamInfo:
+    info = StreamInfo(stream=stream_key(app, name), holder=holder, origin="127.0.0.1:1")
+    board.published(info)
+    return info
+
+
+def orders(worker) -> list[str]:  # type: ignore[no-untyped-def]
+    out = []
+    while not worker.orders.empty():
+        order = worker.orders.get_nowait()
+        out.append(f"start {order.start.id}" if order.HasField("start") else f"stop {order.stop}")
+    return out
+
+
+def test_jobs_go_to_the_least_loaded_worker_with_room_and_move_when_it_leaves() -> None:
+    clock = Clock()
+    board = JobBoard(parse_rules("live=180p:x180:300k"), clock=clock)
+    busy = board.join("w-busy", 2, [])
+    idle = board.join("w-idle", 1, [])
+    busy.jobs.add("other")  # one job already
+    published(board, "live", "a")
+    assert orders(idle) == ["start abr:__defaultVhost__/live/a"] and not orders(busy)
+    published(board, "live", "b")  # the idle one is full now
+    assert orders(busy) == ["start abr:__defaultVhost__/live/b"]
+    published(board, "live", "c")
+    (job_c,) = [j for j in board.all() if j.id.endswith("/c")]
+    assert job_c.state == Job.STATE_PENDING and job_c.detail == "no worker has room"
+    published(board, "live", "a_180p", holder="w-idle/abr-2")  # a rendition: no rule applies to it
+    published(board, "other", "x")  # no rule for this app
+    assert len(board.all()) == 3
+    board.leave(idle)  # its job goes back to the board, and waits for room
+    (job_a,) = [j for j in board.all() if j.id.endswith("/a")]
+    assert job_a.worker == "" and job_a.state == Job.STATE_PENDING
+    newcomer = board.join("w-new", 4, [])
+    assert sorted(orders(newcomer)) == ["start abr:__defaultVhost__/live/a", "start abr:__defaultVhost__/live/c"]
+
+
+def test_a_failed_job_is_tried_again_later_elsewhere_and_ends_with_its_source() -> None:
+    clock = Clock()
+    board = JobBoard(parse_rules("*=180p:x180:300k"), clock=clock)
+    first = board.join("w1", 4, [])
+    second = board.join("w2", 4, [])
+    info = published(board, "live", "cam")
+    (job,) = board.all()
+    given = first if orders(first) else second
+    other = second if given is first else first
+    orders(other)
+    failed = Job()
+    failed.CopyFrom(job)
+    failed.state, failed.detail = Job.STATE_FAILED, "cannot start ffmpeg"
+    board.report(given, failed)
+    assert job.state == Job.STATE_FAILED and not orders(other)  # not at once
+    clock.now += RETRY_FAILED + 0.1
+    board.place()
+    assert orders(other) == [f"start {job.id}"] and job.worker == other.id
+    board.unpublished(info)
+    assert orders(other) == [f"stop {job.id}"] and board.all() == []
+
+
+def test_a_restarted_dispatch_adopts_the_jobs_workers_still_run() -> None:
+    board = JobBoard([])
+    published(board, "live", "cam")
+    spec = JobSpec(kind="abr", stream=stream_key("live", "cam"), renditions=[Rendition(name="r", height=90,
+                                                                                       bitrate_kbps=100)])
+    running = Job(id="abr:__defaultVhost__/live/cam", spec=spec, state=Job.STATE_RUNNING, outputs=["cam_r"])
+    keeper = board.join("w1", 2, [running])
+    duplicate = board.join("w2", 2, [running])
+    assert not orders(keeper) and orders(duplicate) == [f"stop {running.id}"]
+    (job,) = board.all()
+    assert job.worker == "w1" and job.state == Job.STATE_RUNNING
+
+
+def test_api_jobs_need_a_live_source() -> None:
+    board = JobBoard([])
+    spec = JobSpec(kind="abr", stream=stream_key("live", "cam"), renditions=parse_ladder("r:x90:100k"))
+    ok, detail, _ = board.add(spec)
+    assert not ok and "is not being published" in detail
+    published(board, "live", "cam")
+    assert board.add(spec)[0] and board.add(spec)[1] == "running already"
+    assert board.remove("abr:__defaultVhost__/live/cam", "stopped") and board.all() == []
