@@ -7,6 +7,9 @@
   GET /api/v1/publish/{app}/{stream}           the RTMP URL of the ingest a publisher should use
   GET /{app}/{stream}.flv, .m3u8               302 to the chosen playback node (ffplay, mpegts.js follow it)
   GET /api/v1/nodes                            every registered node with role, zone, health and load
+  GET /api/v1/jobs                             jobs (ABR ladders): source, renditions, worker, state
+  POST /api/v1/streams/{app}/{stream}/abr      start a ladder for a live stream: {"ladder": "360p:x360:800k,..."}
+  DELETE /api/v1/streams/{app}/{stream}/abr    stop it
   DELETE /api/v1/streams/{app}/{stream}        kick the publisher (at the ingest holding the stream)
   DELETE /api/v1/clients/{id}                  kick one viewer (ids from the stream's "clients")
   GET /healthz, /metrics, /openapi.json (OpenAPI 3.1), /docs
@@ -38,6 +41,7 @@ from castmesh.media.frames import stream_key, stream_path
 from castmesh.mesh import grpcutil, tracing
 from castmesh.mesh.auth import Signer
 from castmesh.mesh.catalog import LISTING_TTL, Catalog
+from castmesh.mesh.jobs import ABR, ladder_text, parse_ladder
 from castmesh.mesh.logs import event
 from castmesh.mesh.ring import BoundedRing
 from castmesh.proto.v1.admin_pb2 import KickRequest
@@ -45,6 +49,9 @@ from castmesh.proto.v1.admin_pb2_grpc import AdminStub
 from castmesh.proto.v1.dispatch_pb2 import (
     NODE_ROLE_INGEST,
     NODE_ROLE_PLAYBACK,
+    Job,
+    JobSpec,
+    ListJobsRequest,
     ListNodesReply,
     ListNodesRequest,
     ListStreamsRequest,
@@ -92,6 +99,9 @@ class Gateway:
         r.add_get(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}/play", self.play)
         r.add_get(f"/api/v1/publish/{{app:{NAME}}}/{{stream:{NAME}}}", self.publish)
         r.add_get("/api/v1/nodes", self.nodes)
+        r.add_get("/api/v1/jobs", self.jobs)
+        r.add_post(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}/abr", self.start_ladder)
+        r.add_delete(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}/abr", self.stop_ladder)
         r.add_delete(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}", self.kick_publisher)
         r.add_delete("/api/v1/clients/{id:[A-Za-z0-9_.:-]{1,200}}", self.kick_client)
         r.add_get("/healthz", self.healthz)
@@ -144,9 +154,12 @@ class Gateway:
     # Streams --------------------------------------------------------------------------------------------
 
     async def _listing(self) -> list[dict[str, Any]]:
-        listed, described, nodes = await asyncio.gather(
+        listed, described, nodes, jobs = await asyncio.gather(
             self.dispatch.ListStreams(ListStreamsRequest(), timeout=TIMEOUT), self.catalog.streams(),
-            self._nodes())
+            self._nodes(), self.catalog.jobs())
+        ladders = {stream_path(j.spec.stream): list(j.outputs) for j in jobs if j.state == Job.STATE_RUNNING}
+        made = {f"{j.spec.stream.vhost}/{j.spec.stream.app}/{out}": j.spec.stream.name
+                for j in jobs for out in j.outputs}
         media = {stream_path(s.stream): s for s in described}
         viewers, clients = await self._viewers([e.node for e in nodes.nodes if e.node.role == NODE_ROLE_PLAYBACK])
         out = []
@@ -165,6 +178,7 @@ class Gateway:
                 "width": m.width if m else 0, "height": m.height if m else 0,
                 "fps": m.frame_rate if m else 0.0, "bitrate_kbps": m.bitrate_kbps if m else 0,
                 "viewers": sum(watching.values()), "nodes": sorted(watching), "clients": clients.get(short, []),
+                "renditions": ladders.get(path, []), "rendition_of": made.get(path, ""),
             })
         return sorted(out, key=lambda s: (s["app"], s["stream"]))
 
@@ -279,6 +293,41 @@ class Gateway:
         return web.json_response({"url": f"rtmp://{host}:{best.meta.get('rtmp', '1935')}/{app}/{name}",
                                   "node": best.id, "protocol": "rtmp"})
 
+    # Jobs -----------------------------------------------------------------------------------------------
+
+    async def jobs(self, request: web.Request) -> web.Response:
+        reply = await self.dispatch.ListJobs(ListJobsRequest(), timeout=TIMEOUT)
+        return web.json_response({"jobs": [job_json(j) for j in reply.jobs]})
+
+    async def start_ladder(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        app, name = request.match_info["app"], request.match_info["stream"]
+        try:
+            body = await request.json()
+            renditions = parse_ladder(body["ladder"]) if isinstance(body, dict) and isinstance(
+                body.get("ladder"), str) else None
+        except (ValueError, UnicodeDecodeError) as exc:
+            return problem(400, "Bad Request", f"the body is not a ladder: {exc}")
+        if renditions is None:
+            return problem(400, "Bad Request", 'the body is {"ladder": "NAME:SIZE:KBPS[:FPS],..."}')
+        reply = await self.dispatch.StartJob(JobSpec(kind=ABR, stream=stream_key(app, name), renditions=renditions,
+                                                     source="api"), timeout=TIMEOUT)
+        if not reply.ok:
+            status = 404 if "not being published" in reply.detail else 400
+            return problem(status, "Not Found" if status == 404 else "Bad Request", reply.detail)
+        event(log, "gateway.job_started", stream=f"{app}/{name}", detail=reply.detail)
+        return web.json_response({"job": job_json(reply.job), "detail": reply.detail},
+                                 status=201 if reply.detail == "added" else 200)
+
+    async def stop_ladder(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        app, name = request.match_info["app"], request.match_info["stream"]
+        reply = await self.dispatch.StopJob(JobSpec(kind=ABR, stream=stream_key(app, name)), timeout=TIMEOUT)
+        if not reply.ok:
+            return problem(404, "Not Found", reply.detail)
+        event(log, "gateway.job_stopped", stream=f"{app}/{name}")
+        return web.json_response({"stopped": True})
+
     # Kicks ----------------------------------------------------------------------------------------------
 
     def _authorize(self, request: web.Request) -> None:
@@ -352,6 +401,16 @@ class Gateway:
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def job_json(job: Job) -> dict[str, Any]:
+    spec = job.spec
+    return {"id": job.id, "kind": spec.kind, "app": spec.stream.app, "stream": spec.stream.name,
+            "source": spec.source, "ladder": ladder_text(list(spec.renditions)),
+            "renditions": [{"name": r.name, "width": r.width, "height": r.height, "bitrate_kbps": r.bitrate_kbps,
+                            "frame_rate": r.frame_rate, "codec": r.codec} for r in spec.renditions],
+            "worker": job.worker, "state": Job.State.Name(job.state).removeprefix("STATE_").lower(),
+            "detail": job.detail, "outputs": list(job.outputs), "since_us": job.since_us}
 
 
 def secure(request: web.Request) -> bool:

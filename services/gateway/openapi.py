@@ -63,6 +63,25 @@ DOCUMENT: dict[str, Any] = {
             "parameters": [*_path_params("app", "stream"), {"name": "protocol", "in": "query", "required": False,
                            "schema": {"type": "string", "enum": ["rtmp", "srt"], "default": "rtmp"}}],
             "responses": {"200": _json("Placement", "Where to publish"), "404": PROBLEM, "503": PROBLEM}}},
+        "/api/v1/jobs": {"get": {
+            "summary": "Jobs (ABR ladders): source, renditions, the worker running each, state",
+            "operationId": "listJobs", "responses": {"200": _json("JobList", "The jobs"), "503": PROBLEM}}},
+        "/api/v1/streams/{app}/{stream}/abr": {
+            "post": {"summary": "Start an ABR ladder for a live stream (renditions {stream}_{name}); it ends with "
+                                "the stream", "operationId": "startLadder", "parameters": _path_params("app", "stream"),
+                     "security": [{"bearer": []}],
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                         "type": "object", "required": ["ladder"], "properties": {"ladder": {
+                             "type": "string", "description": "NAME:SIZE:KBPS[:FPS] renditions separated by ',', "
+                                                              "e.g. 360p:x360:800k,180p:x180:300k:15"}}}}}},
+                     "responses": {"200": _json("JobStarted", "Running already"),
+                                   "201": _json("JobStarted", "Started"), "400": PROBLEM, "401": PROBLEM,
+                                   "404": PROBLEM, "503": PROBLEM}},
+            "delete": {"summary": "Stop a stream's ABR ladder", "operationId": "stopLadder",
+                       "parameters": _path_params("app", "stream"), "security": [{"bearer": []}],
+                       "responses": {"200": {"description": "Stopped", "content": {"application/json": {
+                           "schema": {"type": "object", "properties": {"stopped": {"type": "boolean"}}}}}},
+                           "401": PROBLEM, "404": PROBLEM, "503": PROBLEM}}},
         "/api/v1/nodes": {"get": {
             "summary": "Every registered node with role, zone, health and load", "operationId": "listNodes",
             "responses": {"200": _json("NodeList", "The nodes"), "503": PROBLEM}}},
@@ -94,6 +113,9 @@ DOCUMENT: dict[str, Any] = {
             "video": {"type": "string"}, "audio": {"type": "string"}, "width": {"type": "integer"},
             "height": {"type": "integer"}, "fps": {"type": "number"}, "bitrate_kbps": {"type": "integer"},
             "viewers": {"type": "integer"}, "nodes": {"type": "array", "items": {"type": "string"}},
+            "renditions": {"type": "array", "items": {"type": "string"},
+                           "description": "the streams its ABR ladder publishes"},
+            "rendition_of": {"type": "string", "description": "the source, for a rendition"},
             "clients": {"type": "array", "items": {"type": "object", "properties": {
                 "id": {"type": "string"}, "node": {"type": "string"}, "protocol": {"type": "string"},
                 "peer": {"type": "string"}}}}}},
@@ -108,6 +130,20 @@ DOCUMENT: dict[str, Any] = {
             "load": {"type": "object", "properties": {"streams": {"type": "integer"},
                                                       "subscribers": {"type": "integer"},
                                                       "cpu": {"type": "number"}}}}},
+        "Job": {"type": "object", "required": ["id", "kind", "app", "stream", "state"], "properties": {
+            "id": {"type": "string"}, "kind": {"type": "string"}, "app": {"type": "string"},
+            "stream": {"type": "string"}, "source": {"type": "string"}, "ladder": {"type": "string"},
+            "renditions": {"type": "array", "items": {"type": "object", "properties": {
+                "name": {"type": "string"}, "width": {"type": "integer"}, "height": {"type": "integer"},
+                "bitrate_kbps": {"type": "integer"}, "frame_rate": {"type": "number"}, "codec": {"type": "string"}}}},
+            "worker": {"type": "string"},
+            "state": {"type": "string", "enum": ["unspecified", "pending", "starting", "running", "failed", "waiting"]},
+            "detail": {"type": "string"}, "outputs": {"type": "array", "items": {"type": "string"}},
+            "since_us": {"type": "integer"}}},
+        "JobList": {"type": "object", "required": ["jobs"], "properties": {
+            "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}}},
+        "JobStarted": {"type": "object", "required": ["job"], "properties": {
+            "job": {"$ref": "#/components/schemas/Job"}, "detail": {"type": "string"}}},
         "NodeList": {"type": "object", "required": ["nodes"], "properties": {
             "nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}}},
     }},

@@ -138,3 +138,51 @@ def test_rendition_streams_are_listed_with_the_source(ladder) -> None:  # type: 
     assert (listed["cam_90p"]["width"], listed["cam_90p"]["height"]) == (160, 90)
 
 
+
+
+def test_ladders_through_the_api_start_list_and_stop(ladder) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    api = f"http://127.0.0.1:{ladder.http_port}/api/v1"
+    studio = publish(f"rtmp://127.0.0.1:{ladder.rtmp_port}/studio/desk", 20, size="320x180", gop=30)
+    try:
+        wait_live(f"http://127.0.0.1:{ladder.http_port}/studio/desk.flv")
+        assert _call("POST", f"{api}/streams/studio/desk/abr", {"ladder": "90p:x90:vp9"})[0] == 400
+        assert _call("POST", f"{api}/streams/studio/nobody/abr", {"ladder": "90p:x90:100k"})[0] == 404
+        status, answer = _call("POST", f"{api}/streams/studio/desk/abr", {"ladder": "90p:x90:100k"})
+        assert status == 201 and answer["job"]["ladder"] == "90p:x90:100k", answer
+        wait_live(f"http://127.0.0.1:{ladder.http_port}/studio/desk_90p.flv", timeout=15)
+        sizes, pictures, errors = decoded_sizes(f"http://127.0.0.1:{ladder.http_port}/studio/desk_90p.flv", 1)
+        assert sizes == {"160x90"} and not errors, (sizes, errors)
+        jobs = {j["stream"]: j for j in json.loads(http_get(f"{api}/jobs").read())["jobs"]}
+        assert jobs["desk"]["state"] == "running" and jobs["desk"]["outputs"] == ["desk_90p"], jobs
+        assert jobs["desk"]["source"] == "api" and jobs["cam"]["source"] == "rule:live", jobs
+        deadline = time.monotonic() + 5
+        while True:  # listings are a second old at most
+            listed = {s["stream"]: s for s in json.loads(http_get(f"{api}/streams").read())["streams"]}
+            if listed.get("desk", {}).get("renditions") or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert listed["desk"]["renditions"] == ["desk_90p"] and listed["desk_90p"]["rendition_of"] == "desk"
+        assert _call("DELETE", f"{api}/streams/studio/desk/abr")[0] == 200
+        assert _call("DELETE", f"{api}/streams/studio/desk/abr")[0] == 404
+        deadline = time.monotonic() + 5
+        while http_get(f"http://127.0.0.1:{ladder.http_port}/studio/desk_90p.flv").status == 200:
+            assert time.monotonic() < deadline, "the rendition outlived its ladder"
+            time.sleep(0.2)
+    finally:
+        studio.kill()
+        studio.wait()
+
+
+def _call(method: str, url: str, body: object = None) -> tuple[int, dict]:  # type: ignore[type-arg]
+    import http.client
+    import json
+
+    host, _, rest = url.removeprefix("http://").partition("/")
+    conn = http.client.HTTPConnection(*host.split(":"), timeout=10)  # type: ignore[arg-type]
+    conn.request(method, "/" + rest, json.dumps(body) if body is not None else None,
+                 {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    data = response.read()
+    return response.status, json.loads(data) if data else {}
