@@ -75,6 +75,7 @@ from services.playback.server import Playback, PlaybackSettings
 from services.relay import service as relay_service
 from services.relay.service import RelayService
 from services.worker.service import Worker
+from services.worker.thumbs import RemoteThumbnails, thumbnail_app
 
 log = logging.getLogger("castmesh")
 
@@ -211,6 +212,8 @@ ABR = Option("--abr", "", "ABR ladder rules: APP_PATTERN=LADDER, several separat
 MAX_JOBS = Option("--max-jobs", 4, "jobs (ABR ladders) this worker runs at once", config.positive)
 FFMPEG = Option("--ffmpeg", "", "the ffmpeg binary workers run (default: imageio-ffmpeg's)")
 WORKER_PORT = Option("--grpc-port", 0, "gRPC port for the health service (0: any free port)", config.port)
+WORKER_HTTP_PORT = Option("--http-port", 8092, "HTTP port for thumbnails (/{app}/{stream}.jpg) and /metrics; 0: none",
+                          config.port)
 
 COMMON = [LOG_LEVEL, ADVERTISE_HOST, CHECK_CONFIG]
 HLS = [HLS_SEGMENT_MS, HLS_WINDOW, HLS_PART_MS, HLS_IDLE_MS]
@@ -223,7 +226,8 @@ UP = [HOST, RTMP_PORT, HTTP_PORT, *TLS, RTMPS_PORT, *SRT, UP_GRPC_PORT, BATCH_MS
       FFMPEG, NO_DEMO, *COMMON]
 SERVE = {
     "dispatch": [HOST, DISPATCH_PORT, GRACE_MS, ABR, METRICS_PORT, REGISTRY, *COMMON],
-    "worker": [HOST, WORKER_PORT, DISPATCH, MAX_JOBS, FFMPEG, BATCH_MS, METRICS_PORT, REGISTRY, *COMMON],
+    "worker": [HOST, WORKER_PORT, WORKER_HTTP_PORT, DISPATCH, MAX_JOBS, FFMPEG, BATCH_MS, METRICS_PORT, REGISTRY,
+               *COMMON],
     "relay": [HOST, GRPC_PORT, ROLE, DISPATCH, UPSTREAM, ZONE, ADVERTISE, MAX_LAG_MS, GRACE_MS, METRICS_PORT,
               REGISTRY, *COMMON],
     "ingest": [HOST, RTMP_PORT, TLS_CERT, TLS_KEY, RTMPS_PORT, *SRT, WHIP_PORT, *WEBRTC_ICE, HEALTH_PORT, DISPATCH,
@@ -432,7 +436,8 @@ async def up(cfg: dict[str, Any]) -> int:
                                           else playback.kick(r.client_id, r.reason))
         _register_ingest(wiring, ingest, cfg, admin_port)
         _register_playback(wiring, playback, cfg, cfg["rtmp_port"], admin_port)
-        _start_worker(cfg, wiring, "worker", admin_port, closers)
+        worker = _start_worker(cfg, wiring, "worker", admin_port, closers, cfg["http_port"])
+        playback.thumbnails = worker.thumbnails  # on the one HTTP port
         # The gateway listens on loopback; the public HTTP port hands it /api/v1/..., /healthz and /docs.
         assert wiring.dispatch is not None
         gateway = web.AppRunner(Gateway(wiring.dispatch, catalog, signer=signer).app(), access_log=None)
@@ -507,13 +512,13 @@ def _register_playback(wiring: Wiring, playback: Playback, cfg: dict[str, Any], 
 
 
 def _start_worker(cfg: dict[str, Any], wiring: Wiring, node_id: str, grpc_port: int,
-                  closers: list[Callable[[], Awaitable[None]]]) -> Worker:
+                  closers: list[Callable[[], Awaitable[None]]], http_port: int) -> Worker:
     """A worker: its own publish side (sessions named after it), registered, taking jobs from dispatch."""
     assert wiring.dispatch is not None
     ingest = Ingest(wiring.leases, cfg["batch_ms"], node_id=node_id)
     closers.append(ingest.links.close)
     node = Node(id=node_id, role=NODE_ROLE_WORKER, address=_advertise(cfg, grpc_port),
-                meta={"grpc": str(grpc_port), "jobs": str(cfg["max_jobs"])})
+                meta={"grpc": str(grpc_port), "jobs": str(cfg["max_jobs"]), "http": str(http_port or "")})
     worker = Worker(wiring.dispatch, node, ingest, wiring.upstream(origin_only=True),
                     cfg["ffmpeg"] or imageio_ffmpeg.get_ffmpeg_exe(), cfg["max_jobs"])
     worker.start()
@@ -625,8 +630,10 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             await _serve_relay(cfg, wiring, closers)
         elif service == "worker":
             health_port = await _health_server(cfg, closers)
-            node_id = _node_id("worker", cfg, health_port)
-            _start_worker(cfg, wiring, node_id, health_port, closers)
+            node_id = _node_id("worker", cfg, cfg["http_port"] or health_port)
+            worker = _start_worker(cfg, wiring, node_id, health_port, closers, cfg["http_port"])
+            if cfg["http_port"]:
+                closers.append(await _serve_app(thumbnail_app(worker.thumbnails), cfg["host"], cfg["http_port"]))
             print(f"castmesh worker {node_id} listening for jobs (up to {cfg['max_jobs']}), {_peer_text(cfg)}",
                   flush=True)
         elif service == "ingest":
@@ -660,6 +667,9 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
                                 access=AccessLists.from_config(cfg))
             closers.append(playback.close)
             closers.append(playback.links.close)
+            thumbnails = RemoteThumbnails(catalog.workers)  # from the worker that makes them
+            closers.append(thumbnails.close)
+            playback.thumbnails = thumbnails
             closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
             if (context := _tls(cfg)) is not None:
                 closers.append(_closing(await playback.listen_tls(cfg["host"], cfg["https_port"], context)))

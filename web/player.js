@@ -155,11 +155,25 @@ function cell(text) {
   return td;
 }
 
+// A stream's latest keyframe (made by a worker while the page asks), a new one every few seconds.
+function thumbnail(s) {
+  const td = document.createElement("td");
+  if (!s.video) return td;
+  const img = document.createElement("img");
+  img.className = "thumb";
+  img.alt = "";
+  img.width = 96;
+  img.src = `/${s.path}.jpg?t=${Math.floor(Date.now() / 5000)}`;
+  img.addEventListener("error", () => { img.hidden = true; });
+  td.append(img);
+  return td;
+}
+
 function render(streams) {
   table.replaceChildren(...streams.map((s) => {
     const row = document.createElement("tr");
     row.dataset.stream = s.path;
-    row.append(cell(s.path + (s.publishing ? "" : " (reconnecting)")), cell(s.video || "–"), cell(s.audio || "–"),
+    row.append(thumbnail(s), cell(s.path + (s.publishing ? "" : " (reconnecting)")), cell(s.video || "–"), cell(s.audio || "–"),
                cell(s.width ? `${s.width}×${s.height}${s.fps ? ` @ ${Math.round(s.fps)}` : ""}` : "–"),
                cell(`${s.bitrate_kbps} kb/s`), cell(String(s.viewers)));
     row.classList.toggle("selected", current !== null && current.path === s.path);

@@ -15,7 +15,14 @@ from async_lru import alru_cache
 from castmesh.media.frames import stream_path
 from castmesh.mesh import grpcutil
 from castmesh.mesh.logs import event
-from castmesh.proto.v1.dispatch_pb2 import Job, ListJobsRequest, ListStreamsRequest
+from castmesh.proto.v1.dispatch_pb2 import (
+    NODE_ROLE_WORKER,
+    Job,
+    ListJobsRequest,
+    ListNodesRequest,
+    ListStreamsRequest,
+    Node,
+)
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from castmesh.proto.v1.relay_pb2 import StatsRequest, StreamStats
 from castmesh.proto.v1.relay_pb2_grpc import RelayStub
@@ -32,6 +39,18 @@ class Catalog:
         self.channels = grpcutil.ChannelPool()
         self.streams = alru_cache(maxsize=1, ttl=LISTING_TTL)(self._streams)
         self.jobs = alru_cache(maxsize=1, ttl=LISTING_TTL)(self._jobs)
+        self.workers = alru_cache(maxsize=1, ttl=LISTING_TTL)(self._workers)
+
+    async def _workers(self) -> list[Node]:
+        """The live workers (they make thumbnails)."""
+        if self.dispatch is None:
+            return []
+        try:
+            reply = await self.dispatch.ListNodes(ListNodesRequest(), timeout=TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            event(log, "catalog.nodes_failed", level=logging.WARNING, error=exc.code().name)
+            return []
+        return [e.node for e in reply.nodes if e.node.role == NODE_ROLE_WORKER]
 
     async def _jobs(self) -> list[Job]:
         """The cluster's jobs (ABR ladders): which streams have renditions, and which streams are them."""
@@ -68,4 +87,5 @@ class Catalog:
     async def close(self) -> None:
         await self.streams.cache_close()
         await self.jobs.cache_close()
+        await self.workers.cache_close()
         await self.channels.close()

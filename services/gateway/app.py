@@ -6,6 +6,7 @@
         ?protocol=flv|hls|rtmp|ws|webrtc       (flv by default; webrtc: the WHEP URL)
   GET /api/v1/publish/{app}/{stream}           the RTMP URL of the ingest a publisher should use
   GET /{app}/{stream}.flv, .m3u8               302 to the chosen playback node (ffplay, mpegts.js follow it)
+  GET /{app}/{stream}.jpg                      302 to the worker that makes the stream's thumbnail
   GET /api/v1/nodes                            every registered node with role, zone, health and load
   GET /api/v1/jobs                             jobs (ABR ladders): source, renditions, worker, state
   POST /api/v1/streams/{app}/{stream}/abr      start a ladder for a live stream: {"ladder": "360p:x360:800k,..."}
@@ -49,6 +50,7 @@ from castmesh.proto.v1.admin_pb2_grpc import AdminStub
 from castmesh.proto.v1.dispatch_pb2 import (
     NODE_ROLE_INGEST,
     NODE_ROLE_PLAYBACK,
+    NODE_ROLE_WORKER,
     Job,
     JobSpec,
     ListJobsRequest,
@@ -60,6 +62,7 @@ from castmesh.proto.v1.dispatch_pb2 import (
 )
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from services.gateway.openapi import DOCUMENT, docs_page
+from services.worker.thumbs import pick_worker, worker_url
 
 log = logging.getLogger("castmesh.gateway")
 
@@ -264,8 +267,15 @@ class Gateway:
     async def redirect(self, request: web.Request) -> web.Response:
         name, _, extension = request.match_info["file"].rpartition(".")
         protocols = {"flv": "flv", "m3u8": "hls"}
+        if name and extension == "jpg":  # thumbnails: the worker that makes this stream's
+            worker = pick_worker([e.node for e in (await self._nodes()).nodes if e.node.role == NODE_ROLE_WORKER],
+                                 request.match_info["app"], name)
+            if worker is None:
+                return problem(503, "Service Unavailable", "no worker makes thumbnails")
+            query = f"?{request.query_string}" if request.query_string else ""
+            raise web.HTTPFound(worker_url(worker, request.match_info["app"], name) + query)
         if not name or extension not in protocols:
-            return problem(404, "Not Found", "streams are at /{app}/{stream}.flv or .m3u8")
+            return problem(404, "Not Found", "streams are at /{app}/{stream}.flv, .m3u8 or .jpg")
         answer = await self._choose(request.match_info["app"], name, protocols[extension], dict(request.query),
                                     secure(request))
         raise web.HTTPFound(answer["url"])

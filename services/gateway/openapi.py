@@ -86,7 +86,8 @@ DOCUMENT: dict[str, Any] = {
             "summary": "Every registered node with role, zone, health and load", "operationId": "listNodes",
             "responses": {"200": _json("NodeList", "The nodes"), "503": PROBLEM}}},
         "/{app}/{file}": {"get": {
-            "summary": "A 302 to the chosen playback node for {stream}.flv (HTTP-FLV) or {stream}.m3u8 (HLS)",
+            "summary": "A 302 to the chosen playback node for {stream}.flv (HTTP-FLV) or {stream}.m3u8 (HLS), or "
+                       "to the worker that makes {stream}.jpg (the latest keyframe as a JPEG)",
             "operationId": "redirect", "parameters": _path_params("app", "file"),
             "responses": {"302": {"description": "Redirect to a playback node", "headers": {
                 "Location": {"schema": {"type": "string"}}}}, "403": PROBLEM, "404": PROBLEM, "503": PROBLEM}}},

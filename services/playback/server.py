@@ -5,6 +5,7 @@ HTTP paths:
   /{app}/{stream}.flv                      HTTP-FLV, or WebSocket-FLV with an Upgrade
   /{app}/{stream}.m3u8[?format=ts|fmp4]    HLS (default: TS for H.264, fMP4 for HEVC/AV1/VP9)
   /{app}/{stream}/hls/{muxer}/{segment}    its segments and initialization segments
+  /{app}/{stream}.jpg                      its latest keyframe as a JPEG (made by a worker)
   /{app}/{stream}/whep                     WebRTC (WHEP): POST an SDP offer, 201 with the answer
   /{app}/{stream}/whep/{session}           DELETE ends the session (services.playback.webrtc)
   /{app}/{stream}/whip[/{session}]         in `castmesh up` only: WHIP publishers, handed to its ingest
@@ -24,7 +25,7 @@ import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 from urllib.parse import urlencode
 
 import grpc
@@ -59,6 +60,11 @@ from services.playback.srt import SrtViewers
 from services.playback.viewer import Viewer, ViewerSink
 from services.playback.web import ListStreams, WebPage, streams_json
 
+
+class Thumbnails(Protocol):
+    async def get(self, app: str, name: str) -> tuple[int, bytes, str]: ...
+
+
 if TYPE_CHECKING:  # aiortc and PyAV load with the first WebRTC request
     from castmesh.webrtc.peer import Peer
     from services.playback.webrtc import WebRtcStream
@@ -66,7 +72,7 @@ if TYPE_CHECKING:  # aiortc and PyAV load with the first WebRTC request
 WEBRTC_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})/(?P<kind>whep|whip)"
                          r"(?:/(?P<session>[A-Za-z0-9_.~-]{1,128}))?$")
 STREAM_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})"
-                         r"(?:\.(?P<ext>flv|m3u8)|/hls/(?P<muxer>[0-9a-f]{8}|ll)/(?P<file>[A-Za-z0-9_.-]{1,40}))$")
+                         r"(?:\.(?P<ext>flv|m3u8|jpg)|/hls/(?P<muxer>[0-9a-f]{8}|ll)/(?P<file>[A-Za-z0-9_.-]{1,40}))$")
 FORMATS = (*CONTAINERS, "llhls")  # llhls: low-latency HLS, fMP4 with partial segments
 FORWARDED = ("/api/v1/", "/healthz", "/openapi.json", "/docs")
 CACHEABLE = ("Cache-Control", "max-age=600")  # a segment's name always means the same bytes
@@ -108,6 +114,7 @@ class Playback:
         self.list_streams = list_streams
         self.list_jobs = list_jobs  # the cluster's jobs: which streams have ABR ladders
         self.ladders: dict[str, Ladder] = {}  # stream path -> the ladder it is in (as last served)
+        self.thumbnails: Thumbnails | None = None  # where /{app}/{stream}.jpg comes from (workers)
         self.page = WebPage()
         self.tasks: set[asyncio.Task[None]] = set()
         self.rtmp_server: RtmpServer | None = None  # this node's own RTMP (and RTMPS) play port
@@ -187,6 +194,9 @@ class Playback:
             self._route_other(session, request)
         elif match["ext"] == "flv":
             self._flv(session, request, match["app"], match["stream"])
+        elif match["ext"] == "jpg":
+            if not self._refused(session, request, match["app"], match["stream"]):
+                self._spawn(self._thumbnail(session, match["app"], match["stream"]))
         elif match["ext"] == "m3u8":
             session.span = http_span(request, "/{app}/{stream}.m3u8")
             with tracing.current(session.span):  # the first playlist request starts the stream's feed
@@ -194,6 +204,17 @@ class Playback:
         else:
             session.span = http_span(request, "/{app}/{stream}/hls/{muxer}/{segment}")
             self._hls_file(session, request, match["app"], match["stream"], match["muxer"], match["file"])
+
+    async def _thumbnail(self, session: HttpSession, app: str, name: str) -> None:
+        """The stream's latest keyframe as a JPEG, from the worker that makes it (in `up`, this process's)."""
+        if self.thumbnails is None:
+            session.respond(404, b"no thumbnails here: they come from workers\n", [NO_CACHE])
+            return
+        status, body, detail = await self.thumbnails.get(app, name)
+        if status == 200:
+            session.respond(200, body, [("Content-Type", detail), ("Cache-Control", "max-age=2")])
+        else:
+            session.respond(status, f"{detail}\n".encode(), [NO_CACHE])
 
     def _route_other(self, session: HttpSession, request: Request) -> None:
         """Anything but a GET of a stream: the gateway's API (in `castmesh up`), WHEP and WHIP, the page,

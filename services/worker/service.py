@@ -1,4 +1,5 @@
-"""The worker service: jobs for streams (ABR ladders), given by dispatch on a held Dispatch.Work call.
+"""The worker service: jobs for streams (ABR ladders), given by dispatch on a held Dispatch.Work call, and
+thumbnails of live streams on request (services.worker.thumbs).
 
 A job runs only under its lease (a Dispatch.Lease call whose claim names the job: one worker per job
 cluster-wide, gone the moment this process is). The worker subscribes to the source like a playback node
@@ -30,6 +31,7 @@ from castmesh.proto.v1.relay_pb2 import StreamEnd
 from services.ingest.lease import DispatchLease, LeaseRefused
 from services.ingest.session import Ingest
 from services.worker.abr import AbrJob
+from services.worker.thumbs import Thumbnails
 
 log = logging.getLogger("castmesh.worker")
 
@@ -62,6 +64,7 @@ class Worker:
         self.jobs: dict[str, RunningJob] = {}
         self.outbox: asyncio.Queue[WorkReport] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
+        self.thumbnails = Thumbnails(self._follow("thumbnail"))
         JOBS.labels("running").set_function(lambda: sum(
             1 for j in self.jobs.values() if j.job.state == Job.STATE_RUNNING))
         JOBS.labels("all").set_function(lambda: len(self.jobs))
@@ -73,6 +76,7 @@ class Worker:
         return NodeLoad(streams=len(self.jobs), subscribers=sum(len(j.work.outputs) for j in self.jobs.values()))
 
     async def close(self) -> None:
+        await self.thumbnails.close()
         if self.task is not None:
             await runtime.cancel_all([self.task])
         for ident in list(self.jobs):
@@ -132,15 +136,16 @@ class Worker:
             return
         lease = DispatchLease(self.dispatch, job.spec.stream, f"{self.node.id}/{job.id}", self.node.address,
                               job=job.id)
-        work = AbrJob(job, self._subscribe(job), self.ingest, self.ffmpeg, self._tell)
+        work = AbrJob(job, self._follow(job.id), self.ingest, self.ffmpeg, self._tell)
         running = self.jobs[job.id] = RunningJob(job, work, lease)
         running.task = asyncio.get_running_loop().create_task(self._run(running))
 
-    def _subscribe(self, job: Job) -> Callable[..., UpstreamSubscription]:
+    def _follow(self, purpose: str) -> Callable[..., UpstreamSubscription]:
+        """How this worker follows a stream (a job's source, a stream to take thumbnails of), as playback does."""
         def subscribe(key: StreamKey, on_header: Callable[[StreamHeader, bool], None],
                       on_frames: Callable[[list[Frame]], None]) -> UpstreamSubscription:
-            return UpstreamSubscription(key, self.locate, self.links, f"{self.node.id}/{job.id}", on_header,
-                                        on_frames, retry_for=RETRY_FOR, span_name="worker.job")
+            return UpstreamSubscription(key, self.locate, self.links, f"{self.node.id}/{purpose}", on_header,
+                                        on_frames, retry_for=RETRY_FOR, span_name=f"worker.{purpose}")
         return subscribe
 
     async def _run(self, running: RunningJob) -> None:

@@ -28,6 +28,12 @@ try {
   const row = page.locator(`tr[data-stream="${stream}"]`);
   await row.waitFor({ timeout: 15000 });
   result.row = await row.innerText();
+  // the row's thumbnail: the stream's latest keyframe as a JPEG, loaded (refreshed renders replace it)
+  await page.waitForFunction((path) => {
+    const img = document.querySelector(`tr[data-stream="${path}"] img.thumb`);
+    return img !== null && img.complete && img.naturalWidth > 0;
+  }, stream, { timeout: 15000 });
+  result.thumb = await row.locator("img.thumb").evaluate((img) => [img.naturalWidth, img.naturalHeight]);
   const sample = () => page.evaluate(() => {
     const v = document.getElementById("video");
     return { t: v.currentTime, width: v.videoWidth, height: v.videoHeight, paused: v.paused,

@@ -9,7 +9,8 @@ import subprocess
 import time
 from typing import Any
 
-from tests.integration.harness import ROOT, Up, http_get, publish, wait_live
+from services.worker.thumbs import REFRESH
+from tests.integration.harness import FFMPEG, ROOT, Up, http_get, publish, wait_live
 
 BROWSER_DIR = ROOT / "tests" / "browser"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -33,9 +34,27 @@ def test_page_lists_streams_and_exposes_them_as_json(suite: Up) -> None:
             time.sleep(0.25)
         assert (entry["video"], entry["audio"], entry["width"], entry["height"]) == ("H.264", "AAC", 640, 360)
         assert entry["fps"] == 30 and 100 < entry["bitrate_kbps"] < 20_000 and entry["publishing"]
+        # its thumbnail (the page shows it in the list): a JPEG of the latest keyframe, 16:9 like the stream,
+        # made again from a later keyframe once the first is REFRESH old
+        first = thumbnail(suite, "listed")
+        time.sleep(REFRESH + 1.5)  # the next keyframe after the refresh time (GOP: 1 s)
+        second = thumbnail(suite, "listed")
+        assert first != second
     finally:
         publisher.kill()
         publisher.wait()
+
+
+def thumbnail(suite: Up, name: str) -> bytes:
+    response = http_get(f"http://127.0.0.1:{suite.http_port}/live/{name}.jpg", timeout=10)
+    body = response.read()
+    assert response.status == 200 and response.getheader("Content-Type") == "image/jpeg", (response.status, body)
+    result = subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "level+info", "-f", "image2pipe", "-i", "-",
+                             "-vf", "showinfo", "-f", "null", "-"], input=body, capture_output=True, timeout=30,
+                            check=False)
+    text = result.stderr.decode(errors="replace")
+    assert "[error]" not in text and " s:640x360 " in text, text  # decodes, with the stream's aspect ratio
+    return body
 
 
 def play_in_chromium(suite: Up, stream: str, shots: str, *protocols: str, page: str = "") -> dict[str, Any]:
@@ -83,4 +102,5 @@ def test_chromium_plays_from_the_page_over_https_flv_websocket_flv_hls_ll_hls_th
     finally:
         publisher.kill()
         publisher.wait()
-    assert seen["row"].split("\t")[:3] == ["live/page", "H.264", "AAC"], seen["row"]
+    assert seen["row"].split("\t")[1:4] == ["live/page", "H.264", "AAC"], seen["row"]
+    assert seen["thumb"] == [320, 240], seen["thumb"]  # the list's thumbnail: the stream's picture, its size

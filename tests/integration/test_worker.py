@@ -152,7 +152,7 @@ def test_ladders_through_the_api_start_list_and_stop(ladder) -> None:  # type: i
         status, answer = _call("POST", f"{api}/streams/studio/desk/abr", {"ladder": "90p:x90:100k"})
         assert status == 201 and answer["job"]["ladder"] == "90p:x90:100k", answer
         wait_live(f"http://127.0.0.1:{ladder.http_port}/studio/desk_90p.flv", timeout=15)
-        sizes, pictures, errors = decoded_sizes(f"http://127.0.0.1:{ladder.http_port}/studio/desk_90p.flv", 1)
+        sizes, _, errors = decoded_sizes(f"http://127.0.0.1:{ladder.http_port}/studio/desk_90p.flv", 1)
         assert sizes == {"160x90"} and not errors, (sizes, errors)
         jobs = {j["stream"]: j for j in json.loads(http_get(f"{api}/jobs").read())["jobs"]}
         assert jobs["desk"]["state"] == "running" and jobs["desk"]["outputs"] == ["desk_90p"], jobs
