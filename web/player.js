@@ -73,10 +73,12 @@ function play(path, kind) {
         if (data.fatal) fail(`hls.js: ${data.type} ${data.details}`);
         else window.report.warnings.push(data.details);
       });
+      hls.on(Hls.Events.MANIFEST_PARSED, () => showLevels(hls));
+      hls.on(Hls.Events.LEVEL_SWITCHED, (_, data) => { window.report.level = data.level; });
       hls.loadSource(url);
       hls.attachMedia(video);
       const stopLatency = showLatency(hls);
-      current = { path, protocol: kind, destroy: () => { stopLatency(); hls.destroy(); } };
+      current = { path, protocol: kind, destroy: () => { stopLatency(); hideLevels(); hls.destroy(); } };
     } else {
       video.src = url;  // Safari plays HLS and LL-HLS natively
       current = { path, protocol: kind, destroy: () => video.removeAttribute("src") };
@@ -148,6 +150,19 @@ function whep(path, endpoint) {
   })().catch((e) => fail(`WHEP: ${e.message}`));
   return state;
 }
+
+// A stream with an ABR ladder: its renditions (the multivariant playlist's), to pick one or let hls.js choose.
+const quality = document.getElementById("quality");
+function showLevels(hls) {
+  const levels = hls.levels.map((level, index) => ({ index, level }));
+  const auto = new Option("auto", "-1", true, true);
+  quality.replaceChildren(auto, ...levels.map(({ index, level }) =>
+    new Option(`${level.height}p${level.bitrate ? ` (${Math.round(level.bitrate / 1000)} kb/s)` : ""}`, String(index))));
+  quality.onchange = () => { hls.currentLevel = Number(quality.value); };
+  quality.parentElement.hidden = levels.length < 2;
+  window.report.levels = hls.levels.map((level) => [level.width, level.height]);
+}
+function hideLevels() { quality.parentElement.hidden = true; }
 
 function cell(text) {
   const td = document.createElement("td");

@@ -186,3 +186,20 @@ def _call(method: str, url: str, body: object = None) -> tuple[int, dict]:  # ty
     response = conn.getresponse()
     data = response.read()
     return response.status, json.loads(data) if data else {}
+
+
+def test_chromium_plays_the_ladder_with_hls_js_and_switches_rendition(ladder) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from tests.integration.harness import ROOT
+
+    result = subprocess.run(["node", str(ROOT / "tests" / "browser" / "abr.mjs"),
+                             f"http://127.0.0.1:{ladder.http_port}/", "live/cam"],
+                            capture_output=True, text=True, timeout=150, check=False)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["consoleErrors"] == [] and seen["errors"] == [], seen
+    assert sorted(map(tuple, seen["levels"])) == [(160, 90), (320, 180), (320, 180)], seen  # source, 180p, 90p
+    assert seen["menu"][0] == "auto" and len(seen["menu"]) == 4, seen
+    for switch in seen["switches"]:  # lowest, then highest: the picture changes size and plays on
+        assert switch["switched"] and switch["size"] == switch["wanted"] and switch["played"] > 0.8, seen
