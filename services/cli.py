@@ -37,7 +37,7 @@ from castmesh.mesh.config import ConfigError, Option
 from castmesh.mesh.consul import ConsulNodes, ConsulRegistry
 from castmesh.mesh.consul import client_from_env as consul_client
 from castmesh.mesh.hooks import Hooks
-from castmesh.mesh.jobs import parse_rules
+from castmesh.mesh.jobs import LadderError, parse_rules
 from castmesh.mesh.registry import DispatchRegistry, Registry
 from castmesh.mesh.subscription import Locate, dispatch_upstream, fixed_upstream
 from castmesh.mesh.tls import serve_tls, tls_context
@@ -202,7 +202,10 @@ WHIP_PORT = Option("--http-port", 0, "HTTP port for WHIP publishers, POST /{app}
                    "deploy/ uses 8081)", config.port)
 
 def _ladder_rules(text: str) -> str:
-    parse_rules(text)  # LadderError (a ValueError) says what is wrong
+    try:
+        parse_rules(text)
+    except LadderError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None  # argparse prints this one's message
     return text
 
 

@@ -39,7 +39,7 @@ class RateMeter:
         return (self.total - base) / elapsed if elapsed > 0.5 else 0.0
 
 
-def describe(cache: GopCache, bytes_per_second: float, pictures_per_second: float = 0.0) -> MediaInfo:
+def describe(cache: GopCache, bytes_per_second: float, measured_frame_rate: float = 0.0) -> MediaInfo:
     info = MediaInfo(bitrate_kbps=round(bytes_per_second * 8 / 1000))
     codecs: list[str] = []
     if cache.video_config is not None:
@@ -74,9 +74,8 @@ def describe(cache: GopCache, bytes_per_second: float, pictures_per_second: floa
             info.video_codec = _FLV_VIDEO_CODECS.get(_number(meta.get("videocodecid")), "")
         if not info.audio_codec and cache.has_audio:
             info.audio_codec = _FLV_AUDIO_CODECS.get(_number(meta.get("audiocodecid")), "")
-    measured = frame_rate(pictures_per_second)
-    if measured:
-        info.frame_rate = measured
+    if measured_frame_rate:
+        info.frame_rate = measured_frame_rate
     info.codecs = ",".join(c for c in codecs if c)
     return info
 
@@ -94,19 +93,28 @@ class PictureRate:
         self.times.append(timestamp)
 
     def rate(self) -> float:
+        """The frame rate (frame_rate's choice of the measured one); 0 before there are 10 pictures."""
         times = self.times
         if len(times) < 10 or times[-1] == times[0]:
             return 0.0
-        return (len(times) - 1) * 1000 / (times[-1] - times[0])
+        span = times[-1] - times[0]
+        return frame_rate((len(times) - 1) * 1000 / span, ntsc=span >= NTSC_SPAN_MS)
 
 
-COMMON_RATES = (10.0, 12.0, 12.5, 15.0, 20.0, 23.976, 24.0, 25.0, 29.97, 30.0, 48.0, 50.0, 59.94, 60.0, 120.0)
+COMMON_RATES = (10.0, 12.0, 12.5, 15.0, 20.0, 24.0, 25.0, 30.0, 48.0, 50.0, 60.0, 120.0)
+NTSC_RATES = (23.976, 29.97, 59.94)
+NTSC_SPAN_MS = 2000
 
 
-def frame_rate(pictures_per_second: float) -> float:
-    """A measured picture rate as a stream's frame rate: the common rate within 2% of it, else itself."""
+def frame_rate(pictures_per_second: float, ntsc: bool = True) -> float:
+    """A measured picture rate as a stream's frame rate: an NTSC rate when it is that close and `ntsc` (the
+    measure spans NTSC_SPAN_MS: millisecond timestamps then tell 29.97 from 30, 0.1% apart, to within
+    0.05%), else the common rate within 2% of it, else itself."""
     if pictures_per_second <= 0:
         return 0.0
+    for rate in NTSC_RATES if ntsc else ():
+        if abs(pictures_per_second - rate) <= 0.0003 * rate:
+            return rate
     near = min(COMMON_RATES, key=lambda rate: abs(rate - pictures_per_second))
     return near if abs(near - pictures_per_second) <= 0.02 * near else round(pictures_per_second, 3)
 

@@ -101,7 +101,7 @@ def resolve(args: argparse.Namespace, options: Iterable[Option],
         if value is None and opt.env in env:
             try:
                 value = opt.type(env[opt.env])
-            except ValueError as exc:
+            except (ValueError, argparse.ArgumentTypeError) as exc:
                 raise ConfigError(f"{opt.env}={env[opt.env]!r}: {exc}") from exc
         values[opt.dest] = opt.default if value is None else value
     return values

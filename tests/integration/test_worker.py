@@ -1,25 +1,28 @@
 """ABR ladders made by the worker in `castmesh up`: ffmpeg publishes a 320x180 stream, the rule for its app
-makes a 180p and a 90p (15 fps) rendition. Each rendition decodes at its size, keyframes fall at the same
-timestamps in every rendition and the source, and the multivariant playlist lists them with their
-attributes; LL-HLS media playlists carry rendition reports."""
+makes a 180p and a 90p (15 fps) rendition (and skips a 720p one: a ladder never upscales). Each rendition
+decodes at its size, keyframes fall at the same timestamps in every rendition and the source, and the
+multivariant playlist lists them with their attributes; LL-HLS media playlists carry rendition reports;
+hls.js plays the ladder and switches rendition. Ladders through the API; bad input: a rule that cannot be
+met, a source that changes its picture size, a source without video."""
 
 from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 
 import pytest
 
 from tests.integration.harness import FFMPEG, http_get, publish, start_up, wait_live, watch_in_background
 
-LADDER = "live=180p:x180:300k,90p:x90:150k:15"
+LADDER = "live=720p:x720:2000k,180p:x180:300k,90p:x90:150k:15"  # 720p: above the source, skipped
 
 
 @pytest.fixture(scope="module")
 def ladder(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     up = start_up(tmp_path_factory.mktemp("worker"), "--abr", LADDER)
-    source = publish(up.rtmp("cam"), 30, size="320x180", gop=30)
+    source = publish(up.rtmp("cam"), 90, size="320x180", gop=30)
     try:
         for name in ("cam", "cam_180p", "cam_90p"):
             wait_live(up.flv(name), timeout=20)
@@ -112,7 +115,7 @@ def test_multivariant_playlist_lists_the_source_and_renditions(ladder) -> None: 
 def _decode_hls(url: str) -> tuple[dict[int, int], str]:
     from tests.integration.harness import decode
 
-    return decode(url, seconds=2)
+    return decode(url, seconds=1)
 
 
 def test_llhls_playlists_carry_rendition_reports(ladder) -> None:  # type: ignore[no-untyped-def]
@@ -203,3 +206,78 @@ def test_chromium_plays_the_ladder_with_hls_js_and_switches_rendition(ladder) ->
     assert seen["menu"][0] == "auto" and len(seen["menu"]) == 4, seen
     for switch in seen["switches"]:  # lowest, then highest: the picture changes size and plays on
         assert switch["switched"] and switch["size"] == switch["wanted"] and switch["played"] > 0.8, seen
+
+
+def test_bad_input_rules_sources_that_change_size_and_sources_without_video(ladder, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+    import json
+    import threading
+
+    from castmesh.media.flv import FlvReader
+    from castmesh.mesh.rtmp_client import RtmpClient
+    from tests.integration.harness import ROOT
+
+    # a rule that cannot be met is refused at start, with the reason
+    checked = subprocess.run([sys.executable, "-m", "services.cli", "serve", "dispatch", "--check-config", "--abr",
+                              "live=90p:x90:100k:vp9"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert checked.returncode != 0 and "codec 'vp9' is not one a worker encodes" in checked.stderr, checked.stderr
+    # the rendition above the source was skipped, and the job says so
+    jobs = {j["stream"]: j for j in json.loads(http_get(
+        f"http://127.0.0.1:{ladder.http_port}/api/v1/jobs").read())["jobs"]}
+    assert "skipped 720p: 720 lines is above the source's 320x180" in jobs["cam"]["detail"], jobs["cam"]
+    assert jobs["cam"]["outputs"] == ["cam_180p", "cam_90p"] and http_get(ladder.flv("cam_720p")).status == 404
+
+    # a source whose picture goes from 16:9 to 4:3 mid-stream: the ladder's child is replaced at the first
+    # keyframe of the new size, and the 90p rendition follows the new aspect ratio, on the same stream
+    clips = []
+    for size, seconds in (("320x180", 5), ("240x180", 7)):
+        path = tmp_path / f"{size}.flv"
+        subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+                        f"testsrc2=size={size}:rate=30:duration={seconds}", "-f", "lavfi", "-i",
+                        f"sine=frequency=440:sample_rate=44100:duration={seconds}", "-c:v", "libx264", "-preset",
+                        "veryfast", "-g", "30", "-pix_fmt", "yuv420p", "-c:a", "aac", "-f", "flv", str(path)],
+                       check=True, timeout=60)
+        clips.append(FlvReader().feed(path.read_bytes()))
+
+    async def send() -> None:
+        client = await RtmpClient.open("127.0.0.1", ladder.rtmp_port, "live", "resize")
+        start, offset = time.monotonic(), 0
+        for tags in clips:
+            for tag in tags:
+                delay = (offset + tag.timestamp) / 1000 - (time.monotonic() - start)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                client.send_media(tag.kind, offset + tag.timestamp, tag.payload)
+            offset += tags[-1].timestamp + 33
+        await client.drain()
+        await client.close()
+
+    sender = threading.Thread(target=asyncio.run, args=(send(),))
+    sender.start()
+    try:
+        wait_live(ladder.flv("resize_90p"), timeout=15)
+        sizes, pictures, errors = decoded_sizes(ladder.flv("resize_90p"), seconds=8)
+        assert sizes == {"160x90", "120x90"} and pictures > 60 and not errors, (sizes, pictures, errors)
+    finally:
+        sender.join(30)
+    assert "why=\"new codec configuration\"" in ladder.process.log()
+
+    # a source without video: the job waits and says why; its thumbnail is a clear 404
+    tone = publish(ladder.rtmp("radio"), 12, video=None)
+    try:
+        wait_live(ladder.flv("radio"))
+        deadline = time.monotonic() + 10
+        while True:
+            jobs = {j["stream"]: j for j in json.loads(http_get(
+                f"http://127.0.0.1:{ladder.http_port}/api/v1/jobs").read())["jobs"]}
+            if jobs.get("radio", {}).get("state") == "waiting" or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert jobs["radio"]["state"] == "waiting" and "no video" in jobs["radio"]["detail"], jobs.get("radio")
+        assert http_get(ladder.flv("radio_90p")).status == 404
+        picture = http_get(f"http://127.0.0.1:{ladder.http_port}/live/radio.jpg", timeout=15)
+        assert picture.status == 404 and b"no video" in picture.read()
+        assert http_get(ladder.flv("cam_90p")).status == 200  # the others play on
+    finally:
+        tone.kill()
+        tone.wait()

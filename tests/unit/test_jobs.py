@@ -154,3 +154,18 @@ def test_api_jobs_need_a_live_source() -> None:
     published(board, "live", "cam")
     assert board.add(spec)[0] and board.add(spec)[1] == "running already"
     assert board.remove("abr:__defaultVhost__/live/cam", "stopped") and board.all() == []
+
+
+def test_frame_rates_measured_from_millisecond_timestamps() -> None:
+    from castmesh.media.describe import PictureRate
+
+    for fps, expected in ((30, 30.0), (30000 / 1001, 29.97), (15, 15.0), (25, 25.0), (7.3, 7.3)):
+        for frames in (12, 90):  # a short window (a stream's first half second) and a full one
+            meter = PictureRate()
+            for i in range(frames):
+                meter.add(round(1000 * i / fps))
+            got = meter.rate()
+            if fps == 7.3:  # no common rate: what was measured, to the timestamps' precision
+                assert abs(got - expected) < 0.01, (fps, frames, got)
+            else:  # a short window cannot tell 29.97 from 30
+                assert got == expected or (frames == 12 and fps == 30000 / 1001 and got == 30.0), (fps, frames, got)
