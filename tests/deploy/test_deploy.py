@@ -19,8 +19,8 @@ import yaml
 from tests.integration.harness import ROOT, Castmesh, free_port
 
 DEPLOY = ROOT / "deploy"
-CASTMESH = ["dispatch", "relay-origin", "relay-edge", "ingest", "playback", "gateway"]
-SCALED = ["playback", "relay-edge"]
+CASTMESH = ["dispatch", "relay-origin", "relay-edge", "ingest", "playback", "gateway", "worker"]
+SCALED = ["playback", "relay-edge", "worker"]
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +215,26 @@ def test_srt_players_reach_playback_in_compose_and_kubernetes(
     assert {"name": "srt", "port": 8891, "targetPort": "srt", "protocol": "UDP"} in service
     expose = re.search(r"^EXPOSE (.+)$", (DEPLOY / "Dockerfile").read_text(), re.M)
     assert expose and {"8890/udp", "8891/udp"} <= set(expose[1].split())
+
+
+def test_workers_scale_on_their_own_in_compose_and_on_cpu_in_kubernetes(
+        compose: dict[str, Any], kubernetes: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Workers: a scalable compose service (no host port), a Deployment whose replicas a HorizontalPodAutoscaler
+    sets on CPU, thumbnails on their HTTP port; dispatch reads the ladder rules from CASTMESH_ABR."""
+    worker = compose["services"]["worker"]
+    resolved = check_config(worker["command"], environment(worker))
+    assert resolved["http_port"] == 8092 and resolved["max_jobs"] == 4 and "ports" not in worker
+    dispatch = compose["services"]["dispatch"]
+    rules = check_config(dispatch["command"], {**environment(dispatch), "CASTMESH_ABR": "live=180p:x180:300k"})
+    assert rules["abr"] == "live=180p:x180:300k"
+    hpa = kubernetes[("HorizontalPodAutoscaler", "worker")]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "worker"}
+    assert hpa["metrics"] == [{"type": "Resource", "resource": {
+        "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}]
+    assert 1 <= hpa["minReplicas"] < hpa["maxReplicas"]
+    container = kubernetes[("Deployment", "worker")]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["requests"]["cpu"]  # utilization is measured against the request
+    assert check_config(container["args"], k8s_environment(kubernetes, container))["http_port"] == 8092
+    assert {"name": "http", "containerPort": 8092} in container["ports"]
+    expose = re.search(r"^EXPOSE (.+)$", (DEPLOY / "Dockerfile").read_text(), re.M)
+    assert expose and "8092" in expose[1].split()
