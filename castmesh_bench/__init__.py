@@ -9,9 +9,10 @@ from castmesh.mesh import runtime
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
-    from castmesh_bench import cluster, fanout, ingest, llhls, relay, webrtc
+    from castmesh_bench import cluster, fanout, ingest, llhls, relay, webrtc, worker
 
     fanout.add_parser(commands)
+    worker.add_parser(commands)
     ingest.add_parser(commands)
     webrtc.add_parser(commands)
     llhls.add_parser(commands)
@@ -20,8 +21,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from castmesh_bench import cluster, fanout, ingest, llhls, relay, webrtc
+    from castmesh_bench import cluster, fanout, ingest, llhls, relay, webrtc, worker
 
+    if args.bench == "worker":
+        return worker.run(args)
     if args.bench == "fanout":
         return fanout.run(args)
     if args.bench == "ingest":
