@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
+import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import grpc
 from prometheus_client import Gauge
@@ -43,6 +47,15 @@ RETRY_FOR = 10.0  # how long a job looks for its source after losing it, as play
 JOBS = Gauge("castmesh_worker_jobs", "Jobs this worker runs", ["state"])
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds a live process has used (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class RunningJob:
     def __init__(self, job: Job, work: AbrJob, lease: DispatchLease) -> None:
         self.job = job
@@ -65,6 +78,7 @@ class Worker:
         self.outbox: asyncio.Queue[WorkReport] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
         self.thumbnails = Thumbnails(self._follow("thumbnail"))
+        self.cpu_seen = (time.monotonic(), self._cpu())
         JOBS.labels("running").set_function(lambda: sum(
             1 for j in self.jobs.values() if j.job.state == Job.STATE_RUNNING))
         JOBS.labels("all").set_function(lambda: len(self.jobs))
@@ -73,7 +87,23 @@ class Worker:
         self.task = asyncio.get_running_loop().create_task(self._hold())
 
     def load(self) -> NodeLoad:
-        return NodeLoad(streams=len(self.jobs), subscribers=sum(len(j.work.outputs) for j in self.jobs.values()))
+        """Jobs, renditions published, and the CPU this worker and its children used since the last report
+        (a fraction of one core: dispatch places jobs on the least loaded worker)."""
+        now, spent = time.monotonic(), self._cpu()
+        cpu = max(0.0, spent - self.cpu_seen[1]) / max(1e-3, now - self.cpu_seen[0])
+        self.cpu_seen = (now, spent)
+        return NodeLoad(streams=len(self.jobs), subscribers=sum(len(j.work.outputs) for j in self.jobs.values()),
+                        cpu=round(cpu, 3))
+
+    def _cpu(self) -> float:
+        """CPU seconds of this process, its children that ended, and its live ffmpeg children."""
+        own, ended = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        total = own.ru_utime + own.ru_stime + ended.ru_utime + ended.ru_stime
+        for running in self.jobs.values():
+            transcoder = running.work.transcoder
+            if transcoder is not None and transcoder.process is not None and transcoder.process.returncode is None:
+                total += process_cpu(transcoder.process.pid)
+        return total
 
     async def close(self) -> None:
         await self.thumbnails.close()

@@ -71,7 +71,10 @@ class Cluster:
                                 *extra])
 
     def worker(self, name: str = "worker", extra: list[str] | None = None) -> None:
-        self.start(name, ["serve", "worker", "--host", "127.0.0.1", "--dispatch", self.dispatch, *(extra or [])])
+        """A worker; no thumbnail port unless `extra` gives one (workers on one machine would share 8092)."""
+        extra = extra or []
+        http = [] if "--http-port" in extra else ["--http-port", "0"]
+        self.start(name, ["serve", "worker", "--host", "127.0.0.1", "--dispatch", self.dispatch, *http, *extra])
 
     def jobs(self) -> list[Job]:
         with grpc.insecure_channel(self.dispatch) as chan:

@@ -35,10 +35,10 @@ def test_a_killed_workers_job_moves_and_its_viewers_stay(cluster: Cluster) -> No
     cluster.worker("worker-a")
     cluster.worker("worker-b")
     cluster.wait_registered()
-    publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/cam", RAN + 26, size="320x180", fps=30, gop=30)
+    publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/cam", RAN + 21, size="320x180", fps=30, gop=30)
     url = f"http://127.0.0.1:{http}/live/cam_90p.flv"
     wait_live(url, timeout=20)
-    seen, viewer = watch_in_background(url, RAN + 22)
+    seen, viewer = watch_in_background(url, RAN + 17)
     time.sleep(RAN)
     first = runner(cluster)
     cluster.kill9(first)
@@ -62,4 +62,4 @@ def test_a_killed_workers_job_moves_and_its_viewers_stay(cluster: Cluster) -> No
     assert_monotonic(seen.tags)
     counts, errors = decode_seen(seen)
     assert errors == "", errors
-    assert counts.get(0, 0) > 30 * (RAN + 10), counts  # pictures all along, the takeovers' gaps aside
+    assert counts.get(0, 0) > 30 * (RAN + 6), counts  # pictures all along, the takeovers' gaps aside

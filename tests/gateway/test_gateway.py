@@ -33,6 +33,11 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c.stop()
 
 
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any) -> None:  # the 302 itself is what is looked at
+        return None
+
+
 def get(url: str) -> tuple[int, str, Any]:
     try:
         with urllib.request.urlopen(url, timeout=10) as answer:
@@ -46,6 +51,8 @@ def test_ffmpeg_follows_the_redirect_and_listings_show_the_viewer(cluster: Clust
     rtmp = cluster.ingest()
     http = cluster.playback("playback-a")
     cluster.playback("playback-b")
+    worker_http = free_port()
+    cluster.worker("worker", ["--http-port", str(worker_http)])
     gateway = cluster.gateway()
     cluster.wait_registered()
     base = f"http://127.0.0.1:{gateway}"
@@ -58,6 +65,14 @@ def test_ffmpeg_follows_the_redirect_and_listings_show_the_viewer(cluster: Clust
         assert errors == "" and counts.get(0, 0) >= 100 and counts.get(1, 0) > 100
         counts, errors = decode(f"{base}/live/gw.m3u8", timeout=40, seconds=4)  # and for HLS
         assert errors == "" and counts.get(0, 0) >= 100
+        # the thumbnail: a 302 to the worker that makes it, and from a playback node, passed on from there
+        with pytest.raises(urllib.error.HTTPError) as redirect:  # not followed: raised as it is
+            urllib.request.build_opener(NoRedirect).open(f"{base}/live/gw.jpg", timeout=10)
+        location = f"http://127.0.0.1:{worker_http}/live/gw.jpg"
+        assert redirect.value.code == 302 and redirect.value.headers["Location"] == location
+        for url in (f"{base}/live/gw.jpg", f"http://127.0.0.1:{http}/live/gw.jpg"):
+            with urllib.request.urlopen(url, timeout=15) as picture:
+                assert picture.headers["Content-Type"] == "image/jpeg" and picture.read(3) == b"\xff\xd8\xff"
 
         placed = get(f"{base}/api/v1/streams/live/gw/play")[2]  # what a client app asks
         seen, viewer = watch_in_background(placed["url"], 6)
@@ -80,7 +95,7 @@ def test_ffmpeg_follows_the_redirect_and_listings_show_the_viewer(cluster: Clust
         publisher.wait()
     status, _, nodes = get(f"{base}/api/v1/nodes")
     assert status == 200 and sorted(n["role"] for n in nodes["nodes"]) == ["gateway", "ingest", "origin",
-                                                                          "playback", "playback"]
+                                                                          "playback", "playback", "worker"]
     assert get(f"{base}/healthz")[0] == 200
 
 
