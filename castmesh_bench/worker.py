@@ -73,10 +73,10 @@ def plain(clip: Path, seconds: float) -> float:
     ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
     args = ffmpeg_args(ffmpeg, planned(), True, [0, 0])
     at = args.index("pipe:0")
-    args[at - 3:at + 1] = ["-t", str(seconds), "-re", "-f", "flv", "-i", str(clip)]  # the clip, not a pipe
+    args[at - 3:at + 1] = ["-y", "-t", str(seconds), "-re", "-f", "flv", "-i", str(clip)]  # the clip, not a pipe
     args = [a if not a.startswith("pipe:") else "/dev/null" for a in args]
     before = os.times()
-    subprocess.run(args, check=True, stdin=subprocess.DEVNULL)
+    subprocess.run(args, check=True, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     after = os.times()
     return (after.children_user - before.children_user + after.children_system - before.children_system) / seconds
 
@@ -96,7 +96,8 @@ def castmesh(clip: Path, seconds: float) -> tuple[float, float]:
         procs.append(worker)
         publisher = subprocess.Popen([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-re",
                                       "-i", str(clip), "-t", str(seconds + 12), "-c", "copy", "-f", "flv",
-                                      f"rtmp://{HOST}:{rtmp}/bench/s0"], stdin=subprocess.DEVNULL)
+                                      f"rtmp://{HOST}:{rtmp}/bench/s0"], stdin=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
         procs.append(publisher)
         time.sleep(6)  # the job placed, its child started, its renditions published and past their first GOPs
         own, child = cpu_seconds(worker.pid), children_cpu(worker.pid)
@@ -122,7 +123,7 @@ def thumbnails(clip: Path, seconds: float, streams: int) -> dict[str, float]:
             procs.append(subprocess.Popen(
                 [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-re", "-i", str(clip),
                  "-t", str(seconds + 15), "-c", "copy", "-f", "flv", f"rtmp://{HOST}:{rtmp}/thumbs/s{i}"],
-                stdin=subprocess.DEVNULL))
+                stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(3)
 
         def ask_all() -> None:

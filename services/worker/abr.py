@@ -25,6 +25,8 @@ MAX_BEHIND bytes of FLV; past that its input skips to the next keyframe (counted
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 from collections import deque
@@ -52,7 +54,10 @@ PUBLISH_TRIES = 10  # a rendition's publish asked for again while its stream is 
 PUBLISH_RETRY = 0.5
 MAX_BEHIND = 8 << 20  # bytes of FLV the child may have unread before its input skips to a keyframe
 STDERR_LINES = 20  # the child's last lines kept for the job's error
-READ = 1 << 16
+READ = 1 << 20
+READ_EVERY = 0.04  # seconds between reads of the child's outputs: at most this much latency added
+PIPE_SIZE = 1 << 20  # bytes an output pipe holds (Linux's default is 64 KiB)
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 SKIPS = Counter("castmesh_worker_input_skips", "Times a transcoder fell MAX_BEHIND behind its source and skipped "
                 "to the next keyframe")
@@ -159,7 +164,6 @@ class Transcoder:
         self.queued_size = 0
         self.skipping = False
         self.closed = False
-        self.readers = len(planned)
         self.drained = asyncio.Event()  # every output read to its end
         self.feed(configs)
 
@@ -171,6 +175,8 @@ class Transcoder:
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
                 pass_fds=[w for _, w in pipes])
         except OSError:
+            for r, _ in pipes:
+                os.close(r)
             self.drained.set()
             raise
         finally:
@@ -178,8 +184,7 @@ class Transcoder:
                 os.close(w)
         TRANSCODERS.inc()
         loop = asyncio.get_running_loop()
-        self.tasks = [loop.create_task(self._read(i, r)) for i, (r, _) in enumerate(pipes)]
-        self.tasks.append(loop.create_task(self._errors()))
+        self.tasks = [loop.create_task(self._read([r for r, _ in pipes])), loop.create_task(self._errors())]
         self.tasks.append(loop.create_task(self._wait()))
         queued, self.queued = self.queued, []
         self._write(b"".join(queued))
@@ -212,25 +217,44 @@ class Transcoder:
         elif self.process.stdin is not None and not self.process.stdin.is_closing():
             self.process.stdin.write(data)
 
-    async def _read(self, index: int, fd: int) -> None:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=READ)
-        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                                    os.fdopen(fd, "rb", buffering=0))
-        parser = flv.FlvReader()
+    async def _read(self, fds: list[int]) -> None:
+        """Every READ_EVERY, what each output pipe holds. ffmpeg writes each packet as it is muxed (a few
+        hundred writes a second for a ladder); reading them as they come woke the loop for each, which cost
+        the worker more than the rest of the job's Python together (docs/BENCHMARKS.md, bench worker)."""
+        for fd in fds:
+            os.set_blocking(fd, False)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)  # room for READ_EVERY of a high bitrate
+        parsers = {i: flv.FlvReader() for i in range(len(fds))}
         try:
             if self.after is not None:
                 await self.after.drained.wait()
-            while chunk := await reader.read(READ):
+            while parsers:
+                for index, parser in list(parsers.items()):
+                    if not self._drain(fds[index], index, parser):
+                        del parsers[index]
+                if parsers:
+                    await asyncio.sleep(READ_EVERY)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            self.drained.set()
+
+    def _drain(self, fd: int, index: int, parser: flv.FlvReader) -> bool:
+        """Hand over the tags of what `fd` holds; False at its end (or if what it holds is not FLV)."""
+        while True:
+            try:
+                chunk = os.read(fd, READ)
+            except BlockingIOError:
+                return True
+            if not chunk:
+                return False
+            try:
                 for tag in parser.feed(chunk):
                     self.on_tag(index, tag)
-        except flv.FlvError as exc:
-            self.stderr.append(f"rendition {index}: {exc}")
-        finally:
-            transport.close()
-            self.readers -= 1
-            if self.readers <= 0:
-                self.drained.set()
+            except flv.FlvError as exc:
+                self.stderr.append(f"rendition {index}: {exc}")
+                return False
 
     async def _errors(self) -> None:
         assert self.process is not None and self.process.stderr is not None
