@@ -46,14 +46,14 @@ def thumbnail(config_payload: bytes, keyframe_payload: bytes, max_width: int = M
     if not frames:
         raise ThumbnailError("the keyframe decoded to no picture")
     picture = frames[0]
-    width = min(max_width, picture.width) // 2 * 2
+    width = max(2, min(max_width, picture.width) // 2 * 2)
     height = max(2, round(picture.height * width / picture.width / 2) * 2)
     encoder = cast("VideoCodecContext", av.CodecContext.create("mjpeg", "w"))
     encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuvj420p"
     encoder.time_base = Fraction(1, 25)
-    scaled = picture.reformat(width, height, "yuvj420p")
     try:
+        scaled = picture.reformat(width, height, "yuvj420p")
         data = b"".join(bytes(p) for p in encoder.encode(scaled) + encoder.encode(None))
-    except av.error.FFmpegError as exc:
+    except (av.error.FFmpegError, ValueError) as exc:
         raise ThumbnailError(f"JPEG encoding failed: {exc}") from None
     return data, width, height

@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from castmesh.media.frames import stream_path
+from castmesh.media.frames import path_of, stream_path
 from castmesh.mesh.jobs import ABR, Rule, job_id, matching, outputs
 from castmesh.mesh.logs import event
 from castmesh.mesh.retry import Clock
@@ -41,10 +41,15 @@ class WorkerEntry:
     load: NodeLoad = field(default_factory=NodeLoad)
 
     def send(self, order: WorkOrder) -> bool:
+        """Queue an order; a worker that has ORDERS unread has its call ended instead (its next hello says
+        what it runs, and the board sorts that out), so no order is lost unseen."""
         try:
             self.orders.put_nowait(order)
             return True
         except asyncio.QueueFull:
+            while not self.orders.empty():
+                self.orders.get_nowait()
+            self.orders.put_nowait(None)
             return False
 
 
@@ -119,7 +124,7 @@ class JobBoard:
         return [entry.job for entry in self.jobs.values()]
 
     def _outputs_changed(self) -> None:
-        self.made = {f"{e.job.spec.stream.vhost}/{e.job.spec.stream.app}/{name}"
+        self.made = {path_of(e.job.spec.stream.app, name, e.job.spec.stream.vhost)
                      for e in self.jobs.values() for name in e.job.outputs}
 
     # Workers ----------------------------------------------------------------------------------------------
@@ -128,7 +133,10 @@ class JobBoard:
         """A worker's Work call opened: it takes the jobs it already runs that nobody else has (a
         dispatch restart), and is told to stop the others."""
         worker = WorkerEntry(worker_id, capacity)
+        superseded = self.workers.get(worker_id)  # the same worker's old call, not yet seen to end
         self.workers[worker_id] = worker
+        if superseded is not None:
+            self._orphan(superseded, "its worker called again")
         for job in running:
             entry = self.jobs.get(job.id)
             if entry is None and stream_path(job.spec.stream) in self.live:
@@ -144,21 +152,28 @@ class JobBoard:
         return worker
 
     def leave(self, worker: WorkerEntry) -> None:
-        """Its call ended: its jobs are placed again, now."""
-        if self.workers.get(worker.id) is worker:
-            del self.workers[worker.id]
+        """Its call ended: its jobs are placed again, now (unless the worker has called again meanwhile: its
+        new call took them over)."""
+        if self.workers.get(worker.id) is not worker:
+            return
+        del self.workers[worker.id]
+        event(log, "worker.down", worker=worker.id, jobs=len(worker.jobs))
+        self._orphan(worker, "its worker left")
+        self.place()
+
+    def _orphan(self, worker: WorkerEntry, why: str) -> None:
         for ident in worker.jobs:
             entry = self.jobs.get(ident)
             if entry is not None and entry.job.worker == worker.id:
-                entry.job.worker, entry.job.state, entry.job.detail = "", Job.STATE_PENDING, "its worker left"
-        event(log, "worker.down", worker=worker.id, jobs=len(worker.jobs))
+                entry.job.worker, entry.job.state, entry.job.detail = "", Job.STATE_PENDING, why
         worker.jobs.clear()
-        self.place()
 
     def report(self, worker: WorkerEntry, job: Job) -> None:
         """What a worker says became of a job."""
         entry = self.jobs.get(job.id)
-        if entry is None or entry.job.worker != worker.id:
+        if job.state == Job.STATE_FAILED:
+            worker.send(WorkOrder(stop=job.id))  # whatever is left of it there ends: its lease is let go
+        if entry is None or entry.job.worker != worker.id or self.workers.get(worker.id) is not worker:
             if job.state in (Job.STATE_RUNNING, Job.STATE_STARTING, Job.STATE_WAITING):
                 worker.send(WorkOrder(stop=job.id))  # not (or no longer) its job
             return

@@ -78,6 +78,11 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
 
     async def _follow_streams(self) -> None:
         while True:
+            # (again) from a snapshot: a stream that ended while this was cut off is not in it
+            listed = {stream_path(info.stream) for info in await self.directory.streams()}
+            for path, info in list(self.board.live.items()):
+                if path not in listed:
+                    self.board.unpublished(info)
             async for change in self.directory.watch():
                 if change.kind == StreamChange.KIND_UNPUBLISHED:
                     self.board.unpublished(change.stream)

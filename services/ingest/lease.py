@@ -80,6 +80,8 @@ class DispatchLease:
         self.busy = asyncio.Lock()
 
     def _open(self, wait_for_ready: bool = False) -> grpc.aio.StreamStreamCall:
+        if self.released:
+            raise LeaseRefused("the lease was let go")  # a late reclaim never takes it again
         if self.reader is not None:
             self.reader.cancel()
         if self.call is not None:

@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import ssl
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
@@ -80,6 +81,7 @@ log = logging.getLogger("castmesh.playback")
 PROTOCOLS = (HTTP_FLV.protocol, WEBSOCKET_FLV.protocol, "rtmp", HLS_FRAMES.protocol, WEBRTC_FRAMES.protocol, "srt")
 WHEP_METHODS = ("Allow", "POST, DELETE, OPTIONS")
 READS = frozenset(("GET", "HEAD"))
+LADDER_FRESH = 5.0  # seconds a ladder's membership is used before the job listing is asked again
 PLAYLIST_HEADERS = (("Content-Type", "application/vnd.apple.mpegurl"), NO_CACHE)
 
 VIEWERS = Gauge("castmesh_playback_viewers", "Viewers by protocol (HLS: clients that fetched lately)", ["protocol"])
@@ -113,7 +115,7 @@ class Playback:
         self.access = access or AccessLists()
         self.list_streams = list_streams
         self.list_jobs = list_jobs  # the cluster's jobs: which streams have ABR ladders
-        self.ladders: dict[str, Ladder] = {}  # stream path -> the ladder it is in (as last served)
+        self.ladders: dict[str, tuple[Ladder, float]] = {}  # stream path -> its ladder, and when last known
         self.thumbnails: Thumbnails | None = None  # where /{app}/{stream}.jpg comes from (workers)
         self.page = WebPage()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -205,6 +207,21 @@ class Playback:
             session.span = http_span(request, "/{app}/{stream}/hls/{muxer}/{segment}")
             self._hls_file(session, request, match["app"], match["stream"], match["muxer"], match["file"])
 
+    async def _refresh_ladder(self, app: str, name: str) -> None:
+        """The ladders this node knows, as the job listing says now: gone (its job ended), or renewed."""
+        assert self.list_jobs is not None
+        try:
+            ladder = ladder_of(await self.list_jobs(), app, name)
+        except grpc.RpcError:
+            return
+        now = time.monotonic()
+        old = self.ladders.get(path_of(app, name))
+        for _, member in old[0].members if old is not None else ():
+            self.ladders.pop(path_of(app, member), None)
+        if ladder is not None:
+            for _, member in ladder.members:
+                self.ladders[path_of(app, member)] = (ladder, now)
+
     async def _thumbnail(self, session: HttpSession, app: str, name: str) -> None:
         """The stream's latest keyframe as a JPEG, from the worker that makes it (in `up`, this process's)."""
         if self.thumbnails is None:
@@ -292,19 +309,24 @@ class Playback:
                             container: str) -> None:
         """A stream with an ABR ladder: the multivariant playlist; any other: its media playlist."""
         assert self.list_jobs is not None
-        ladder = ladder_of(await self.list_jobs(), app, name)
-        if ladder is None or ladder.source != name or self.list_streams is None:
+        try:
+            ladder = ladder_of(await self.list_jobs(), app, name)
+            streams = await self.list_streams() if ladder is not None and self.list_streams is not None else []
+        except grpc.RpcError:
+            ladder = None  # no listing: the stream's own playlist, as if it had no ladder
+        if ladder is None or ladder.source != name or not streams:
             self._media_playlist(session, request, app, name, container, None)
             return
+        now = time.monotonic()
         for _, member in ladder.members:
-            self.ladders[path_of(app, member)] = ladder
+            self.ladders[path_of(app, member)] = (ladder, now)
         fmt = {"format": container} if container != "auto" else {}
 
         def query(stream: str) -> str:
             signed = self.signer.query(app, stream) if "sign" in request.query else ""
             return "&".join(part for part in (urlencode(fmt), signed) if part)
 
-        found = variants(ladder, await self.list_streams(), query)
+        found = variants(ladder, streams, query)
         session.respond(200, multivariant(found).encode(), PLAYLIST_HEADERS)
 
     def _media_playlist(self, session: HttpSession, request: Request, app: str, name: str, container: str,
@@ -328,9 +350,13 @@ class Playback:
     def _reports(self, app: str, name: str, container: str, query: dict[str, str]) -> Callable[[], bytes] | None:
         """For an LL-HLS media playlist of a ladder's stream: its rendition reports, one per other stream of
         the ladder, whose muxers it starts (a report needs the other rendition's newest segment and part)."""
-        ladder = self.ladders.get(path_of(app, name))
-        if ladder is None:
+        known = self.ladders.get(path_of(app, name))
+        if known is None:
             return None
+        ladder, seen = known
+        if time.monotonic() - seen > LADDER_FRESH:  # ask again (the job may have ended or changed)
+            self.ladders[path_of(app, name)] = (ladder, time.monotonic())
+            self._spawn(self._refresh_ladder(app, name))
         others = [member for _, member in ladder.members if member != name]
         for member in others:
             if (path_of(app, member), container) not in self.muxers:
@@ -341,6 +367,8 @@ class Playback:
             lines = []
             for member in others:
                 muxer = self.muxers.get((path_of(app, member), container))
+                if muxer is not None:
+                    muxer.last_request = time.monotonic()  # reported on: kept going like one asked for
                 if muxer is not None and muxer.segmenter.latest()[0] >= 0:
                     signed = self.signer.query(app, member) if "sign" in query else ""
                     uri = ladder.uri(member, "&".join(p for p in (fmt, signed) if p))

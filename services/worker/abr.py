@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ log = logging.getLogger("castmesh.worker")
 AUDIO_WAIT = 200  # frames (a few seconds) a transcoder waits for the audio configuration a header promised
 PUBLISH_TRIES = 10  # a rendition's publish asked for again while its stream is held (PUBLISH_RETRY apart)
 PUBLISH_RETRY = 0.5
+PUBLISH_BACKOFF = 10.0  # seconds before a rendition refused for good is asked for again (at a keyframe)
 MAX_BEHIND = 8 << 20  # bytes of FLV the child may have unread before its input skips to a keyframe
 STDERR_LINES = 20  # the child's last lines kept for the job's error
 READ = 1 << 20
@@ -174,7 +176,7 @@ class Transcoder:
                 *ffmpeg_args(self.ffmpeg, self.planned, self.has_audio, [w for _, w in pipes]),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
                 pass_fds=[w for _, w in pipes])
-        except OSError:
+        except BaseException:
             for r, _ in pipes:
                 os.close(r)
             self.drained.set()
@@ -183,6 +185,8 @@ class Transcoder:
             for _, w in pipes:
                 os.close(w)
         TRANSCODERS.inc()
+        if self.closed and self.process.stdin is not None:  # closed while it was being started: it ends now
+            self.process.kill()
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(self._read([r for r, _ in pipes])), loop.create_task(self._errors())]
         self.tasks.append(loop.create_task(self._wait()))
@@ -313,6 +317,7 @@ class AbrJob:
         self.switch = ""  # why the next keyframe goes to a new child ("": it does not)
         self.outputs: dict[str, Publish] = {}  # rendition name -> its publish
         self.headers: dict[str, dict[int, Frame]] = {}  # rendition name -> its metadata and codec configurations
+        self.retry_at: dict[str, float] = {}  # rendition name -> when it may be published again after a loss
         self.closed = False
         self.tasks: set[asyncio.Task[None]] = set()
         self.audio_wait = 0  # frames let by before starting, waiting for the audio configuration
@@ -383,6 +388,8 @@ class AbrJob:
         """A new child from this keyframe on (the first, or one for a new configuration or timeline); the
         old one finishes what it has, and its last pictures go out before the new one's first."""
         why, self.switch = self.switch, ""
+        if self.closed:
+            return
         if old is not None:
             RESTARTS.labels(why).inc()
             self._spawn(old.close())
@@ -397,8 +404,10 @@ class AbrJob:
             self._state(Job.STATE_WAITING, "; ".join(skipped))
             return
         configs = [self.configs[k] for k in (DATA, VIDEO, AUDIO) if k in self.configs]
-        transcoder = self.transcoder = Transcoder(self.ffmpeg, self.planned, AUDIO in self.configs, True, configs,
-                                                  self._on_tag, self._on_exit, after=old)
+        plan_now = self.planned  # the old child's tags still go by its own plan while it finishes
+        transcoder = self.transcoder = Transcoder(self.ffmpeg, plan_now, AUDIO in self.configs, True, configs,
+                                                  lambda index, tag: self._on_tag(plan_now, index, tag),
+                                                  self._on_exit, after=old)
         for p in self.planned:
             if p.rendition.name not in self.outputs:
                 self._publish(p.rendition.name)
@@ -411,6 +420,8 @@ class AbrJob:
                     self.transcoder = None
                 self._state(Job.STATE_FAILED, f"cannot start ffmpeg: {exc}")
                 return
+            if self.closed or self.transcoder is not transcoder:
+                return  # the job ended, or the source changed again, while the child was being started
             detail = "; ".join(f"skipped {s}" for s in skipped)
             self._state(Job.STATE_RUNNING, detail, [rendition_name(self.spec.stream.name, p.rendition.name)
                                                     for p in self.planned])
@@ -439,6 +450,8 @@ class AbrJob:
         """Publish a rendition, as any publisher would. A stream still held by the publish of a worker that
         just died (its lease not yet seen to end: in Consul, its session destroyed) is asked for again, a
         few times; each new publish starts with the rendition's headers."""
+        if self.closed:
+            return
         stream = rendition_name(self.spec.stream.name, name)
         request = StreamRequest(self.spec.stream.app, stream, {}, f"job:{self.job.id}", "abr")
         publish = self.publishes.publish(request, pause=lambda paused: None,
@@ -459,6 +472,7 @@ class AbrJob:
                     if not self.closed and name not in self.outputs and name in self._planned_names():
                         self._publish(name, tries - 1)
                     return
+                self.retry_at[name] = time.monotonic() + PUBLISH_BACKOFF  # then at a keyframe (_on_tag)
                 self._state(Job.STATE_RUNNING, f"{stream} not published: {exc.reason}")
 
         self._spawn(start())
@@ -468,17 +482,22 @@ class AbrJob:
 
     def _lost(self, name: str, reason: str) -> None:
         publish = self.outputs.pop(name, None)
+        self.retry_at[name] = time.monotonic() + PUBLISH_RETRY
         if publish is not None:
             event(log, "abr.rendition_lost", job=self.job.id, rendition=name, reason=reason)
 
-    def _on_tag(self, index: int, tag: flv.Tag) -> None:
-        if index >= len(self.planned) or tag.kind not in (AUDIO, VIDEO, DATA):
+    def _on_tag(self, planned: list[Planned], index: int, tag: flv.Tag) -> None:
+        if index >= len(planned) or tag.kind not in (AUDIO, VIDEO, DATA):
             return
-        name = self.planned[index].rendition.name
+        name = planned[index].rendition.name
         frame = make_frame(tag.kind, tag.timestamp, tag.payload)
         if frame.sequence_header or frame.kind == DATA:
             self.headers.setdefault(name, {})[frame.kind] = frame
         publish = self.outputs.get(name)
+        if publish is None and frame.keyframe and not frame.sequence_header and not self.closed \
+                and time.monotonic() >= self.retry_at.get(name, 0.0):
+            self._publish(name)  # lost or refused before: published again from this keyframe
+            publish = self.outputs.get(name)
         if publish is not None:
             publish.push(frame)
 

@@ -140,6 +140,8 @@ class Worker:
                     self._order(order)
             except grpc.aio.AioRpcError as exc:
                 event(log, "work.lost", level=logging.WARNING, worker=self.node.id, error=exc.code().name)
+            except Exception as exc:  # a bug in handling an order must not end the worker's call for good
+                event(log, "work.error", level=logging.ERROR, worker=self.node.id, error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
@@ -181,6 +183,9 @@ class Worker:
     async def _run(self, running: RunningJob) -> None:
         job = running.job
         clean, reason = False, "stopped"
+        loop = asyncio.get_running_loop()
+        work: asyncio.Task[StreamEnd] | None = None
+        keeper: asyncio.Task[str] | None = None
         try:
             refused = await self._claim(running)
             if refused:
@@ -190,24 +195,31 @@ class Worker:
             event(log, "job.start", job=job.id, worker=self.node.id)
             job.state = Job.STATE_STARTING
             self._tell(job)
-            work = asyncio.get_running_loop().create_task(running.work.run())
-            keeper = asyncio.get_running_loop().create_task(self._keep_lease(running))
+            work = loop.create_task(running.work.run())
+            keeper = loop.create_task(self._keep_lease(running))
             done, _ = await asyncio.wait((work, keeper), return_when=asyncio.FIRST_COMPLETED)
             if work in done:
-                end = work.result()
-                clean = end.reason == StreamEnd.REASON_UNPUBLISHED
-                reason = end.detail or StreamEnd.Reason.Name(end.reason)
-                keeper.cancel()
-                job.state, job.detail = (Job.STATE_FAILED, f"the source ended: {reason}")
+                try:
+                    end = work.result()
+                    clean = end.reason == StreamEnd.REASON_UNPUBLISHED
+                    reason = end.detail or StreamEnd.Reason.Name(end.reason)
+                except Exception as exc:  # a bug, not the source: said, and the job stops here
+                    reason = f"the job failed: {type(exc).__name__}: {exc}"
+                    event(log, "job.error", level=logging.ERROR, job=job.id, error=reason)
+                job.state, job.detail = Job.STATE_FAILED, f"the source ended: {reason}"
                 self._tell(job)
             else:
-                reason = keeper.result() if not keeper.cancelled() else "stopped"
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
+                reason = keeper.result()
         except asyncio.CancelledError:
             clean = True
             raise
         finally:
+            # whatever ended the job (a stop order cancels this task), its source, its child and its lease
+            # keeper end with it, before its lease is let go
+            for task in (work, keeper):
+                if task is not None:
+                    task.cancel()
+            await asyncio.gather(*(t for t in (work, keeper) if t is not None), return_exceptions=True)
             running.work.close(clean, reason)
             running.lease.release()
             if self.jobs.get(job.id) is running:
