@@ -8,7 +8,7 @@ ffmpeg, not PyAV in this process: measured (docs/ARCHITECTURE.md, "Media workers
 and a crash in a codec kills the child, not the worker and its other jobs.
 
 The child reads FLV on its stdin (the source's tags as they come) and writes one FLV per rendition on its
-own pipe: decoded once, scaled per rendition (split), each encoded with libx264. Keyframes are aligned
+own pipe (read every READ_EVERY): decoded once, scaled per rendition (split), each encoded with libx264. Keyframes are aligned
 across renditions and with the source: each rendition takes a keyframe exactly where the source has one
 (-force_key_frames source) and nowhere else (no scene-cut or interval keyframes), with the source's
 timestamps (-copyts, a millisecond encoder time base: 1/fps would round them to its grid), and no B-frames
