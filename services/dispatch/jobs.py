@@ -28,6 +28,7 @@ from castmesh.proto.v1.media_pb2 import StreamKey
 log = logging.getLogger("castmesh.dispatch")
 
 RETRY_FAILED = 5.0  # seconds before a job that failed on a worker is placed again
+REJOIN = 10.0  # seconds a job a worker still runs may wait for its source to be listed after a dispatch restart
 AVOID_FAILED = 60.0  # seconds a worker a job failed on is passed over for it while another has room
 ORDERS = 256  # orders a worker may have unread before its call is ended
 
@@ -58,6 +59,9 @@ class JobEntry:
     job: Job
     avoid: dict[str, float] = field(default_factory=dict)  # worker -> until when it is not given the job again
     retry_at: float = 0.0
+    # adopted from a worker before its source was listed again (a dispatch restart): until when the source
+    # may take to be listed before the job is stopped; 0: its source is listed
+    provisional_until: float = 0.0
 
 
 class JobBoard:
@@ -74,6 +78,9 @@ class JobBoard:
     def published(self, info: StreamInfo) -> None:
         path = stream_path(info.stream)
         self.live[path] = info
+        for entry in self.jobs.values():
+            if entry.provisional_until and stream_path(entry.job.spec.stream) == path:
+                entry.provisional_until = 0.0  # its source is back: the adopted job stays
         if path in self.made:
             return
         rule = matching(self.rules, info.stream.app)
@@ -130,8 +137,8 @@ class JobBoard:
     # Workers ----------------------------------------------------------------------------------------------
 
     def join(self, worker_id: str, capacity: int, running: list[Job]) -> WorkerEntry:
-        """A worker's Work call opened: it takes the jobs it already runs that nobody else has (a
-        dispatch restart), and is told to stop the others."""
+        """A worker's Work call opened: it keeps the jobs it already runs that nobody else has (a dispatch
+        restart; one whose source is not listed yet waits REJOIN for it), and is told to stop the others."""
         worker = WorkerEntry(worker_id, capacity)
         superseded = self.workers.get(worker_id)  # the same worker's old call, not yet seen to end
         self.workers[worker_id] = worker
@@ -139,8 +146,10 @@ class JobBoard:
             self._orphan(superseded, "its worker called again")
         for job in running:
             entry = self.jobs.get(job.id)
-            if entry is None and stream_path(job.spec.stream) in self.live:
-                entry = self.jobs[job.id] = JobEntry(Job(id=job.id, spec=job.spec, outputs=job.outputs))
+            if entry is None:  # a restarted dispatch: the worker knows; its source may not be listed yet
+                listed = stream_path(job.spec.stream) in self.live
+                entry = self.jobs[job.id] = JobEntry(Job(id=job.id, spec=job.spec, outputs=job.outputs),
+                                                     provisional_until=0.0 if listed else self.clock() + REJOIN)
                 self._outputs_changed()
             if entry is not None and not entry.job.worker:
                 self._assign(entry, worker, job.state or Job.STATE_RUNNING)
@@ -193,6 +202,8 @@ class JobBoard:
         """Every job without a worker goes to the least loaded worker with room, if there is one. A job that
         failed waits RETRY_FAILED, and goes elsewhere if another worker has room (for AVOID_FAILED)."""
         now = self.clock()
+        for entry in [e for e in self.jobs.values() if e.provisional_until and e.provisional_until < now]:
+            self.remove(entry.job.id, "its source was not listed again after the restart")
         for entry in self.jobs.values():
             if entry.job.worker or entry.retry_at > now:
                 continue

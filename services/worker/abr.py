@@ -8,13 +8,13 @@ ffmpeg, not PyAV in this process: measured (docs/ARCHITECTURE.md, "Media workers
 and a crash in a codec kills the child, not the worker and its other jobs.
 
 The child reads FLV on its stdin (the source's tags as they come) and writes one FLV per rendition on its
-own pipe (read every READ_EVERY): decoded once, scaled per rendition (split), each encoded with libx264. Keyframes are aligned
-across renditions and with the source: each rendition takes a keyframe exactly where the source has one
-(-force_key_frames source) and nowhere else (no scene-cut or interval keyframes), with the source's
-timestamps (-copyts, a millisecond encoder time base: 1/fps would round them to its grid), and no B-frames
-(-tune zerolatency), so a keyframe's DTS is its PTS in every rendition. A lower frame rate drops pictures
-(select) but never a keyframe, and moves none (the fps filter would put them on its own grid). Audio is
-copied, not encoded: the ladder's audio is the source's, once.
+own pipe (read every READ_EVERY): decoded once, scaled per rendition (split), each encoded with libx264.
+Keyframes are aligned across renditions and with the source: each rendition takes a keyframe exactly
+where the source has one (-force_key_frames source) and nowhere else (no scene-cut or interval keyframes),
+with the source's timestamps (-copyts, a millisecond encoder time base: 1/fps would round them to its
+grid), and no B-frames (-tune zerolatency), so a keyframe's DTS is its PTS in every rendition. A lower
+frame rate drops pictures (select) but never a keyframe, and moves none (the fps filter would put them on
+its own grid). Audio is copied, not encoded: the ladder's audio is the source's, once.
 
 The job restarts its child when the source's codec configuration changes (a new size) or a new publish
 session starts a new timeline; renditions whose height is above the source's are skipped (never upscaled)

@@ -169,3 +169,19 @@ def test_frame_rates_measured_from_millisecond_timestamps() -> None:
                 assert abs(got - expected) < 0.01, (fps, frames, got)
             else:  # a short window cannot tell 29.97 from 30
                 assert got == expected or (frames == 12 and fps == 30000 / 1001 and got == 30.0), (fps, frames, got)
+
+
+def test_after_a_dispatch_restart_a_worker_keeps_jobs_whose_source_comes_back_in_time() -> None:
+    clock = Clock()
+    board = JobBoard([], clock=clock)  # restarted: nothing listed yet
+    spec = JobSpec(kind="abr", stream=stream_key("live", "cam"), renditions=parse_ladder("r:x90:100k"))
+    gone = JobSpec(kind="abr", stream=stream_key("live", "gone"), renditions=parse_ladder("r:x90:100k"))
+    running = [Job(id="abr:__defaultVhost__/live/cam", spec=spec, state=Job.STATE_RUNNING, outputs=["cam_r"]),
+               Job(id="abr:__defaultVhost__/live/gone", spec=gone, state=Job.STATE_RUNNING, outputs=["gone_r"])]
+    worker = board.join("w1", 4, running)
+    assert not orders(worker) and {j.worker for j in board.all()} == {"w1"}  # kept, for now
+    published(board, "live", "cam")  # its ingest claimed it again
+    clock.now += 11
+    board.place()
+    assert orders(worker) == ["stop abr:__defaultVhost__/live/gone"]  # that source never came back
+    assert [j.id for j in board.all()] == ["abr:__defaultVhost__/live/cam"]
