@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from castmesh.media.frames import stream_path
+from castmesh.media.frames import path_of, stream_path
 from castmesh.media.hls import Variant
 from castmesh.proto.v1.dispatch_pb2 import Job
 from castmesh.proto.v1.relay_pb2 import StreamStats
@@ -54,7 +54,7 @@ def variants(ladder: Ladder, streams: list[StreamStats], query: Callable[[str], 
     by_path = {stream_path(s.stream): s for s in streams}
     out = []
     for _, stream in ladder.members:
-        stats = next((s for path, s in by_path.items() if path.endswith(f"/{ladder.app}/{stream}")), None)
+        stats = by_path.get(path_of(ladder.app, stream))
         if stats is None or not stats.publishing:
             continue
         media = stats.media
