@@ -37,7 +37,8 @@ from castmesh.mesh.config import ConfigError, Option
 from castmesh.mesh.consul import ConsulNodes, ConsulRegistry
 from castmesh.mesh.consul import client_from_env as consul_client
 from castmesh.mesh.hooks import Hooks
-from castmesh.mesh.jobs import LadderError, parse_rules
+from castmesh.mesh.jobs import ABR as ABR_KIND
+from castmesh.mesh.jobs import FORWARD, RECORD, JobError, Rule, parse_rules
 from castmesh.mesh.registry import DispatchRegistry, Registry
 from castmesh.mesh.subscription import Locate, dispatch_upstream, fixed_upstream
 from castmesh.mesh.tls import serve_tls, tls_context
@@ -71,11 +72,16 @@ from services.ingest.whip import WhipIngest, whip_app
 from services.playback.forward import Forwarder
 from services.playback.h2 import HTTPS_ALPN, H2Session, by_alpn
 from services.playback.http import HttpSession
+from services.playback.recordings import RecordingRoutes
 from services.playback.server import Playback, PlaybackSettings
 from services.relay import service as relay_service
 from services.relay.service import RelayService
+from services.worker.record import Recordings, RecordSettings
+from services.worker.recordings import LocalRecordings, RemoteRecordings
+from services.worker.recordings import routes as recording_routes
 from services.worker.service import Worker
 from services.worker.thumbs import RemoteThumbnails, thumbnail_app
+from services.worker.upload import Uploader, parse_s3_url
 
 log = logging.getLogger("castmesh")
 
@@ -201,18 +207,43 @@ WEBRTC = [*WEBRTC_ICE, MAX_WEBRTC]
 WHIP_PORT = Option("--http-port", 0, "HTTP port for WHIP publishers, POST /{app}/{stream}/whip (0: none; "
                    "deploy/ uses 8081)", config.port)
 
-def _ladder_rules(text: str) -> str:
-    try:
-        parse_rules(text)
-    except LadderError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None  # argparse prints this one's message
-    return text
+def _rules(kind: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        try:
+            parse_rules(text, kind)
+        except JobError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None  # argparse prints this one's message
+        return text
+    return check
+
+
+def _job_rules(cfg: dict[str, Any]) -> list[Rule]:
+    return [*parse_rules(cfg["abr"], ABR_KIND), *parse_rules(cfg["record"], RECORD),
+            *parse_rules(cfg["forward"], FORWARD)]
 
 
 ABR = Option("--abr", "", "ABR ladder rules: APP_PATTERN=LADDER, several separated by ';'. A ladder is "
              "NAME:SIZE:KBPS[:FPS] renditions separated by ',', e.g. live=360p:x360:800k,180p:x180:300k:15 "
-             "(SIZE WxH or xH; stream S's rendition is S_NAME). Workers run them; empty: none", _ladder_rules)
-MAX_JOBS = Option("--max-jobs", 4, "jobs (ABR ladders) this worker runs at once", config.positive)
+             "(SIZE WxH or xH; stream S's rendition is S_NAME). Workers run them; empty: none", _rules(ABR_KIND))
+RECORD_RULES = Option("--record", "", "recording rules: APP_PATTERN[=SEGMENT_SECONDS], several separated by ';', e.g. "
+                      "'live*;cams=300'. Workers record them; empty: none (the API starts others)", _rules(RECORD))
+FORWARD_RULES = Option("--forward", "", "forwarding rules: APP_PATTERN=URL[ URL...], several separated by ';'; a URL "
+                       "(rtmp://, rtmps://, srt://) may name {app} and {name}, e.g. "
+                       "'live=rtmp://a.example/live/{name}'. Workers push them; empty: none", _rules(FORWARD))
+JOB_RULES = [ABR, RECORD_RULES, FORWARD_RULES]
+MAX_JOBS = Option("--max-jobs", 4, "jobs (ABR ladders, recordings, forwards) this worker runs at once",
+                  config.positive)
+RECORD_DIR = Option("--record-dir", "recordings", "where this worker writes recordings: DIR/APP/STREAM/*.mp4")
+RECORD_SEGMENT = Option("--record-segment", 60, "seconds each recording file lasts, unless a rule says otherwise",
+                        config.positive)
+RECORD_MAX_AGE = Option("--record-max-age", 0.0, "recordings older than this are removed (90m, 12h, 7d; 0: kept)",
+                        config.duration)
+RECORD_MAX_SIZE = Option("--record-max-size", 0, "the oldest recordings are removed past this total (500M, 10G; "
+                         "0: no limit)", config.size)
+RECORD_UPLOAD = Option("--record-upload", "", "upload finished recording files to S3: "
+                       "s3://BUCKET[/PREFIX]?endpoint=URL&region=R&delete=1 (credentials: AWS_* variables)")
+ON_RECORD_SEGMENT = Option("--on-record-segment", "", "URL POSTed when a recording file is finished")
+RECORDING = [RECORD_DIR, RECORD_SEGMENT, RECORD_MAX_AGE, RECORD_MAX_SIZE, RECORD_UPLOAD, ON_RECORD_SEGMENT]
 FFMPEG = Option("--ffmpeg", "", "the ffmpeg binary workers run (default: imageio-ffmpeg's)")
 WORKER_PORT = Option("--grpc-port", 0, "gRPC port for the health service (0: any free port)", config.port)
 WORKER_HTTP_PORT = Option("--http-port", 8092, "HTTP port for thumbnails (/{app}/{stream}.jpg) and /metrics; 0: none",
@@ -225,12 +256,12 @@ PUBLISH_HOOKS = [ON_PUBLISH, ON_UNPUBLISH, HOOK_TIMEOUT_MS]
 PLAY_HOOKS = [ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS]
 UP = [HOST, RTMP_PORT, HTTP_PORT, *TLS, RTMPS_PORT, *SRT, UP_GRPC_PORT, BATCH_MS, MERGE_MS, MAX_LAG_MS, *HLS, *WEBRTC,
       GRACE_MS, SECRET, *LIMITS, PUBLISH_ALLOW, PUBLISH_DENY, PLAY_ALLOW, PLAY_DENY, TRUSTED_PROXIES,
-      HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, ON_PUBLISH, ON_UNPUBLISH, ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS, ABR, MAX_JOBS,
-      FFMPEG, NO_DEMO, *COMMON]
+      HANDSHAKE_TIMEOUT_MS, IDLE_TIMEOUT_MS, ON_PUBLISH, ON_UNPUBLISH, ON_PLAY, ON_STOP, HOOK_TIMEOUT_MS, *JOB_RULES,
+      MAX_JOBS, *RECORDING, FFMPEG, NO_DEMO, *COMMON]
 SERVE = {
-    "dispatch": [HOST, DISPATCH_PORT, GRACE_MS, ABR, METRICS_PORT, REGISTRY, *COMMON],
-    "worker": [HOST, WORKER_PORT, WORKER_HTTP_PORT, DISPATCH, MAX_JOBS, FFMPEG, BATCH_MS, METRICS_PORT, REGISTRY,
-               *COMMON],
+    "dispatch": [HOST, DISPATCH_PORT, GRACE_MS, *JOB_RULES, METRICS_PORT, REGISTRY, *COMMON],
+    "worker": [HOST, WORKER_PORT, WORKER_HTTP_PORT, DISPATCH, MAX_JOBS, *RECORDING, HOOK_TIMEOUT_MS, FFMPEG, BATCH_MS,
+               METRICS_PORT, REGISTRY, *COMMON],
     "relay": [HOST, GRPC_PORT, ROLE, DISPATCH, UPSTREAM, ZONE, ADVERTISE, MAX_LAG_MS, GRACE_MS, METRICS_PORT,
               REGISTRY, *COMMON],
     "ingest": [HOST, RTMP_PORT, TLS_CERT, TLS_KEY, RTMPS_PORT, *SRT, WHIP_PORT, *WEBRTC_ICE, HEALTH_PORT, DISPATCH,
@@ -397,7 +428,7 @@ async def up(cfg: dict[str, Any]) -> int:
     closers: list[Callable[[], Awaitable[None]]] = []
     try:
         dispatch_server, dispatch_port, dispatcher = await dispatch_service.start(
-            "127.0.0.1", 0, InMemoryDirectory(grace), JobBoard(parse_rules(cfg["abr"])))
+            "127.0.0.1", 0, InMemoryDirectory(grace), JobBoard(_job_rules(cfg)))
         closers.append(lambda: dispatch_server.stop(grace=1))
         closers.append(dispatcher.close)
         chan = await _connect(f"127.0.0.1:{dispatch_port}", "dispatch")
@@ -441,9 +472,13 @@ async def up(cfg: dict[str, Any]) -> int:
         _register_playback(wiring, playback, cfg, cfg["rtmp_port"], admin_port)
         worker = _start_worker(cfg, wiring, "worker", admin_port, closers, cfg["http_port"])
         playback.thumbnails = worker.thumbnails  # on the one HTTP port
+        assert worker.recordings is not None
+        recordings = LocalRecordings(worker.recordings, worker.node.id)
+        playback.recordings = RecordingRoutes(recordings)
         # The gateway listens on loopback; the public HTTP port hands it /api/v1/..., /healthz and /docs.
         assert wiring.dispatch is not None
-        gateway = web.AppRunner(Gateway(wiring.dispatch, catalog, signer=signer).app(), access_log=None)
+        gateway = web.AppRunner(Gateway(wiring.dispatch, catalog, signer=signer, recordings=recordings).app(),
+                                access_log=None)
         await gateway.setup()
         gateway_socket = socket.create_server(("127.0.0.1", 0))
         await web.SockSite(gateway, gateway_socket).start()
@@ -522,8 +557,19 @@ def _start_worker(cfg: dict[str, Any], wiring: Wiring, node_id: str, grpc_port: 
     closers.append(ingest.links.close)
     node = Node(id=node_id, role=NODE_ROLE_WORKER, address=_advertise(cfg, grpc_port),
                 meta={"grpc": str(grpc_port), "jobs": str(cfg["max_jobs"]), "http": str(http_port or "")})
+    hooks = _hooks(cfg, "on_record_segment")
+    closers.append(hooks.close)
+    uploader = None
+    if cfg["record_upload"]:
+        uploader = Uploader(parse_s3_url(cfg["record_upload"]), Path(cfg["record_dir"]))
+        uploader.start()
+        closers.append(uploader.close)
+    recordings = Recordings(RecordSettings(Path(cfg["record_dir"]), cfg["record_segment"], cfg["record_max_age"],
+                                           cfg["record_max_size"]), node_id, hooks, uploader)
+    recordings.start()
+    closers.append(recordings.close)
     worker = Worker(wiring.dispatch, node, ingest, wiring.upstream(origin_only=True),
-                    cfg["ffmpeg"] or imageio_ffmpeg.get_ffmpeg_exe(), cfg["max_jobs"])
+                    cfg["ffmpeg"] or imageio_ffmpeg.get_ffmpeg_exe(), cfg["max_jobs"], recordings)
     worker.start()
     closers.append(worker.close)
     wiring.register(node, worker.load)
@@ -606,7 +652,7 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
                 closers.append(nodes.close)
                 directory, source = consul_directory, "in Consul"
             server, port, dispatcher = await dispatch_service.start(cfg["host"], cfg["grpc_port"], directory,
-                                                                    JobBoard(parse_rules(cfg["abr"])))
+                                                                    JobBoard(_job_rules(cfg)))
             closers.append(lambda: server.stop(grace=1))
             closers.append(dispatcher.close)
             if cfg["registry"] == "consul":  # listed in Consul like every service (it has no Register call)
@@ -636,7 +682,10 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             node_id = _node_id("worker", cfg, cfg["http_port"] or health_port)
             worker = _start_worker(cfg, wiring, node_id, health_port, closers, cfg["http_port"])
             if cfg["http_port"]:
-                closers.append(await _serve_app(thumbnail_app(worker.thumbnails), cfg["host"], cfg["http_port"]))
+                app = thumbnail_app(worker.thumbnails)
+                assert worker.recordings is not None
+                recording_routes(app, worker.recordings, node_id)
+                closers.append(await _serve_app(app, cfg["host"], cfg["http_port"]))
             print(f"castmesh worker {node_id} listening for jobs (up to {cfg['max_jobs']}), {_peer_text(cfg)}",
                   flush=True)
         elif service == "ingest":
@@ -673,6 +722,9 @@ async def serve(service: str, cfg: dict[str, Any]) -> int:
             thumbnails = RemoteThumbnails(catalog.workers)  # from the worker that makes them
             closers.append(thumbnails.close)
             playback.thumbnails = thumbnails
+            remote_recordings = RemoteRecordings(catalog.workers)
+            closers.append(remote_recordings.close)
+            playback.recordings = RecordingRoutes(remote_recordings)
             closers.append(_closing(await playback.listen(cfg["host"], cfg["http_port"])))
             if (context := _tls(cfg)) is not None:
                 closers.append(_closing(await playback.listen_tls(cfg["host"], cfg["https_port"], context)))

@@ -180,6 +180,7 @@ class _Open:
     size: int = 0
     parts: list[Part] = field(default_factory=list)
     part_start: int = 0  # ms: where the part being gathered starts
+    taken: int = 0  # parts handed over by take_parts()
 
 
 @dataclass
@@ -196,6 +197,7 @@ class Segmenter:
     dropped_frames: int = 0
     removed_discontinuities: int = 0
     part_ms: int = 0  # low-latency HLS: partial segments of at most this long (fMP4 only); 0: none
+    max_segment_bytes: int = MAX_SEGMENT_BYTES  # (a recorder that takes its parts as they come allows more)
 
     def __post_init__(self) -> None:
         if self.container not in CONTAINERS:
@@ -286,7 +288,7 @@ class Segmenter:
     def _grew(self, size: int) -> None:
         assert self.open is not None
         self.open.size += size
-        if self.open.size > MAX_SEGMENT_BYTES:
+        if self.open.size > self.max_segment_bytes:
             self.open = None
             self.discontinuity = True
 
@@ -406,6 +408,28 @@ class Segmenter:
         if self.container == "auto":
             return "ts" if codec in (None, "avc1") else "fmp4"
         return self.container
+
+    def take_parts(self) -> list[bytes]:
+        """The open segment's parts made since the last call, handed over (a recorder writes them to its
+        file as they come): from then on they are not kept here, and the segment, when it closes, holds
+        only what was not taken."""
+        current = self.open
+        if current is None:
+            return []
+        taken = [part.data for part in current.parts[current.taken:]]
+        for part in current.parts[current.taken:]:
+            part.data = b""
+        current.taken = len(current.parts)
+        return taken
+
+    def finish(self) -> Segment | None:
+        """Close the open segment where its media end (the stream ended), one frame interval after its
+        last frame of the pacing track."""
+        current = self.open
+        if current is None:
+            return None
+        end = self.last_clock + min(self.intervals, default=1) if self.last_clock >= 0 else current.start + 1
+        return self._close(current, max(end, current.start + 1))
 
     # Output ---------------------------------------------------------------------------------------------
 

@@ -68,6 +68,30 @@ def port_range(text: str) -> tuple[int, int] | None:
     return first, last
 
 
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_BYTES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def duration(text: str) -> float:
+    """Seconds: "90", "90s", "15m", "12h" or "7d"."""
+    value = text.strip().lower()
+    scale = _SECONDS.get(value[-1:], 0)
+    number = float(value[:-1] if scale else value)
+    if number < 0:
+        raise ValueError(f"{text!r} is negative")
+    return number * (scale or 1)
+
+
+def size(text: str) -> int:
+    """Bytes: "1000000", "500M", "10G" or "1T" (binary multiples)."""
+    value = text.strip().lower().removesuffix("b").removesuffix("i")
+    scale = _BYTES.get(value[-1:], 0)
+    number = float(value[:-1] if scale else value)
+    if number < 0:
+        raise ValueError(f"{text!r} is negative")
+    return int(number * (scale or 1))
+
+
 def words(text: str) -> tuple[str, ...]:
     """A comma-separated list."""
     return tuple(part.strip() for part in text.split(",") if part.strip())

@@ -4,7 +4,8 @@ castmesh POSTs a JSON body describing the event to the configured URL.
 on_publish and on_play decide: a 2xx answer allows, anything else (another status, no answer within the
 timeout, a refused connection) denies, and the client is told why. on_unpublish and on_stop only inform;
 their answers are not waited for by the session. The body: {"action", "app", "stream", "client_ip",
-"client_id", "node", "protocol", "query"}.
+"client_id", "node", "protocol", "query"}. on_record_segment informs of a recording file finished by a
+worker: {"action", "app", "stream", "node", "path", "start" (ISO 8601), "duration", "bytes", "error"}.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from castmesh.mesh.logs import event
 
 log = logging.getLogger("castmesh.hooks")
 
-ACTIONS = ("on_publish", "on_unpublish", "on_play", "on_stop")
+ACTIONS = ("on_publish", "on_unpublish", "on_play", "on_stop", "on_record_segment")
 
 
 class Hooks:

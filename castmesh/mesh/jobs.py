@@ -1,5 +1,6 @@
-"""Jobs for streams, as dispatch, workers and the gateway all name them: ABR ladders written as text
-(`--abr` rules, the API), job ids, and the streams a job publishes.
+"""Jobs for streams, as dispatch, workers and the gateway all name them: ABR ladders, recordings and
+forwards written as text (`--abr`, `--record` and `--forward` rules, the API), job ids, and the streams a
+job publishes.
 
 A ladder is renditions separated by commas, each NAME:SIZE:BITRATE[:FPS][:CODEC]:
     360p:640x360:800k,180p:x180:300k:15
@@ -7,8 +8,12 @@ SIZE is WIDTHxHEIGHT, or xHEIGHT (the width then follows the source's aspect rat
 in kbit/s (a "k" may follow). FPS is a frame rate cap (default: the source's). CODEC is h264 (the default;
 the only one for now). A rendition of stream S is published as S_NAME.
 
-Rules say which apps get which ladder: APP_PATTERN=LADDER, several separated by ";", the first that
-matches an app (fnmatch: "live", "live*", "*") wins.
+Rules say which apps get which job: several separated by ";", the first of a kind that matches an app
+(fnmatch: "live", "live*", "*") wins.
+    abr:     APP_PATTERN=LADDER
+    record:  APP_PATTERN[=SEGMENT_SECONDS]           live*=300;cams
+    forward: APP_PATTERN=URL[ URL...]                live=rtmp://a.example/live/{name} srt://b:9000?streamid={app}/{name}
+A forward URL may name the stream's {app} and {name}; its scheme is rtmp, rtmps or srt.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from castmesh.media.frames import stream_path
 from castmesh.proto.v1.dispatch_pb2 import JobSpec, Rendition
@@ -26,11 +32,15 @@ MAX_RENDITIONS = 8
 MAX_SIDE = 7680  # pixels: 8K
 MAX_KBPS = 100_000
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,31}$")
-ABR = "abr"
+ABR, RECORD, FORWARD = "abr", "record", "forward"
+KINDS = (ABR, RECORD, FORWARD)
+SEGMENT_SECONDS = (1, 86_400)  # a recording's files last from a second to a day
+MAX_TARGETS = 8
+FORWARD_SCHEMES = ("rtmp", "rtmps", "srt")
 
 
-class LadderError(ValueError):
-    """A ladder or rule that cannot be met: the message says which part and why."""
+class JobError(ValueError):
+    """A job, ladder or rule that cannot be met: the message says which part and why."""
 
 
 def parse_ladder(text: str) -> list[Rendition]:
@@ -40,7 +50,7 @@ def parse_ladder(text: str) -> list[Rendition]:
             continue
         fields = item.split(":")
         if len(fields) < 3 or len(fields) > 5:
-            raise LadderError(f"{item!r}: a rendition is NAME:SIZE:BITRATE[:FPS][:CODEC]")
+            raise JobError(f"{item!r}: a rendition is NAME:SIZE:BITRATE[:FPS][:CODEC]")
         name, size, rate, *rest = fields
         rendition = Rendition(name=name, codec="h264")
         for extra in rest:  # FPS and CODEC, in either order
@@ -50,11 +60,11 @@ def parse_ladder(text: str) -> list[Rendition]:
                 rendition.codec = extra.lower()
         width, _, height = size.lower().partition("x")
         if not height.isdigit() or (width and not width.isdigit()):
-            raise LadderError(f"{item!r}: the size is WIDTHxHEIGHT or xHEIGHT, not {size!r}")
+            raise JobError(f"{item!r}: the size is WIDTHxHEIGHT or xHEIGHT, not {size!r}")
         rendition.width, rendition.height = int(width or 0), int(height)
         kbps = rate.lower().removesuffix("k")
         if not kbps.isdigit():
-            raise LadderError(f"{item!r}: the bitrate is in kbit/s (800 or 800k), not {rate!r}")
+            raise JobError(f"{item!r}: the bitrate is in kbit/s (800 or 800k), not {rate!r}")
         rendition.bitrate_kbps = int(kbps)
         renditions.append(rendition)
     check_ladder(renditions)
@@ -62,28 +72,28 @@ def parse_ladder(text: str) -> list[Rendition]:
 
 
 def check_ladder(renditions: list[Rendition]) -> None:
-    """LadderError unless every rendition can be made: names, sizes, bitrates, frame rates, codecs."""
+    """JobError unless every rendition can be made: names, sizes, bitrates, frame rates, codecs."""
     if not renditions:
-        raise LadderError("a ladder needs at least one rendition")
+        raise JobError("a ladder needs at least one rendition")
     if len(renditions) > MAX_RENDITIONS:
-        raise LadderError(f"a ladder has at most {MAX_RENDITIONS} renditions")
+        raise JobError(f"a ladder has at most {MAX_RENDITIONS} renditions")
     names = set()
     for r in renditions:
         if not NAME.match(r.name):
-            raise LadderError(f"rendition name {r.name!r}: letters, digits, '.' and '-', at most 32")
+            raise JobError(f"rendition name {r.name!r}: letters, digits, '.' and '-', at most 32")
         if r.name in names:
-            raise LadderError(f"rendition name {r.name!r} is given twice")
+            raise JobError(f"rendition name {r.name!r} is given twice")
         names.add(r.name)
         if not 2 <= r.height <= MAX_SIDE or (r.width and not 2 <= r.width <= MAX_SIDE):
-            raise LadderError(f"rendition {r.name}: sides are 2 to {MAX_SIDE} pixels")
+            raise JobError(f"rendition {r.name}: sides are 2 to {MAX_SIDE} pixels")
         if r.height % 2 or r.width % 2:
-            raise LadderError(f"rendition {r.name}: H.264 in 4:2:0 needs even sides, not {r.width}x{r.height}")
+            raise JobError(f"rendition {r.name}: H.264 in 4:2:0 needs even sides, not {r.width}x{r.height}")
         if not 1 <= r.bitrate_kbps <= MAX_KBPS:
-            raise LadderError(f"rendition {r.name}: the bitrate is 1 to {MAX_KBPS} kbit/s")
+            raise JobError(f"rendition {r.name}: the bitrate is 1 to {MAX_KBPS} kbit/s")
         if r.frame_rate and not 1 <= r.frame_rate <= 240:
-            raise LadderError(f"rendition {r.name}: a frame rate is 1 to 240")
+            raise JobError(f"rendition {r.name}: a frame rate is 1 to 240")
         if r.codec not in CODECS:
-            raise LadderError(f"rendition {r.name}: codec {r.codec!r} is not one a worker encodes "
+            raise JobError(f"rendition {r.name}: codec {r.codec!r} is not one a worker encodes "
                               f"({', '.join(CODECS)})")
 
 
@@ -101,26 +111,84 @@ def ladder_text(renditions: list[Rendition]) -> str:
 @dataclass(frozen=True, slots=True)
 class Rule:
     pattern: str
-    renditions: tuple[Rendition, ...]
+    spec: JobSpec  # the job a stream of a matching app gets (its stream filled in then)
 
 
-def parse_rules(text: str) -> list[Rule]:
+def parse_rules(text: str, kind: str = ABR) -> list[Rule]:
     rules = []
     for item in (part.strip() for part in text.split(";")):
         if not item:
             continue
-        pattern, sep, ladder = item.partition("=")
-        if not sep or not pattern.strip():
-            raise LadderError(f"{item!r}: a rule is APP_PATTERN=LADDER")
+        pattern, sep, value = (part.strip() for part in item.partition("="))
+        if not pattern or (kind != RECORD and not sep):
+            raise JobError(f"{item!r}: a rule is APP_PATTERN={'LADDER' if kind == ABR else 'URL[ URL...]'}")
+        spec = JobSpec(kind=kind, source=f"rule:{pattern}")
         try:
-            rules.append(Rule(pattern.strip(), tuple(parse_ladder(ladder))))
-        except LadderError as exc:
-            raise LadderError(f"rule for {pattern.strip()!r}: {exc}") from None
+            if kind == ABR:
+                spec.renditions.extend(parse_ladder(value))
+            elif kind == RECORD:
+                if value and not value.isdigit():
+                    raise JobError(f"the segment length is whole seconds, not {value!r}")
+                spec.segment_seconds = int(value or 0)
+            elif kind == FORWARD:
+                spec.targets.extend(value.split())
+            else:
+                raise JobError(f"no job kind {kind!r} ({', '.join(KINDS)})")
+            check_spec(spec)
+        except JobError as exc:
+            raise JobError(f"rule for {pattern!r}: {exc}") from None
+        rules.append(Rule(pattern, spec))
     return rules
 
 
-def matching(rules: list[Rule], app: str) -> Rule | None:
-    return next((rule for rule in rules if fnmatch.fnmatchcase(app, rule.pattern)), None)
+def check_spec(spec: JobSpec) -> None:
+    """JobError unless a worker can run the job as given."""
+    if spec.kind == ABR:
+        check_ladder(list(spec.renditions))
+    elif spec.kind == RECORD:
+        low, high = SEGMENT_SECONDS
+        if spec.segment_seconds and not low <= spec.segment_seconds <= high:
+            raise JobError(f"a recording's segments last {low} to {high} seconds")
+    elif spec.kind == FORWARD:
+        if not spec.targets:
+            raise JobError("a forward needs at least one URL")
+        if len(spec.targets) > MAX_TARGETS:
+            raise JobError(f"a forward has at most {MAX_TARGETS} URLs")
+        if len(set(spec.targets)) < len(spec.targets):
+            raise JobError("a forward names a URL twice")
+        for url in spec.targets:
+            check_target(url)
+    else:
+        raise JobError(f"no job kind {spec.kind!r} ({', '.join(KINDS)})")
+
+
+def check_target(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError as exc:
+        raise JobError(f"{url!r}: {exc}") from None
+    if parts.scheme not in FORWARD_SCHEMES:
+        raise JobError(f"{url!r}: a forward goes to {', '.join(s + '://' for s in FORWARD_SCHEMES)} URLs")
+    if not parts.hostname:
+        raise JobError(f"{url!r}: no host")
+    if parts.scheme != "srt" and len([p for p in parts.path.split("/") if p]) < 2:
+        raise JobError(f"{url!r}: an RTMP URL names an app and a stream key: rtmp://HOST[:PORT]/APP/KEY")
+
+
+def matching(rules: list[Rule], app: str, kind: str = ABR) -> Rule | None:
+    return next((r for r in rules if r.spec.kind == kind and fnmatch.fnmatchcase(app, r.pattern)), None)
+
+
+def spec_for(rule: Rule, key: StreamKey) -> JobSpec:
+    """The job `rule` gives the stream `key`: forward URLs with its {app} and {name} filled in."""
+    spec = JobSpec()
+    spec.CopyFrom(rule.spec)
+    spec.stream.CopyFrom(key)
+    targets = [url.replace("{app}", key.app).replace("{name}", key.name) for url in spec.targets]
+    del spec.targets[:]
+    spec.targets.extend(targets)
+    return spec
 
 
 def job_id(kind: str, key: StreamKey) -> str:

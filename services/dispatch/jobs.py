@@ -7,6 +7,7 @@ another at once. A worker runs a job only under the job's lease in the directory
 publish's), so two dispatches, or a dispatch that restarted and lost its board, never get one job run
 twice: the second worker is refused the lease and says so, and the job waits for the holder to let go.
 
+Jobs are ABR ladders, recordings and forwards (castmesh.mesh.jobs), a stream having at most one of each.
 A job ends with its source stream (unpublished after its grace), or when the API stops it. The streams a
 job publishes (an ABR ladder's renditions) never match a rule themselves.
 """
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from castmesh.media.frames import path_of, stream_path
-from castmesh.mesh.jobs import ABR, Rule, job_id, matching, outputs
+from castmesh.mesh.jobs import KINDS, Rule, job_id, matching, outputs, spec_for
 from castmesh.mesh.logs import event
 from castmesh.mesh.retry import Clock
 from castmesh.proto.v1.dispatch_pb2 import Job, JobSpec, NodeLoad, StreamInfo, WorkOrder
@@ -83,11 +84,10 @@ class JobBoard:
                 entry.provisional_until = 0.0  # its source is back: the adopted job stays
         if path in self.made:
             return
-        rule = matching(self.rules, info.stream.app)
-        if rule is None:
-            return
-        spec = JobSpec(kind=ABR, stream=info.stream, renditions=list(rule.renditions), source=f"rule:{rule.pattern}")
-        self.add(spec)
+        for kind in KINDS:
+            rule = matching(self.rules, info.stream.app, kind)
+            if rule is not None:
+                self.add(spec_for(rule, info.stream))
 
     def unpublished(self, info: StreamInfo) -> None:
         path = stream_path(info.stream)
@@ -111,7 +111,7 @@ class JobBoard:
         job = Job(id=ident, spec=spec, state=Job.STATE_PENDING, outputs=outputs(spec))
         self.jobs[ident] = JobEntry(job)
         self._outputs_changed()
-        event(log, "job.added", job=ident, source=spec.source, renditions=len(spec.renditions))
+        event(log, "job.added", job=ident, source=spec.source)
         self.place()
         return True, "added", job
 

@@ -25,7 +25,7 @@ import grpc
 
 from castmesh.media.frames import stream_path
 from castmesh.mesh import grpcutil, runtime
-from castmesh.mesh.jobs import LadderError, check_ladder, job_id, lease_key
+from castmesh.mesh.jobs import ABR, JobError, check_spec, job_id, lease_key
 from castmesh.mesh.logs import event
 from castmesh.mesh.retry import RecentFailures
 from castmesh.proto.v1 import dispatch_pb2_grpc
@@ -244,19 +244,17 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
     async def StartJob(self, request: JobSpec, context: grpc.aio.ServicerContext) -> JobReply:
         spec = JobSpec()
         spec.CopyFrom(request)
-        spec.kind = spec.kind or "abr"
+        spec.kind = spec.kind or ABR
         spec.source = spec.source or "api"
-        if spec.kind != "abr":
-            return JobReply(ok=False, detail=f"no job kind {spec.kind!r} (abr)")
         try:
-            check_ladder(list(spec.renditions))
-        except LadderError as exc:
+            check_spec(spec)
+        except JobError as exc:
             return JobReply(ok=False, detail=str(exc))
         ok, detail, job = self.board.add(spec)
         return JobReply(ok=ok, detail=detail, job=job)
 
     async def StopJob(self, request: JobSpec, context: grpc.aio.ServicerContext) -> JobReply:
-        ident = job_id(request.kind or "abr", request.stream)
+        ident = job_id(request.kind or ABR, request.stream)
         if not self.board.remove(ident, "stopped through the API"):
             return JobReply(ok=False, detail=f"no job {ident}")
         return JobReply(ok=True, detail="stopped")

@@ -29,6 +29,7 @@ import json
 import logging
 import time
 from collections import defaultdict, deque
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -42,7 +43,7 @@ from castmesh.media.frames import stream_key, stream_path
 from castmesh.mesh import grpcutil, tracing
 from castmesh.mesh.auth import Signer
 from castmesh.mesh.catalog import LISTING_TTL, Catalog
-from castmesh.mesh.jobs import ABR, ladder_text, parse_ladder
+from castmesh.mesh.jobs import ABR, FORWARD, RECORD, ladder_text, parse_ladder
 from castmesh.mesh.logs import event
 from castmesh.mesh.ring import BoundedRing
 from castmesh.proto.v1.admin_pb2 import KickRequest
@@ -51,6 +52,7 @@ from castmesh.proto.v1.dispatch_pb2 import (
     NODE_ROLE_INGEST,
     NODE_ROLE_PLAYBACK,
     NODE_ROLE_WORKER,
+    ForwardTarget,
     Job,
     JobSpec,
     ListJobsRequest,
@@ -62,6 +64,10 @@ from castmesh.proto.v1.dispatch_pb2 import (
 )
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from services.gateway.openapi import DOCUMENT, docs_page
+from services.playback.recordings import GAP, SpanError
+from services.playback.recordings import span as recording_span
+from services.worker.forward import masked
+from services.worker.recordings import RecordingSource, RemoteRecordings, overlapping
 from services.worker.thumbs import pick_worker, worker_url
 
 log = logging.getLogger("castmesh.gateway")
@@ -83,8 +89,9 @@ def problem(status: int, title: str, detail: str = "") -> web.Response:
 
 class Gateway:
     def __init__(self, dispatch: DispatchStub, catalog: Catalog, epsilon: float = 0.25, admin_token: str = "",
-                 signer: Signer | None = None) -> None:
+                 signer: Signer | None = None, recordings: RecordingSource | None = None) -> None:
         self.dispatch = dispatch
+        self.recordings = recordings or RemoteRecordings(catalog.workers)
         self.signer = signer or Signer()
         self.admin_token = admin_token
         self.admin_channels = grpcutil.ChannelPool()
@@ -105,6 +112,12 @@ class Gateway:
         r.add_get("/api/v1/jobs", self.jobs)
         r.add_post(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}/abr", self.start_ladder)
         r.add_delete(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}/abr", self.stop_ladder)
+        r.add_post(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}/record", self.start_recording)
+        r.add_delete(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}/record", self.stop_recording)
+        r.add_post(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}/forward", self.start_forward)
+        r.add_delete(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}/forward", self.stop_forward)
+        r.add_get("/api/v1/recordings", self.recorded_streams)
+        r.add_get(f"/api/v1/recordings/{{app:{NAME}}}/{{stream:{NAME}}}", self.recorded)
         r.add_delete(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}", self.kick_publisher)
         r.add_delete("/api/v1/clients/{id:[A-Za-z0-9_.:-]{1,200}}", self.kick_client)
         r.add_get("/healthz", self.healthz)
@@ -152,6 +165,8 @@ class Gateway:
         await self.listing.cache_close()
         if self.http is not None:
             await self.http.close()
+        if isinstance(self.recordings, RemoteRecordings):
+            await self.recordings.close()
         await self.admin_channels.close()
 
     # Streams --------------------------------------------------------------------------------------------
@@ -310,33 +325,102 @@ class Gateway:
         return web.json_response({"jobs": [job_json(j) for j in reply.jobs]})
 
     async def start_ladder(self, request: web.Request) -> web.Response:
-        self._authorize(request)
-        app, name = request.match_info["app"], request.match_info["stream"]
         try:
-            body = await request.json()
+            body = await request.json() if request.can_read_body else None
             renditions = parse_ladder(body["ladder"]) if isinstance(body, dict) and isinstance(
                 body.get("ladder"), str) else None
         except (ValueError, UnicodeDecodeError) as exc:
             return problem(400, "Bad Request", f"the body is not a ladder: {exc}")
         if renditions is None:
             return problem(400, "Bad Request", 'the body is {"ladder": "NAME:SIZE:KBPS[:FPS],..."}')
-        reply = await self.dispatch.StartJob(JobSpec(kind=ABR, stream=stream_key(app, name), renditions=renditions,
-                                                     source="api"), timeout=TIMEOUT)
+        return await self._start_job(request, JobSpec(kind=ABR, renditions=renditions))
+
+    async def start_recording(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json() if request.can_read_body else {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            return problem(400, "Bad Request", f"the body is not JSON: {exc}")
+        seconds = body.get("segment_seconds", 0) if isinstance(body, dict) else None
+        if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds < 0:
+            return problem(400, "Bad Request", 'the body is {} or {"segment_seconds": N}')
+        return await self._start_job(request, JobSpec(kind=RECORD, segment_seconds=seconds))
+
+    async def start_forward(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json() if request.can_read_body else None
+        except (ValueError, UnicodeDecodeError) as exc:
+            return problem(400, "Bad Request", f"the body is not JSON: {exc}")
+        targets = body.get("targets") if isinstance(body, dict) else None
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            return problem(400, "Bad Request", 'the body is {"targets": ["rtmp://HOST/APP/KEY", ...]}')
+        return await self._start_job(request, JobSpec(kind=FORWARD, targets=targets))
+
+    async def stop_ladder(self, request: web.Request) -> web.Response:
+        return await self._stop_job(request, ABR)
+
+    async def stop_recording(self, request: web.Request) -> web.Response:
+        return await self._stop_job(request, RECORD)
+
+    async def stop_forward(self, request: web.Request) -> web.Response:
+        return await self._stop_job(request, FORWARD)
+
+    async def _start_job(self, request: web.Request, spec: JobSpec) -> web.Response:
+        self._authorize(request)
+        app, name = request.match_info["app"], request.match_info["stream"]
+        spec.stream.CopyFrom(stream_key(app, name))
+        spec.source = "api"
+        reply = await self.dispatch.StartJob(spec, timeout=TIMEOUT)
         if not reply.ok:
             status = 404 if "not being published" in reply.detail else 400
             return problem(status, "Not Found" if status == 404 else "Bad Request", reply.detail)
-        event(log, "gateway.job_started", stream=f"{app}/{name}", detail=reply.detail)
+        event(log, "gateway.job_started", job=reply.job.id, detail=reply.detail)
         return web.json_response({"job": job_json(reply.job), "detail": reply.detail},
                                  status=201 if reply.detail == "added" else 200)
 
-    async def stop_ladder(self, request: web.Request) -> web.Response:
+    async def _stop_job(self, request: web.Request, kind: str) -> web.Response:
         self._authorize(request)
         app, name = request.match_info["app"], request.match_info["stream"]
-        reply = await self.dispatch.StopJob(JobSpec(kind=ABR, stream=stream_key(app, name)), timeout=TIMEOUT)
+        reply = await self.dispatch.StopJob(JobSpec(kind=kind, stream=stream_key(app, name)), timeout=TIMEOUT)
         if not reply.ok:
             return problem(404, "Not Found", reply.detail)
-        event(log, "gateway.job_stopped", stream=f"{app}/{name}")
+        event(log, "gateway.job_stopped", job=f"{kind}:{app}/{name}")
         return web.json_response({"stopped": True})
+
+    # Recordings -----------------------------------------------------------------------------------------
+
+    async def recorded_streams(self, request: web.Request) -> web.Response:
+        return web.json_response({"streams": await self.recordings.streams()})
+
+    async def recorded(self, request: web.Request) -> web.Response:
+        """A stream's recordings: the spans they cover (files that follow each other make one), each file,
+        and where a playback node serves them as HLS VOD and as one MP4."""
+        app, name = request.match_info["app"], request.match_info["stream"]
+        try:
+            start, end = recording_span(dict(request.query))
+        except SpanError as exc:
+            return problem(400, "Bad Request", str(exc))
+        pieces = overlapping(await self.recordings.files(app, name), start, end)
+        if not pieces:
+            return problem(404, "Not Found", f"no recordings of {app}/{name}" + (" in that span" if start or end
+                                                                                 else ""))
+        spans: list[dict[str, Any]] = []
+        for piece in pieces:
+            if spans and piece.start - spans[-1]["end"] <= GAP:
+                spans[-1]["end"] = max(spans[-1]["end"], piece.end)
+            else:
+                spans.append({"start": piece.start, "end": piece.end})
+        playback = [e for e in (await self._nodes()).nodes if e.node.role == NODE_ROLE_PLAYBACK]
+        node = min(playback, key=lambda e: (e.load.subscribers, e.node.id)).node if playback else None
+        for item in spans:
+            item["duration"] = round(item["end"] - item["start"], 3)
+            item["start_time"], item["end_time"] = iso_time(item["start"]), iso_time(item["end"])
+            if node is not None:
+                query = {"start": f"{item['start']:.3f}", "end": f"{item['end']:.3f}"}
+                query.update({k: request.query[k] for k in ("expires", "sign") if k in request.query})
+                item["playlist"] = recording_url(node, app, name, "m3u8", query, secure(request))
+                item["download"] = recording_url(node, app, name, "mp4", query, secure(request))
+        return web.json_response({"app": app, "stream": name, "spans": spans,
+                                  "files": [p.json(fragments=False) for p in pieces]})
 
     # Kicks ----------------------------------------------------------------------------------------------
 
@@ -415,12 +499,34 @@ class Gateway:
 
 def job_json(job: Job) -> dict[str, Any]:
     spec = job.spec
-    return {"id": job.id, "kind": spec.kind, "app": spec.stream.app, "stream": spec.stream.name,
-            "source": spec.source, "ladder": ladder_text(list(spec.renditions)),
-            "renditions": [{"name": r.name, "width": r.width, "height": r.height, "bitrate_kbps": r.bitrate_kbps,
-                            "frame_rate": r.frame_rate, "codec": r.codec} for r in spec.renditions],
-            "worker": job.worker, "state": Job.State.Name(job.state).removeprefix("STATE_").lower(),
-            "detail": job.detail, "outputs": list(job.outputs), "since_us": job.since_us}
+    out: dict[str, Any] = {
+        "id": job.id, "kind": spec.kind, "app": spec.stream.app, "stream": spec.stream.name, "source": spec.source,
+        "worker": job.worker, "state": Job.State.Name(job.state).removeprefix("STATE_").lower(),
+        "detail": job.detail, "outputs": list(job.outputs), "since_us": job.since_us}
+    if spec.kind == ABR:
+        out["ladder"] = ladder_text(list(spec.renditions))
+        out["renditions"] = [{"name": r.name, "width": r.width, "height": r.height, "bitrate_kbps": r.bitrate_kbps,
+                              "frame_rate": r.frame_rate, "codec": r.codec} for r in spec.renditions]
+    elif spec.kind == RECORD:
+        out["segment_seconds"] = spec.segment_seconds
+    elif spec.kind == FORWARD:  # a URL's stream key and password are secrets: never shown
+        states = {t.url: t for t in job.targets}
+        out["targets"] = [{"url": masked(url), **({
+            "state": ForwardTarget.State.Name(t.state).removeprefix("STATE_").lower(), "detail": t.detail,
+            "bytes": t.bytes, "connects": t.connects, "since_us": t.since_us} if (t := states.get(url)) else {})}
+            for url in spec.targets]
+    return out
+
+
+def iso_time(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def recording_url(node: Node, app: str, name: str, extension: str, query: dict[str, str], secure: bool) -> str:
+    """Where a playback node serves a stream's recordings (services.playback.recordings)."""
+    tls = secure and bool(node.meta.get("https"))
+    address = f"{node.address.rpartition(':')[0]}:{node.meta['https']}" if tls else node.address
+    return f"{'https' if tls else 'http'}://{address}/recordings/{app}/{name}.{extension}?{urlencode(query)}"
 
 
 def secure(request: web.Request) -> bool:

@@ -270,6 +270,27 @@ class H2Stream:
             return False
         return True
 
+    def begin(self, status: int, headers: Headers, length: int) -> bool:
+        """The head of a long response whose body follows through transport.write (a download), then end()."""
+        if self.done or self.request is None:
+            return False
+        self.streaming = True
+        head = [(":status", str(status)), ("server", "castmesh"), *((k.lower(), v) for k, v in CORS),
+                ("content-length", str(length)), *((k.lower(), v) for k, v in headers if k.lower() not in HOP_BY_HOP)]
+        if not self._send_headers(head, end=self.request.method == "HEAD"):
+            return False
+        if self.request.method == "HEAD":
+            self.done = True
+            self.session.flush()
+            return False
+        return True
+
+    def end(self) -> None:
+        if not self.done:
+            self.done = True
+            self.end_after = True
+            self.send_pending()
+
     # ViewerSink: called by the stream's feed ------------------------------------------------------------
 
     def start(self, body: bytes) -> bool:

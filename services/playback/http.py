@@ -405,6 +405,23 @@ class HttpSession(asyncio.Protocol):
         self._arm(self.request_timeout if self.in_message else self.idle_timeout)
         self._next_request()
 
+    def begin(self, status: int, headers: Headers, length: int) -> bool:
+        """The head of a long response whose body follows through transport.write (a download), then end();
+        the connection closes after it. False if no body is to follow (a HEAD request, a client gone)."""
+        if self.done or self.request is None:
+            return False
+        self.streaming = True
+        self.transport.write(response_head(status, headers, length, close=True))
+        if self.request.method == "HEAD":
+            self.end()
+            return False
+        return True
+
+    def end(self) -> None:
+        if not self.done:
+            self.done = True
+            self.transport.close()
+
     # ViewerSink: called by the stream's feed ------------------------------------------------------------
 
     def start(self, body: bytes) -> bool:

@@ -6,6 +6,7 @@ HTTP paths:
   /{app}/{stream}.m3u8[?format=ts|fmp4]    HLS (default: TS for H.264, fMP4 for HEVC/AV1/VP9)
   /{app}/{stream}/hls/{muxer}/{segment}    its segments and initialization segments
   /{app}/{stream}.jpg                      its latest keyframe as a JPEG (made by a worker)
+  /recordings/{app}/{stream}.m3u8|.mp4     its recordings, as HLS VOD or one MP4 (services.playback.recordings)
   /{app}/{stream}/whep                     WebRTC (WHEP): POST an SDP offer, 201 with the answer
   /{app}/{stream}/whep/{session}           DELETE ends the session (services.playback.webrtc)
   /{app}/{stream}/whip[/{session}]         in `castmesh up` only: WHIP publishers, handed to its ingest
@@ -56,6 +57,7 @@ from services.playback.h2 import H2Session, by_alpn
 from services.playback.hls import HlsMuxer
 from services.playback.http import NO_CACHE, HttpSession, Request
 from services.playback.ladder import Ladder, ListJobs, ladder_of, variants
+from services.playback.recordings import RecordingRoutes
 from services.playback.rtmp import RtmpPlayer
 from services.playback.srt import SrtViewers
 from services.playback.viewer import Viewer, ViewerSink
@@ -74,6 +76,8 @@ WEBRTC_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0
                          r"(?:/(?P<session>[A-Za-z0-9_.~-]{1,128}))?$")
 STREAM_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})"
                          r"(?:\.(?P<ext>flv|m3u8|jpg)|/hls/(?P<muxer>[0-9a-f]{8}|ll)/(?P<file>[A-Za-z0-9_.-]{1,40}))$")
+RECORDING_PATH = re.compile(r"^/recordings/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256}?)"
+                            r"(?P<rest>\.m3u8|\.mp4|/[A-Za-z0-9_.~-]{1,128}/[A-Za-z0-9_.-]{1,64})$")
 FORMATS = (*CONTAINERS, "llhls")  # llhls: low-latency HLS, fMP4 with partial segments
 FORWARDED = ("/api/v1/", "/healthz", "/openapi.json", "/docs")
 CACHEABLE = ("Cache-Control", "max-age=600")  # a segment's name always means the same bytes
@@ -117,6 +121,7 @@ class Playback:
         self.list_jobs = list_jobs  # the cluster's jobs: which streams have ABR ladders
         self.ladders: dict[str, tuple[Ladder, float]] = {}  # stream path -> its ladder, and when last known
         self.thumbnails: Thumbnails | None = None  # where /{app}/{stream}.jpg comes from (workers)
+        self.recordings: RecordingRoutes | None = None  # /recordings/...: what workers recorded
         self.page = WebPage()
         self.tasks: set[asyncio.Task[None]] = set()
         self.rtmp_server: RtmpServer | None = None  # this node's own RTMP (and RTMPS) play port
@@ -192,7 +197,14 @@ class Playback:
 
     def route(self, session: HttpSession, request: Request) -> None:
         match = STREAM_PATH.match(request.path) if request.method in READS else None
-        if match is None:
+        recorded = RECORDING_PATH.match(request.path) if match is None and request.method in READS else None
+        if recorded is not None:
+            if self.recordings is None:
+                session.respond(404, b"no recordings here: they come from workers\n", [NO_CACHE])
+            elif not self._refused(session, request, recorded["app"], recorded["stream"]):
+                self._spawn(self.recordings.answer(session, request, recorded["app"], recorded["stream"],
+                                                   recorded["rest"]))
+        elif match is None:
             self._route_other(session, request)
         elif match["ext"] == "flv":
             self._flv(session, request, match["app"], match["stream"])

@@ -329,6 +329,11 @@ class AbrJob:
         finally:
             await self._stop_transcoder()
 
+    def pids(self) -> list[int]:
+        """The child whose CPU the worker counts as its own."""
+        process = self.transcoder.process if self.transcoder is not None else None
+        return [process.pid] if process is not None and process.returncode is None else []
+
     def close(self, clean: bool, reason: str) -> None:
         """End every rendition's publish (clean: its viewers' responses end at once; else they wait in grace)."""
         self.closed = True

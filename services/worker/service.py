@@ -1,5 +1,5 @@
-"""The worker service: jobs for streams (ABR ladders), given by dispatch on a held Dispatch.Work call, and
-thumbnails of live streams on request (services.worker.thumbs).
+"""The worker service: jobs for streams (ABR ladders, recordings, forwards), given by dispatch on a held
+Dispatch.Work call, and thumbnails of live streams on request (services.worker.thumbs).
 
 A job runs only under its lease (a Dispatch.Lease call whose claim names the job: one worker per job
 cluster-wide, gone the moment this process is). The worker subscribes to the source like a playback node
@@ -20,11 +20,13 @@ import resource
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any, Protocol
 
 import grpc
 from prometheus_client import Gauge
 
 from castmesh.mesh import runtime
+from castmesh.mesh.jobs import ABR, FORWARD, RECORD
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.mesh.subscription import Locate, UpstreamSubscription
@@ -35,6 +37,8 @@ from castmesh.proto.v1.relay_pb2 import StreamEnd
 from services.ingest.lease import DispatchLease, LeaseRefused
 from services.ingest.session import Ingest
 from services.worker.abr import AbrJob
+from services.worker.forward import ForwardJob
+from services.worker.record import Recordings, RecordJob
 from services.worker.thumbs import Thumbnails
 
 log = logging.getLogger("castmesh.worker")
@@ -56,8 +60,20 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class Work(Protocol):
+    """What a job of any kind is to the worker."""
+
+    outputs: Any  # what it publishes (sized)
+
+    async def run(self) -> StreamEnd: ...  # follows the source until it ends
+
+    def close(self, clean: bool, reason: str) -> None: ...
+
+    def pids(self) -> list[int]: ...  # children whose CPU counts as the worker's
+
+
 class RunningJob:
-    def __init__(self, job: Job, work: AbrJob, lease: DispatchLease) -> None:
+    def __init__(self, job: Job, work: Work, lease: DispatchLease) -> None:
         self.job = job
         self.work = work
         self.lease = lease
@@ -66,13 +82,14 @@ class RunningJob:
 
 class Worker:
     def __init__(self, dispatch: DispatchStub, node: Node, ingest: Ingest, locate: Locate, ffmpeg: str,
-                 capacity: int = 4) -> None:
+                 capacity: int = 4, recordings: Recordings | None = None) -> None:
         self.dispatch = dispatch
         self.node = node
         self.ingest = ingest
         self.locate = locate
         self.ffmpeg = ffmpeg
         self.capacity = capacity
+        self.recordings = recordings  # None: this worker records nothing
         self.links = RelayLinks()
         self.jobs: dict[str, RunningJob] = {}
         self.outbox: asyncio.Queue[WorkReport] = asyncio.Queue()
@@ -100,9 +117,7 @@ class Worker:
         own, ended = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         total = own.ru_utime + own.ru_stime + ended.ru_utime + ended.ru_stime
         for running in self.jobs.values():
-            transcoder = running.work.transcoder
-            if transcoder is not None and transcoder.process is not None and transcoder.process.returncode is None:
-                total += process_cpu(transcoder.process.pid)
+            total += sum(process_cpu(pid) for pid in running.work.pids())
         return total
 
     async def close(self) -> None:
@@ -162,13 +177,19 @@ class Worker:
         if job.id in self.jobs:
             self._tell(self.jobs[job.id].job)
             return
-        if job.spec.kind != "abr":
+        work: Work
+        if job.spec.kind == ABR:
+            work = AbrJob(job, self._follow(job.id), self.ingest, self.ffmpeg, self._tell)
+        elif job.spec.kind == RECORD and self.recordings is not None:
+            work = RecordJob(job, self._follow(job.id), self.recordings, self._tell)
+        elif job.spec.kind == FORWARD:
+            work = ForwardJob(job, self._follow(job.id), self._tell)
+        else:
             job.state, job.detail = Job.STATE_FAILED, f"this worker runs no {job.spec.kind!r} jobs"
             self._tell(job)
             return
         lease = DispatchLease(self.dispatch, job.spec.stream, f"{self.node.id}/{job.id}", self.node.address,
                               job=job.id)
-        work = AbrJob(job, self._follow(job.id), self.ingest, self.ffmpeg, self._tell)
         running = self.jobs[job.id] = RunningJob(job, work, lease)
         running.task = asyncio.get_running_loop().create_task(self._run(running))
 

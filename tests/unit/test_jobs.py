@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from castmesh.media.frames import stream_key
-from castmesh.mesh.jobs import LadderError, ladder_text, parse_ladder, parse_rules
+from castmesh.mesh.jobs import JobError, ladder_text, parse_ladder, parse_rules
 from castmesh.proto.v1.dispatch_pb2 import Job, JobSpec, Rendition, StreamInfo
 from services.dispatch.jobs import RETRY_FAILED, JobBoard
 from services.worker.abr import Planned, ffmpeg_args, plan
@@ -34,16 +34,16 @@ def test_ladders_read_and_write_back() -> None:
     (",".join(f"r{i}:x180:100k" for i in range(9)), "at most 8"),
 ])
 def test_a_ladder_that_cannot_be_met_says_why(text: str, says: str) -> None:
-    with pytest.raises(LadderError, match=says):
+    with pytest.raises(JobError, match=says):
         parse_ladder(text)
 
 
 def test_rules_first_match_wins() -> None:
     rules = parse_rules("sports*=720p:x720:2500k ; *=360p:x360:800k")
     assert [r.pattern for r in rules] == ["sports*", "*"]
-    with pytest.raises(LadderError, match="rule for 'live'"):
+    with pytest.raises(JobError, match="rule for 'live'"):
         parse_rules("live=360p:x360")
-    with pytest.raises(LadderError, match="APP_PATTERN=LADDER"):
+    with pytest.raises(JobError, match="APP_PATTERN=LADDER"):
         parse_rules("360p:x360:800k")
 
 

@@ -222,19 +222,49 @@ class Rendition(_message.Message):
     def __init__(self, name: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., bitrate_kbps: _Optional[int] = ..., frame_rate: _Optional[float] = ..., codec: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("kind", "stream", "renditions", "source")
+    __slots__ = ("kind", "stream", "renditions", "source", "segment_seconds", "targets")
     KIND_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     RENDITIONS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     stream: _media_pb2.StreamKey
     renditions: _containers.RepeatedCompositeFieldContainer[Rendition]
     source: str
-    def __init__(self, kind: _Optional[str] = ..., stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., renditions: _Optional[_Iterable[_Union[Rendition, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
+    segment_seconds: int
+    targets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[str] = ..., stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., renditions: _Optional[_Iterable[_Union[Rendition, _Mapping]]] = ..., source: _Optional[str] = ..., segment_seconds: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ForwardTarget(_message.Message):
+    __slots__ = ("url", "state", "detail", "bytes", "connects", "since_us")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[ForwardTarget.State]
+        STATE_CONNECTING: _ClassVar[ForwardTarget.State]
+        STATE_FORWARDING: _ClassVar[ForwardTarget.State]
+        STATE_RETRYING: _ClassVar[ForwardTarget.State]
+    STATE_UNSPECIFIED: ForwardTarget.State
+    STATE_CONNECTING: ForwardTarget.State
+    STATE_FORWARDING: ForwardTarget.State
+    STATE_RETRYING: ForwardTarget.State
+    URL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONNECTS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_US_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    state: ForwardTarget.State
+    detail: str
+    bytes: int
+    connects: int
+    since_us: int
+    def __init__(self, url: _Optional[str] = ..., state: _Optional[_Union[ForwardTarget.State, str]] = ..., detail: _Optional[str] = ..., bytes: _Optional[int] = ..., connects: _Optional[int] = ..., since_us: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "spec", "worker", "state", "detail", "outputs", "since_us")
+    __slots__ = ("id", "spec", "worker", "state", "detail", "outputs", "since_us", "targets")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Job.State]
@@ -256,6 +286,7 @@ class Job(_message.Message):
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     SINCE_US_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: JobSpec
     worker: str
@@ -263,7 +294,8 @@ class Job(_message.Message):
     detail: str
     outputs: _containers.RepeatedScalarFieldContainer[str]
     since_us: int
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., worker: _Optional[str] = ..., state: _Optional[_Union[Job.State, str]] = ..., detail: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., since_us: _Optional[int] = ...) -> None: ...
+    targets: _containers.RepeatedCompositeFieldContainer[ForwardTarget]
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., worker: _Optional[str] = ..., state: _Optional[_Union[Job.State, str]] = ..., detail: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., since_us: _Optional[int] = ..., targets: _Optional[_Iterable[_Union[ForwardTarget, _Mapping]]] = ...) -> None: ...
 
 class WorkReport(_message.Message):
     __slots__ = ("hello", "state", "load")
