@@ -1,6 +1,7 @@
 // castmesh's player page: lists the live streams (/api/streams) and plays one with mpegts.js (HTTP-FLV,
 // WebSocket-FLV), hls.js (HLS) or the browser's own WebRTC (WHEP: POST an offer to /{stream}/whep, DELETE
-// the session it names when done). window.report says what the player did, for people and for tests.
+// the session it names when done). Lists what workers recorded (/api/recordings) and plays a recorded span
+// as HLS VOD with hls.js. window.report says what the player did, for people and for tests.
 "use strict";
 
 const video = document.getElementById("video");
@@ -49,6 +50,64 @@ function showLatency(hls) {
     latencyLine.textContent = `latency ${seconds.toFixed(2)} s`;
   }, 500);
   return () => clearInterval(timer);
+}
+
+// A recorded span, as an HLS VOD playlist (/recordings/{app}/{stream}.m3u8?start=&end=).
+function playRecording(path, span) {
+  stop();
+  window.report = { supported: window.report.supported, protocol: "vod", stream: path, recording: span,
+                    errors: [], warnings: [] };
+  const url = `${location.origin}/recordings/${path}.m3u8?start=${span.start}&end=${span.end}`;
+  nowPlaying.textContent = `${path}, recorded ${when(span.start)}`;
+  if (typeof Hls !== "undefined" && Hls.isSupported()) {
+    const hls = new Hls();
+    hls.on(Hls.Events.ERROR, (_, data) => {
+      if (data.fatal) fail(`hls.js: ${data.type} ${data.details}`);
+      else window.report.warnings.push(data.details);
+    });
+    hls.loadSource(url);
+    hls.attachMedia(video);
+    current = { path: null, protocol: "vod", destroy: () => hls.destroy() };
+  } else {
+    video.src = url;
+    current = { path: null, protocol: "vod", destroy: () => video.removeAttribute("src") };
+  }
+  video.play().catch((e) => window.report.warnings.push(`play(): ${e.message}`));
+}
+
+function when(seconds) {
+  return new Date(seconds * 1000).toLocaleString();
+}
+
+function renderRecordings(recordings) {
+  const rows = [];
+  for (const r of recordings) {
+    const path = `${r.app}/${r.stream}`;
+    for (const span of r.spans.slice().reverse()) {
+      const row = document.createElement("tr");
+      row.dataset.recording = path;
+      const length = Math.round(span.end - span.start);
+      const button = document.createElement("button");
+      button.textContent = "Play";
+      button.addEventListener("click", () => playRecording(path, span));
+      const download = document.createElement("a");
+      download.href = `/recordings/${path}.mp4?start=${span.start}&end=${span.end}`;
+      download.textContent = "MP4";
+      const actions = cell("");
+      actions.append(button, " ", download);
+      row.append(cell(path), cell(when(span.start)), cell(when(span.end)),
+                 cell(`${Math.floor(length / 60)}:${String(length % 60).padStart(2, "0")}`), actions);
+      rows.push(row);
+    }
+  }
+  document.getElementById("recordings").replaceChildren(...rows);
+}
+
+async function refreshRecordings() {
+  try {
+    const response = await fetch("/api/recordings", { cache: "no-store" });
+    if (response.ok) renderRecordings((await response.json()).recordings);
+  } catch (e) { /* a node without recordings: the section stays empty */ }
 }
 
 function play(path, kind) {
@@ -213,3 +272,5 @@ document.getElementById("protocol").addEventListener("change", () => {
 });
 refresh();
 setInterval(refresh, 2000);
+refreshRecordings();
+setInterval(refreshRecordings, 10000);

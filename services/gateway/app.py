@@ -64,10 +64,10 @@ from castmesh.proto.v1.dispatch_pb2 import (
 )
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from services.gateway.openapi import DOCUMENT, docs_page
-from services.playback.recordings import GAP, SpanError
+from services.playback.recordings import SpanError
 from services.playback.recordings import span as recording_span
 from services.worker.forward import masked
-from services.worker.recordings import RecordingSource, RemoteRecordings, overlapping
+from services.worker.recordings import RecordingSource, RemoteRecordings, overlapping, spans
 from services.worker.thumbs import pick_worker, worker_url
 
 log = logging.getLogger("castmesh.gateway")
@@ -403,15 +403,10 @@ class Gateway:
         if not pieces:
             return problem(404, "Not Found", f"no recordings of {app}/{name}" + (" in that span" if start or end
                                                                                  else ""))
-        spans: list[dict[str, Any]] = []
-        for piece in pieces:
-            if spans and piece.start - spans[-1]["end"] <= GAP:
-                spans[-1]["end"] = max(spans[-1]["end"], piece.end)
-            else:
-                spans.append({"start": piece.start, "end": piece.end})
+        listed: list[dict[str, Any]] = [{"start": a, "end": b} for a, b in spans(pieces)]
         playback = [e for e in (await self._nodes()).nodes if e.node.role == NODE_ROLE_PLAYBACK]
         node = min(playback, key=lambda e: (e.load.subscribers, e.node.id)).node if playback else None
-        for item in spans:
+        for item in listed:
             item["duration"] = round(item["end"] - item["start"], 3)
             item["start_time"], item["end_time"] = iso_time(item["start"]), iso_time(item["end"])
             if node is not None:
@@ -419,7 +414,7 @@ class Gateway:
                 query.update({k: request.query[k] for k in ("expires", "sign") if k in request.query})
                 item["playlist"] = recording_url(node, app, name, "m3u8", query, secure(request))
                 item["download"] = recording_url(node, app, name, "mp4", query, secure(request))
-        return web.json_response({"app": app, "stream": name, "spans": spans,
+        return web.json_response({"app": app, "stream": name, "spans": listed,
                                   "files": [p.json(fragments=False) for p in pieces]})
 
     # Kicks ----------------------------------------------------------------------------------------------

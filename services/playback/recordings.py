@@ -4,15 +4,19 @@ worker's HTTP port in a cluster).
 
   /recordings/{app}/{stream}.m3u8?start=&end=   an HLS VOD playlist (EXT-X-PLAYLIST-TYPE:VOD) of that span
   /recordings/{app}/{stream}.mp4?start=&end=    one MP4 of that span, to download
-  /recordings/{app}/{stream}/{worker}/{file}    a file's bytes (Range: the playlist's byte ranges)
+  /recordings/{app}/{stream}/{worker}/{file}    a file's bytes (with Range)
+  .../{worker}/{file}/{offset}-{length}.m4s      some of them: the playlist's initialization segments and segments
+  /api/recordings                               the player page's list: each stream's recorded spans
 
 start and end are seconds since the epoch or ISO 8601 times (`duration=` in seconds may stand for end); left
 out, the span runs from the first recording or to the last. A span begins at the last keyframe at or
 before `start` (so that it can be decoded) and ends with the fragment that holds `end`.
 
-The playlist names each file's initialization segment and fragments by byte range of the file itself
-(EXT-X-MAP and EXT-X-BYTERANGE), a segment running from a keyframe to the next fragment that starts with one
-past SEGMENT_TARGET seconds. A gap (a worker that died, a publisher that stopped) is an EXT-X-DISCONTINUITY.
+The playlist names each file's initialization segment and segments as slices of the file, each its own URL
+(not EXT-X-BYTERANGE: ffmpeg asks for a byte range to the file's end and then sends its next request on the
+same connection before reading that answer to its end), a segment running from a keyframe to the next
+fragment that starts with one past SEGMENT_TARGET seconds. A gap (a worker that died, a publisher that
+stopped) is an EXT-X-DISCONTINUITY.
 
 The MP4 is fragmented MP4 (what ffmpeg, browsers and players open as any MP4): the first file's
 initialization segment and the span's fragments, each file's times moved so that the whole has one timeline
@@ -24,6 +28,7 @@ client reads (never more than HIGH_WATER bytes ahead of it).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -34,14 +39,14 @@ from typing import Any
 from castmesh.media import fmp4
 from castmesh.mesh.logs import event
 from services.playback.http import NO_CACHE, Request
-from services.worker.recordings import Piece, RecordingSource, overlapping
+from services.worker.recordings import GAP, Piece, RecordingSource, overlapping, spans
 
 log = logging.getLogger("castmesh.playback")
 
 SEGMENT_TARGET = 2.0  # seconds: a VOD segment ends at the first keyframe past this
 HIGH_WATER = 1 << 20  # bytes a download may have waiting for its client
 MAX_RANGE = 64 << 20  # bytes of a file answered at once (a range asked for, or a whole file)
-GAP = 0.25  # seconds between two files past which they do not continue each other
+MAX_LISTED = 100  # streams the player page's listing names
 
 
 class SpanError(ValueError):
@@ -123,14 +128,14 @@ def playlist(app: str, name: str, chosen: list[Cut]) -> str:
         frags = cut.fragments
         if previous is not None and abs(frags[0][2] - previous) > GAP:
             body.append("#EXT-X-DISCONTINUITY")
-        body.append(f'#EXT-X-MAP:URI="{uri}",BYTERANGE="{cut.piece.init_size}@0"')
+        body.append(f'#EXT-X-MAP:URI="{uri}/0-{cut.piece.init_size}.m4s"')
         body.append(f"#EXT-X-PROGRAM-DATE-TIME:{_iso(frags[0][2])}")
         group: list[tuple[int, int, float, float, bool]] = []
         for frag in [*frags, None]:
             if group and (frag is None or (frag[4] and sum(f[3] for f in group) >= SEGMENT_TARGET)):
                 duration = sum(f[3] for f in group)
                 longest = max(longest, duration)
-                body += [f"#EXTINF:{duration:.3f},", f"#EXT-X-BYTERANGE:{sum(f[1] for f in group)}@{group[0][0]}", uri]
+                body += [f"#EXTINF:{duration:.3f},", f"{uri}/{group[0][0]}-{sum(f[1] for f in group)}.m4s"]
                 group = []
             if frag is not None:
                 group.append(frag)
@@ -149,6 +154,21 @@ class RecordingRoutes:
     def __init__(self, source: RecordingSource) -> None:
         self.source = source
 
+    async def listing(self, session: Any) -> None:
+        """/api/recordings, for the player page: each stream's recorded spans, newest stream first."""
+        try:
+            streams = (await self.source.streams())[:MAX_LISTED]
+            files = await asyncio.gather(*(self.source.files(s["app"], s["stream"]) for s in streams))
+        except OSError as exc:
+            session.respond(502, f"recordings could not be listed: {exc}\n".encode(), [NO_CACHE])
+            return
+        listed = [{"app": s["app"], "stream": s["stream"], "bytes": s["bytes"],
+                   "spans": [{"start": round(a, 3), "end": round(b, 3)} for a, b in spans(pieces)]}
+                  for s, pieces in zip(streams, files, strict=True) if pieces]
+        listed.sort(key=lambda item: -item["spans"][-1]["end"])
+        session.respond(200, json.dumps({"recordings": listed}).encode(),
+                        [("Content-Type", "application/json"), NO_CACHE])
+
     async def answer(self, session: Any, request: Request, app: str, name: str, rest: str) -> None:
         try:
             if rest in (".m3u8", ".mp4"):
@@ -162,8 +182,8 @@ class RecordingRoutes:
                 else:
                     await self._download(session, app, name, chosen)
                 return
-            worker, _, file = rest.removeprefix("/").partition("/")
-            await self._file(session, request, app, name, worker, file)
+            worker, file, *piece = rest.removeprefix("/").split("/")
+            await self._file(session, request, app, name, worker, file, piece[0] if piece else "")
         except SpanError as exc:
             session.respond(400, f"{exc}\n".encode(), [NO_CACHE])
         except (OSError, EOFError, fmp4.Mp4Error) as exc:  # (a file removed meanwhile, a worker gone)
@@ -173,13 +193,21 @@ class RecordingRoutes:
             else:
                 session.end()  # cut short: the client sees fewer bytes than the Content-Length said
 
-    async def _file(self, session: Any, request: Request, app: str, name: str, worker: str, file: str) -> None:
+    async def _file(self, session: Any, request: Request, app: str, name: str, worker: str, file: str,
+                    part: str) -> None:
+        """A file's bytes: all of them, a Range of them, or the slice `part` names ("OFFSET-LENGTH.m4s")."""
         piece = next((p for p in await self.source.files(app, name) if p.worker == worker and p.file == file), None)
         if piece is None:
             session.respond(404, b"no such recording\n", [NO_CACHE])
             return
         first, last = 0, piece.size - 1
-        ranged = request.headers.get("range", "")
+        ranged = request.headers.get("range", "") if not part else ""
+        if part:
+            offset, _, length = part.removesuffix(".m4s").partition("-")
+            first, last = int(offset), int(offset) + int(length) - 1
+            if not 0 <= first <= last < piece.size:
+                session.respond(404, b"no such part of the recording\n", [NO_CACHE])
+                return
         if ranged:
             unit, _, spec = ranged.partition("=")
             low, _, high = spec.partition("-")
@@ -201,8 +229,8 @@ class RecordingRoutes:
                             [("Content-Range", f"bytes */{piece.size}")])
             return
         body = b"".join([chunk async for chunk in self.source.read(app, name, piece, first, length)])
-        headers = [("Content-Type", "video/mp4"), ("Accept-Ranges", "bytes"), CACHE_FOR_WRITTEN if not piece.writing
-                   else NO_CACHE]
+        headers = [("Content-Type", "video/mp4"), ("Accept-Ranges", "bytes"), CACHE_FOR_WRITTEN
+                   if part or not piece.writing else NO_CACHE]
         if ranged:
             headers.append(("Content-Range", f"bytes {first}-{last}/{piece.size}"))
         session.respond(206 if ranged else 200, body, headers)

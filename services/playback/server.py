@@ -11,7 +11,7 @@ HTTP paths:
   /{app}/{stream}/whep/{session}           DELETE ends the session (services.playback.webrtc)
   /{app}/{stream}/whip[/{session}]         in `castmesh up` only: WHIP publishers, handed to its ingest
   /metrics                                 Prometheus
-  /, /api/streams                          the player page and its stream list (services.playback.web)
+  /, /api/streams, /api/recordings         the player page, its stream list and its recordings
   /api/viewers                             this node's viewers per stream (for the gateway)
   /api/v1/..., /healthz, /openapi.json, /docs   in `castmesh up` only: handed to the in-process gateway
 """
@@ -77,7 +77,7 @@ WEBRTC_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0
 STREAM_PATH = re.compile(r"^/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256})"
                          r"(?:\.(?P<ext>flv|m3u8|jpg)|/hls/(?P<muxer>[0-9a-f]{8}|ll)/(?P<file>[A-Za-z0-9_.-]{1,40}))$")
 RECORDING_PATH = re.compile(r"^/recordings/(?P<app>[A-Za-z0-9_.~-]{1,128})/(?P<stream>[A-Za-z0-9_.~-]{1,256}?)"
-                            r"(?P<rest>\.m3u8|\.mp4|/[A-Za-z0-9_.~-]{1,128}/[A-Za-z0-9_.-]{1,64})$")
+                            r"(?P<rest>\.m3u8|\.mp4|/[A-Za-z0-9_.~-]{1,128}/[A-Za-z0-9_.-]{1,64}(?:/\d{1,12}-\d{1,9}\.m4s)?)$")
 FORMATS = (*CONTAINERS, "llhls")  # llhls: low-latency HLS, fMP4 with partial segments
 FORWARDED = ("/api/v1/", "/healthz", "/openapi.json", "/docs")
 CACHEABLE = ("Cache-Control", "max-age=600")  # a segment's name always means the same bytes
@@ -274,6 +274,9 @@ class Playback:
             return
         if request.path == "/api/streams":
             self._spawn(self._stream_list(session))
+            return
+        if request.path == "/api/recordings" and self.recordings is not None:
+            self._spawn(self.recordings.listing(session))
             return
         page = self.page.file(request.path)
         if page is not None:

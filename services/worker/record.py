@@ -160,8 +160,10 @@ class DiskWriter:
                         view = view[os.write(fd, view):]
                 except OSError as exc:
                     failed[path] = f"{errno.errorcode.get(exc.errno or 0, 'error')}: {exc.strerror}"
-                    with contextlib.suppress(OSError):
-                        os.close(files.pop(path))
+                    fd = files.pop(path, None)
+                    if fd is not None:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
                     self._call(self.on_error, path, exc)
             else:
                 fd = files.pop(path, None)

@@ -73,8 +73,22 @@ class Piece:
                    recorded.index.init_size, recorded.writing, frags)
 
 
+GAP = 0.25  # seconds between two files past which they do not continue each other
+
+
 def overlapping(pieces: list[Piece], start: float | None, end: float | None) -> list[Piece]:
     return [p for p in pieces if (start is None or p.end > start) and (end is None or p.start < end)]
+
+
+def spans(pieces: list[Piece]) -> list[tuple[float, float]]:
+    """(start, end) of the times recorded: files that follow one another (within GAP) make one span."""
+    found: list[tuple[float, float]] = []
+    for piece in sorted(pieces, key=lambda p: p.start):
+        if found and piece.start - found[-1][1] <= GAP:
+            found[-1] = (found[-1][0], max(found[-1][1], piece.end))
+        else:
+            found.append((piece.start, piece.end))
+    return found
 
 
 class RecordingSource(Protocol):
