@@ -99,23 +99,30 @@ class Cut:
 
 
 def cuts(pieces: list[Piece], start: float | None, end: float | None) -> list[Cut]:
-    """What of each file a span takes: from the last keyframe at or before start, to the fragment holding end."""
-    found = []
+    """What of each file a span takes: from the last keyframe at or before start, to the fragment holding end.
+    A file that begins before the one ahead of it ended (a worker that took over a recording began at the
+    GOP its relay had cached) is taken from its first keyframe past that end: nothing is played twice."""
+    found: list[Cut] = []
+    covered = start
     for piece in overlapping(pieces, start, end):
         frags = piece.fragments
         first = 0
-        if start is not None:
-            inside = [i for i, f in enumerate(frags) if f[2] + f[3] > start]
+        if covered is not None:
+            inside = [i for i, f in enumerate(frags) if f[2] + f[3] > covered]
             if not inside:
                 continue
             first = inside[0]
-            while first > 0 and not frags[first][4]:
-                first -= 1
+            if found:  # the rest of an overlap: forward to a keyframe
+                first = next((i for i in inside if frags[i][4]), len(frags))
+            else:  # the span's start: back to a keyframe
+                while first > 0 and not frags[first][4]:
+                    first -= 1
         last = len(frags)
         if end is not None:
             last = next((i for i, f in enumerate(frags) if f[2] >= end), len(frags))
         if last > first:
             found.append(Cut(piece, first, last))
+            covered = frags[last - 1][2] + frags[last - 1][3] - GAP / 2
     return found
 
 
