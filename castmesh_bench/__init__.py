@@ -9,9 +9,10 @@ from castmesh.mesh import runtime
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
-    from castmesh_bench import cluster, fanout, ingest, llhls, relay, webrtc, worker
+    from castmesh_bench import cluster, fanout, ingest, jobs, llhls, relay, webrtc, worker
 
     fanout.add_parser(commands)
+    jobs.add_parser(commands)
     worker.add_parser(commands)
     ingest.add_parser(commands)
     webrtc.add_parser(commands)
@@ -21,8 +22,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from castmesh_bench import cluster, fanout, ingest, llhls, relay, webrtc, worker
+    from castmesh_bench import cluster, fanout, ingest, jobs, llhls, relay, webrtc, worker
 
+    if args.bench in ("record", "forward"):
+        return jobs.run(args)
     if args.bench == "worker":
         return worker.run(args)
     if args.bench == "fanout":

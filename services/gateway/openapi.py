@@ -27,6 +27,19 @@ PLAY_QUERY = [{"name": "protocol", "in": "query", "required": False,
               {"name": "sign", "in": "query", "required": False, "schema": {"type": "string"},
                "description": "signed URLs: hex HMAC-SHA256(secret, /{app}/{stream} + expires)"}]
 
+STOPPED = {"description": "Stopped", "content": {"application/json": {
+    "schema": {"type": "object", "properties": {"stopped": {"type": "boolean"}}}}}}
+SPAN_QUERY = [{"name": "start", "in": "query", "required": False, "schema": {"type": "string"},
+               "description": "seconds since the epoch, or an ISO 8601 time"},
+              {"name": "end", "in": "query", "required": False, "schema": {"type": "string"}},
+              {"name": "duration", "in": "query", "required": False, "schema": {"type": "number"},
+               "description": "seconds from start, instead of end"}]
+SPAN = {"type": "object", "properties": {
+    "start": {"type": "number"}, "end": {"type": "number"}, "duration": {"type": "number"},
+    "start_time": {"type": "string"}, "end_time": {"type": "string"},
+    "playlist": {"type": "string", "description": "HLS VOD (EXT-X-PLAYLIST-TYPE:VOD) on a playback node"},
+    "download": {"type": "string", "description": "one MP4 of the span, on a playback node"}}}
+
 DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "castmesh gateway", "version": "1.0.0",
@@ -64,7 +77,7 @@ DOCUMENT: dict[str, Any] = {
                            "schema": {"type": "string", "enum": ["rtmp", "srt"], "default": "rtmp"}}],
             "responses": {"200": _json("Placement", "Where to publish"), "404": PROBLEM, "503": PROBLEM}}},
         "/api/v1/jobs": {"get": {
-            "summary": "Jobs (ABR ladders): source, renditions, the worker running each, state",
+            "summary": "Jobs (ABR ladders, recordings, forwards): source, settings, the worker running each, state",
             "operationId": "listJobs", "responses": {"200": _json("JobList", "The jobs"), "503": PROBLEM}}},
         "/api/v1/streams/{app}/{stream}/abr": {
             "post": {"summary": "Start an ABR ladder for a live stream (renditions {stream}_{name}); it ends with "
@@ -79,9 +92,44 @@ DOCUMENT: dict[str, Any] = {
                                    "404": PROBLEM, "503": PROBLEM}},
             "delete": {"summary": "Stop a stream's ABR ladder", "operationId": "stopLadder",
                        "parameters": _path_params("app", "stream"), "security": [{"bearer": []}],
-                       "responses": {"200": {"description": "Stopped", "content": {"application/json": {
-                           "schema": {"type": "object", "properties": {"stopped": {"type": "boolean"}}}}}},
-                           "401": PROBLEM, "404": PROBLEM, "503": PROBLEM}}},
+                       "responses": {"200": STOPPED, "401": PROBLEM, "404": PROBLEM, "503": PROBLEM}}},
+        "/api/v1/streams/{app}/{stream}/record": {
+            "post": {"summary": "Record a live stream (fMP4 files on a worker); it ends with the stream",
+                     "operationId": "startRecording", "parameters": _path_params("app", "stream"),
+                     "security": [{"bearer": []}],
+                     "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                         "type": "object", "properties": {"segment_seconds": {
+                             "type": "integer", "minimum": 0, "maximum": 86400,
+                             "description": "how long each file lasts (0: the worker's --record-segment)"}}}}}},
+                     "responses": {"200": _json("JobStarted", "Recording already"),
+                                   "201": _json("JobStarted", "Started"), "400": PROBLEM, "401": PROBLEM,
+                                   "404": PROBLEM, "503": PROBLEM}},
+            "delete": {"summary": "Stop recording a stream", "operationId": "stopRecording",
+                       "parameters": _path_params("app", "stream"), "security": [{"bearer": []}],
+                       "responses": {"200": STOPPED, "401": PROBLEM, "404": PROBLEM, "503": PROBLEM}}},
+        "/api/v1/streams/{app}/{stream}/forward": {
+            "post": {"summary": "Push a live stream on to RTMP, RTMPS or SRT URLs, reconnecting with backoff; it "
+                                "ends with the stream", "operationId": "startForward",
+                     "parameters": _path_params("app", "stream"), "security": [{"bearer": []}],
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                         "type": "object", "required": ["targets"], "properties": {"targets": {
+                             "type": "array", "minItems": 1, "maxItems": 8, "items": {"type": "string"},
+                             "description": "rtmp://HOST[:PORT]/APP/KEY, rtmps://..., srt://HOST:PORT?streamid=..."}}}}}},
+                     "responses": {"200": _json("JobStarted", "Forwarding already"),
+                                   "201": _json("JobStarted", "Started"), "400": PROBLEM, "401": PROBLEM,
+                                   "404": PROBLEM, "503": PROBLEM}},
+            "delete": {"summary": "Stop forwarding a stream", "operationId": "stopForward",
+                       "parameters": _path_params("app", "stream"), "security": [{"bearer": []}],
+                       "responses": {"200": STOPPED, "401": PROBLEM, "404": PROBLEM, "503": PROBLEM}}},
+        "/api/v1/recordings": {"get": {
+            "summary": "Streams with recordings on any worker: files and bytes", "operationId": "listRecordedStreams",
+            "responses": {"200": _json("RecordedStreams", "The recorded streams")}}},
+        "/api/v1/recordings/{app}/{stream}": {"get": {
+            "summary": "A stream's recordings: the spans they cover, with a playback node's HLS VOD playlist and "
+                       "MP4 download of each, and every file", "operationId": "listRecordings",
+            "parameters": [*_path_params("app", "stream"), *SPAN_QUERY],
+            "responses": {"200": _json("Recordings", "The recordings"), "400": PROBLEM, "404": PROBLEM,
+                          "503": PROBLEM}}},
         "/api/v1/nodes": {"get": {
             "summary": "Every registered node with role, zone, health and load", "operationId": "listNodes",
             "responses": {"200": _json("NodeList", "The nodes"), "503": PROBLEM}}},
@@ -134,6 +182,12 @@ DOCUMENT: dict[str, Any] = {
         "Job": {"type": "object", "required": ["id", "kind", "app", "stream", "state"], "properties": {
             "id": {"type": "string"}, "kind": {"type": "string"}, "app": {"type": "string"},
             "stream": {"type": "string"}, "source": {"type": "string"}, "ladder": {"type": "string"},
+            "segment_seconds": {"type": "integer"},
+            "targets": {"type": "array", "items": {"type": "object", "properties": {
+                "url": {"type": "string", "description": "with its stream key and password masked"},
+                "state": {"type": "string", "enum": ["unspecified", "connecting", "forwarding", "retrying"]},
+                "detail": {"type": "string"}, "bytes": {"type": "integer"}, "connects": {"type": "integer"},
+                "since_us": {"type": "integer"}}}},
             "renditions": {"type": "array", "items": {"type": "object", "properties": {
                 "name": {"type": "string"}, "width": {"type": "integer"}, "height": {"type": "integer"},
                 "bitrate_kbps": {"type": "integer"}, "frame_rate": {"type": "number"}, "codec": {"type": "string"}}}},
@@ -141,6 +195,17 @@ DOCUMENT: dict[str, Any] = {
             "state": {"type": "string", "enum": ["unspecified", "pending", "starting", "running", "failed", "waiting"]},
             "detail": {"type": "string"}, "outputs": {"type": "array", "items": {"type": "string"}},
             "since_us": {"type": "integer"}}},
+        "RecordedStreams": {"type": "object", "required": ["streams"], "properties": {"streams": {
+            "type": "array", "items": {"type": "object", "properties": {
+                "app": {"type": "string"}, "stream": {"type": "string"}, "files": {"type": "integer"},
+                "bytes": {"type": "integer"}}}}}},
+        "Recordings": {"type": "object", "required": ["spans", "files"], "properties": {
+            "app": {"type": "string"}, "stream": {"type": "string"},
+            "spans": {"type": "array", "items": SPAN},
+            "files": {"type": "array", "items": {"type": "object", "properties": {
+                "worker": {"type": "string"}, "file": {"type": "string"}, "start": {"type": "number"},
+                "duration": {"type": "number"}, "bytes": {"type": "integer"}, "init": {"type": "integer"},
+                "writing": {"type": "boolean"}}}}}},
         "JobList": {"type": "object", "required": ["jobs"], "properties": {
             "jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}}},
         "JobStarted": {"type": "object", "required": ["job"], "properties": {

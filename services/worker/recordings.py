@@ -6,7 +6,8 @@ A worker serves its own on its HTTP port (routes()): GET /recordings (the stream
 epoch narrow it) and /recordings/{app}/{stream}/{file} (the bytes, with Range). Playback nodes and the
 gateway read them through a RecordingSource: LocalRecordings in `castmesh up`, where the worker is in the
 same process, RemoteRecordings in a cluster, which asks every worker with an HTTP port and merges what they
-say (a worker that does not answer within TIMEOUT is left out of that answer, and said to be).
+say (a worker that does not answer within TIMEOUT is left out of that answer, and said to be). Workers may
+share one directory (a volume): a file they all list is listed once.
 """
 
 from __future__ import annotations
@@ -169,9 +170,14 @@ class RemoteRecordings:
     async def files(self, app: str, name: str) -> list[Piece]:
         if not (safe_name(app) and safe_name(name)):
             return []
-        pieces = [Piece.from_json(item) for _, data in await self._ask(f"/recordings/{app}/{name}")
-                  for item in data.get("files", [])]
-        return sorted(pieces, key=lambda p: p.start)
+        pieces: dict[str, Piece] = {}
+        for _, data in await self._ask(f"/recordings/{app}/{name}"):
+            for item in data.get("files", []):
+                piece = Piece.from_json(item)
+                seen = pieces.get(piece.file)
+                if seen is None or (piece.writing and not seen.writing):  # workers sharing one directory all
+                    pieces[piece.file] = piece  # list its files: once, as the one writing it says
+        return sorted(pieces.values(), key=lambda p: p.start)
 
     async def read(self, app: str, name: str, piece: Piece, offset: int, length: int) -> AsyncIterator[bytes]:
         node = next((w for w in await self.workers() if w.id == piece.worker and w.meta.get("http")), None)

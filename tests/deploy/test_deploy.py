@@ -125,6 +125,10 @@ def k8s_environment(objects: dict[tuple[str, str], dict[str, Any]], container: d
     """The container's environment as the kubelet would set it (a pod IP for status.podIP)."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
+        if "secretRef" in source:  # (optional Secrets the deployment does not define: the user's own)
+            assert source["secretRef"].get("optional") is True and ("Secret", source["secretRef"]["name"]) \
+                not in objects
+            continue
         env.update(objects[("ConfigMap", source["configMapRef"]["name"])]["data"])
     for item in container.get("env", []):
         if "value" in item:
@@ -238,3 +242,27 @@ def test_workers_scale_on_their_own_in_compose_and_on_cpu_in_kubernetes(
     assert {"name": "http", "containerPort": 8092} in container["ports"]
     expose = re.search(r"^EXPOSE (.+)$", (DEPLOY / "Dockerfile").read_text(), re.M)
     assert expose and "8092" in expose[1].split()
+
+
+def test_workers_record_to_a_volume_with_rules_on_dispatch_in_compose_and_kubernetes(
+        compose: dict[str, Any], kubernetes: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Recordings: workers write to /recordings (a volume every compose replica shares; the pod's own disk in
+    Kubernetes), owned by the image's unprivileged user; dispatch reads the record and forward rules; uploads
+    and retention come from the environment."""
+    worker = compose["services"]["worker"]
+    resolved = check_config(worker["command"], {**environment(worker), "CASTMESH_RECORD_UPLOAD":
+                                                "s3://recs?endpoint=http://minio:9000"})
+    assert resolved["record_dir"] == "/recordings" and resolved["record_max_age"] == 7 * 86400
+    assert resolved["record_upload"] == "s3://recs?endpoint=http://minio:9000"
+    assert "recordings:/recordings" in worker["volumes"] and "recordings" in compose["volumes"]
+    dispatch = compose["services"]["dispatch"]
+    rules = check_config(dispatch["command"], {**environment(dispatch), "CASTMESH_RECORD": "live=300",
+                                               "CASTMESH_FORWARD": "live=rtmp://a.example/live/{name}"})
+    assert rules["record"] == "live=300" and rules["forward"] == "live=rtmp://a.example/live/{name}"
+    spec = kubernetes[("Deployment", "worker")]["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    resolved = check_config(container["args"], k8s_environment(kubernetes, container))
+    assert resolved["record_dir"] == "/recordings" and resolved["record_max_age"] == 7 * 86400
+    assert {"name": "recordings", "mountPath": "/recordings"} in container["volumeMounts"]
+    assert any(v["name"] == "recordings" and "emptyDir" in v for v in spec["volumes"])
+    assert "chown castmesh /recordings" in (DEPLOY / "Dockerfile").read_text()
