@@ -49,7 +49,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check castmesh castmesh_bench services tests tools
 	$(VENV)/bin/mypy
 
-test: lint browser web srt
+test: lint browser web srt peers
 	$(VENV)/bin/pytest
 
 proto: $(STAMP)
@@ -58,10 +58,11 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/castmesh bench fanout $(or $(ARGS),--viewers 100 --seconds 20)
 
-# The peer the latency benchmarks run beside castmesh (castmesh bench fanout --server nginx-rtmp).
+# nginx-rtmp: the peer the latency benchmarks run beside castmesh (castmesh bench fanout --server nginx-rtmp),
+# and the real RTMP server forwards are tested against (tests/integration/test_forward.py).
 peers:
 	@{ command -v nginx >/dev/null && [ -e /usr/lib/nginx/modules/ngx_rtmp_module.so ]; } || { \
-		echo "installing Debian's nginx with libnginx-mod-rtmp for the benchmarks"; \
+		echo "installing Debian's nginx with libnginx-mod-rtmp (forward tests, benchmarks)"; \
 		$(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
 			nginx-light libnginx-mod-rtmp; }
 

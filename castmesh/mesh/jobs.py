@@ -21,9 +21,9 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from castmesh.media.frames import stream_path
+from castmesh.mesh.targets import parse_target
 from castmesh.proto.v1.dispatch_pb2 import JobSpec, Rendition
 from castmesh.proto.v1.media_pb2 import StreamKey
 
@@ -36,7 +36,6 @@ ABR, RECORD, FORWARD = "abr", "record", "forward"
 KINDS = (ABR, RECORD, FORWARD)
 SEGMENT_SECONDS = (1, 86_400)  # a recording's files last from a second to a day
 MAX_TARGETS = 8
-FORWARD_SCHEMES = ("rtmp", "rtmps", "srt")
 
 
 class JobError(ValueError):
@@ -164,16 +163,9 @@ def check_spec(spec: JobSpec) -> None:
 
 def check_target(url: str) -> None:
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - a port that is not a number raises here
+        parse_target(url)
     except ValueError as exc:
-        raise JobError(f"{url!r}: {exc}") from None
-    if parts.scheme not in FORWARD_SCHEMES:
-        raise JobError(f"{url!r}: a forward goes to {', '.join(s + '://' for s in FORWARD_SCHEMES)} URLs")
-    if not parts.hostname:
-        raise JobError(f"{url!r}: no host")
-    if parts.scheme != "srt" and len([p for p in parts.path.split("/") if p]) < 2:
-        raise JobError(f"{url!r}: an RTMP URL names an app and a stream key: rtmp://HOST[:PORT]/APP/KEY")
+        raise JobError(str(exc)) from None
 
 
 def matching(rules: list[Rule], app: str, kind: str = ABR) -> Rule | None:

@@ -46,7 +46,7 @@ EASYNCRCV, EASYNCSND = 6002, 6001
 ECONNLOST, EINVSOCK = 2001, 5004
 
 # socket states
-SRTS_CONNECTED, SRTS_BROKEN, SRTS_CLOSING, SRTS_CLOSED, SRTS_NONEXIST = 5, 6, 7, 8, 9
+SRTS_CONNECTING, SRTS_CONNECTED, SRTS_BROKEN, SRTS_CLOSING, SRTS_CLOSED, SRTS_NONEXIST = 4, 5, 6, 7, 8, 9
 
 # reject reasons an application may give (access_control.h): 1000 + the HTTP-like code
 REJX_BAD_REQUEST, REJX_UNAUTHORIZED, REJX_FORBIDDEN, REJX_NOTFOUND = 1400, 1401, 1403, 1404
@@ -194,6 +194,25 @@ def peer_of(sock: int) -> str:
     if lib().srt_getpeername(sock, buffer, ctypes.byref(size)) == ERROR:
         return "?"
     return parse_sockaddr(ctypes.addressof(buffer))
+
+
+def connect(sock: int, host: str, port: int) -> None:
+    """Call host:port (an IP address) as a caller. On a socket with SRTO_RCVSYN off this returns at once and
+    the connection goes on in libsrt's threads: state() says when it is made, reject_reason() why not."""
+    address = sockaddr(host, port)
+    check("srt_connect", lib().srt_connect(sock, address, len(address)))
+
+
+def state(sock: int) -> int:
+    """The socket's SRTS_* state."""
+    return int(lib().srt_getsockstate(sock))
+
+
+def reject_reason(sock: int) -> str:
+    """Why a connection was not made, as libsrt words it, with its code (1000 and up: the listener's own)."""
+    srt = lib()
+    code = int(srt.srt_getrejectreason(sock))
+    return f"{(srt.srt_rejectreason_str(code) or b'').decode(errors='replace')} ({code})"
 
 
 def set_int(sock: int, option: int, value: int) -> None:

@@ -190,6 +190,9 @@ class JobBoard:
         if job.outputs:
             del entry.job.outputs[:]
             entry.job.outputs.extend(job.outputs)
+        if job.targets:  # a forward's destinations, each with its state
+            del entry.job.targets[:]
+            entry.job.targets.extend(job.targets)
         if job.state == Job.STATE_FAILED:
             worker.jobs.discard(job.id)
             entry.job.worker = ""

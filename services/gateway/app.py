@@ -46,6 +46,7 @@ from castmesh.mesh.catalog import LISTING_TTL, Catalog
 from castmesh.mesh.jobs import ABR, FORWARD, RECORD, ladder_text, parse_ladder
 from castmesh.mesh.logs import event
 from castmesh.mesh.ring import BoundedRing
+from castmesh.mesh.targets import masked
 from castmesh.proto.v1.admin_pb2 import KickRequest
 from castmesh.proto.v1.admin_pb2_grpc import AdminStub
 from castmesh.proto.v1.dispatch_pb2 import (
@@ -66,7 +67,6 @@ from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from services.gateway.openapi import DOCUMENT, docs_page
 from services.playback.recordings import SpanError
 from services.playback.recordings import span as recording_span
-from services.worker.forward import masked
 from services.worker.recordings import RecordingSource, RemoteRecordings, overlapping, spans
 from services.worker.thumbs import pick_worker, worker_url
 

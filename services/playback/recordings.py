@@ -210,8 +210,8 @@ class RecordingRoutes:
         first, last = 0, piece.size - 1
         ranged = request.headers.get("range", "") if not part else ""
         if part:
-            offset, _, length = part.removesuffix(".m4s").partition("-")
-            first, last = int(offset), int(offset) + int(length) - 1
+            offset, _, count = part.removesuffix(".m4s").partition("-")
+            first, last = int(offset), int(offset) + int(count) - 1
             if not 0 <= first <= last < piece.size:
                 session.respond(404, b"no such part of the recording\n", [NO_CACHE])
                 return

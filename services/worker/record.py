@@ -366,7 +366,7 @@ class RecordJob:
         if not (safe_name(self.app) and safe_name(self.name)):
             return StreamEnd(reason=StreamEnd.REASON_UNSPECIFIED,
                              detail=f"{self.app}/{self.name} cannot be a directory name")
-        self.job.state, self.job.detail = Job.STATE_RUNNING, ""  # type: ignore[assignment]
+        self.job.state, self.job.detail = Job.STATE_RUNNING, ""
         self.report(self.job)
         subscription = self.subscribe(self.job.spec.stream, self._on_header, self._on_frames)
         try:
