@@ -58,13 +58,15 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/castmesh bench fanout $(or $(ARGS),--viewers 100 --seconds 20)
 
-# nginx-rtmp: the peer the latency benchmarks run beside castmesh (castmesh bench fanout --server nginx-rtmp),
-# and the real RTMP server forwards are tested against (tests/integration/test_forward.py).
+# Real servers at the far end: nginx-rtmp, the peer the latency benchmarks run beside castmesh (castmesh
+# bench fanout --server nginx-rtmp) and the RTMP server forwards and pulls are tested against; rtsp-server-perl,
+# the RTSP server pulls are tested against (tests/integration/test_forward.py, test_pull.py).
 peers:
-	@{ command -v nginx >/dev/null && [ -e /usr/lib/nginx/modules/ngx_rtmp_module.so ]; } || { \
-		echo "installing Debian's nginx with libnginx-mod-rtmp (forward tests, benchmarks)"; \
+	@{ command -v nginx >/dev/null && [ -e /usr/lib/nginx/modules/ngx_rtmp_module.so ] \
+		&& command -v rtsp-server-perl >/dev/null; } || { \
+		echo "installing Debian's nginx with libnginx-mod-rtmp and rtsp-server-perl (forward and pull tests, benchmarks)"; \
 		$(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-			nginx-light libnginx-mod-rtmp; }
+			nginx-light libnginx-mod-rtmp rtsp-server-perl; }
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

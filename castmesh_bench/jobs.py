@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from castmesh.media.flv import FlvReader
+from castmesh_bench import nginx_rtmp
 from castmesh_bench.common import cpu_seconds, free_port, make_clip, rss_mb, spawn, stop_all
 from castmesh_bench.ingest import rtmp_load
 from castmesh_bench.nginx_rtmp import MODULE
@@ -54,29 +55,14 @@ def clip_bytes_per_second(clip: Path, seconds: float) -> float:
     return sum(len(t.payload) for t in tags) / (tags[-1].timestamp / 1000)
 
 
-def nginx(out: Path, port: int) -> subprocess.Popen[bytes]:
-    conf = out / "nginx-bench.conf"
-    conf.write_text(f"""load_module {MODULE};
-daemon off; master_process off; worker_processes 1; pid {out}/nginx-bench.pid; error_log {out}/nginx-bench.log warn;
-events {{ worker_connections 4096; }}
-rtmp {{ server {{ listen {HOST}:{port}; application bench {{ live on; }} }} }}
-""")
-    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(out)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    if proc.poll() is not None:
-        raise RuntimeError(f"nginx did not start: see {out}/nginx-bench.log (make peers installs it)")
-    return proc
-
-
 def one_run(kind: str, streams: int, seconds: float, clip: Path, out: Path, worker_cpus: set[int] | None,
             load_cpus: set[int] | None) -> dict[str, Any]:
     dispatch_port, relay_port, rtmp_port, metrics_port, far_port = (free_port() for _ in range(5))
     record_dir = Path(tempfile.mkdtemp(prefix="castmesh-bench-rec-", dir=out))
     rule = ["--record", "bench=60"] if kind == "record" else \
-        ["--forward", f"bench=rtmp://{HOST}:{far_port}/bench/{{name}}"]
+        ["--forward", f"bench=rtmp://{HOST}:{far_port}/live/{{name}}"]
     procs: list[subprocess.Popen[bytes]] = []
-    far = nginx(out, far_port) if kind == "forward" else None
+    far = nginx_rtmp.start(far_port, out, load_cpus) if kind == "forward" else None
     try:
         procs.append(spawn(["serve", "dispatch", "--host", HOST, "--grpc-port", str(dispatch_port), *rule],
                            load_cpus))
@@ -118,8 +104,7 @@ def one_run(kind: str, streams: int, seconds: float, clip: Path, out: Path, work
     finally:
         stop_all(procs)
         if far is not None:
-            far.terminate()
-            far.wait(10)
+            nginx_rtmp.stop(far)
         subprocess.run(["rm", "-rf", str(record_dir)], check=False)
     elapsed = wall1 - wall0
     cpu = (cpu1 - cpu0) / elapsed * 100

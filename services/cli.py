@@ -38,7 +38,7 @@ from castmesh.mesh.consul import ConsulNodes, ConsulRegistry
 from castmesh.mesh.consul import client_from_env as consul_client
 from castmesh.mesh.hooks import Hooks
 from castmesh.mesh.jobs import ABR as ABR_KIND
-from castmesh.mesh.jobs import FORWARD, RECORD, JobError, Rule, parse_rules
+from castmesh.mesh.jobs import FORWARD, PULL, RECORD, JobError, Rule, parse_rules
 from castmesh.mesh.registry import DispatchRegistry, Registry
 from castmesh.mesh.subscription import Locate, dispatch_upstream, fixed_upstream
 from castmesh.mesh.tls import serve_tls, tls_context
@@ -219,7 +219,7 @@ def _rules(kind: str) -> Callable[[str], str]:
 
 def _job_rules(cfg: dict[str, Any]) -> list[Rule]:
     return [*parse_rules(cfg["abr"], ABR_KIND), *parse_rules(cfg["record"], RECORD),
-            *parse_rules(cfg["forward"], FORWARD)]
+            *parse_rules(cfg["forward"], FORWARD), *parse_rules(cfg["pull"], PULL)]
 
 
 ABR = Option("--abr", "", "ABR ladder rules: APP_PATTERN=LADDER, several separated by ';'. A ladder is "
@@ -230,7 +230,11 @@ RECORD_RULES = Option("--record", "", "recording rules: APP_PATTERN[=SEGMENT_SEC
 FORWARD_RULES = Option("--forward", "", "forwarding rules: APP_PATTERN=URL[ URL...], several separated by ';'; a URL "
                        "(rtmp://, rtmps://, srt://) may name {app} and {name}, e.g. "
                        "'live=rtmp://a.example/live/{name}'. Workers push them; empty: none", _rules(FORWARD))
-JOB_RULES = [ABR, RECORD_RULES, FORWARD_RULES]
+PULL_RULES = Option("--pull", "", "pulled sources: APP/STREAM=URL[ ondemand[=IDLE_SECONDS]], several separated by ';'; "
+                    "URL is rtsp://, rtmp://, an HLS playlist's http(s):// or srt://, and may name {app} and {name}; "
+                    "a pattern (cams/*) pulls on demand only, e.g. 'cams/*=rtsp://nvr/{name} ondemand'",
+                    _rules(PULL))
+JOB_RULES = [ABR, RECORD_RULES, FORWARD_RULES, PULL_RULES]
 MAX_JOBS = Option("--max-jobs", 4, "jobs (ABR ladders, recordings, forwards) this worker runs at once",
                   config.positive)
 RECORD_DIR = Option("--record-dir", "recordings", "where this worker writes recordings: DIR/APP/STREAM/*.mp4")

@@ -13,7 +13,12 @@ Rules say which apps get which job: several separated by ";", the first of a kin
     abr:     APP_PATTERN=LADDER
     record:  APP_PATTERN[=SEGMENT_SECONDS]           live*=300;cams
     forward: APP_PATTERN=URL[ URL...]                live=rtmp://a.example/live/{name} srt://b:9000?streamid={app}/{name}
-A forward URL may name the stream's {app} and {name}; its scheme is rtmp, rtmps or srt.
+    pull:    APP/STREAM_PATTERN=URL[ ondemand[=IDLE_SECONDS]]
+             cams/door=rtsp://10.0.0.5/h264;cams/*=rtsp://nvr/{name} ondemand
+A forward URL may name the stream's {app} and {name}; its scheme is rtmp, rtmps or srt. A pull makes the
+stream APP/STREAM from the URL (rtsp, rtsps, rtmp, rtmps, an HLS playlist's http or https, srt): always (the
+pattern must then name one stream), or on demand: started by the first viewer of a matching stream, ended
+IDLE_SECONDS (10) after the last. Pull rules are matched on APP/STREAM, the others on APP.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from castmesh.media.frames import stream_path
-from castmesh.mesh.targets import parse_target
+from castmesh.mesh.targets import masked, parse_target
 from castmesh.proto.v1.dispatch_pb2 import JobSpec, Rendition
 from castmesh.proto.v1.media_pb2 import StreamKey
 
@@ -32,8 +38,12 @@ MAX_RENDITIONS = 8
 MAX_SIDE = 7680  # pixels: 8K
 MAX_KBPS = 100_000
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,31}$")
-ABR, RECORD, FORWARD = "abr", "record", "forward"
-KINDS = (ABR, RECORD, FORWARD)
+ABR, RECORD, FORWARD, PULL = "abr", "record", "forward", "pull"
+KINDS = (ABR, RECORD, FORWARD, PULL)
+STREAM_KINDS = (ABR, RECORD, FORWARD)  # what rules give a published stream
+PULL_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "srt")
+IDLE_SECONDS = (1, 3600)
+DEFAULT_IDLE = 10
 SEGMENT_SECONDS = (1, 86_400)  # a recording's files last from a second to a day
 MAX_TARGETS = 8
 
@@ -120,7 +130,9 @@ def parse_rules(text: str, kind: str = ABR) -> list[Rule]:
             continue
         pattern, sep, value = (part.strip() for part in item.partition("="))
         if not pattern or (kind != RECORD and not sep):
-            raise JobError(f"{item!r}: a rule is APP_PATTERN={'LADDER' if kind == ABR else 'URL[ URL...]'}")
+            form = {ABR: "APP_PATTERN=LADDER", FORWARD: "APP_PATTERN=URL[ URL...]",
+                    PULL: "APP/STREAM=URL[ ondemand[=IDLE_SECONDS]]"}.get(kind, "APP_PATTERN")
+            raise JobError(f"{item!r}: a rule is {form}")
         spec = JobSpec(kind=kind, source=f"rule:{pattern}")
         try:
             if kind == ABR:
@@ -131,6 +143,19 @@ def parse_rules(text: str, kind: str = ABR) -> list[Rule]:
                 spec.segment_seconds = int(value or 0)
             elif kind == FORWARD:
                 spec.targets.extend(value.split())
+            elif kind == PULL:
+                url, *options = value.split()
+                app, slash, name = pattern.partition("/")
+                if not slash or not app or not name or "/" in name:
+                    raise JobError("a pull rule names APP/STREAM (a pattern: cams/*)")
+                spec.url = url
+                for option in options:
+                    word, _, idle = option.partition("=")
+                    if word != "ondemand" or (idle and not idle.isdigit()):
+                        raise JobError(f"{option!r}: after the URL comes ondemand or ondemand=IDLE_SECONDS")
+                    spec.on_demand, spec.idle_seconds = True, int(idle or 0)
+                if not spec.on_demand and any(c in pattern for c in "*?["):
+                    raise JobError(f"{pattern!r} names no one stream: a pattern pulls on demand only")
             else:
                 raise JobError(f"no job kind {kind!r} ({', '.join(KINDS)})")
             check_spec(spec)
@@ -148,6 +173,11 @@ def check_spec(spec: JobSpec) -> None:
         low, high = SEGMENT_SECONDS
         if spec.segment_seconds and not low <= spec.segment_seconds <= high:
             raise JobError(f"a recording's segments last {low} to {high} seconds")
+    elif spec.kind == PULL:
+        check_source(spec.url.replace("{app}", "app").replace("{name}", "name"))
+        low, high = IDLE_SECONDS
+        if spec.idle_seconds and not low <= spec.idle_seconds <= high:
+            raise JobError(f"an on-demand pull's idle time is {low} to {high} seconds")
     elif spec.kind == FORWARD:
         if not spec.targets:
             raise JobError("a forward needs at least one URL")
@@ -168,18 +198,33 @@ def check_target(url: str) -> None:
         raise JobError(str(exc)) from None
 
 
-def matching(rules: list[Rule], app: str, kind: str = ABR) -> Rule | None:
-    return next((r for r in rules if r.spec.kind == kind and fnmatch.fnmatchcase(app, r.pattern)), None)
+def check_source(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError as exc:
+        raise JobError(f"{masked(url)}: {exc}") from None
+    if parts.scheme.lower() not in PULL_SCHEMES:
+        raise JobError(f"{masked(url)}: a pull's source is {', '.join(s + '://' for s in PULL_SCHEMES)}")
+    if not parts.hostname:
+        raise JobError(f"{masked(url)}: no host")
+
+
+def matching(rules: list[Rule], app: str, kind: str = ABR, name: str = "") -> Rule | None:
+    """The first rule of `kind` for the app (a pull rule: for the stream app/name)."""
+    subject = f"{app}/{name}" if kind == PULL else app
+    return next((r for r in rules if r.spec.kind == kind and fnmatch.fnmatchcase(subject, r.pattern)), None)
 
 
 def spec_for(rule: Rule, key: StreamKey) -> JobSpec:
-    """The job `rule` gives the stream `key`: forward URLs with its {app} and {name} filled in."""
+    """The job `rule` gives the stream `key`: forward and pull URLs with its {app} and {name} filled in."""
     spec = JobSpec()
     spec.CopyFrom(rule.spec)
     spec.stream.CopyFrom(key)
     targets = [url.replace("{app}", key.app).replace("{name}", key.name) for url in spec.targets]
     del spec.targets[:]
     spec.targets.extend(targets)
+    spec.url = spec.url.replace("{app}", key.app).replace("{name}", key.name)
     return spec
 
 

@@ -5,8 +5,9 @@ subscribes there; if that relay fails it locates again, avoiding it, and re-subs
 what a new upstream's GOP cache repeats within the same publish session and waits for a keyframe when
 the session changes, so consumers see one unbroken stream.
 
-It ends (run() returns the StreamEnd) when the publisher unpublished, when nobody has the stream at the
-first attempt (NOT_FOUND, so a viewer gets its 404 at once), or when no upstream has had it for
+It ends (run() returns the StreamEnd) when the publisher unpublished, when nobody has the stream at the first
+attempt (NOT_FOUND, so a viewer gets its 404 at once; unless dispatch says it is PENDING: an on-demand pull
+being started for this very viewer, waited for within the retry window), or when no upstream has had it for
 `retry_for` seconds (UPSTREAM_LOST, never UNPUBLISHED: an edge passes it on, and whoever follows the edge
 looks elsewhere). That window counts from the loss, not from the stream's start or its last header, and is
 given back once new frames flow (castmesh.mesh.retry). A relay that failed, or said it lost the stream, is
@@ -45,8 +46,10 @@ from castmesh.proto.v1.relay_pb2 import StreamEnd, SubscribeOpen
 log = logging.getLogger("castmesh.subscription")
 
 Locate = Callable[[StreamKey, set[str]], Awaitable[str | None]]
+PENDING = ""  # what a Locate answers for a stream not published yet but being started: ask again
 
 RETRY_EVERY = 0.1
+PENDING_EVERY = 0.25  # seconds between asking again for a stream being started
 AVOID_FOR = 3.0  # seconds a relay that failed is passed over when locating
 # Ends that mean "not from here", not "the stream is over": look elsewhere.
 LOOK_ELSEWHERE = (StreamEnd.REASON_SHUTDOWN, StreamEnd.REASON_UPSTREAM_LOST)
@@ -81,7 +84,7 @@ def dispatch_upstream(dispatch: DispatchStub, zone: str = "", origin_only: bool 
             event(log, "locate.recovered")
             failing = False
         if not reply.found:
-            return None
+            return PENDING if reply.pending else None
         return next((a for a in (reply.edge, reply.origin) if a and a not in avoid), None)
 
     return locate
@@ -120,6 +123,9 @@ class UpstreamSubscription:
         self.window.lose()  # nothing yet: the first attempts are retries too
         while not self.window.expired():
             address = await self.locate(self.key, self.avoid.current())
+            if address == PENDING:  # being started (an on-demand pull): within the window, as any retry
+                await asyncio.sleep(PENDING_EVERY)
+                continue
             if address is None:
                 if not self.live:
                     return StreamEnd(reason=StreamEnd.REASON_NOT_FOUND, detail="nobody is publishing this stream")

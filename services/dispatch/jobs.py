@@ -7,9 +7,15 @@ another at once. A worker runs a job only under the job's lease in the directory
 publish's), so two dispatches, or a dispatch that restarted and lost its board, never get one job run
 twice: the second worker is refused the lease and says so, and the job waits for the holder to let go.
 
-Jobs are ABR ladders, recordings and forwards (castmesh.mesh.jobs), a stream having at most one of each.
-A job ends with its source stream (unpublished after its grace), or when the API stops it. The streams a
-job publishes (an ABR ladder's renditions) never match a rule themselves.
+Jobs are ABR ladders, recordings, forwards and pulls (castmesh.mesh.jobs), a stream having at most one of
+each. A job ends with its source stream (unpublished after its grace), or when the API stops it. The streams
+a job publishes (an ABR ladder's renditions) never match a rule themselves; a pulled stream does, like any
+published one.
+
+A pull is the other way round: its stream is what it publishes, so it does not end with it. An always-on
+pull (a rule naming one stream, or the API) is a job from the start; an on-demand one (a rule with a
+pattern) becomes a job when a viewer's Locate finds its stream unpublished (demand()), and ends by itself
+once nobody has watched for its idle time (its worker reports it DONE).
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from castmesh.media.frames import path_of, stream_path
-from castmesh.mesh.jobs import KINDS, Rule, job_id, matching, outputs, spec_for
+from castmesh.media.frames import path_of, stream_key, stream_path
+from castmesh.mesh.jobs import PULL, STREAM_KINDS, Rule, job_id, matching, outputs, spec_for
 from castmesh.mesh.logs import event
 from castmesh.mesh.retry import Clock
 from castmesh.proto.v1.dispatch_pb2 import Job, JobSpec, NodeLoad, StreamInfo, WorkOrder
@@ -73,6 +79,10 @@ class JobBoard:
         self.workers: dict[str, WorkerEntry] = {}
         self.live: dict[str, StreamInfo] = {}  # published streams by path
         self.made: set[str] = set()  # paths of streams that jobs publish
+        for rule in self.rules:
+            if rule.spec.kind == PULL and not rule.spec.on_demand:
+                app, _, name = rule.pattern.partition("/")
+                self.add(spec_for(rule, stream_key(app, name)))
 
     # Streams ----------------------------------------------------------------------------------------------
 
@@ -84,15 +94,26 @@ class JobBoard:
                 entry.provisional_until = 0.0  # its source is back: the adopted job stays
         if path in self.made:
             return
-        for kind in KINDS:
+        for kind in STREAM_KINDS:
             rule = matching(self.rules, info.stream.app, kind)
             if rule is not None:
                 self.add(spec_for(rule, info.stream))
 
+    def demand(self, key: StreamKey) -> bool:
+        """A viewer wants a stream nobody publishes: True if a pull is making it (started now if an
+        on-demand rule names it), so the viewer waits for it."""
+        if job_id(PULL, key) in self.jobs:
+            return True
+        rule = matching(self.rules, key.app, PULL, key.name)
+        if rule is None or not rule.spec.on_demand:
+            return False
+        return self.add(spec_for(rule, key))[0]
+
     def unpublished(self, info: StreamInfo) -> None:
         path = stream_path(info.stream)
         self.live.pop(path, None)
-        for entry in [e for e in self.jobs.values() if stream_path(e.job.spec.stream) == path]:
+        for entry in [e for e in self.jobs.values()
+                      if stream_path(e.job.spec.stream) == path and e.job.spec.kind != PULL]:
             self.remove(entry.job.id, "the source stream ended")
 
     # Jobs -------------------------------------------------------------------------------------------------
@@ -100,7 +121,7 @@ class JobBoard:
     def add(self, spec: JobSpec) -> tuple[bool, str, Job | None]:
         """A job for `spec` (placed now if a worker has room); (False, why) if its source is not live."""
         path = stream_path(spec.stream)
-        if path not in self.live:
+        if path not in self.live and spec.kind != PULL:
             return False, f"{path} is not being published", None
         if path in self.made:
             return False, f"{path} is made by a job itself", None
@@ -147,7 +168,7 @@ class JobBoard:
         for job in running:
             entry = self.jobs.get(job.id)
             if entry is None:  # a restarted dispatch: the worker knows; its source may not be listed yet
-                listed = stream_path(job.spec.stream) in self.live
+                listed = stream_path(job.spec.stream) in self.live or job.spec.kind == PULL
                 entry = self.jobs[job.id] = JobEntry(Job(id=job.id, spec=job.spec, outputs=job.outputs),
                                                      provisional_until=0.0 if listed else self.clock() + REJOIN)
                 self._outputs_changed()
@@ -180,6 +201,12 @@ class JobBoard:
     def report(self, worker: WorkerEntry, job: Job) -> None:
         """What a worker says became of a job."""
         entry = self.jobs.get(job.id)
+        if job.state == Job.STATE_DONE:  # (an on-demand pull nobody watched)
+            if entry is not None and entry.job.worker == worker.id:
+                worker.jobs.discard(job.id)
+                entry.job.worker = ""
+                self.remove(job.id, job.detail or "done")
+            return
         if job.state == Job.STATE_FAILED:
             worker.send(WorkOrder(stop=job.id))  # whatever is left of it there ends: its lease is let go
         if entry is None or entry.job.worker != worker.id or self.workers.get(worker.id) is not worker:

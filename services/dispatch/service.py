@@ -25,11 +25,12 @@ import grpc
 
 from castmesh.media.frames import stream_path
 from castmesh.mesh import grpcutil, runtime
-from castmesh.mesh.jobs import ABR, JobError, check_spec, job_id, lease_key
+from castmesh.mesh.jobs import ABR, PULL, JobError, Rule, check_spec, job_id, lease_key
 from castmesh.mesh.logs import event
 from castmesh.mesh.retry import RecentFailures
 from castmesh.proto.v1 import dispatch_pb2_grpc
 from castmesh.proto.v1.dispatch_pb2 import (
+    Job,
     JobReply,
     JobSpec,
     LeaseReply,
@@ -189,7 +190,7 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
         info = await self.directory.get(request.stream)
         avoid = set(request.avoid)
         if info is None or not info.origin or info.origin in avoid:
-            return LocateReply(found=False)
+            return LocateReply(found=False, pending=info is None and self.board.demand(request.stream))
         reply = LocateReply(found=True, origin=info.origin, holder=info.holder)
         if not request.origin_only:
             edge = pick_edge(await self.directory.nodes(), request.zone, stream_path(request.stream), avoid)
@@ -250,12 +251,21 @@ class DispatchService(dispatch_pb2_grpc.DispatchServicer):
             check_spec(spec)
         except JobError as exc:
             return JobReply(ok=False, detail=str(exc))
+        if spec.kind == PULL and spec.on_demand:  # a rule for this one stream: a job once someone watches
+            self.board.rules = [r for r in self.board.rules if r.pattern != stream_path_of(spec)]
+            self.board.rules.insert(0, Rule(stream_path_of(spec), spec))
+            return JobReply(ok=True, detail="added: pulled when watched", job=Job(
+                id=job_id(PULL, spec.stream), spec=spec, state=Job.STATE_PENDING, detail="waiting for a viewer"))
         ok, detail, job = self.board.add(spec)
         return JobReply(ok=ok, detail=detail, job=job)
 
     async def StopJob(self, request: JobSpec, context: grpc.aio.ServicerContext) -> JobReply:
         ident = job_id(request.kind or ABR, request.stream)
-        if not self.board.remove(ident, "stopped through the API"):
+        ruled = len(self.board.rules)
+        if request.kind == PULL:  # an on-demand pull the API asked for is a rule as well
+            self.board.rules = [r for r in self.board.rules
+                                if not (r.spec.source == "api" and r.pattern == stream_path_of(request))]
+        if not self.board.remove(ident, "stopped through the API") and ruled == len(self.board.rules):
             return JobReply(ok=False, detail=f"no job {ident}")
         return JobReply(ok=True, detail="stopped")
 
@@ -274,3 +284,8 @@ async def start(host: str, port: int, directory: Directory | None = None,
     service.start()
     await grpcutil.mark_serving(health, "castmesh.v1.Dispatch")
     return server, bound, service
+
+
+def stream_path_of(spec: JobSpec) -> str:
+    """APP/STREAM, as a pull rule's pattern names one stream."""
+    return f"{spec.stream.app}/{spec.stream.name}"

@@ -43,7 +43,7 @@ from castmesh.media.frames import stream_key, stream_path
 from castmesh.mesh import grpcutil, tracing
 from castmesh.mesh.auth import Signer
 from castmesh.mesh.catalog import LISTING_TTL, Catalog
-from castmesh.mesh.jobs import ABR, FORWARD, RECORD, ladder_text, parse_ladder
+from castmesh.mesh.jobs import ABR, FORWARD, PULL, RECORD, ladder_text, parse_ladder
 from castmesh.mesh.logs import event
 from castmesh.mesh.ring import BoundedRing
 from castmesh.mesh.targets import masked
@@ -116,6 +116,8 @@ class Gateway:
         r.add_delete(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}/record", self.stop_recording)
         r.add_post(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}/forward", self.start_forward)
         r.add_delete(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}/forward", self.stop_forward)
+        r.add_post(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}/pull", self.start_pull)
+        r.add_delete(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}/pull", self.stop_pull)
         r.add_get("/api/v1/recordings", self.recorded_streams)
         r.add_get(f"/api/v1/recordings/{{app:{NAME}}}/{{stream:{NAME}}}", self.recorded)
         r.add_delete(f"/api/v1/streams/{{app:{NAME}}}/{{stream:{NAME}}}", self.kick_publisher)
@@ -355,6 +357,23 @@ class Gateway:
             return problem(400, "Bad Request", 'the body is {"targets": ["rtmp://HOST/APP/KEY", ...]}')
         return await self._start_job(request, JobSpec(kind=FORWARD, targets=targets))
 
+    async def start_pull(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json() if request.can_read_body else None
+        except (ValueError, UnicodeDecodeError) as exc:
+            return problem(400, "Bad Request", f"the body is not JSON: {exc}")
+        shape = '{"url": "rtsp://...", "on_demand": false, "idle_seconds": 10}'
+        if not isinstance(body, dict) or not isinstance(body.get("url"), str):
+            return problem(400, "Bad Request", f"the body is {shape}")
+        on_demand, idle = body.get("on_demand", False), body.get("idle_seconds", 0)
+        if not isinstance(on_demand, bool) or not isinstance(idle, int) or isinstance(idle, bool) or idle < 0:
+            return problem(400, "Bad Request", f"the body is {shape}")
+        return await self._start_job(request, JobSpec(kind=PULL, url=body["url"], on_demand=on_demand,
+                                                      idle_seconds=idle))
+
+    async def stop_pull(self, request: web.Request) -> web.Response:
+        return await self._stop_job(request, PULL)
+
     async def stop_ladder(self, request: web.Request) -> web.Response:
         return await self._stop_job(request, ABR)
 
@@ -375,7 +394,7 @@ class Gateway:
             return problem(status, "Not Found" if status == 404 else "Bad Request", reply.detail)
         event(log, "gateway.job_started", job=reply.job.id, detail=reply.detail)
         return web.json_response({"job": job_json(reply.job), "detail": reply.detail},
-                                 status=201 if reply.detail == "added" else 200)
+                                 status=201 if reply.detail.startswith("added") else 200)
 
     async def _stop_job(self, request: web.Request, kind: str) -> web.Response:
         self._authorize(request)
@@ -504,6 +523,8 @@ def job_json(job: Job) -> dict[str, Any]:
                               "frame_rate": r.frame_rate, "codec": r.codec} for r in spec.renditions]
     elif spec.kind == RECORD:
         out["segment_seconds"] = spec.segment_seconds
+    elif spec.kind == PULL:
+        out.update(url=masked(spec.url), on_demand=spec.on_demand, idle_seconds=spec.idle_seconds)
     elif spec.kind == FORWARD:  # a URL's stream key and password are secrets: never shown
         states = {t.url: t for t in job.targets}
         out["targets"] = [{"url": masked(url), **({

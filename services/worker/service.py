@@ -25,19 +25,22 @@ from typing import Any, Protocol
 import grpc
 from prometheus_client import Gauge
 
-from castmesh.mesh import runtime
-from castmesh.mesh.jobs import ABR, FORWARD, RECORD
+from castmesh.media.frames import stream_path
+from castmesh.mesh import grpcutil, runtime
+from castmesh.mesh.jobs import ABR, FORWARD, PULL, RECORD
 from castmesh.mesh.link import RelayLinks
 from castmesh.mesh.logs import event
 from castmesh.mesh.subscription import Locate, UpstreamSubscription
 from castmesh.proto.v1.dispatch_pb2 import Job, Node, NodeLoad, WorkOrder, WorkReport
 from castmesh.proto.v1.dispatch_pb2_grpc import DispatchStub
 from castmesh.proto.v1.media_pb2 import Frame, StreamHeader, StreamKey
-from castmesh.proto.v1.relay_pb2 import StreamEnd
+from castmesh.proto.v1.relay_pb2 import StatsRequest, StreamEnd
+from castmesh.proto.v1.relay_pb2_grpc import RelayStub
 from services.ingest.lease import DispatchLease, LeaseRefused
 from services.ingest.session import Ingest
 from services.worker.abr import AbrJob
 from services.worker.forward import ForwardJob
+from services.worker.pull import PullJob
 from services.worker.record import Recordings, RecordJob
 from services.worker.thumbs import Thumbnails
 
@@ -91,6 +94,7 @@ class Worker:
         self.capacity = capacity
         self.recordings = recordings  # None: this worker records nothing
         self.links = RelayLinks()
+        self.stats_channels = grpcutil.ChannelPool()  # to ask origins who watches a pulled stream
         self.jobs: dict[str, RunningJob] = {}
         self.outbox: asyncio.Queue[WorkReport] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
@@ -128,6 +132,7 @@ class Worker:
             self._stop(ident, "the worker is stopping")
         await asyncio.gather(*(j.task for j in self.jobs.values() if j.task is not None), return_exceptions=True)
         await self.links.close()
+        await self.stats_channels.close()
 
     # The Work call ----------------------------------------------------------------------------------------
 
@@ -184,6 +189,8 @@ class Worker:
             work = RecordJob(job, self._follow(job.id), self.recordings, self._tell)
         elif job.spec.kind == FORWARD:
             work = ForwardJob(job, self._follow(job.id), self._tell)
+        elif job.spec.kind == PULL:
+            work = PullJob(job, self.ingest, self.ffmpeg, self._tell, self._watchers)
         else:
             job.state, job.detail = Job.STATE_FAILED, f"this worker runs no {job.spec.kind!r} jobs"
             self._tell(job)
@@ -227,7 +234,8 @@ class Worker:
                 except Exception as exc:  # a bug, not the source: said, and the job stops here
                     reason = f"the job failed: {type(exc).__name__}: {exc}"
                     event(log, "job.error", level=logging.ERROR, job=job.id, error=reason)
-                job.state, job.detail = Job.STATE_FAILED, f"the source ended: {reason}"
+                if job.state != Job.STATE_DONE:  # (done: it ended by itself, as it should)
+                    job.state, job.detail = Job.STATE_FAILED, f"the source ended: {reason}"
                 self._tell(job)
             else:
                 reason = keeper.result()
@@ -275,6 +283,20 @@ class Worker:
                     if "held by" in str(exc) or loop.time() > until:
                         return f"lost its lease: {exc}"
                     await asyncio.sleep(0.5)
+
+    async def _watchers(self, key: StreamKey) -> int | None:
+        """Who watches a stream: its origin's subscribers, thumbnail takers aside; None if unknown."""
+        address = await self.locate(key, set())
+        if not address:
+            return 0
+        try:
+            reply = await RelayStub(self.stats_channels.get(address)).Stats(StatsRequest(), timeout=2)
+        except grpc.aio.AioRpcError:
+            self.stats_channels.forget(address)
+            return None
+        path = stream_path(key)
+        stats = next((s for s in reply.streams if stream_path(s.stream) == path), None)
+        return 0 if stats is None else sum(1 for who in stats.subscribers if not who.endswith("/thumbnail"))
 
     def _stop(self, ident: str, reason: str) -> None:
         running = self.jobs.get(ident)

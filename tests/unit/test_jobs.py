@@ -185,3 +185,49 @@ def test_after_a_dispatch_restart_a_worker_keeps_jobs_whose_source_comes_back_in
     board.place()
     assert orders(worker) == ["stop abr:__defaultVhost__/live/gone"]  # that source never came back
     assert [j.id for j in board.all()] == ["abr:__defaultVhost__/live/cam"]
+
+
+def test_record_forward_and_pull_rules_read_and_say_what_is_wrong() -> None:
+    from castmesh.mesh.jobs import FORWARD, PULL, RECORD, JobError, spec_for
+
+    (record,) = parse_rules("live*=300", RECORD)
+    assert record.spec.segment_seconds == 300 and parse_rules("cams", RECORD)[0].spec.segment_seconds == 0
+    (forward,) = parse_rules("live=rtmp://a.example/live/{name} srt://b:9000?streamid={app}/{name}", FORWARD)
+    spec = spec_for(forward, stream_key("live", "cam"))
+    assert list(spec.targets) == ["rtmp://a.example/live/cam", "srt://b:9000?streamid=live/cam"]
+    always, on_demand = parse_rules("cams/door=rtsp://10.0.0.5/h264;cams/*=rtsp://nvr/{name} ondemand=30", PULL)
+    assert not always.spec.on_demand and on_demand.spec.on_demand and on_demand.spec.idle_seconds == 30
+    assert spec_for(on_demand, stream_key("cams", "gate")).url == "rtsp://nvr/gate"
+    for text, kind, says in (("live=ftp://x/y", FORWARD, "rtmp://"), ("live=300s", RECORD, "whole seconds"),
+                             ("live=100000", RECORD, "segments last 1 to 86400"),
+                             ("cams/*=rtsp://nvr/{name}", PULL, "a pattern pulls on demand only"),
+                             ("cams=rtsp://nvr/x", PULL, "names APP/STREAM"),
+                             ("cams/x=ftp://nvr/x", PULL, "a pull's source is"),
+                             ("cams/x=rtsp://nvr/x always", PULL, "after the URL comes ondemand"),
+                             ("live=rtmp://a.example/key-only", FORWARD, "names an application and a stream key")):
+        with pytest.raises(JobError, match=says):
+            parse_rules(text, kind)
+
+
+def test_pulls_start_always_or_on_demand_outlive_their_stream_and_end_when_done() -> None:
+    from castmesh.mesh.jobs import PULL
+
+    rules = parse_rules("cams/door=rtsp://cam/door;od/*=rtmp://far/live/{name} ondemand", PULL)
+    board = JobBoard(rules)
+    (door,) = board.all()  # an always-on pull is a job from the start, waiting for a worker
+    assert door.id == "pull:__defaultVhost__/cams/door" and door.state == Job.STATE_PENDING
+    worker = board.join("w", 4, [])
+    assert orders(worker) == [f"start {door.id}"]
+    info = published(board, "cams", "door", holder="w/pull")
+    board.unpublished(info)  # its stream ending (the source dropped) does not end the pull
+    assert [j.id for j in board.all()] == [door.id]
+    assert not board.demand(stream_key("live", "nobody"))  # no rule: a 404 for the viewer
+    assert board.demand(stream_key("od", "x"))  # a rule: started for the viewer
+    assert orders(worker) == ["start pull:__defaultVhost__/od/x"]
+    assert board.demand(stream_key("od", "x")) and not orders(worker)  # once
+    (od,) = [j for j in board.all() if j.id.endswith("/od/x")]
+    done = Job()
+    done.CopyFrom(od)
+    done.state, done.detail = Job.STATE_DONE, "nobody watched for 10 s"
+    board.report(worker, done)
+    assert [j.id for j in board.all()] == [door.id] and not orders(worker)  # forgotten, no stop order needed

@@ -135,16 +135,18 @@ class LocateRequest(_message.Message):
     def __init__(self, stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., zone: _Optional[str] = ..., avoid: _Optional[_Iterable[str]] = ..., origin_only: _Optional[bool] = ...) -> None: ...
 
 class LocateReply(_message.Message):
-    __slots__ = ("found", "origin", "edge", "holder")
+    __slots__ = ("found", "origin", "edge", "holder", "pending")
     FOUND_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     EDGE_FIELD_NUMBER: _ClassVar[int]
     HOLDER_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
     found: bool
     origin: str
     edge: str
     holder: str
-    def __init__(self, found: _Optional[bool] = ..., origin: _Optional[str] = ..., edge: _Optional[str] = ..., holder: _Optional[str] = ...) -> None: ...
+    pending: bool
+    def __init__(self, found: _Optional[bool] = ..., origin: _Optional[str] = ..., edge: _Optional[str] = ..., holder: _Optional[str] = ..., pending: _Optional[bool] = ...) -> None: ...
 
 class StreamInfo(_message.Message):
     __slots__ = ("stream", "origin", "holder", "client_addr", "since_us")
@@ -222,20 +224,26 @@ class Rendition(_message.Message):
     def __init__(self, name: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., bitrate_kbps: _Optional[int] = ..., frame_rate: _Optional[float] = ..., codec: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("kind", "stream", "renditions", "source", "segment_seconds", "targets")
+    __slots__ = ("kind", "stream", "renditions", "source", "segment_seconds", "targets", "url", "on_demand", "idle_seconds")
     KIND_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
     RENDITIONS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    ON_DEMAND_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     stream: _media_pb2.StreamKey
     renditions: _containers.RepeatedCompositeFieldContainer[Rendition]
     source: str
     segment_seconds: int
     targets: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, kind: _Optional[str] = ..., stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., renditions: _Optional[_Iterable[_Union[Rendition, _Mapping]]] = ..., source: _Optional[str] = ..., segment_seconds: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ...) -> None: ...
+    url: str
+    on_demand: bool
+    idle_seconds: int
+    def __init__(self, kind: _Optional[str] = ..., stream: _Optional[_Union[_media_pb2.StreamKey, _Mapping]] = ..., renditions: _Optional[_Iterable[_Union[Rendition, _Mapping]]] = ..., source: _Optional[str] = ..., segment_seconds: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., url: _Optional[str] = ..., on_demand: _Optional[bool] = ..., idle_seconds: _Optional[int] = ...) -> None: ...
 
 class ForwardTarget(_message.Message):
     __slots__ = ("url", "state", "detail", "bytes", "connects", "since_us")
@@ -273,12 +281,14 @@ class Job(_message.Message):
         STATE_RUNNING: _ClassVar[Job.State]
         STATE_FAILED: _ClassVar[Job.State]
         STATE_WAITING: _ClassVar[Job.State]
+        STATE_DONE: _ClassVar[Job.State]
     STATE_UNSPECIFIED: Job.State
     STATE_PENDING: Job.State
     STATE_STARTING: Job.State
     STATE_RUNNING: Job.State
     STATE_FAILED: Job.State
     STATE_WAITING: Job.State
+    STATE_DONE: Job.State
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
