@@ -121,6 +121,23 @@ DOCUMENT: dict[str, Any] = {
             "delete": {"summary": "Stop forwarding a stream", "operationId": "stopForward",
                        "parameters": _path_params("app", "stream"), "security": [{"bearer": []}],
                        "responses": {"200": STOPPED, "401": PROBLEM, "404": PROBLEM, "503": PROBLEM}}},
+        "/api/v1/streams/{app}/{stream}/pull": {
+            "post": {"summary": "Make a stream from a URL (RTSP, RTMP, an HLS playlist, SRT), pulled always, or on "
+                                "demand: started by its first viewer, ended idle_seconds after the last",
+                     "operationId": "startPull", "parameters": _path_params("app", "stream"),
+                     "security": [{"bearer": []}],
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                         "type": "object", "required": ["url"], "properties": {
+                             "url": {"type": "string", "description": "rtsp://, rtmp://, http(s)://...m3u8, srt://"},
+                             "on_demand": {"type": "boolean", "default": False},
+                             "idle_seconds": {"type": "integer", "minimum": 0, "maximum": 3600,
+                                              "description": "on demand: 0 for 10"}}}}}},
+                     "responses": {"200": _json("JobStarted", "Pulled already"),
+                                   "201": _json("JobStarted", "Started (or, on demand, waiting for a viewer)"),
+                                   "400": PROBLEM, "401": PROBLEM, "503": PROBLEM}},
+            "delete": {"summary": "Stop pulling a stream", "operationId": "stopPull",
+                       "parameters": _path_params("app", "stream"), "security": [{"bearer": []}],
+                       "responses": {"200": STOPPED, "401": PROBLEM, "404": PROBLEM, "503": PROBLEM}}},
         "/api/v1/recordings": {"get": {
             "summary": "Streams with recordings on any worker: files and bytes", "operationId": "listRecordedStreams",
             "responses": {"200": _json("RecordedStreams", "The recorded streams")}}},
@@ -182,7 +199,8 @@ DOCUMENT: dict[str, Any] = {
         "Job": {"type": "object", "required": ["id", "kind", "app", "stream", "state"], "properties": {
             "id": {"type": "string"}, "kind": {"type": "string"}, "app": {"type": "string"},
             "stream": {"type": "string"}, "source": {"type": "string"}, "ladder": {"type": "string"},
-            "segment_seconds": {"type": "integer"},
+            "segment_seconds": {"type": "integer"}, "url": {"type": "string"}, "on_demand": {"type": "boolean"},
+            "idle_seconds": {"type": "integer"},
             "targets": {"type": "array", "items": {"type": "object", "properties": {
                 "url": {"type": "string", "description": "with its stream key and password masked"},
                 "state": {"type": "string", "enum": ["unspecified", "connecting", "forwarding", "retrying"]},
@@ -192,7 +210,8 @@ DOCUMENT: dict[str, Any] = {
                 "name": {"type": "string"}, "width": {"type": "integer"}, "height": {"type": "integer"},
                 "bitrate_kbps": {"type": "integer"}, "frame_rate": {"type": "number"}, "codec": {"type": "string"}}}},
             "worker": {"type": "string"},
-            "state": {"type": "string", "enum": ["unspecified", "pending", "starting", "running", "failed", "waiting"]},
+            "state": {"type": "string", "enum": ["unspecified", "pending", "starting", "running", "failed", "waiting",
+                                                   "done"]},
             "detail": {"type": "string"}, "outputs": {"type": "array", "items": {"type": "string"}},
             "since_us": {"type": "integer"}}},
         "RecordedStreams": {"type": "object", "required": ["streams"], "properties": {"streams": {

@@ -201,11 +201,13 @@ class Worker:
         running.task = asyncio.get_running_loop().create_task(self._run(running))
 
     def _follow(self, purpose: str) -> Callable[..., UpstreamSubscription]:
-        """How this worker follows a stream (a job's source, a stream to take thumbnails of), as playback does."""
+        """How this worker follows a stream (a job's source, a stream to take thumbnails of), as playback does;
+        its span is named by the job's kind (span names stay few), its subscriber id by the job."""
+        kind = purpose.partition(":")[0]
         def subscribe(key: StreamKey, on_header: Callable[[StreamHeader, bool], None],
                       on_frames: Callable[[list[Frame]], None]) -> UpstreamSubscription:
             return UpstreamSubscription(key, self.locate, self.links, f"{self.node.id}/{purpose}", on_header,
-                                        on_frames, retry_for=RETRY_FOR, span_name=f"worker.{purpose}")
+                                        on_frames, retry_for=RETRY_FOR, span_name=f"worker.{kind}")
         return subscribe
 
     async def _run(self, running: RunningJob) -> None:
