@@ -43,7 +43,16 @@ from castmesh.media.frames import stream_key, stream_path
 from castmesh.mesh import grpcutil, tracing
 from castmesh.mesh.auth import Signer
 from castmesh.mesh.catalog import LISTING_TTL, Catalog
-from castmesh.mesh.jobs import ABR, FORWARD, PULL, RECORD, ladder_text, parse_ladder
+from castmesh.mesh.jobs import (
+    ABR,
+    FORWARD,
+    IDLE_SECONDS,
+    PULL,
+    RECORD,
+    SEGMENT_SECONDS,
+    ladder_text,
+    parse_ladder,
+)
 from castmesh.mesh.logs import event
 from castmesh.mesh.ring import BoundedRing
 from castmesh.mesh.targets import masked
@@ -343,8 +352,9 @@ class Gateway:
         except (ValueError, UnicodeDecodeError) as exc:
             return problem(400, "Bad Request", f"the body is not JSON: {exc}")
         seconds = body.get("segment_seconds", 0) if isinstance(body, dict) else None
-        if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds < 0:
-            return problem(400, "Bad Request", 'the body is {} or {"segment_seconds": N}')
+        if not isinstance(seconds, int) or isinstance(seconds, bool) or not 0 <= seconds <= SEGMENT_SECONDS[1]:
+            return problem(400, "Bad Request", 'the body is {} or {"segment_seconds": N}, N from 1 to '
+                                               f'{SEGMENT_SECONDS[1]} (0: the worker\'s own)')
         return await self._start_job(request, JobSpec(kind=RECORD, segment_seconds=seconds))
 
     async def start_forward(self, request: web.Request) -> web.Response:
@@ -366,8 +376,9 @@ class Gateway:
         if not isinstance(body, dict) or not isinstance(body.get("url"), str):
             return problem(400, "Bad Request", f"the body is {shape}")
         on_demand, idle = body.get("on_demand", False), body.get("idle_seconds", 0)
-        if not isinstance(on_demand, bool) or not isinstance(idle, int) or isinstance(idle, bool) or idle < 0:
-            return problem(400, "Bad Request", f"the body is {shape}")
+        if not isinstance(on_demand, bool) or not isinstance(idle, int) or isinstance(idle, bool) \
+                or not 0 <= idle <= IDLE_SECONDS[1]:
+            return problem(400, "Bad Request", f"the body is {shape}, idle_seconds at most {IDLE_SECONDS[1]}")
         return await self._start_job(request, JobSpec(kind=PULL, url=body["url"], on_demand=on_demand,
                                                       idle_seconds=idle))
 

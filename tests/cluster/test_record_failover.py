@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from castmesh.media.fmp4 import read_index
-from castmesh.proto.v1.dispatch_pb2 import Job
 from services.worker.record import file_start
 from tests.cluster.harness import Cluster
+from tests.cluster.test_worker_failover import runner  # (the worker that runs the one job)
 from tests.integration.harness import decode, free_port, http_get, publish, wait_live
 
 RAN = 12  # seconds before the first fault: past the 10 s retry windows and grace periods
@@ -31,18 +31,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     made = Cluster(tmp_path)
     yield made
     made.stop()
-
-
-def recorder(cluster: Cluster, not_on: str = "") -> str:
-    """The node name of the worker that records (waiting until one that is not `not_on` does)."""
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        jobs = [j for j in cluster.jobs() if j.state == Job.STATE_RUNNING and j.worker]
-        if jobs and not jobs[0].worker.endswith(not_on or "\0"):
-            return next(name for name, node in cluster.nodes.items()
-                        if name.startswith("worker") and jobs[0].worker in node.log())
-        time.sleep(0.1)
-    raise TimeoutError(f"no worker records: {cluster.jobs()}")
 
 
 def files_of(directory: Path) -> list[Path]:
@@ -62,15 +50,15 @@ def test_a_killed_recorders_file_decodes_and_another_worker_records_on(cluster: 
     publisher = publish(f"rtmp://127.0.0.1:{rtmp}/live/cam", RAN + 20, size="320x180", fps=30, gop=30)
     wait_live(f"http://127.0.0.1:{http}/live/cam.flv", timeout=20)
     time.sleep(RAN)
-    first = recorder(cluster)
+    first = runner(cluster)
     cluster.kill9(first)
     killed_at = time.time()
-    second = recorder(cluster, not_on=first)
+    second = runner(cluster, not_on=first)
     cluster.restart(first)  # healed; then the second fault, right away
     time.sleep(4)
     cluster.kill9(second)
     killed_again = time.time()
-    third = recorder(cluster, not_on=second)
+    third = runner(cluster, not_on=second)
     assert second != first and third == first, (first, second, third)
     cluster.restart(second)  # (so that its files are listed again)
     assert publisher.wait(60) == 0
