@@ -250,7 +250,8 @@ def test_bad_sources_and_rules_say_why_and_harm_nothing_else(pulled) -> None:  #
         garbage.close()
     for body, says in ((b'{"url": "ftp://x/y"}', "a pull's source is"), (b'{"url": 5}', "the body is"),
                        (b'{"url": "rtsp://x/y", "idle_seconds": -1}', "the body is"),
-                       (b'{"url": "rtsp://x/y", "on_demand": true, "idle_seconds": 9999}', "idle_seconds at most 3600")):
+                       (b'{"url": "rtsp://x/y", "on_demand": true, "idle_seconds": 9999}',
+                        "idle_seconds at most 3600")):
         request = urllib.request.Request(f"{base}/bad/x/pull", data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
         try:
