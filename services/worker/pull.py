@@ -9,7 +9,8 @@ child, not the worker. The
 child copies the first video and the first audio stream into FLV on its stdout (no transcoding); this job
 reads it as any FLV and publishes its tags.
 
-A source that ends, fails, or says nothing for STALL seconds (a camera that hangs with its socket open) is
+A source that ends, fails, or says nothing for STALL seconds (a camera that hangs with its socket open, an
+RTMP server whose publisher left: nginx-rtmp keeps its players connected; STALL_HLS for a playlist) is
 read again after a backoff that doubles from `backoff` to `max_backoff` (reset once a child has read for
 STABLE_FOR): the stream's publish ends unclean meanwhile, so its viewers wait in the relay's grace and go on
 with the next child's media. Each failure is logged once, with the child's last words, and counted.
@@ -46,7 +47,9 @@ from services.worker.forward import Backoff
 log = logging.getLogger("castmesh.worker")
 
 READ = 1 << 16
-STALL = 10.0  # seconds without a byte from the child (connecting included) before it is killed
+STALL = 5.0  # seconds without a byte from the child (connecting included) before it is killed...
+STALL_HLS = 15.0  # ...but an HLS source comes a segment at a time (up to 10 s each, as Apple recommends 6)
+PROBE = ["-probesize", "1000000", "-analyzeduration", "2000000"]  # 2 s to find the streams, not ffmpeg's 5
 STABLE_FOR = 10.0  # seconds a child must have read for the next failure to wait `backoff` again
 IDLE_CHECK = 1.0  # seconds between looks at an on-demand pull's viewers
 START_WAIT = 20.0  # seconds an on-demand pull's source may take to give media before nobody waits for it
@@ -61,7 +64,7 @@ PULLING = Gauge("castmesh_pull_children", "ffmpeg children reading pulled source
 
 
 def ffmpeg_args(ffmpeg: str, url: str) -> list[str]:
-    args = [ffmpeg, "-hide_banner", "-loglevel", "error", "-nostdin"]
+    args = [ffmpeg, "-hide_banner", "-loglevel", "error", "-nostdin", *PROBE]
     return [*args, "-i", url, "-map", "0:v:0?", "-map", "0:a:0?", "-c", "copy", "-f", "flv",
             "-flvflags", "no_duration_filesize", "pipe:1"]
 
@@ -79,6 +82,7 @@ class PullJob:
         self.watchers = watchers
         self.backoff = Backoff(backoff, max_backoff)
         self.scheme = urlsplit(job.spec.url).scheme.lower()
+        self.stall = STALL_HLS if self.scheme in ("http", "https") else STALL
         self.source = masked(job.spec.url)
         self.outputs: dict[str, Publish] = {}  # the stream, while published
         self.process: asyncio.subprocess.Process | None = None
@@ -151,9 +155,9 @@ class PullJob:
             while not self.closed and not (idle is not None and idle.done()):
                 await self.resume.wait()
                 try:
-                    chunk = await asyncio.wait_for(process.stdout.read(READ), STALL)
+                    chunk = await asyncio.wait_for(process.stdout.read(READ), self.stall)
                 except TimeoutError:
-                    why = f"nothing from the source for {STALL:g} s"
+                    why = f"nothing from the source for {self.stall:g} s"
                     break
                 if not chunk:
                     break

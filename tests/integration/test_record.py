@@ -1,4 +1,4 @@
-"""Recording in `castmesh up`: a rule records ffmpeg's 14 s publish into 4 s fMP4 files. Every file decodes,
+"""Recording in `castmesh up`: a rule records ffmpeg's 12 s publish into 4 s fMP4 files. Every file decodes,
 the files follow one another with no gap, and their times are what the listing says; the HLS VOD playlist and
 an MP4 of a span across two files play in ffmpeg, and Chromium plays the recording from the player page.
 Each finished file is told to the on_record_segment hook and uploaded to moto's S3 server, whose bucket is
@@ -37,7 +37,7 @@ from tests.integration.harness import (
 )
 from tests.integration.test_s3_upload import start_moto, stop
 
-SECONDS = 14
+SECONDS = 12  # about 10 s recorded: from the first keyframe to the last frame
 SEGMENT = 4
 BUCKET = "recs"
 
