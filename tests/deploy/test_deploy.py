@@ -257,8 +257,10 @@ def test_workers_record_to_a_volume_with_rules_on_dispatch_in_compose_and_kubern
     assert "recordings:/recordings" in worker["volumes"] and "recordings" in compose["volumes"]
     dispatch = compose["services"]["dispatch"]
     rules = check_config(dispatch["command"], {**environment(dispatch), "CASTMESH_RECORD": "live=300",
-                                               "CASTMESH_FORWARD": "live=rtmp://a.example/live/{name}"})
+                                               "CASTMESH_FORWARD": "live=rtmp://a.example/live/{name}",
+                                               "CASTMESH_PULL": "cams/*=rtsp://nvr/{name} ondemand"})
     assert rules["record"] == "live=300" and rules["forward"] == "live=rtmp://a.example/live/{name}"
+    assert rules["pull"] == "cams/*=rtsp://nvr/{name} ondemand"
     spec = kubernetes[("Deployment", "worker")]["spec"]["template"]["spec"]
     container = spec["containers"][0]
     resolved = check_config(container["args"], k8s_environment(kubernetes, container))
