@@ -280,6 +280,7 @@ class HttpSession(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        self.partial = 0  # the parser holds no unfinished line of this head any more
         raw_method = self.parser.get_method()
         method = METHODS.get(raw_method) or raw_method.decode("ascii", "replace")
         size = self.head_size + len(method) + 13  # the URL and the header lines, the rest of the request line
