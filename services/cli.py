@@ -235,8 +235,8 @@ PULL_RULES = Option("--pull", "", "pulled sources: APP/STREAM=URL[ ondemand[=IDL
                     "a pattern (cams/*) pulls on demand only, e.g. 'cams/*=rtsp://nvr/{name} ondemand'",
                     _rules(PULL))
 JOB_RULES = [ABR, RECORD_RULES, FORWARD_RULES, PULL_RULES]
-MAX_JOBS = Option("--max-jobs", 4, "jobs (ABR ladders, recordings, forwards) this worker runs at once",
-                  config.positive)
+MAX_JOBS = Option("--max-jobs", 4, "ABR ladders this worker runs at once (an encoder each); it takes 50 times as "
+                  "many recordings, forwards and pulls", config.positive)
 RECORD_DIR = Option("--record-dir", "recordings", "where this worker writes recordings: DIR/APP/STREAM/*.mp4")
 RECORD_SEGMENT = Option("--record-segment", 60, "seconds each recording file lasts, unless a rule says otherwise",
                         config.positive)

@@ -2,7 +2,8 @@
 jobs asked for through the API), and on which worker each runs.
 
 Workers hold a Dispatch.Work call (service.py); a job goes to the worker with the fewest jobs among those
-with room (then the least CPU), and back to the board the moment its worker's call ends, to be placed on
+with room (a worker's capacity is in ABR ladders; LIGHT_PER_SLOT times as many of the other kinds), then
+the least CPU, and back to the board the moment its worker's call ends, to be placed on
 another at once. A worker runs a job only under the job's lease in the directory (a claim like a
 publish's), so two dispatches, or a dispatch that restarted and lost its board, never get one job run
 twice: the second worker is refused the lease and says so, and the job waits for the holder to let go.
@@ -26,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from castmesh.media.frames import path_of, stream_key, stream_path
-from castmesh.mesh.jobs import PULL, STREAM_KINDS, Rule, job_id, matching, outputs, spec_for
+from castmesh.mesh.jobs import ABR, PULL, STREAM_KINDS, Rule, job_id, matching, outputs, spec_for
 from castmesh.mesh.logs import event
 from castmesh.mesh.retry import Clock
 from castmesh.proto.v1.dispatch_pb2 import Job, JobSpec, NodeLoad, StreamInfo, WorkOrder
@@ -38,6 +39,8 @@ RETRY_FAILED = 5.0  # seconds before a job that failed on a worker is placed aga
 REJOIN = 10.0  # seconds a job a worker still runs may wait for its source to be listed after a dispatch restart
 AVOID_FAILED = 60.0  # seconds a worker a job failed on is passed over for it while another has room
 ORDERS = 256  # orders a worker may have unread before its call is ended
+LIGHT_PER_SLOT = 50  # recordings, forwards and pulls a worker takes per ladder it may run (they copy media,
+# they do not encode it: docs/BENCHMARKS.md measures ~400 recordings and ~330 forwards per core)
 
 
 @dataclass(eq=False)
@@ -239,7 +242,7 @@ class JobBoard:
                 continue
             if entry.avoid:
                 entry.avoid = {w: until for w, until in entry.avoid.items() if until > now}
-            open_ = [w for w in self.workers.values() if len(w.jobs) < w.capacity]
+            open_ = [w for w in self.workers.values() if self._room(w, entry.job.spec.kind)]
             fresh = [w for w in open_ if entry.avoid.get(w.id, 0.0) <= now]
             choice = min(fresh or open_, key=lambda w: (len(w.jobs), w.load.cpu, w.id), default=None)
             if choice is None:
@@ -252,6 +255,15 @@ class JobBoard:
             if not choice.send(WorkOrder(start=job)):
                 entry.job.worker = ""
                 choice.jobs.discard(entry.job.id)
+
+    @staticmethod
+    def _room(worker: WorkerEntry, kind: str) -> bool:
+        """Whether a worker takes one more job of `kind`: its capacity counts ABR ladders (an encoder
+        each); the other kinds have LIGHT_PER_SLOT times as many places."""
+        ladders = sum(1 for ident in worker.jobs if ident.startswith(f"{ABR}:"))
+        if kind == ABR:
+            return ladders < worker.capacity
+        return len(worker.jobs) - ladders < worker.capacity * LIGHT_PER_SLOT
 
     def _assign(self, entry: JobEntry, worker: WorkerEntry, state: int) -> None:
         entry.job.worker = worker.id

@@ -128,7 +128,7 @@ def pulled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Sour
     assert shutil.which("rtsp-server-perl"), "Debian's rtsp-server-perl: make peers installs it"
     tmp = tmp_path_factory.mktemp("pull")
     sources = Sources(tmp)
-    up = start_up(tmp, "--pull", sources.rules(), "--max-jobs", "12")
+    up = start_up(tmp, "--pull", sources.rules())
     try:
         yield up, sources
     finally:

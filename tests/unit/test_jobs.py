@@ -93,7 +93,7 @@ def test_jobs_go_to_the_least_loaded_worker_with_room_and_move_when_it_leaves() 
     board = JobBoard(parse_rules("live=180p:x180:300k"), clock=clock)
     busy = board.join("w-busy", 2, [])
     idle = board.join("w-idle", 1, [])
-    busy.jobs.add("other")  # one job already
+    busy.jobs.add("abr:other")  # one ladder already
     published(board, "live", "a")
     assert orders(idle) == ["start abr:__defaultVhost__/live/a"] and not orders(busy)
     published(board, "live", "b")  # the idle one is full now
@@ -231,3 +231,22 @@ def test_pulls_start_always_or_on_demand_outlive_their_stream_and_end_when_done(
     done.state, done.detail = Job.STATE_DONE, "nobody watched for 10 s"
     board.report(worker, done)
     assert [j.id for j in board.all()] == [door.id] and not orders(worker)  # forgotten, no stop order needed
+
+
+def test_a_workers_capacity_counts_ladders_and_many_more_light_jobs() -> None:
+    from castmesh.mesh.jobs import RECORD
+    from services.dispatch.jobs import LIGHT_PER_SLOT
+
+    board = JobBoard(parse_rules("live=180p:x180:300k") + parse_rules("live", RECORD))
+    worker = board.join("w", 1, [])
+    for name in ("a", "b"):
+        published(board, "live", name)
+    started = orders(worker)
+    # one ladder (its capacity), and both recordings: a recording copies, it does not encode
+    assert sorted(started) == ["start abr:__defaultVhost__/live/a", "start record:__defaultVhost__/live/a",
+                               "start record:__defaultVhost__/live/b"], started
+    (waiting,) = [j for j in board.all() if j.worker == ""]
+    assert waiting.id == "abr:__defaultVhost__/live/b" and waiting.detail == "no worker has room"
+    assert board._room(worker, RECORD) and worker.capacity * LIGHT_PER_SLOT == 50
+    worker.jobs.update(f"record:x/{n}" for n in range(48))  # 50 light jobs: full for them too
+    assert not board._room(worker, RECORD)
