@@ -284,3 +284,38 @@ def test_a_full_disk_is_logged_and_counted_and_the_stream_plays_on(tmp_path: Pat
             up.process.stop()
     finally:
         subprocess.run(["umount", "-l", str(full)], check=False)
+
+
+def test_the_api_starts_and_stops_a_recording_and_lists_it(recorded) -> None:  # type: ignore[no-untyped-def]
+    up, directory, _ = recorded
+    base = f"http://127.0.0.1:{up.http_port}"
+    source = publish(f"rtmp://127.0.0.1:{up.rtmp_port}/other/x", 8, size="320x180", gop=30)  # no rule for "other"
+    try:
+        wait_live(f"{base}/other/x.flv", timeout=20)
+
+        def call(method: str, body: bytes | None = None) -> tuple[int, Any]:
+            request = urllib.request.Request(f"{base}/api/v1/streams/other/x/record", data=body, method=method,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                return answer.status, json.loads(answer.read())
+
+        status, started = call("POST", b'{"segment_seconds": 2}')
+        assert status == 201 and started["job"]["kind"] == "record" and started["job"]["segment_seconds"] == 2
+        assert call("POST", b"{}")[1]["detail"] == "running already"
+        time.sleep(4)
+        assert call("DELETE")[0] == 200
+        files: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            files = get_json(f"{base}/api/v1/recordings/other/x")["files"]
+            if files and not any(f["writing"] for f in files):
+                break
+            time.sleep(0.2)
+        assert 2 <= len(files) <= 3 and 2.5 <= sum(f["duration"] for f in files) <= 5, files
+        assert {"app": "other", "stream": "x"}.items() <= next(
+            s for s in get_json(f"{base}/api/v1/recordings")["streams"] if s["app"] == "other").items()
+        assert not any(j["id"].endswith("/other/x") for j in get_json(f"{base}/api/v1/jobs")["jobs"])
+    finally:
+        source.kill()
+        source.wait()
+    assert directory.exists()
