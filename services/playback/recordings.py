@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from async_lru import alru_cache
+
 from castmesh.media import fmp4
 from castmesh.mesh.logs import event
 from services.playback.http import NO_CACHE, Request
@@ -46,7 +48,8 @@ log = logging.getLogger("castmesh.playback")
 SEGMENT_TARGET = 2.0  # seconds: a VOD segment ends at the first keyframe past this
 HIGH_WATER = 1 << 20  # bytes a download may have waiting for its client
 MAX_RANGE = 64 << 20  # bytes of a file answered at once (a range asked for, or a whole file)
-MAX_LISTED = 100  # streams the player page's listing names
+MAX_LISTED = 100  # streams the player page's listing names (and whose files are kept a moment)
+LISTED_FOR = 1.0  # seconds a stream's listing of files is used again
 
 
 class SpanError(ValueError):
@@ -160,12 +163,18 @@ class RecordingRoutes:
 
     def __init__(self, source: RecordingSource) -> None:
         self.source = source
+        # A stream's files, asked of the workers at most once a second whoever asks (every playlist and every
+        # segment of every viewer needs them; errors are not kept): a listing at most LISTED_FOR old.
+        self.files = alru_cache(maxsize=MAX_LISTED, ttl=LISTED_FOR)(source.files)
+
+    async def close(self) -> None:
+        await self.files.cache_close()
 
     async def listing(self, session: Any) -> None:
         """/api/recordings, for the player page: each stream's recorded spans, newest stream first."""
         try:
             streams = (await self.source.streams())[:MAX_LISTED]
-            files = await asyncio.gather(*(self.source.files(s["app"], s["stream"]) for s in streams))
+            files = await asyncio.gather(*(self.files(s["app"], s["stream"]) for s in streams))
         except OSError as exc:
             session.respond(502, f"recordings could not be listed: {exc}\n".encode(), [NO_CACHE])
             return
@@ -180,7 +189,7 @@ class RecordingRoutes:
         try:
             if rest in (".m3u8", ".mp4"):
                 start, end = span(request.query)
-                chosen = cuts(await self.source.files(app, name), start, end)
+                chosen = cuts(await self.files(app, name), start, end)
                 if not chosen:
                     session.respond(404, f"no recording of {app}/{name} in that span\n".encode(), [NO_CACHE])
                 elif rest == ".m3u8":
@@ -203,7 +212,7 @@ class RecordingRoutes:
     async def _file(self, session: Any, request: Request, app: str, name: str, worker: str, file: str,
                     part: str) -> None:
         """A file's bytes: all of them, a Range of them, or the slice `part` names ("OFFSET-LENGTH.m4s")."""
-        piece = next((p for p in await self.source.files(app, name) if p.worker == worker and p.file == file), None)
+        piece = next((p for p in await self.files(app, name) if p.worker == worker and p.file == file), None)
         if piece is None:
             session.respond(404, b"no such recording\n", [NO_CACHE])
             return

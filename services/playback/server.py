@@ -579,6 +579,8 @@ class Playback:
     async def close(self) -> None:
         if self.forwarder is not None:
             await self.forwarder.close()
+        if self.recordings is not None:
+            await self.recordings.close()
         await self.hooks.close()
 
     async def _stream_list(self, session: HttpSession) -> None:
