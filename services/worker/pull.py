@@ -243,8 +243,10 @@ class PullJob:
             await asyncio.sleep(IDLE_CHECK)
             now = time.monotonic()
             if not self.connected and now - started < max(START_WAIT, self._idle_seconds()):
+                since = now  # (idle counts from the first media: the viewer that waits subscribes then)
                 continue
-            if await self.watchers(self.spec.stream):
+            watching = await self.watchers(self.spec.stream)
+            if watching is None or watching:  # (an origin that does not answer: not known to be idle)
                 since = now
             elif now - since >= self._idle_seconds():
                 event(log, "pull.idle", job=self.job.id, idle=self._idle_seconds())
