@@ -19,7 +19,8 @@ from tests.integration.test_player_page import play_in_chromium
 
 
 def whip_publish(up: Up, name: str, seconds: float) -> subprocess.Popen[bytes]:
-    """ffmpeg's own WHIP client: H.264 without B-frames (it refuses them) and Opus."""
+    """ffmpeg's own WHIP client: H.264 without B-frames (it refuses them) and Opus; "q" on its stdin ends it
+    as at the end of its input (a DELETE, exit status 0)."""
     return subprocess.Popen([
         FFMPEG, "-hide_banner", "-loglevel", "error", "-re",
         "-f", "lavfi", "-i", f"testsrc2=size=320x240:rate=30:duration={seconds}",
@@ -27,7 +28,7 @@ def whip_publish(up: Up, name: str, seconds: float) -> subprocess.Popen[bytes]:
         "-c:v", "libx264", "-preset", "veryfast", "-bf", "0", "-g", "30", "-pix_fmt", "yuv420p",
         "-c:a", "libopus", "-b:a", "64k", "-ar", "48000", "-ac", "2",
         "-f", "whip", f"http://127.0.0.1:{up.http_port}/live/{name}/whip"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def test_ffmpeg_publishes_over_whip_and_it_plays_over_flv_hls_and_whep(suite: Up) -> None:
@@ -41,7 +42,7 @@ def test_ffmpeg_publishes_over_whip_and_it_plays_over_flv_hls_and_whep(suite: Up
         listing = json.loads(http_get(f"http://127.0.0.1:{suite.http_port}/api/streams").read())
         play_in_chromium(suite, "live/whip", "whip", "webrtc")  # the page's checks: picture, time, audio decoded
     finally:
-        _, err = publisher.communicate(timeout=40)
+        _, err = publisher.communicate(b"q", timeout=40)  # (its checks done: no need to wait for its end)
     assert publisher.returncode == 0, err.decode(errors="replace")[-2000:]
     assert flv_errors == "" and flv_counts.get(0, 0) >= 90 and flv_counts.get(1, 0) >= 150, (flv_counts, flv_errors)
     assert hls_errors == "" and hls_counts.get(0, 0) >= 90 and hls_counts.get(1, 0) >= 150, (hls_counts, hls_errors)
