@@ -292,7 +292,8 @@ class StreamFeed:
             self.flush()
         if self.idle_handle is not None:
             self.idle_handle.cancel()
-        for viewer in self.waiting:
+        waiting, self.waiting = self.waiting, []  # (a refused sink may remove its viewer from it: an HLS muxer)
+        for viewer in waiting:
             viewer.sink.refuse(status or 404, reason)
         for viewer in list(self.viewers):
             viewer.moment("disconnect", reason=reason)

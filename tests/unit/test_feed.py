@@ -114,3 +114,28 @@ def test_an_hls_muxer_is_one_viewer_of_the_feed_standing_for_its_clients() -> No
         feed.task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_every_waiting_viewer_is_refused_when_the_stream_is_not_found_even_those_that_leave_on_it() -> None:
+    """A refused HLS muxer removes its viewer from the feed at once: the feed must still refuse every other
+    viewer that waited (two muxers of one stream asked for at once, before it was published: the second
+    was left waiting on a closed feed, and its clients got 504s for as long as it lived)."""
+    refused: list[str] = []
+
+    class Leaving(Sink):
+        def refuse(self, status: int, reason: str) -> None:
+            refused.append(f"{status} {reason}")
+            assert self.viewer is not None and self.viewer.feed is not None
+            self.viewer.feed.remove(self.viewer)
+
+    async def scenario() -> None:
+        feed = unlinked_feed()
+        for n in range(3):
+            viewer = Viewer(f"v{n}", "hls", "", Leaving(), {"app": "live", "stream": "a"}, max_lag=3)
+            viewer.feed = feed
+            feed.add(viewer)
+        feed._finish("nobody is publishing this stream", 404)
+        feed.task.cancel()
+
+    asyncio.run(scenario())
+    assert refused == ["404 nobody is publishing this stream"] * 3
