@@ -153,7 +153,7 @@ def test_consul_releases_the_streams_of_a_dead_ingest_even_with_dispatch_dead_to
             return json.loads(base64.b64decode(entry["Value"]))["holder"].split("/")[0] if entry else ""
 
         assert until(holder, f"ingest-{rtmp2}", timeout=15) == f"ingest-{rtmp2}"
-        counts, errors = decode(f"http://127.0.0.1:{http}/live/held.flv", timeout=30)
+        counts, errors = decode(f"http://127.0.0.1:{http}/live/held.flv", timeout=30, seconds=3)  # (not to its end)
         assert errors == "" and counts.get(0, 0) > 30
     finally:
         second.kill()

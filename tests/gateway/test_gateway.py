@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +62,13 @@ def test_ffmpeg_follows_the_redirect_and_listings_show_the_viewer(cluster: Clust
     publisher = publish(answer["url"], 20, gop=30)
     try:
         wait_live(f"http://127.0.0.1:{http}/live/gw.flv")
-        counts, errors = decode(f"{base}/live/gw.flv", timeout=40, seconds=4)  # a 302 to a playback node
-        assert errors == "" and counts.get(0, 0) >= 100 and counts.get(1, 0) > 100
-        counts, errors = decode(f"{base}/live/gw.m3u8", timeout=40, seconds=4)  # and for HLS
-        assert errors == "" and counts.get(0, 0) >= 100
+        with ThreadPoolExecutor(2) as pool:  # a 302 to a playback node, for FLV and for HLS
+            over_flv, over_hls = (pool.submit(decode, f"{base}/live/gw.{form}", timeout=40, seconds=4)
+                                  for form in ("flv", "m3u8"))
+            counts, errors = over_flv.result()
+            assert errors == "" and counts.get(0, 0) >= 100 and counts.get(1, 0) > 100
+            counts, errors = over_hls.result()
+            assert errors == "" and counts.get(0, 0) >= 100
         # the thumbnail: a 302 to the worker that makes it, and from a playback node, passed on from there
         with pytest.raises(urllib.error.HTTPError) as redirect:  # not followed: raised as it is
             urllib.request.build_opener(NoRedirect).open(f"{base}/live/gw.jpg", timeout=10)

@@ -90,8 +90,10 @@ def start_up(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Up:
 
 
 def publish(url: str, seconds: float, *, video: str | None = "libx264", audio: bool = True, fps: int = 30,
-            gop: int = 60, size: str = "320x240", extra: list[str] | None = None) -> subprocess.Popen[bytes]:
-    """A real ffmpeg publishing a test pattern (and a tone) in real time."""
+            gop: int = 60, size: str = "320x240", extra: list[str] | None = None,
+            stoppable: bool = False) -> subprocess.Popen[bytes]:
+    """A real ffmpeg publishing a test pattern (and a tone) in real time; `stoppable`: its stdin a pipe, so
+    that stop_publish() can end it early as at the end of its input."""
     args = [FFMPEG, "-hide_banner", "-loglevel", "error", "-re"]
     if video:
         args += ["-f", "lavfi", "-i", f"testsrc2=size={size}:rate={fps}:duration={seconds}"]
@@ -111,7 +113,15 @@ def publish(url: str, seconds: float, *, video: str | None = "libx264", audio: b
     if audio:
         args += ["-c:a", "aac", "-b:a", "64k"]
     args += [*(extra or []), "-f", "flv", url]
-    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(args, stdin=subprocess.PIPE if stoppable else subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def stop_publish(publisher: subprocess.Popen[bytes], timeout: float = 30.0) -> tuple[int, str]:
+    """End a stoppable publish now (a test's checks are done: its last seconds are not needed): "q" makes
+    ffmpeg finish as at the end of its input (an unpublish, exit status 0). Its status and last words."""
+    _, err = publisher.communicate(b"q", timeout=timeout)
+    return publisher.returncode, err.decode(errors="replace")[-2000:]
 
 
 def http_get(url: str, timeout: float = 5.0) -> http.client.HTTPResponse:

@@ -8,6 +8,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin
@@ -94,19 +95,23 @@ def first_video_nal_types(segment: bytes) -> list[int]:
 
 def test_ffmpeg_decodes_live_hls_ts_then_fmp4(suite: Up) -> None:
     publisher = publish(suite.rtmp("hls"), 45, gop=30)
-    try:
-        ts_playlist = wait_segments(suite.hls("hls"), 3)
-        assert ts_playlist.version == 3 and ts_playlist.segments[0][1].endswith(".ts")
-        counts, errors = decode(suite.hls("hls"), seconds=SECONDS)
-        assert errors == ""
-        assert counts.get(0, 0) >= 8 * 30 and counts.get(1, 0) >= 8 * 44100 // 1024, counts
 
-        fmp4_playlist = wait_segments(suite.hls("hls", "fmp4"), 3)
-        assert fmp4_playlist.version >= 6 and "#EXT-X-MAP:URI=" in fmp4_playlist.text
-        assert fmp4_playlist.segments[0][1].endswith(".m4s")
-        counts, errors = decode(suite.hls("hls", "fmp4"), seconds=SECONDS)
-        assert errors == ""
-        assert counts.get(0, 0) >= 8 * 30 and counts.get(1, 0) >= 8 * 44100 // 1024, counts
+    def segments_then_decode(url: str) -> tuple[Playlist, dict[int, int], str]:
+        playlist = wait_segments(url, 3)
+        return (playlist, *decode(url, seconds=SECONDS))
+
+    try:
+        with ThreadPoolExecutor(2) as pool:  # both muxers of one stream at once, each from its first segments
+            ts_run, fmp4_run = (pool.submit(segments_then_decode, suite.hls("hls", form)) for form in ("", "fmp4"))
+            ts_playlist, counts, errors = ts_run.result()
+            assert ts_playlist.version == 3 and ts_playlist.segments[0][1].endswith(".ts")
+            assert errors == ""
+            assert counts.get(0, 0) >= 8 * 30 and counts.get(1, 0) >= 8 * 44100 // 1024, counts
+            fmp4_playlist, counts, errors = fmp4_run.result()
+            assert fmp4_playlist.version >= 6 and "#EXT-X-MAP:URI=" in fmp4_playlist.text
+            assert fmp4_playlist.segments[0][1].endswith(".m4s")
+            assert errors == ""
+            assert counts.get(0, 0) >= 8 * 30 and counts.get(1, 0) >= 8 * 44100 // 1024, counts
     finally:
         publisher.kill()
         publisher.wait()

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
@@ -78,9 +79,11 @@ def test_ffmpeg_publishes_over_srt_and_plays_over_flv_hls_rtmp_and_srt(srt: tupl
     try:
         wait_live(up.flv(name))
         urls = [up.flv(name), up.hls(name), up.rtmp(name)] if "#!::" in stream_id else []  # once is enough
-        for url in (*urls, srt_url(port, play_id)):
-            counts, errors = decode(url, timeout=40, seconds=3)
-            assert errors == "" and counts.get(0, 0) >= 60 and counts.get(1, 0) > 60, (url, counts, errors)
+        with ThreadPoolExecutor(4) as pool:  # the viewers at once, as viewers come
+            runs = {url: pool.submit(decode, url, timeout=40, seconds=3) for url in (*urls, srt_url(port, play_id))}
+            for url, run in runs.items():
+                counts, errors = run.result()
+                assert errors == "" and counts.get(0, 0) >= 60 and counts.get(1, 0) > 60, (url, counts, errors)
         assert publisher.poll() is None
     finally:
         publisher.kill()
