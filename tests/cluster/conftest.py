@@ -36,14 +36,12 @@ DISPATCH_ONLY = {
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A fault early in a stream is injected with nodes registered with dispatch only: what Consul changes
-    (registration, sessions that hold leases) is exercised by the late faults, which run with both, or by
-    test_fault_sequence's (DISPATCH_ONLY). The suite's time budget (make test within about 25 minutes on
-    two cores) pays for those."""
+    """DISPATCH_ONLY's tests run with nodes registered with dispatch only: what Consul changes in them
+    (registration, sessions that hold leases) is exercised by test_fault_sequence[consul]. The suite's time
+    budget (make test within about 25 minutes on two cores) pays for that one."""
     def consul_elsewhere(item: pytest.Item) -> bool:
         params = item.callspec.params if getattr(item, "callspec", None) is not None else {}  # type: ignore[attr-defined]
-        return params.get("cluster") == "consul" and (
-            params.get("ran") == 4 or getattr(item, "originalname", "") in DISPATCH_ONLY)
+        return params.get("cluster") == "consul" and getattr(item, "originalname", "") in DISPATCH_ONLY
 
     dropped = [item for item in items if consul_elsewhere(item)]
     if dropped:
@@ -54,7 +52,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(params=["dispatch", "consul"])
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
     """Every cluster test runs twice: nodes registered with dispatch, and through Consul (the agent double);
-    faults early in a stream with dispatch only (pytest_collection_modifyitems)."""
+    DISPATCH_ONLY's with dispatch only (pytest_collection_modifyitems)."""
     if request.param == "dispatch":
         c = Cluster(tmp_path)
         yield c
