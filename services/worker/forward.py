@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 import ssl
 import time
@@ -80,18 +81,23 @@ STATE_NAMES: dict[int, str] = {ForwardTarget.STATE_CONNECTING: "connecting",
 
 class Backoff:
     """Seconds to wait before each attempt after a failure: `first`, then doubling, at most `cap`; from
-    `first` again after reset()."""
+    `first` again after reset(). Each wait is up to `jitter` of it shorter, at random (to the 10 ms), so the
+    streams one worker forwards to a server that restarted, or pulls from one, do not all call it again
+    at the same instant."""
 
-    def __init__(self, first: float, cap: float) -> None:
+    def __init__(self, first: float, cap: float, jitter: float = 0.2,
+                 rng: Callable[[], float] = random.random) -> None:
         if first <= 0 or cap < first:
             raise ValueError(f"a backoff goes from more than 0 up to at least that: {first:g} .. {cap:g}")
         self.first = first
         self.cap = cap
+        self.jitter = jitter
+        self.rng = rng
         self.current = 0.0
 
     def next(self) -> float:
         self.current = min(self.cap, self.current * 2) if self.current else self.first
-        return self.current
+        return max(0.01, round(self.current * (1 - self.jitter * self.rng()), 2))
 
     def reset(self) -> None:
         self.current = 0.0

@@ -102,12 +102,24 @@ def test_masked_hides_keys_and_passwords(url: str, shown: str) -> None:
 
 
 def test_backoff_doubles_up_to_its_cap_and_starts_again_after_a_reset() -> None:
-    backoff = Backoff(1.0, 30.0)
+    backoff = Backoff(1.0, 30.0, rng=lambda: 0.0)  # (no jitter drawn: the waits themselves)
     assert [backoff.next() for _ in range(8)] == [1, 2, 4, 8, 16, 30, 30, 30]
     backoff.reset()
     assert [backoff.next() for _ in range(3)] == [1, 2, 4]
-    short = Backoff(0.2, 0.5)
+    short = Backoff(0.2, 0.5, rng=lambda: 0.0)
     assert [short.next() for _ in range(4)] == [0.2, 0.4, 0.5, 0.5]
+    most = Backoff(1.0, 30.0, rng=lambda: 0.999)  # the most jitter takes off: a fifth, to the 10 ms
+    assert [most.next() for _ in range(7)] == [0.8, 1.6, 3.2, 6.4, 12.8, 24.01, 24.01]
+
+
+def test_backoff_jitter_spreads_the_retries_of_many_streams() -> None:
+    """A hundred forwards to one server that restarted: their retries spread over the last fifth of each
+    wait instead of landing together."""
+    backoffs = [Backoff(1.0, 30.0) for _ in range(100)]
+    for expected in (1, 2, 4, 8):
+        waits = [b.next() for b in backoffs]
+        assert all(0.8 * expected - 0.01 <= w <= expected for w in waits), waits
+        assert len(set(waits)) > 10  # not one instant
     with pytest.raises(ValueError):
         Backoff(0, 1)
     with pytest.raises(ValueError):
