@@ -6,8 +6,10 @@ ffmpeg, not a reader per protocol here: it speaks all four (RTSP as ffmpeg does 
 then interleaved in the TCP connection if no UDP packet comes, so both what cameras behind NAT allow and
 what UDP-only servers such as Debian's rtsp-server-perl speak), and a source that sends garbage crashes a
 child, not the worker. The
-child copies the first video and the first audio stream into FLV on its stdout (no transcoding); this job
-reads it as any FLV and publishes its tags.
+child copies the first video and the first audio stream into FLV on its stdout; this job reads it as any
+FLV and publishes its tags. Audio in a codec HLS and WebRTC cannot carry (a camera's G.711, MP3) is made
+AAC: at its first audio tag the child is replaced, at once and not counted as a failure, by one that
+encodes the audio (the video is always copied).
 
 A source that ends, fails, or says nothing for STALL seconds (a camera that hangs with its socket open, an
 RTMP server whose publisher left: nginx-rtmp keeps its players connected; STALL_HLS for a playlist) is
@@ -34,7 +36,7 @@ from urllib.parse import urlsplit
 from prometheus_client import Counter, Gauge
 
 from castmesh.media import flv
-from castmesh.media.frames import make_frame
+from castmesh.media.frames import AUDIO, make_frame
 from castmesh.mesh.jobs import DEFAULT_IDLE
 from castmesh.mesh.logs import event
 from castmesh.mesh.sessions import Publish, Publishes, Refused, StreamRequest
@@ -54,6 +56,9 @@ STABLE_FOR = 10.0  # seconds a child must have read for the next failure to wait
 IDLE_CHECK = 1.0  # seconds between looks at an on-demand pull's viewers
 START_WAIT = 20.0  # seconds an on-demand pull's source may take to give media before nobody waits for it
 STDERR_LINES = 8
+AAC_BITRATE = "96k"  # a source's audio in a codec HLS and WebRTC do not carry (a camera's G.711) becomes AAC
+FLV_AUDIO_NAMES = {0: "PCM", 1: "ADPCM", 2: "MP3", 3: "PCM", 4: "Nellymoser", 5: "Nellymoser", 6: "Nellymoser",
+                   7: "G.711 A-law", 8: "G.711 mu-law", 11: "Speex", 14: "MP3"}
 
 Watchers = Callable[[StreamKey], Awaitable[int | None]]
 
@@ -63,10 +68,19 @@ BYTES = Counter("castmesh_pull_bytes", "Bytes of FLV read from pulled sources' f
 PULLING = Gauge("castmesh_pull_children", "ffmpeg children reading pulled sources")
 
 
-def ffmpeg_args(ffmpeg: str, url: str) -> list[str]:
+def ffmpeg_args(ffmpeg: str, url: str, aac: bool = False) -> list[str]:
+    """The child's command: both tracks copied, or (`aac`) the audio made AAC."""
     args = [ffmpeg, "-hide_banner", "-loglevel", "error", "-nostdin", *PROBE]
-    return [*args, "-i", url, "-map", "0:v:0?", "-map", "0:a:0?", "-c", "copy", "-f", "flv",
+    codecs = ["-c:v", "copy", "-c:a", "aac", "-b:a", AAC_BITRATE] if aac else ["-c", "copy"]
+    return [*args, "-i", url, "-map", "0:v:0?", "-map", "0:a:0?", *codecs, "-f", "flv",
             "-flvflags", "no_duration_filesize", "pipe:1"]
+
+
+def foreign_audio(payload: bytes) -> str:
+    """The name of an FLV audio tag's codec if castmesh's outputs cannot carry it (HLS, WebRTC, fMP4 take
+    AAC and Opus): "" for AAC and enhanced RTMP's codecs."""
+    sound_format = payload[0] >> 4 if payload else 10
+    return "" if sound_format in (10, 9) else FLV_AUDIO_NAMES.get(sound_format, f"FLV sound format {sound_format}")
 
 
 class PullJob:
@@ -92,6 +106,8 @@ class PullJob:
         self.stopped = ""  # why the publish was stopped from the cluster (a kick, the stream lost)
         self.starting: asyncio.Task[None] | None = None
         self.connected = False  # its source has given media (once, at least)
+        self.aac = False  # the source's audio is in a codec castmesh's outputs cannot carry: made AAC
+        self.switching = False  # the child was stopped to start one that makes the audio AAC
 
     def pids(self) -> list[int]:
         process = self.process
@@ -105,6 +121,9 @@ class PullJob:
                 why = await self._read_once(idle)
                 if self.closed or (idle is not None and idle.done()):
                     break
+                if self.switching:  # not a failure: the next child at once
+                    self.switching = False
+                    continue
                 if time.monotonic() - started >= STABLE_FOR:
                     self.backoff.reset()
                 delay = self.backoff.next()
@@ -137,7 +156,7 @@ class PullJob:
 
     async def _read_once(self, idle: asyncio.Task[None] | None) -> str:
         """Run a child until it ends, stalls, or the job stops; why it ended."""
-        args = ffmpeg_args(self.ffmpeg, self.spec.url)
+        args = ffmpeg_args(self.ffmpeg, self.spec.url, self.aac)
         try:
             process = self.process = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -168,6 +187,11 @@ class PullJob:
                     why = f"unreadable FLV from ffmpeg: {exc}"
                     break
                 for tag in tags:
+                    if tag.kind == AUDIO and not self.aac and (codec := foreign_audio(tag.payload)):
+                        self.aac = self.switching = True
+                        why = f"audio in {codec}: made AAC from now on"
+                        event(log, "pull.audio_to_aac", job=self.job.id, source=self.source, codec=codec)
+                        break
                     frame = make_frame(tag.kind, tag.timestamp, tag.payload)
                     if publish is None:
                         publish = self._publish()
@@ -176,6 +200,8 @@ class PullJob:
                         event(log, "pull.connected", job=self.job.id, source=self.source)
                         self._state(Job.STATE_RUNNING, "")
                     publish.push(frame)
+                if self.switching:
+                    break
                 if self.stopped:
                     why = self.stopped
                     break

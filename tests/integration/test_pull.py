@@ -9,6 +9,7 @@ met: clear errors and counters, and the other pulls unharmed."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -79,13 +80,14 @@ class Sources:
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
         self.srt = free_port()
         # one encoder for RTMP, RTSP and HLS (tee), one for SRT (its listener waits for its caller), one for the
-        # source that a test kills and starts again
+        # source that a test kills and starts again, one with a camera's G.711 audio (which FLV carries)
         outputs = "|".join([
             f"[f=flv:onfail=ignore]{self.nginx.url('src')}", f"[f=flv:onfail=ignore]{self.nginx.url('od1')}",
             f"[f=rtsp:rtsp_transport=udp:onfail=ignore]rtsp://127.0.0.1:{rtsp_source}/cam",  # (UDP only there)
             f"[f=hls:hls_time=1:hls_list_size=6:hls_flags=delete_segments:onfail=ignore]{self.hls_dir}/live.m3u8"])
         self.procs.append(ffmpeg("-map", "0:v", "-map", "1:a", "-f", "tee", outputs))
         self.procs.append(ffmpeg("-f", "mpegts", f"srt://127.0.0.1:{self.srt}?mode=listener"))
+        self.procs.append(ffmpeg("-c:a", "pcm_mulaw", "-ar", "8000", "-ac", "1", "-f", "flv", self.nginx.url("g711")))
         self.flaky: subprocess.Popen[bytes] | None = None
         self.start_flaky()
         deadline = time.monotonic() + 15
@@ -108,6 +110,7 @@ class Sources:
             f"cams/hls=http://127.0.0.1:{self.http.server_port}/live.m3u8",
             f"cams/srt=srt://127.0.0.1:{self.srt}",
             f"cams/flaky={self.nginx.url('flaky')}",
+            f"cams/g711={self.nginx.url('g711')}",
             f"od/*=rtmp://127.0.0.1:{self.nginx.port}/live/{{name}} ondemand={IDLE}"])
 
     def stop(self) -> None:
@@ -155,6 +158,22 @@ def test_each_kind_of_source_plays_over_http_flv_and_hls(pulled, name: str) -> N
     assert counts.get(0, 0) >= 10 and errors == "", (name, counts, errors)
     job = jobs(up)[f"cams/{name}"]
     assert job["state"] == "running" and job["detail"] == "" and not job["on_demand"], job
+
+
+def test_audio_hls_and_webrtc_cannot_carry_is_made_aac(pulled) -> None:  # type: ignore[no-untyped-def]
+    """A source with G.711 audio (as many IP cameras send): its first audio tag replaces the child with one
+    that makes the audio AAC (not a failure, no backoff); HLS then carries both tracks."""
+    up, _ = pulled
+    wait_live(flv(up, "cams/g711"), timeout=25)
+    probe = subprocess.run([FFMPEG, "-hide_banner", "-i", flv(up, "cams/g711"), "-t", "1", "-f", "null", "-"],
+                           capture_output=True, timeout=30, check=False).stderr.decode(errors="replace")
+    assert re.search(r"Audio: aac", probe), probe[-1500:]
+    counts, errors = decode(f"http://127.0.0.1:{up.http_port}/cams/g711.m3u8", seconds=2)
+    assert counts.get(0, 0) >= 20 and counts.get(1, 0) >= 10 and errors == "", (counts, errors)  # (8 kHz: 128 ms)
+    assert re.search(r'pull\.audio_to_aac job=\S*cams/g711 .*codec="G\.711 mu-law"', up.process.log())
+    assert not re.search(r"pull\.retry job=\S*cams/g711", up.process.log())  # not taken for a failure
+    job = jobs(up)["cams/g711"]
+    assert job["state"] == "running" and job["detail"] == "", job
 
 
 def test_on_demand_pulls_start_with_the_first_viewer_and_stop_when_idle(pulled) -> None:  # type: ignore[no-untyped-def]
