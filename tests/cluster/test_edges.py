@@ -6,7 +6,7 @@ import threading
 import time
 
 from tests.cluster.harness import Cluster
-from tests.cluster.test_failover import AFTER, EARLY, assert_monotonic, decode_seen, until_second_fault
+from tests.cluster.test_failover import AFTER, EARLY, assert_monotonic, decode_seen, twice
 from tests.integration.harness import decode, publish, wait_live, watch_in_background
 
 
@@ -60,19 +60,19 @@ def test_playback_moves_to_another_edge_when_its_edge_dies(cluster: Cluster) -> 
     url = f"http://127.0.0.1:{http}/live/hop.flv"
     wait_live(url)
     seen, viewer = watch_in_background(url, EARLY + AFTER + 27)
-    time.sleep(EARLY)
-    kills: list[float] = []
-    for _ in range(2):
-        if kills:
-            until_second_fault(kills[0])
+
+    def kill_the_serving_edge() -> float:
         serving = [name for name in ("edge-1", "edge-2") if cluster.stats(name).streams]
         assert len(serving) == 1  # the zone's playback pulls the stream through one edge only
         cluster.kill9(serving[0])
-        kills.append(time.monotonic())
+        killed_at = time.monotonic()
         time.sleep(2)
         other = "edge-2" if serving[0] == "edge-1" else "edge-1"
         assert cluster.stats(other).streams, "the other edge did not take over"
         cluster.restart(serving[0])
+        return killed_at
+
+    kills = twice(kill_the_serving_edge)
     assert publisher.wait(30) == 0
     viewer.join(30)
     assert seen.error == "" and seen.ended_cleanly

@@ -9,6 +9,7 @@ import itertools
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,13 @@ EARLY = 4  # seconds a stream runs before its first fault
 AFTER = 12  # seconds from the first fault to the second: past every retry window and grace period (10 s)
 
 
-def until_second_fault(first: float) -> None:
+def twice(fault: Callable[[], float]) -> list[float]:
+    """A fault EARLY s into the stream, and again AFTER s after the first: `fault` injects it, checks that
+    the cluster got over it, heals it, and returns when it was injected. When each was."""
+    time.sleep(EARLY)
+    first = fault()
     time.sleep(max(0.0, first + AFTER - time.monotonic()))
+    return [first, fault()]
 
 
 def decode_seen(seen: Viewing) -> tuple[dict[int, int], str]:
@@ -49,14 +55,11 @@ def test_origin_killed_while_publishing_and_viewing(cluster: Cluster) -> None:
     url = f"http://127.0.0.1:{http}/live/survivor.flv"
     wait_live(url)
     seen, viewer = watch_in_background(url, EARLY + AFTER + 26)
-    time.sleep(EARLY)
-    kills: list[float] = []
-    for _ in range(2):  # the holder killed, then (started again) the one the stream moved to
-        if kills:
-            until_second_fault(kills[0])
+
+    def kill_the_holder() -> float:  # the holder, then (started again) the one the stream moved to
         victim = cluster.name_at(cluster.origin_of("survivor"))
         cluster.kill9(victim)
-        kills.append(time.monotonic())
+        killed_at = time.monotonic()
         time.sleep(2)
         survivor_origin = cluster.origin_of("survivor")
         deadline = time.monotonic() + 8  # the directory catches up once ingest has re-leased (viewers did not wait)
@@ -65,6 +68,9 @@ def test_origin_killed_while_publishing_and_viewing(cluster: Cluster) -> None:
             survivor_origin = cluster.origin_of("survivor")
         assert survivor_origin and cluster.name_at(survivor_origin) != victim, (victim, survivor_origin)
         cluster.restart(victim)
+        return killed_at
+
+    kills = twice(kill_the_holder)
     assert publisher.wait(30) == 0, publisher.stderr.read() if publisher.stderr else ""
     viewer.join(30)
 
@@ -90,19 +96,20 @@ def test_publisher_reconnects_within_the_grace_period(cluster: Cluster) -> None:
     http = cluster.playback()
     cluster.wait_registered()
     rtmp_url, url = f"rtmp://127.0.0.1:{rtmp}/live/phoenix", f"http://127.0.0.1:{http}/live/phoenix.flv"
-    publisher = publish(rtmp_url, EARLY + 26, fps=25, gop=25)
+    publishers = [publish(rtmp_url, EARLY + 26, fps=25, gop=25)]
     wait_live(url)
     seen, viewer = watch_in_background(url, EARLY + AFTER + 24)
-    time.sleep(EARLY)
-    kills: list[float] = []
-    for _ in range(2):  # the publisher just vanishes (no unpublish), and again after its successor ran a while
-        if kills:
-            until_second_fault(kills[0])
-        publisher.kill()
-        publisher.wait()
-        kills.append(time.monotonic())
+
+    def vanish() -> float:  # no unpublish: the publisher just vanishes; another comes 2 s later
+        publishers[-1].kill()
+        publishers[-1].wait()
+        killed_at = time.monotonic()
         time.sleep(2)
-        publisher = publish(rtmp_url, 5 if len(kills) == 2 else AFTER + 10, fps=25, gop=25)
+        publishers.append(publish(rtmp_url, AFTER + 10 if len(publishers) == 1 else 5, fps=25, gop=25))
+        return killed_at
+
+    kills = twice(vanish)
+    publisher = publishers[-1]
     assert publisher.wait(30) == 0, publisher.stderr.read() if publisher.stderr else ""
     viewer.join(30)
 
@@ -147,13 +154,10 @@ def test_dispatch_restart_forgets_nothing_viewers_need(cluster: Cluster) -> None
     url = f"http://127.0.0.1:{http}/live/steadfast.flv"
     wait_live(url)
     seen, viewer = watch_in_background(url, EARLY + AFTER + 28)
-    time.sleep(EARLY)
-    restarts: list[float] = []
-    for _ in range(2):
-        if restarts:
-            until_second_fault(restarts[0])
+
+    def restart_dispatch() -> float:
         cluster.restart_dispatch()
-        restarts.append(time.monotonic())
+        restarted = time.monotonic()
         # Relays re-register and ingest claims its stream again, at the origin where it runs: within a second
         # or two (`castmesh bench failover` measures it). The bound here is only what a test may wait.
         deadline = time.monotonic() + 15
@@ -163,6 +167,9 @@ def test_dispatch_restart_forgets_nothing_viewers_need(cluster: Cluster) -> None
         assert origin and cluster.name_at(origin) == "origin"
         newcomer = watch(url, 2.0)
         assert newcomer.status == 200 and len(newcomer.video()) > 20
+        return restarted
+
+    twice(restart_dispatch)
     assert publisher.wait(30) == 0
     viewer.join(30)
     assert seen.error == "" and seen.ended_cleanly  # the first viewer never noticed
