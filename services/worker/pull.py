@@ -77,10 +77,13 @@ def ffmpeg_args(ffmpeg: str, url: str, aac: bool = False) -> list[str]:
 
 
 def foreign_audio(payload: bytes) -> str:
-    """The name of an FLV audio tag's codec if castmesh's outputs cannot carry it (HLS, WebRTC, fMP4 take
-    AAC and Opus): "" for AAC and enhanced RTMP's codecs."""
+    """The name of an FLV audio tag's codec if castmesh's outputs cannot carry it (HLS, WebRTC and fMP4 take
+    AAC and Opus); "" if they can. Enhanced RTMP's audio (sound format 9) names its codec by FourCC."""
     sound_format = payload[0] >> 4 if payload else 10
-    return "" if sound_format in (10, 9) else FLV_AUDIO_NAMES.get(sound_format, f"FLV sound format {sound_format}")
+    if sound_format == 9:
+        fourcc = bytes(payload[1:5])
+        return "" if fourcc in (b"Opus", b"mp4a") else fourcc.decode("ascii", "replace").strip(". ") or "?"
+    return "" if sound_format == 10 else FLV_AUDIO_NAMES.get(sound_format, f"FLV sound format {sound_format}")
 
 
 class PullJob:

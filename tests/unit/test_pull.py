@@ -14,7 +14,7 @@ from castmesh.mesh.sessions import Publishes
 from castmesh.proto.v1.dispatch_pb2 import Job, JobSpec
 from castmesh.proto.v1.media_pb2 import StreamKey
 from services.worker import pull
-from services.worker.pull import PullJob
+from services.worker.pull import PullJob, foreign_audio
 
 IDLE = 1  # seconds (idle_seconds is whole seconds)
 
@@ -68,3 +68,12 @@ def test_an_origin_that_cannot_say_who_watches_does_not_end_it(monkeypatch: pyte
         return done
 
     assert not asyncio.run(main())
+
+
+def test_audio_outputs_cannot_carry_is_named_by_its_flv_tag() -> None:
+    assert foreign_audio(b"\xaf\x01aac") == ""  # AAC
+    assert foreign_audio(b"\x90Opus" + bytes(19)) == "" and foreign_audio(b"\x91Opus\xfc") == ""  # enhanced Opus
+    assert foreign_audio(b"\x82\x00") == "G.711 mu-law" and foreign_audio(b"\x72\x00") == "G.711 A-law"
+    assert foreign_audio(b"\x2f\xff\xfb") == "MP3"
+    assert foreign_audio(b"\x90fLaC") == "fLaC" and foreign_audio(b"\x91ac-3") == "ac-3"
+    assert foreign_audio(b"\xd2") == "FLV sound format 13"
