@@ -31,6 +31,7 @@ from tests.integration.harness import (
     decode,
     free_port,
     http_get,
+    log_has,
     scrape,
     start_up,
     total,
@@ -164,6 +165,7 @@ def test_audio_hls_and_webrtc_cannot_carry_is_made_aac(pulled) -> None:  # type:
     """A source with G.711 audio (as many IP cameras send): its first audio tag replaces the child with one
     that makes the audio AAC (not a failure, no backoff); HLS then carries both tracks."""
     up, _ = pulled
+    assert log_has(up, "pull.audio_to_aac", seconds=25)  # (then the stream is the AAC child's: no race with the first)
     wait_live(flv(up, "cams/g711"), timeout=25)
     probe = subprocess.run([FFMPEG, "-hide_banner", "-i", flv(up, "cams/g711"), "-t", "1", "-f", "null", "-"],
                            capture_output=True, timeout=30, check=False).stderr.decode(errors="replace")
@@ -171,7 +173,8 @@ def test_audio_hls_and_webrtc_cannot_carry_is_made_aac(pulled) -> None:  # type:
     counts, errors = decode(f"http://127.0.0.1:{up.http_port}/cams/g711.m3u8", seconds=2)
     assert counts.get(0, 0) >= 20 and counts.get(1, 0) >= 10 and errors == "", (counts, errors)  # (8 kHz: 128 ms)
     assert re.search(r'pull\.audio_to_aac job=\S*cams/g711 .*codec="G\.711 mu-law"', up.process.log())
-    assert not re.search(r"pull\.retry job=\S*cams/g711", up.process.log())  # not taken for a failure
+    # the switch is not taken for a failure (a retry before it is the source not up yet when the pull began)
+    assert not re.search(r"pull\.retry job=\S*cams/g711 .*audio in", up.process.log())
     job = jobs(up)["cams/g711"]
     assert job["state"] == "running" and job["detail"] == "", job
 
